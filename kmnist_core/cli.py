@@ -1,0 +1,101 @@
+"""`kmnist-batch`: a thin typer layer over library functions. Errors a user can fix print one line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kmnist_core.errors import KmnistError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Recognize handwritten Kuzushiji character crops (KMNIST models, Ray Tune, Ray Data).")
+
+
+def user_errors(fn):
+    """Turn KmnistError into `error: ...` on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KmnistError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def epoch_printer(total: int):
+    """Per-epoch lines; on a terminal a rich progress bar shows the epochs too."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def show(m: dict) -> None:
+        console.print(f"epoch {m['epoch']:>3}/{total}  loss {m['train_loss']:.4f}  train {m['train_acc']:.4f}  "
+                      f"val {m['val_acc']:.4f}  test {m['test_acc']:.4f}  ({m['epoch_time_s']:.1f}s)")
+
+    return show
+
+
+@app.command()
+@user_errors
+def train(
+    dataset: str = typer.Option("kmnist-dev", help="kmnist-dev (bundled), kmnist, k49 or kkanji"),
+    model: str = typer.Option("simple-cnn", help="simple-cnn (the study's), compact-cnn, vgg-cnn"),
+    epochs: int = typer.Option(10),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(64),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    optimizer: str = typer.Option("adam", help="adam (the study's) or adamw"),
+    weight_decay: float = typer.Option(0.0),
+    schedule: str = typer.Option("constant", help="constant or onecycle"),
+    augment: str = typer.Option("study", help="none, study (±10° rotation) or strong"),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)"),
+    data_dir: Optional[Path] = typer.Option(None, help="directory with (or receiving) the official files"),
+    out: Path = typer.Option(..., help="model directory to write"),
+):
+    """Train a model; writes a model directory (weights, model card, history, plots)."""
+    from kmnist_core.experiment import run_train
+    from kmnist_core.train import TrainConfig
+
+    cfg = TrainConfig(dataset=dataset, model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      device=device, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+                      augment=augment, threads=threads, data_dir=str(data_dir) if data_dir else None)
+    card = run_train(cfg, out, on_epoch=epoch_printer(epochs))
+    test = card["metrics"]["test"]
+    typer.echo(f"{dataset} test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}) "
+               f"on {test['n']} images; ECE {card['calibration']['ece_before']:.2%} -> "
+               f"{card['calibration']['ece_after']:.2%} at T={card['calibration']['temperature']:.2f}")
+    typer.echo(f"model directory and plots: {out}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: str = typer.Option("default", help="model directory, or 'default'"),
+    dataset: str = typer.Option("kmnist-dev"),
+    split: str = typer.Option("test", help="train, val or test"),
+    data_dir: Optional[Path] = typer.Option(None),
+    out: Path = typer.Option(..., help="directory for metrics.json and plots"),
+):
+    """Score a model on a labelled split: accuracy, per-class, confusion matrix, calibration, plots."""
+    from kmnist_core.datasets import load_dataset
+    from kmnist_core.experiment import run_evaluate
+    from kmnist_core.model_dir import load_model
+
+    if split not in ("train", "val", "test"):
+        raise KmnistError(f"unknown split {split!r}; choose train, val or test")
+    metrics = run_evaluate(load_model(model), load_dataset(dataset, data_dir), split, out)
+    typer.echo(f"{dataset}/{split}: accuracy {metrics['accuracy']:.4f}, balanced {metrics['balanced_accuracy']:.4f} "
+               f"on {metrics['n']} images; ECE {metrics['calibration']['ece_after']:.2%}")
+    typer.echo(f"metrics and plots: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,56 @@
+"""Scoring a model on a labelled split: accuracy, balanced accuracy, per-class accuracy, confusion
+matrix, calibration, and the study's plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kmnist_core import calibration, plots
+from kmnist_core.classmap import ClassMap
+from kmnist_core.datasets import Split
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def classification_metrics(true: np.ndarray, pred: np.ndarray, classes: ClassMap) -> dict:
+    cm = confusion_matrix(true, pred, len(classes))
+    support = cm.sum(axis=1)
+    per_class = np.divide(np.diag(cm), support, out=np.full(len(classes), np.nan), where=support > 0)
+    return {
+        "n": int(len(true)),
+        "accuracy": float((true == pred).mean()),
+        "balanced_accuracy": float(np.nanmean(per_class)),
+        "per_class_accuracy": {classes.chars[i]: float(a) for i, a in enumerate(per_class) if support[i] > 0},
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
+    raw = calibration.softmax(logits)
+    cal = calibration.softmax(logits, temperature)
+    return {
+        "temperature": temperature,
+        "ece_before": calibration.expected_calibration_error(raw, labels),
+        "ece_after": calibration.expected_calibration_error(cal, labels),
+        "risk_coverage": calibration.risk_coverage_table(cal, labels),
+    }
+
+
+def write_evaluation_plots(out: Path, split: Split, logits: np.ndarray, temperature: float, classes: ClassMap, title: str) -> list[Path]:
+    """Confusion matrix, 100 sample predictions, reliability diagram and risk-coverage curve."""
+    pred = logits.argmax(1)
+    probs = calibration.softmax(logits, temperature)
+    rc = calibration.risk_coverage(probs, split.labels)
+    report = calibration_report(logits, split.labels, temperature)
+    return [
+        plots.confusion_matrix_plot(confusion_matrix(split.labels, pred, len(classes)), classes.chars,
+                                    out / "confusion_matrix.png", title),
+        plots.sample_predictions(split.images, split.labels, pred, classes.chars, out / "sample_predictions.png"),
+        plots.reliability_diagram(calibration.reliability_bins(probs, split.labels), report["ece_before"],
+                                  report["ece_after"], out / "reliability.png"),
+        plots.risk_coverage_plot(rc["coverage"], rc["precision"], out / "risk_coverage.png"),
+    ]

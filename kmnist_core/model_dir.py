@@ -1,0 +1,158 @@
+"""The model directory: the format every command reads and writes.
+
+    model.pt         state_dict only, loaded with torch.load(weights_only=True): no code is unpickled
+    model_card.json  architecture, classes, normalization, input, calibration, training data and
+                     split, metrics, code version
+
+`load_model` accepts a directory path or a name ("default" = the model embedded in the package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kmnist_core import transforms
+from kmnist_core.classmap import ClassMap
+from kmnist_core.errors import KmnistError
+from kmnist_core.models import create_model
+from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.pt"
+CARD_FILE = "model_card.json"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_model_dir(out: Path, model: torch.nn.Module, card: dict) -> dict:
+    """Write weights and card; the card gains `model_id`, the weights' sha256 prefix."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / WEIGHTS_FILE)
+    card = {**card, "format_version": FORMAT_VERSION, "model_id": weights_id(out / WEIGHTS_FILE)}
+    write_json_atomic(out / CARD_FILE, card)
+    return card
+
+
+def weights_id(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    if str(name_or_path) == "default":
+        return DEFAULT_MODEL_DIR
+    return Path(name_or_path)
+
+
+def read_card(model_dir: Path) -> dict:
+    card_path = model_dir / CARD_FILE
+    if not model_dir.is_dir():
+        raise KmnistError(f"model directory {model_dir} does not exist")
+    if not card_path.exists():
+        raise KmnistError(f"{model_dir} is not a model directory: {CARD_FILE} is missing")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KmnistError(f"{card_path} is not valid JSON: {e}") from None
+    missing = [k for k in ("architecture", "classes", "input", "format_version") if k not in card]
+    if missing:
+        raise KmnistError(f"{card_path} lacks {', '.join(missing)}: not a kmnist-batch model card")
+    if card["format_version"] > FORMAT_VERSION:
+        raise KmnistError(f"{card_path} has format {card['format_version']}; this kmnist-batch reads up to {FORMAT_VERSION}")
+    return card
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    char: str
+    codepoint: str
+    confidence: float  # calibrated probability of `index`
+    probabilities: np.ndarray  # (num_classes,), calibrated
+
+
+class Predictor:
+    """A loaded model plus everything needed to turn crops into calibrated class probabilities."""
+
+    def __init__(self, model: torch.nn.Module, card: dict, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.card = card
+        self.device = device
+        self.classes = ClassMap.from_records(card["classes"])
+        self.input_size = int(card["input"]["size"])
+        self.temperature = float(card.get("calibration", {}).get("temperature", 1.0))
+        self.model_id = card.get("model_id", "unknown")
+
+    @torch.inference_mode()
+    def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """uint8 (N, S, S) light-on-dark -> raw logits (N, C)."""
+        out = []
+        for start in range(0, len(pixels), batch_size):
+            x = transforms.to_model_tensor(pixels[start : start + batch_size]).to(self.device)
+            out.append(self.model(x).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def probabilities(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Calibrated probabilities (softmax of logits / temperature)."""
+        from kmnist_core.calibration import softmax
+
+        return softmax(self.logits(pixels, batch_size), self.temperature)
+
+    def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
+        if isinstance(image, Image.Image):
+            return prepare_image(image, self.input_size)
+        return prepare_array(np.asarray(image), self.input_size)
+
+    def predict(self, images: Sequence[Image.Image | np.ndarray]) -> list[Prediction]:
+        """Predict PIL images or uint8 arrays of any size and either polarity."""
+        if not len(images):
+            return []
+        pixels = np.stack([self.prepare(im).pixels for im in images])
+        probs = self.probabilities(pixels)
+        return [Prediction(int(p.argmax()), self.classes.chars[p.argmax()], self.classes.codepoints[p.argmax()],
+                           float(p.max()), p) for p in probs]
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KmnistError("--device cuda was asked for but no CUDA GPU is visible")
+    return device
+
+
+def load_model(name_or_path: str | Path = "default", device: str = "cpu") -> Predictor:
+    """Load a model directory (or "default") without unpickling code; checks it matches its card."""
+    model_dir = resolve_model_path(name_or_path)
+    card = read_card(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.exists():
+        raise KmnistError(f"{model_dir} is not a complete model directory: {WEIGHTS_FILE} is missing")
+    arch = card["architecture"]
+    model = create_model(arch["name"], int(arch["num_classes"]), int(card["input"]["size"]))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise KmnistError(f"cannot load weights {weights}: {str(e).splitlines()[0]}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise KmnistError(f"{weights} does not match architecture {arch['name']!r} "
+                          f"({arch['num_classes']} classes) named in its card: {str(e).splitlines()[0]}") from None
+    return Predictor(model, card, pick_device(device))

@@ -1,0 +1,71 @@
+"""Model registry. Class count and input size come from the dataset, so 49- and 3,832-class variants work."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kmnist_core.errors import KmnistError
+
+
+class SimpleCNN(nn.Module):
+    """The study's network: two 3x3 convs with max-pooling, dropout, two linear layers."""
+
+    def __init__(self, num_classes: int = 10, input_size: int = 28):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.pool = nn.MaxPool2d(2)
+        side = ((input_size - 2) // 2 - 2) // 2
+        self.fc1 = nn.Linear(64 * side * side, 128)  # 1600 at 28x28
+        self.dropout = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(self.dropout(x))
+
+
+def conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class StagedCNN(nn.Module):
+    """3x3 conv + batch norm + ReLU stages separated by 2x2 max-pooling, global average pool, linear head.
+
+    `widths` gives each stage's channels, `depths` its number of convs.
+    """
+
+    def __init__(self, num_classes: int, input_size: int, widths: tuple[int, ...], depths: tuple[int, ...], dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for stage, (width, depth) in enumerate(zip(widths, depths)):
+            if stage:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(depth):
+                layers.append(conv_bn(cin, width))
+                cin = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "simple-cnn": lambda n, size: SimpleCNN(n, size),
+    # Measured on these CPUs (shared/STACK.md): ~1.6x SimpleCNN's inference speed, ~98 % on kmnist-dev.
+    "compact-cnn": lambda n, size: StagedCNN(n, size, widths=(16, 32, 64), depths=(1, 2, 2)),
+    "vgg-cnn": lambda n, size: StagedCNN(n, size, widths=(64, 128, 256), depths=(2, 2, 2)),
+}
+
+
+def create_model(name: str, num_classes: int, input_size: int) -> nn.Module:
+    if name not in MODELS:
+        raise KmnistError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    return MODELS[name](num_classes, input_size)

@@ -1,0 +1,83 @@
+"""Figures (PNG, non-interactive backend). IPAexGothic from matplotlib-fontja draws the kana."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib_fontja  # noqa: E402,F401  (registers and selects IPAexGothic)
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    for key, label in (("train_acc", "train"), ("val_acc", "val"), ("test_acc", "test")):
+        ax_acc.plot(epochs, [h[key] for h in history], "o-", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def confusion_matrix_plot(cm: np.ndarray, chars: Sequence[str], path: Path, title: str = "Confusion matrix") -> Path:
+    n = len(chars)
+    big = n > 60  # thousands of kanji: a heatmap without labels is all that can be read
+    fig, ax = plt.subplots(figsize=(8, 7) if n <= 12 else (14, 12))
+    sns.heatmap(cm, ax=ax, cmap="Blues", annot=n <= 12, fmt="d", square=True, cbar=True,
+                xticklabels=False if big else list(chars), yticklabels=False if big else list(chars))
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.tick_params(axis="y", labelrotation=0)
+    return _save(fig, path)
+
+
+def sample_predictions(images: np.ndarray, true: np.ndarray, pred: np.ndarray, chars: Sequence[str], path: Path) -> Path:
+    """10x10 grid of the first 100 images titled true/pred, green when right, red when wrong."""
+    n = min(100, len(images))
+    fig, axes = plt.subplots(10, 10, figsize=(12, 13.5))
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray")
+            ok = true[i] == pred[i]
+            ax.set_title(f"{chars[true[i]]}/{chars[pred[i]]}", color="green" if ok else "red", fontsize=11)
+    fig.suptitle("First 100 test images: true/predicted")
+    return _save(fig, path)
+
+
+def reliability_diagram(bins: Sequence[dict], ece_before: float, ece_after: float, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label="calibrated model")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability (ECE {ece_before:.2%} -> {ece_after:.2%})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def risk_coverage_plot(coverage: np.ndarray, precision: np.ndarray, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(coverage, precision)
+    ax.set(xlabel="share auto-accepted (coverage)", ylabel="precision of accepted",
+           ylim=(max(0.0, float(precision.min()) - 0.01), 1.001), title="Risk-coverage")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
