@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/kmnist-batch demo --out runs/demo
+	$(BIN)/kmnist-batch train --dataset kmnist-dev --epochs 3 --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

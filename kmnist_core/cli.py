@@ -30,14 +30,23 @@ def user_errors(fn):
 
 
 def epoch_printer(total: int):
-    """Per-epoch lines; on a terminal a rich progress bar shows the epochs too."""
+    """A line per epoch; on a terminal, a progress bar over the epochs as well."""
     from rich.console import Console
+    from rich.progress import Progress
 
     console = Console(stderr=True)
+    progress = Progress(console=console, transient=True) if console.is_terminal else None
+    task = progress.add_task("training", total=total) if progress else None
+    if progress:
+        progress.start()
 
     def show(m: dict) -> None:
         console.print(f"epoch {m['epoch']:>3}/{total}  loss {m['train_loss']:.4f}  train {m['train_acc']:.4f}  "
                       f"val {m['val_acc']:.4f}  test {m['test_acc']:.4f}  ({m['epoch_time_s']:.1f}s)")
+        if progress:
+            progress.update(task, completed=m["epoch"])
+            if m["epoch"] == total:
+                progress.stop()
 
     return show
 

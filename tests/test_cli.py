@@ -1,0 +1,61 @@
+"""The console script as a user runs it: real processes, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.executable).parent / "kmnist-batch")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def assert_one_line_error(result, needle):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+
+
+def test_train_then_evaluate_writes_model_directory_and_plots(tmp_path):
+    out = tmp_path / "model"
+    r = run("train", "--dataset", "kmnist-dev", "--epochs", "1", "--threads", "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+    for name in ("model.pt", "model_card.json", "config.json", "history.csv", "training_curves.png",
+                 "confusion_matrix.png", "sample_predictions.png", "reliability.png"):
+        assert (out / name).stat().st_size > 0, name
+    ev = tmp_path / "eval"
+    r = run("evaluate", "--model", out, "--dataset", "kmnist-dev", "--split", "test", "--out", ev)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((ev / "metrics.json").read_text(encoding="utf-8"))
+    card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
+    assert metrics["n"] == 1000 and metrics["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+    assert len(metrics["confusion_matrix"]) == 10 and set(metrics["per_class_accuracy"]) >= {"お", "を"}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--dataset", "mnist", "--out", "x"], "unknown dataset 'mnist'"),
+    (["train", "--model", "resnet", "--epochs", "1", "--out", "x"], "unknown model 'resnet'"),
+    (["evaluate", "--model", "no/such/dir", "--out", "x"], "does not exist"),
+    (["train", "--dataset", "k49", "--data-dir", "empty", "--out", "x"], "k49_classmap.csv"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    # Downloads must fail fast here (no network): point the mirror at a closed local port.
+    r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "KMNIST_BASE_URL": "http://127.0.0.1:9/"})
+    assert_one_line_error(r, needle)
+
+
+def test_corrupt_model_file_is_a_clear_error(tmp_path, trained_model_dir):
+    broken = tmp_path / "m"
+    broken.mkdir()
+    (broken / "model_card.json").write_bytes((trained_model_dir / "model_card.json").read_bytes())
+    (broken / "model.pt").write_bytes(b"\x00garbage")
+    assert_one_line_error(run("evaluate", "--model", broken, "--out", tmp_path / "e"), "cannot load weights")

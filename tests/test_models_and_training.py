@@ -1,0 +1,118 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kmnist_core import load_model
+from kmnist_core.errors import KmnistError
+from kmnist_core.models import SimpleCNN, create_model
+from kmnist_core.train import TrainConfig, diverged, train_model
+from kmnist_core.transforms import AUGMENTATIONS, augment_batch, to_model_tensor
+
+
+def test_simple_cnn_is_the_study_network():
+    m = SimpleCNN(10, 28)
+    assert (m.conv1.in_channels, m.conv1.out_channels, m.conv1.kernel_size) == (1, 32, (3, 3))
+    assert (m.conv2.in_channels, m.conv2.out_channels) == (32, 64)
+    assert (m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (1600, 128, 10)
+    assert m.dropout.p == 0.5
+
+
+@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "vgg-cnn"])
+@pytest.mark.parametrize("classes,size", [(10, 28), (49, 28), (3832, 64)])
+def test_models_follow_dataset_shape(name, classes, size):
+    out = create_model(name, classes, size)(torch.zeros(2, 1, size, size))
+    assert out.shape == (2, classes)
+
+
+def test_normalization_maps_to_minus_one_one():
+    x = to_model_tensor(np.array([[[0, 255]]], dtype=np.uint8))
+    assert x.shape == (1, 1, 1, 2) and x.flatten().tolist() == [-1.0, 1.0]
+
+
+def test_study_augmentation_rotates_each_image_differently():
+    img = torch.full((1, 1, 28, 28), -1.0)
+    img[..., 12:16, :] = 1.0  # a horizontal bar
+    batch = img.repeat(8, 1, 1, 1)
+    out = augment_batch(batch, AUGMENTATIONS["study"], torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape
+    assert len({o.numpy().tobytes() for o in out}) == 8
+    # Bounded at ±10°: the bar's rows stay close to where they were.
+    assert (out[:, :, 12:16, 10:18] > 0).float().mean() > 0.9
+
+
+def test_training_is_reproducible_on_cpu_and_learns(small_dev):
+    cfg = TrainConfig(epochs=1, batch_size=64, seed=7, threads=2)
+    a = train_model(cfg, small_dev, "cpu")
+    b = train_model(cfg, small_dev, "cpu")
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    h = a.history[0]
+    assert set(h) >= {"train_loss", "train_acc", "val_acc", "test_acc", "epoch_time_s"}
+    assert h["val_acc"] > 0.3  # well above the 10 % of chance after one epoch on 600 real images
+
+
+def test_collapse_to_chance_counts_as_divergence():
+    ln10 = math.log(10)
+    assert diverged({"epoch": 1, "train_loss": float("nan"), "val_loss": 1.0, "val_acc": 0.5}, 10)
+    assert diverged({"epoch": 2, "train_loss": ln10, "val_loss": ln10, "val_acc": 0.1}, 10)
+    assert not diverged({"epoch": 1, "train_loss": ln10, "val_loss": ln10, "val_acc": 0.1}, 10)
+    assert not diverged({"epoch": 3, "train_loss": 0.5, "val_loss": 0.4, "val_acc": 0.9}, 10)
+
+
+def test_model_directory_round_trip_and_card(trained_model_dir, small_dev):
+    card = json.loads((trained_model_dir / "model_card.json").read_text(encoding="utf-8"))
+    assert card["architecture"]["name"] == "simple-cnn" and card["input"]["size"] == 28
+    assert [c["char"] for c in card["classes"]][:3] == ["お", "き", "す"]
+    assert card["input"]["normalization"]["range"] == [-1.0, 1.0]
+    assert "TEST split" in card["training"]["split"] and card["code_version"]
+    assert card["calibration"]["temperature"] > 0 and 0 <= card["calibration"]["review_below"] <= 1
+    model = load_model(trained_model_dir)
+    assert model.model_id == card["model_id"]
+    test = small_dev.test
+    acc = float((model.probabilities(test.images).argmax(1) == test.labels).mean())
+    assert acc == pytest.approx(card["metrics"]["test"]["accuracy"])
+
+
+def test_predict_api_takes_pil_images_and_arrays_of_either_polarity(trained_model_dir, small_dev):
+    model = load_model(trained_model_dir)
+    arr = small_dev.test.images[0]
+    scan = Image.fromarray(255 - arr).resize((56, 70))  # dark ink on light paper, not square
+    preds = model.predict([arr, Image.fromarray(arr), scan])
+    assert preds[0].index == preds[1].index
+    assert preds[0].char == model.classes.chars[preds[0].index]
+    assert preds[0].probabilities.shape == (10,) and preds[0].probabilities.sum() == pytest.approx(1, abs=1e-5)
+    assert 0 < preds[2].confidence <= 1
+
+
+def test_load_model_refuses_broken_directories(tmp_path, trained_model_dir):
+    with pytest.raises(KmnistError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KmnistError, match="model_card.json is missing"):
+        load_model(tmp_path / "empty")
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    (broken / "model_card.json").write_bytes((trained_model_dir / "model_card.json").read_bytes())
+    with pytest.raises(KmnistError, match="model.pt is missing"):
+        load_model(broken)
+    other = tmp_path / "other-arch"
+    other.mkdir()
+    (other / "model.pt").write_bytes((trained_model_dir / "model.pt").read_bytes())
+    card = json.loads((trained_model_dir / "model_card.json").read_text(encoding="utf-8"))
+    card["architecture"]["name"] = "compact-cnn"
+    (other / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+    with pytest.raises(KmnistError, match="does not match architecture 'compact-cnn'"):
+        load_model(other)
+
+
+def test_weights_that_need_unpickling_are_refused(tmp_path, trained_model_dir):
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "model_card.json").write_bytes((trained_model_dir / "model_card.json").read_bytes())
+    torch.save({"payload": Image.new("L", (2, 2))}, evil / "model.pt")  # an arbitrary pickled object
+    with pytest.raises(KmnistError, match="cannot load weights"):
+        load_model(evil)
