@@ -106,5 +106,78 @@ def evaluate(
     typer.echo(f"metrics and plots: {out}")
 
 
+def rows_progress():
+    """A progress bar over crops on a terminal; nothing otherwise (logs stay quiet)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None, None
+    progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True)
+    task = progress.add_task("predict", total=None)
+    return progress, lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+    errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
+    speed = f"{summary['crops_per_s']:,.0f} crops/s" if summary.get("crops_per_s") else "-"
+    typer.echo("\n".join([
+        f"files        {summary['files_seen']:,} rows ({summary['predicted']:,} predicted, {summary['errors']:,} errors: {errors})",
+        f"skipped      {skipped}",
+        f"needs review {summary['needs_review']:,} (confidence below {summary['review_below']:.3f})",
+        f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
+        f"throughput   {speed} this run",
+        f"predictions  {out / 'predictions'}",
+        f"summary      {out / 'summary'} (plots, by_folder.csv, summary.json)",
+    ]))
+
+
+@app.command()
+@user_errors
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="folders (searched recursively) or image files"),
+    out: Path = typer.Option(..., help="output directory: predictions/ (Parquet), summary/, run.json"),
+    model: str = typer.Option("default", help="model directory, or 'default' (shipped in the package)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
+    batch_size: int = typer.Option(1024, help="crops per model call"),
+    workers: int = typer.Option(1, help="model actors"),
+    cpus_per_worker: float = typer.Option(1.0),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per model actor (fractions allowed)"),
+    review_below: Optional[float] = typer.Option(None, help="needs_review below this confidence; default from the model card"),
+    resume: bool = typer.Option(False, help="finish an interrupted run into the same OUT"),
+    overwrite: bool = typer.Option(False, help="delete earlier predictions in OUT first"),
+):
+    """Predict every crop under INPUTS into Parquet, one row per image file, then write the summary."""
+    from batch_infer.job import PredictOptions, run_predict
+    from batch_infer.report import write_report
+
+    opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
+                          cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                          review_below=review_below, resume=resume, overwrite=overwrite)
+    progress, on_rows = rows_progress()
+    if progress:
+        progress.start()
+    try:
+        run = run_predict(inputs, out, opts, on_rows)
+    finally:
+        if progress:
+            progress.stop()
+    summary = write_report(out)
+    summary["crops_per_s"] = run["crops_per_s"]
+    print_summary(summary, out)
+
+
+@app.command()
+@user_errors
+def report(out: Path = typer.Argument(..., help="a predict output directory")):
+    """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json) from the Parquet output."""
+    from batch_infer.report import write_report
+
+    print_summary(write_report(out), out)
+
+
 if __name__ == "__main__":
     sys.exit(app())

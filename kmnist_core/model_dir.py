@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -137,22 +138,34 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_model(name_or_path: str | Path = "default", device: str = "cpu") -> Predictor:
-    """Load a model directory (or "default") without unpickling code; checks it matches its card."""
+def build_predictor(card: dict, weights: bytes | Path, device: str = "cpu", source: str = "model") -> Predictor:
+    """Model from a card and its state dict (a file, or bytes shipped through Ray's object store)."""
+    arch = card["architecture"]
+    model = create_model(arch["name"], int(arch["num_classes"]), int(card["input"]["size"]))
+    try:
+        state = torch.load(io.BytesIO(weights) if isinstance(weights, bytes) else weights,
+                           map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise KmnistError(f"cannot load weights of {source}: {str(e).splitlines()[0]}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise KmnistError(f"weights of {source} do not match architecture {arch['name']!r} "
+                          f"({arch['num_classes']} classes) named in its card: {str(e).splitlines()[0]}") from None
+    return Predictor(model, card, pick_device(device))
+
+
+def read_model_files(name_or_path: str | Path = "default") -> tuple[dict, bytes]:
+    """The validated card and the raw weights of a model directory."""
     model_dir = resolve_model_path(name_or_path)
     card = read_card(model_dir)
     weights = model_dir / WEIGHTS_FILE
     if not weights.exists():
         raise KmnistError(f"{model_dir} is not a complete model directory: {WEIGHTS_FILE} is missing")
-    arch = card["architecture"]
-    model = create_model(arch["name"], int(arch["num_classes"]), int(card["input"]["size"]))
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise KmnistError(f"cannot load weights {weights}: {str(e).splitlines()[0]}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise KmnistError(f"{weights} does not match architecture {arch['name']!r} "
-                          f"({arch['num_classes']} classes) named in its card: {str(e).splitlines()[0]}") from None
-    return Predictor(model, card, pick_device(device))
+    return card, weights.read_bytes()
+
+
+def load_model(name_or_path: str | Path = "default", device: str = "cpu") -> Predictor:
+    """Load a model directory (or "default") without unpickling code; checks it matches its card."""
+    card, weights = read_model_files(name_or_path)
+    return build_predictor(card, weights, device, source=str(resolve_model_path(name_or_path)))

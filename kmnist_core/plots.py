@@ -81,3 +81,39 @@ def risk_coverage_plot(coverage: np.ndarray, precision: np.ndarray, path: Path) 
            ylim=(max(0.0, float(precision.min()) - 0.01), 1.001), title="Risk-coverage")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def bar_chart(labels: Sequence[str], values: np.ndarray, path: Path, title: str, ylabel: str) -> Path:
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels)), 4))
+    ax.bar(range(len(labels)), values, color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, fontsize=12)
+    ax.set(title=title, ylabel=ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def histogram(values: np.ndarray, path: Path, title: str, threshold: float | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(values, bins=np.linspace(0, 1, 41), color="#4c72b0")
+    if threshold is not None:
+        ax.axvline(threshold, color="red", ls="--", label=f"review below {threshold:.3f}")
+        ax.legend()
+    ax.set(title=title, xlabel="confidence", ylabel="crops")
+    ax.set_yscale("log")
+    return _save(fig, path)
+
+
+def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], captions: Sequence[str], path: Path,
+                 columns: int = 6) -> Path:
+    """Crops (model input) with a title line each (e.g. top-3 with confidences) and a small caption."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title, caption in zip(axes.flat, images, titles, captions):
+        if img is not None:
+            ax.imshow(img, cmap="gray")
+        ax.set_title(title, fontsize=10)
+        ax.text(0.5, -0.08, caption[-28:], transform=ax.transAxes, ha="center", va="top", fontsize=6)
+    fig.suptitle("Lowest-confidence crops: top-3 with confidences")
+    return _save(fig, path)

@@ -105,7 +105,7 @@ def test_load_model_refuses_broken_directories(tmp_path, trained_model_dir):
     card = json.loads((trained_model_dir / "model_card.json").read_text(encoding="utf-8"))
     card["architecture"]["name"] = "compact-cnn"
     (other / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
-    with pytest.raises(KmnistError, match="does not match architecture 'compact-cnn'"):
+    with pytest.raises(KmnistError, match="do not match architecture 'compact-cnn'"):
         load_model(other)
 
 

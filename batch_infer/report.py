@@ -1,0 +1,88 @@
+"""OUT/summary/: plots, a per-folder table and summary.json, computed from the Parquet output alone
+(run.json, when present, adds throughput). `kmnist-batch report OUT` reruns it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from batch_infer import output
+from kmnist_core import plots
+from kmnist_core.errors import KmnistError
+from kmnist_core.model_dir import write_json_atomic
+
+SUMMARY_DIR = "summary"
+GALLERY_SIZE = 30
+
+
+def folder_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per input root and top-level folder under it: counts, errors, review share, confidence."""
+    top = df["rel_path"].str.replace("\\", "/", regex=False).str.split("/").str[0]
+    top = top.where(df["rel_path"].str.contains("/", regex=False), ".")
+    grouped = df.assign(top_folder=top).groupby(["input_root", "top_folder"], dropna=False)
+    table = grouped.agg(files=("path", "size"), errors=("error", lambda s: int(s.notna().sum())),
+                        needs_review=("needs_review", "sum"), mean_confidence=("confidence", "mean"),
+                        most_common_char=("pred_char", lambda s: s.mode().iat[0] if s.notna().any() else None))
+    return table.reset_index()
+
+
+def load_crop(path: str, size: int) -> np.ndarray | None:
+    from kmnist_core.preprocess import DecodeError, decode_bytes
+
+    try:
+        with open(path, "rb") as f:
+            return decode_bytes(f.read(), size).pixels
+    except (OSError, DecodeError):
+        return None
+
+
+def write_report(out: Path) -> dict:
+    if not output.shard_paths(out):
+        raise KmnistError(f"{out} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet)")
+    df = output.read_predictions(out).to_pandas()
+    runs = output.shard_metadata(out)
+    run_file = out / "run.json"
+    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
+    summary_dir = out / SUMMARY_DIR
+    summary_dir.mkdir(parents=True, exist_ok=True)
+
+    ok = df[df["error"].isna()]
+    card = run.get("model_card") or {}
+    chars = [c["char"] for c in card.get("classes", [])] or sorted(ok["pred_char"].dropna().unique())
+    counts = ok["pred_char"].value_counts().reindex(chars, fill_value=0) if len(chars) <= 60 else ok["pred_char"].value_counts().head(60)
+    plots.bar_chart(list(counts.index), counts.to_numpy(), summary_dir / "class_distribution.png",
+                    "Predicted characters", "crops")
+    plots.histogram(ok["confidence"].to_numpy(), summary_dir / "confidence_histogram.png",
+                    "Calibrated confidence", run.get("review_below"))
+    lowest = ok.nsmallest(GALLERY_SIZE, "confidence")
+    size = int(card.get("input", {}).get("size", 28))
+    plots.crop_gallery([load_crop(p, size) for p in lowest["path"]],
+                       [" ".join(f"{c}{p:.2f}" for c, p in zip(cs, ps)) for cs, ps in zip(lowest["topk_chars"], lowest["topk_confidences"])],
+                       list(lowest["rel_path"]), summary_dir / "lowest_confidence.png")
+    table = folder_table(df)
+    table.to_csv(summary_dir / "by_folder.csv", index=False)
+
+    skipped: dict[str, int] = {}
+    for r in runs:  # each run's discovery counted the whole tree; the latest run's counts are current
+        skipped = r.get("discovery", {}).get("skipped", {})
+    summary = {
+        "files_seen": int(len(df)),
+        "predicted": int(len(ok)),
+        "errors": int(df["error"].notna().sum()),
+        "errors_by_kind": {k: int(v) for k, v in df["error_kind"].value_counts().items()},
+        "skipped": skipped,
+        "needs_review": int(df["needs_review"].sum()),
+        "review_below": run.get("review_below"),
+        "inverted": int(ok["inverted"].sum()),
+        "mean_confidence": float(ok["confidence"].mean()) if len(ok) else None,
+        "runs": sorted(r["run_id"] for r in runs),
+        "model_id": sorted(df["model_id"].unique().tolist()),
+        "crops_per_s": run.get("crops_per_s"),
+        "elapsed_s": run.get("elapsed_s"),
+        "duplicate_paths": int(df["path"].duplicated().sum()),
+    }
+    write_json_atomic(summary_dir / "summary.json", summary)
+    return summary

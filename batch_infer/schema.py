@@ -1,0 +1,32 @@
+"""The Parquet output schema: a contract with downstream pipelines. Bump SCHEMA_VERSION on any change."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),  # absolute path as discovered
+    pa.field("rel_path", pa.string(), nullable=False),  # relative to input_root
+    pa.field("input_root", pa.string(), nullable=False),
+    pa.field("sha256", pa.string()),  # of the file bytes; null if unreadable
+    pa.field("size_bytes", pa.int64()),
+    pa.field("width", pa.int32()),  # original, after EXIF orientation
+    pa.field("height", pa.int32()),
+    pa.field("inverted", pa.bool_()),  # dark ink on light paper was detected and inverted
+    pa.field("pred_index", pa.int32()),
+    pa.field("pred_char", pa.string()),
+    pa.field("pred_codepoint", pa.string()),
+    pa.field("confidence", pa.float32()),  # calibrated probability of pred_index
+    pa.field("topk_indices", pa.list_(pa.int32())),
+    pa.field("topk_chars", pa.list_(pa.string())),
+    pa.field("topk_confidences", pa.list_(pa.float32())),
+    pa.field("margin", pa.float32()),  # top-1 minus top-2 confidence
+    pa.field("needs_review", pa.bool_(), nullable=False),  # confidence < review_below, or an error
+    pa.field("error", pa.string()),  # null when the file was predicted
+    pa.field("error_kind", pa.string()),  # empty, not_image, truncated, too_large, corrupt, unreadable
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("node_id", pa.string()),  # Ray node that ran the model
+])

@@ -1,0 +1,105 @@
+"""The two Ray Data stages: decode (stateless tasks) and predict (actors holding the model).
+
+Files are read and decoded here rather than with `ray.data.read_images`, which fails the whole job on
+one bad file (or, with max_errored_blocks, silently drops every good image in the same block). Every
+input row leaves each stage as exactly one output row; a bad file becomes a row with `error` set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from batch_infer.schema import SCHEMA
+from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_bytes
+
+
+DECODED_SCHEMA = pa.schema([
+    ("path", pa.string()), ("rel_path", pa.string()), ("input_root", pa.string()),
+    ("pixels", pa.binary()),  # size*size uint8, light ink on dark; empty on error
+    ("sha256", pa.string()), ("size_bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
+    ("inverted", pa.bool_()), ("error", pa.string()), ("error_kind", pa.string()),
+])
+
+
+def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+    """Read and decode each file: model-ready pixels plus provenance, or an error. Arrow in and out,
+    so nulls stay nulls (numpy batches would turn them into NaN)."""
+    rows = {name: [] for name in DECODED_SCHEMA.names}
+    for path, rel_path, root in zip(*(batch.column(c).to_pylist() for c in ("path", "rel_path", "input_root"))):
+        pixels = sha = size = width = height = inverted = error = kind = None
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            sha, size = hashlib.sha256(data).hexdigest(), len(data)
+            img = decode_bytes(data, input_size, max_pixels)
+            pixels, width, height, inverted = img.pixels.tobytes(), img.width, img.height, img.inverted
+        except DecodeError as e:
+            error, kind = str(e), e.kind
+        except OSError as e:
+            error, kind = f"unreadable: {e.strerror or e}", "unreadable"
+        for key, value in zip(DECODED_SCHEMA.names, (path, rel_path, root, pixels or b"", sha, size, width, height,
+                                                     inverted, error, kind)):
+            rows[key].append(value)
+    return pa.Table.from_pydict(rows, schema=DECODED_SCHEMA)
+
+
+class PredictorActor:
+    """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table)."""
+
+    def __init__(self, card: dict, weights_ref: list, run_id: str, review_below: float, device: str = "cpu",
+                 threads: int = 0, topk: int = 3):
+        import ray
+        import torch
+
+        from kmnist_core.model_dir import build_predictor
+
+        if threads:
+            torch.set_num_threads(threads)
+        # The weights travel through the object store, so workers need no access to the model directory.
+        # (Wrapped in a list so Ray does not inline them into the actor's constructor arguments.)
+        self.model = build_predictor(card, ray.get(weights_ref[0]), device)
+        self.run_id = run_id
+        self.review_below = review_below
+        self.topk = min(topk, len(self.model.classes))
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.chars = np.array(self.model.classes.chars, dtype=object)
+        self.codepoints = np.array(self.model.classes.codepoints, dtype=object)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+        size = self.model.input_size
+        probs = np.zeros((n, len(self.chars)), np.float32)
+        if ok.any():
+            good = batch.column("pixels").filter(pa.array(ok)).to_pylist()
+            pixels = np.frombuffer(b"".join(good), np.uint8).reshape(-1, size, size)
+            probs[ok] = self.model.probabilities(pixels)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
+        top_p = np.take_along_axis(probs, top, axis=1)
+        confidence = top_p[:, 0]
+        margin = top_p[:, 0] - (top_p[:, 1] if self.topk > 1 else 0)
+        null_if_error = lambda values, type_: pa.array(values, type=type_, mask=~ok)  # noqa: E731
+        list_column = lambda rows, type_: pa.array([list(r) if good else None for r, good in zip(rows, ok)],  # noqa: E731
+                                                   type=pa.list_(type_))
+        columns = {name: batch.column(name) for name in
+                   ("path", "rel_path", "input_root", "sha256", "size_bytes", "width", "height", "inverted")}
+        columns.update({
+            "pred_index": null_if_error(top[:, 0].astype(np.int32), pa.int32()),
+            "pred_char": null_if_error(self.chars[top[:, 0]], pa.string()),
+            "pred_codepoint": null_if_error(self.codepoints[top[:, 0]], pa.string()),
+            "confidence": null_if_error(confidence, pa.float32()),
+            "topk_indices": list_column(top.astype(np.int32).tolist(), pa.int32()),
+            "topk_chars": list_column(self.chars[top].tolist(), pa.string()),
+            "topk_confidences": list_column(top_p.tolist(), pa.float32()),
+            "margin": null_if_error(margin.astype(np.float32), pa.float32()),
+            "needs_review": pa.array(~ok | (confidence < self.review_below), pa.bool_()),
+            "error": batch.column("error"),
+            "error_kind": batch.column("error_kind"),
+            "model_id": pa.array([self.model.model_id] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "node_id": pa.array([self.node_id] * n, pa.string()),
+        })
+        return pa.Table.from_pydict(columns, schema=SCHEMA)
