@@ -43,11 +43,12 @@ def walk(root: Path, found: Discovery) -> None:
         except OSError:
             found.skipped["unreadable_folder"] += 1
             continue
+        subfolders = []
         for entry in entries:
             if entry.name.startswith("."):
                 found.skipped["hidden"] += 1
             elif entry.is_dir(follow_symlinks=True):
-                stack.append(entry.path)
+                subfolders.append(entry.path)
             elif not entry.is_file(follow_symlinks=True):
                 found.skipped["not_a_file"] += 1  # broken links, sockets, fifos
             elif not is_image_name(entry.name):
@@ -55,6 +56,7 @@ def walk(root: Path, found: Discovery) -> None:
             else:
                 found.files.append({"path": entry.path, "rel_path": os.path.relpath(entry.path, root_str),
                                     "input_root": root_str})
+        stack.extend(reversed(subfolders))  # visit in name order, so a real folder is seen before later links to it
 
 
 def discover(inputs: list[str | Path]) -> Discovery:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from batch_infer import output
 from batch_infer.discover import discover
+from batch_infer.report import write_report
 from batch_infer.schema import SCHEMA_VERSION
 from kmnist_core.errors import KmnistError
 from kmnist_core.model_dir import read_model_files, build_predictor, write_json_atomic
@@ -68,7 +69,7 @@ def prepare_out(out: Path, opts: PredictOptions, model_id: str) -> set[str]:
     if not existing:
         return set()
     output.remove_partial_shards(out)
-    previous = {run.get("model_id") for run in output.shard_metadata(out)}
+    previous = {run.get("model_id") for run in output.shard_metadata(out)[0]}
     if previous - {model_id}:
         raise KmnistError(f"{out} was written by model {', '.join(sorted(previous))}, not {model_id}; "
                           f"resume with the same model or use --overwrite")
@@ -128,7 +129,10 @@ def build_dataset(ray, files: list[dict], card: dict, weights: bytes, run_id: st
 
 def run_predict(inputs: list[str | Path], out: Path, opts: PredictOptions,
                 on_rows: Callable[[int, int], None] | None = None) -> dict:
-    """Predict every image under `inputs` into `out`. Returns the run summary (also in OUT/run.json)."""
+    """Predict every image under `inputs` into `out`, then write OUT/summary/.
+
+    Returns the run summary (also in OUT/run.json), with the report's figures under "report".
+    """
     opts.validate()
     started = time.perf_counter()
     card, weights = read_model_files(opts.model)
@@ -176,4 +180,5 @@ def run_predict(inputs: list[str | Path], out: Path, opts: PredictOptions,
         raise KmnistError(f"pipeline returned {writer.rows_written} rows for {len(todo)} files; "
                           f"run again with --resume to finish")
     write_json_atomic(out / RUN_FILE, {**summary, "model_card": card})
+    summary["report"] = write_report(out)
     return summary

@@ -43,15 +43,16 @@ def read_predictions(out: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(s, schema=SCHEMA) for s in shards])
 
 
-def shard_metadata(out: Path) -> list[dict]:
-    """The kmnist-batch key-value metadata of each shard (one dict per distinct run)."""
-    runs = {}
+def shard_metadata(out: Path) -> tuple[list[dict], dict]:
+    """From the shards' key-value metadata: each distinct run (oldest first) and the latest model card."""
+    runs, card = {}, {}
     for shard in shard_paths(out):
         meta = pq.read_schema(shard).metadata or {}
         if b"kmnist_batch.run" in meta:
             run = json.loads(meta[b"kmnist_batch.run"])
             runs[run["run_id"]] = run
-    return list(runs.values())
+            card = json.loads(meta[b"kmnist_batch.model_card"])
+    return sorted(runs.values(), key=lambda r: r["run_id"]), card
 
 
 class ShardWriter:

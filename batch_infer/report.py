@@ -1,5 +1,6 @@
 """OUT/summary/: plots, a per-folder table and summary.json, computed from the Parquet output alone
-(run.json, when present, adds throughput). `kmnist-batch report OUT` reruns it."""
+(rows plus the run options and model card in its key-value metadata; run.json, when present, adds
+throughput). `kmnist-batch report OUT` reruns it."""
 
 from __future__ import annotations
 
@@ -43,20 +44,20 @@ def write_report(out: Path) -> dict:
     if not output.shard_paths(out):
         raise KmnistError(f"{out} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet)")
     df = output.read_predictions(out).to_pandas()
-    runs = output.shard_metadata(out)
+    runs, card = output.shard_metadata(out)
+    latest = runs[-1] if runs else {}
     run_file = out / "run.json"
     run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
     summary_dir = out / SUMMARY_DIR
     summary_dir.mkdir(parents=True, exist_ok=True)
 
     ok = df[df["error"].isna()]
-    card = run.get("model_card") or {}
     chars = [c["char"] for c in card.get("classes", [])] or sorted(ok["pred_char"].dropna().unique())
     counts = ok["pred_char"].value_counts().reindex(chars, fill_value=0) if len(chars) <= 60 else ok["pred_char"].value_counts().head(60)
     plots.bar_chart(list(counts.index), counts.to_numpy(), summary_dir / "class_distribution.png",
                     "Predicted characters", "crops")
     plots.histogram(ok["confidence"].to_numpy(), summary_dir / "confidence_histogram.png",
-                    "Calibrated confidence", run.get("review_below"))
+                    "Calibrated confidence", latest.get("review_below"))
     lowest = ok.nsmallest(GALLERY_SIZE, "confidence")
     size = int(card.get("input", {}).get("size", 28))
     plots.crop_gallery([load_crop(p, size) for p in lowest["path"]],
@@ -65,17 +66,15 @@ def write_report(out: Path) -> dict:
     table = folder_table(df)
     table.to_csv(summary_dir / "by_folder.csv", index=False)
 
-    skipped: dict[str, int] = {}
-    for r in runs:  # each run's discovery counted the whole tree; the latest run's counts are current
-        skipped = r.get("discovery", {}).get("skipped", {})
     summary = {
         "files_seen": int(len(df)),
         "predicted": int(len(ok)),
         "errors": int(df["error"].notna().sum()),
         "errors_by_kind": {k: int(v) for k, v in df["error_kind"].value_counts().items()},
-        "skipped": skipped,
+        # Every run walks the whole tree, so the latest run's skip counts are current.
+        "skipped": latest.get("discovery", {}).get("skipped", {}),
         "needs_review": int(df["needs_review"].sum()),
-        "review_below": run.get("review_below"),
+        "review_below": latest.get("review_below"),
         "inverted": int(ok["inverted"].sum()),
         "mean_confidence": float(ok["confidence"].mean()) if len(ok) else None,
         "runs": sorted(r["run_id"] for r in runs),

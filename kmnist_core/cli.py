@@ -127,7 +127,7 @@ def print_summary(summary: dict, out: Path) -> None:
     typer.echo("\n".join([
         f"files        {summary['files_seen']:,} rows ({summary['predicted']:,} predicted, {summary['errors']:,} errors: {errors})",
         f"skipped      {skipped}",
-        f"needs review {summary['needs_review']:,} (confidence below {summary['review_below']:.3f})",
+        f"needs review {summary['needs_review']:,} (confidence below {summary['review_below']:.3f}, or an error)",
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
         f"throughput   {speed} this run",
         f"predictions  {out / 'predictions'}",
@@ -149,14 +149,15 @@ def predict(
     review_below: Optional[float] = typer.Option(None, help="needs_review below this confidence; default from the model card"),
     resume: bool = typer.Option(False, help="finish an interrupted run into the same OUT"),
     overwrite: bool = typer.Option(False, help="delete earlier predictions in OUT first"),
+    rows_per_shard: int = typer.Option(8192, help="rows per Parquet file; also what a killed run can lose"),
 ):
     """Predict every crop under INPUTS into Parquet, one row per image file, then write the summary."""
     from batch_infer.job import PredictOptions, run_predict
-    from batch_infer.report import write_report
 
     opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                          review_below=review_below, resume=resume, overwrite=overwrite)
+                          review_below=review_below, resume=resume, overwrite=overwrite,
+                          rows_per_shard=rows_per_shard)
     progress, on_rows = rows_progress()
     if progress:
         progress.start()
@@ -165,9 +166,7 @@ def predict(
     finally:
         if progress:
             progress.stop()
-    summary = write_report(out)
-    summary["crops_per_s"] = run["crops_per_s"]
-    print_summary(summary, out)
+    print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, out)
 
 
 @app.command()

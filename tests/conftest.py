@@ -53,3 +53,13 @@ def trained_model_dir(tmp_path_factory, small_dev) -> Path:
     out = tmp_path_factory.mktemp("model")
     run_train(TrainConfig(epochs=1, batch_size=64, threads=2), out, data=small_dev, make_plots=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the whole session (2 CPUs, as on CI)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,194 @@
+"""`predict` against a real local Ray: real files, real Parquet, read back without Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batch_infer.job import PredictOptions, run_predict
+from batch_infer.output import read_predictions
+from batch_infer.report import write_report
+from kmnist_core.errors import KmnistError
+from tests.crop_tree import mixed_tree, plain_tree
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+CLI = str(Path(sys.executable).parent / "kmnist-batch")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, kmnist_dev):
+    root = tmp_path_factory.mktemp("scans")
+    d = kmnist_dev
+    expected = mixed_tree(root, d.test.images, d.test.labels, d.classes.chars)
+    return root, expected
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed, ray_session, tmp_path_factory):
+    root, expected = mixed
+    out = tmp_path_factory.mktemp("out")
+    summary = run_predict([root], out, PredictOptions(batch_size=8))
+    return out, summary, expected
+
+
+def test_one_row_per_image_file_with_errors_as_rows(mixed_run):
+    out, summary, expected = mixed_run
+    df = read_predictions(out).to_pandas()
+    assert sorted(df.rel_path) == sorted([*expected["good"], *expected["errors"]])
+    assert not df.path.duplicated().any()
+    errors = df[df.error.notna()].set_index("rel_path")
+    for rel, kind in expected["errors"].items():
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        assert errors.loc[rel, "error_kind"] in kinds, rel
+        row = errors.loc[rel]
+        assert pd.isna(row.pred_char) and pd.isna(row.confidence) and row.topk_chars is None
+        assert row.needs_review
+    assert summary["discovery"]["skipped"]["hidden"] == expected["hidden"]
+    assert summary["discovery"]["skipped"]["not_image_extension"] == expected["non_image"]
+
+
+def test_real_crops_in_every_form_are_recognized(mixed_run):
+    out, _, expected = mixed_run
+    df = read_predictions(out).to_pandas().set_index("rel_path")
+    good = df.loc[list(expected["good"])]
+    assert good.error.isna().all()
+    correct = sum(good.loc[rel, "pred_char"] == char for rel, char in expected["good"].items())
+    assert correct >= len(expected["good"]) - 2, good[["pred_char", "confidence"]]
+    assert good.loc["book1/page1/scan.PNG", "inverted"] and not good.loc["book1/page1/light.png", "inverted"]
+    assert (good.loc["book2/日本 語/tall crop.png", ["width", "height"]].tolist()) == [48, 96]
+    assert good.loc["book2/exif.jpg", ["width", "height"]].tolist() == [28, 28]
+    row = good.loc["book1/page1/light.png"]
+    assert len(row.topk_chars) == 3 and row.topk_chars[0] == row.pred_char
+    assert row.topk_confidences[0] == pytest.approx(row.confidence)
+    assert row.margin == pytest.approx(row.topk_confidences[0] - row.topk_confidences[1], abs=1e-6)
+    assert len(row.sha256) == 64 and row.node_id
+
+
+def test_parquet_is_plain_arrow_readable_without_ray(mixed_run):
+    out, _, _ = mixed_run
+    script = textwrap.dedent(f"""
+        import json, sys
+        import duckdb, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
+        t = pq.read_table({str(out / 'predictions')!r})
+        assert pa.types.is_list(t.schema.field("topk_chars").type), t.schema
+        assert pa.types.is_list(t.schema.field("topk_confidences").type)
+        meta = pq.read_schema(sorted(__import__("glob").glob({str(out / 'predictions' / '*.parquet')!r}))[0]).metadata
+        assert meta[b"kmnist_batch.schema_version"] == b"1"
+        assert json.loads(meta[b"kmnist_batch.model_card"])["classes"][0]["char"] == "お"
+        df = pd.read_parquet({str(out / 'predictions')!r})
+        n = duckdb.sql("select count(*) from read_parquet('{out}/predictions/*.parquet') where error is null").fetchall()[0][0]
+        top = duckdb.sql("select topk_chars[1] = pred_char from read_parquet('{out}/predictions/*.parquet') where error is null").fetchall()
+        assert all(r[0] for r in top)
+        assert "ray" not in sys.modules
+        print(len(df), n)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    total, ok = map(int, r.stdout.split())
+    assert total == len(read_predictions(out)) and ok == total - 4
+
+
+def test_run_json_and_summary(mixed_run):
+    out, summary, expected = mixed_run
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["status"] == "completed" and run["model_card"]["model_id"] == run["model_id"]
+    assert run["options"]["batch_size"] == 8
+    for name in ("confidence_histogram.png", "class_distribution.png", "lowest_confidence.png", "by_folder.csv", "summary.json"):
+        assert (out / "summary" / name).stat().st_size > 0, name
+    s = json.loads((out / "summary" / "summary.json").read_text(encoding="utf-8"))
+    assert s["files_seen"] == len(expected["good"]) + len(expected["errors"])
+    assert s["errors"] == 4 and s["errors_by_kind"]["too_large"] == 1
+    assert s["skipped"]["hidden"] == 2 and s["needs_review"] >= 4
+
+
+def test_report_regenerates_from_parquet_alone(mixed_run, tmp_path):
+    out, _, _ = mixed_run
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "predictions", copy / "predictions")
+    s = write_report(copy)  # no run.json, no summary/
+    assert s["files_seen"] == len(read_predictions(out)) and s["skipped"]["hidden"] == 2
+    assert (copy / "summary" / "lowest_confidence.png").exists()
+    r = subprocess.run([CLI, "report", str(copy)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "needs review" in r.stdout, r.stderr
+
+
+def test_non_empty_out_is_refused_without_resume_or_overwrite(mixed, mixed_run, ray_session):
+    root, _ = mixed
+    out, _, _ = mixed_run
+    with pytest.raises(KmnistError, match="--resume"):
+        run_predict([root], out, PredictOptions())
+    with pytest.raises(KmnistError, match="contradict"):
+        run_predict([root], out, PredictOptions(resume=True, overwrite=True))
+
+
+def test_resume_of_finished_run_processes_nothing(mixed, mixed_run, ray_session):
+    root, _ = mixed
+    out, first, _ = mixed_run
+    again = run_predict([root], out, PredictOptions(resume=True))
+    assert again["rows_written"] == 0 and again["already_done"] == first["rows_written"]
+
+
+def test_killed_model_worker_is_retried_and_output_is_exact(tmp_path, kmnist_dev, ray_session):
+    files = plain_tree(tmp_path / "in", kmnist_dev.test.images, 3000)
+    killed = []
+
+    def kill_model_actor_once(done, total):
+        if killed:
+            return
+        # Ray titles each actor process 'ray::MapWorker(MapBatches(PredictorActor))...'.
+        for proc in Path("/proc").iterdir():
+            try:
+                title = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if proc.name.isdigit() and title.startswith(b"ray::") and b"PredictorActor" in title:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append((int(proc.name), done, total))
+                return
+
+    out = tmp_path / "out"
+    summary = run_predict([tmp_path / "in"], out, PredictOptions(batch_size=64, rows_per_shard=256), kill_model_actor_once)
+    assert killed and killed[0][1] < len(files)  # the kill happened mid-job
+    df = read_predictions(out).to_pandas()
+    assert len(df) == len(files) and not df.path.duplicated().any() and df.error.isna().all()
+    assert summary["rows_written"] == len(files)
+
+
+def test_resume_after_kill_9_gives_exactly_one_row_per_file(tmp_path, kmnist_dev):
+    files = plain_tree(tmp_path / "in", kmnist_dev.test.images, 6000)
+    out = tmp_path / "out"
+    args = [CLI, "predict", str(tmp_path / "in"), "--out", str(out), "--batch-size", "64", "--rows-per-shard", "200"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "predictions").glob("*.parquet")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    first = read_predictions(out).to_pandas()
+    assert 0 < len(first) < len(files), "the run was not interrupted mid-way"
+
+    r = subprocess.run(args[:-2] + ["--rows-per-shard", "2000"], capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and "--resume" in r.stderr  # refuses to clobber without --resume
+    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    df = read_predictions(out).to_pandas()
+    assert len(df) == len(files) and not df.path.duplicated().any()
+    assert set(df.path) == {str(p) for p in files}
+    # What the killed run committed was kept, not recomputed.
+    assert (df.run_id == first.run_id.iloc[0]).sum() == len(first)
+    assert not list((out / "predictions").glob("*.tmp"))
+
+
+def test_cli_predict_missing_input_is_one_line(tmp_path):
+    r = subprocess.run([CLI, "predict", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: input {tmp_path / 'nope'} does not exist"
