@@ -24,7 +24,8 @@ from batch_infer.discover import discover
 from batch_infer.report import write_report
 from batch_infer.schema import SCHEMA_VERSION
 from kmnist_core.errors import KmnistError
-from kmnist_core.model_dir import read_model_files, build_predictor, write_json_atomic
+from kmnist_core.model_dir import build_predictor, read_model_files, write_json_atomic
+from kmnist_core.ray_runtime import init_ray
 
 RUN_FILE = "run.json"
 
@@ -74,20 +75,6 @@ def prepare_out(out: Path, opts: PredictOptions, model_id: str) -> set[str]:
         raise KmnistError(f"{out} was written by model {', '.join(sorted(previous))}, not {model_id}; "
                           f"resume with the same model or use --overwrite")
     return output.completed_paths(out)
-
-
-def init_ray(address: str | None):
-    """Reuse a running Ray (tests, `ray job submit`), join `address`/RAY_ADDRESS, or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        try:
-            ray.init(address=address, include_dashboard=False if not address else None,
-                     logging_level=logging.WARNING, log_to_driver=False)
-        except ConnectionError as e:
-            raise KmnistError(f"cannot connect to Ray at {address}: {e}") from None
-    return ray
 
 
 def quiet_ray_data_console() -> None:

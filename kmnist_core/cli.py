@@ -40,12 +40,13 @@ def epoch_printer(total: int):
     if progress:
         progress.start()
 
-    def show(m: dict) -> None:
+    def show(m: dict, run=None) -> None:
         console.print(f"epoch {m['epoch']:>3}/{total}  loss {m['train_loss']:.4f}  train {m['train_acc']:.4f}  "
-                      f"val {m['val_acc']:.4f}  test {m['test_acc']:.4f}  ({m['epoch_time_s']:.1f}s)")
+                      f"val {m['val_acc']:.4f}  test {m['test_acc']:.4f}  ({m['epoch_time_s']:.1f}s)"
+                      + ("  diverged: stopping" if m["diverged"] else ""))
         if progress:
             progress.update(task, completed=m["epoch"])
-            if m["epoch"] == total:
+            if m["epoch"] == total or m["diverged"]:
                 progress.stop()
 
     return show
@@ -176,6 +177,54 @@ def report(out: Path = typer.Argument(..., help="a predict output directory")):
     from batch_infer.report import write_report
 
     print_summary(write_report(out), out)
+
+
+def parse_list(text: str, kind, option: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KmnistError(f"{option} takes a comma-separated list, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def tune(
+    out: Path = typer.Option(..., help="output directory: trials, history, plots, best/"),
+    dataset: str = typer.Option("kmnist-dev"),
+    model: str = typer.Option("simple-cnn"),
+    lr: str = typer.Option("0.1,0.01,0.001,0.0001", help="learning rates (the study's by default)"),
+    batch_size: str = typer.Option("8,16,32,64,128", help="batch sizes (the study's by default)"),
+    epochs: int = typer.Option(5),
+    cpus_per_trial: float = typer.Option(1.0),
+    gpus_per_trial: float = typer.Option(0.0, help="fractions allowed, e.g. 0.25 = four trials per GPU"),
+    scheduler: str = typer.Option("none", help="none, or asha to stop trailing trials early"),
+    augment: str = typer.Option("study"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto: cuda when the trial has a GPU"),
+    data_dir: Optional[Path] = typer.Option(None),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
+    storage: Optional[str] = typer.Option(None, help="Tune storage (default OUT/ray_results); shared storage on multi-node clusters"),
+    resume: bool = typer.Option(False, help="continue an interrupted grid without rerunning finished trials"),
+):
+    """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
+    from tune.grid import GridConfig, run_grid
+
+    cfg = GridConfig(dataset=dataset, model=model, lrs=parse_list(lr, float, "--lr"),
+                     batch_sizes=parse_list(batch_size, int, "--batch-size"), epochs=epochs,
+                     cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, scheduler=scheduler,
+                     augment=augment, seed=seed, device=device, data_dir=str(data_dir) if data_dir else None,
+                     address=address, storage=storage, resume=resume)
+    summary = run_grid(cfg, out)
+    typer.echo(f"{summary['trials']} trials: " + ", ".join(f"{k} {v}" for k, v in summary["by_status"].items()))
+    best = summary["best"]
+    if best:
+        typer.echo(f"best (on val): lr {best['lr']} batch {best['batch_size']}: val {best['best_val_acc']:.4f}, "
+                   f"test {best['test_acc']:.4f} -> {out / 'best'}")
+    typer.echo(f"trials.csv, history.parquet and plots in {out}")
+    for err in summary["errors"]:
+        typer.echo(f"error: trial lr={err['lr']} batch={err['batch_size']} failed: {err['error']}", err=True)
+    if summary["errors"] or not best:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

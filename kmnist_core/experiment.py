@@ -20,7 +20,7 @@ from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics, write_evaluation_plots
 from kmnist_core.model_dir import Predictor, pick_device, save_model_dir, write_json_atomic
-from kmnist_core.train import TrainConfig, predict_logits, train_model
+from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
 REVIEW_PRECISION = 0.995  # the default review threshold keeps this precision on validation
@@ -68,31 +68,36 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def run_train(cfg: TrainConfig, out: Path, on_epoch: Callable[[dict], None] | None = None,
+def run_train(cfg: TrainConfig, out: Path, on_epoch: Callable[[dict, TrainRun], None] | None = None,
               data: Dataset | None = None, make_plots: bool = True) -> dict:
     """Train, calibrate on val, score on test, write the model directory. Returns the model card."""
     cfg.validate()
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
     device = pick_device(cfg.device)
+    run = train_model(cfg, data, device, on_epoch)
+    return write_model_dir(out, run.model, cfg, data, run.history, run.status, device, make_plots)
+
+
+def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: Dataset, history: list[dict],
+                    status: str, device: str = "cpu", make_plots: bool = True) -> dict:
+    """Calibrate a trained model on val, score it on test, and write its model directory and plots."""
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", cfg.to_dict())
-    result = train_model(cfg, data, device, on_epoch)
-
-    val_logits = predict_logits(result.model, data.val.images, device, cfg.eval_batch_size)
-    test_logits = predict_logits(result.model, data.test.images, device, cfg.eval_batch_size)
+    val_logits = predict_logits(model, data.val.images, device, cfg.eval_batch_size)
+    test_logits = predict_logits(model, data.test.images, device, cfg.eval_batch_size)
     temperature = calibration.fit_temperature(val_logits, data.val.labels)
     review_threshold, _ = calibration.threshold_for_precision(
         calibration.softmax(val_logits, temperature), data.val.labels, REVIEW_PRECISION)
     test_metrics = classification_metrics(data.test.labels, test_logits.argmax(1), data.classes)
     calib = calibration_report(test_logits, data.test.labels, temperature)
 
-    card = build_card(cfg, data, result.history, result.status, test_metrics, calib, review_threshold)
-    card["architecture"]["parameters"] = sum(p.numel() for p in result.model.parameters())
-    card = save_model_dir(out, result.model, card)
-    write_history(out / "history.csv", result.history)
+    card = build_card(cfg, data, history, status, test_metrics, calib, review_threshold)
+    card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
+    card = save_model_dir(out, model, card)
+    write_history(out / "history.csv", history)
     write_json_atomic(out / "test_metrics.json", {**test_metrics, "calibration": calib, "split_note": data.split_note})
     if make_plots:
-        plots.training_curves(result.history, out / "training_curves.png",
+        plots.training_curves(history, out / "training_curves.png",
                               f"{cfg.model} on {data.name} (lr {cfg.lr}, batch {cfg.batch_size})")
         write_evaluation_plots(out, data.test, test_logits, temperature, data.classes, f"{cfg.model} on {data.name} test")
     return card

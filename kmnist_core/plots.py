@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -35,7 +35,7 @@ def training_curves(history: Sequence[dict], path: Path, title: str = "") -> Pat
         ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix_plot(cm: np.ndarray, chars: Sequence[str], path: Path, title: str = "Confusion matrix") -> Path:
@@ -46,7 +46,7 @@ def confusion_matrix_plot(cm: np.ndarray, chars: Sequence[str], path: Path, titl
                 xticklabels=False if big else list(chars), yticklabels=False if big else list(chars))
     ax.set(xlabel="predicted", ylabel="true", title=title)
     ax.tick_params(axis="y", labelrotation=0)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sample_predictions(images: np.ndarray, true: np.ndarray, pred: np.ndarray, chars: Sequence[str], path: Path) -> Path:
@@ -60,7 +60,7 @@ def sample_predictions(images: np.ndarray, true: np.ndarray, pred: np.ndarray, c
             ok = true[i] == pred[i]
             ax.set_title(f"{chars[true[i]]}/{chars[pred[i]]}", color="green" if ok else "red", fontsize=11)
     fig.suptitle("First 100 test images: true/predicted")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reliability_diagram(bins: Sequence[dict], ece_before: float, ece_after: float, path: Path) -> Path:
@@ -71,7 +71,7 @@ def reliability_diagram(bins: Sequence[dict], ece_before: float, ece_after: floa
            title=f"Reliability (ECE {ece_before:.2%} -> {ece_after:.2%})")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def risk_coverage_plot(coverage: np.ndarray, precision: np.ndarray, path: Path) -> Path:
@@ -80,7 +80,7 @@ def risk_coverage_plot(coverage: np.ndarray, precision: np.ndarray, path: Path) 
     ax.set(xlabel="share auto-accepted (coverage)", ylabel="precision of accepted",
            ylim=(max(0.0, float(precision.min()) - 0.01), 1.001), title="Risk-coverage")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_chart(labels: Sequence[str], values: np.ndarray, path: Path, title: str, ylabel: str) -> Path:
@@ -89,7 +89,7 @@ def bar_chart(labels: Sequence[str], values: np.ndarray, path: Path, title: str,
     ax.set_xticks(range(len(labels)), labels, fontsize=12)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def histogram(values: np.ndarray, path: Path, title: str, threshold: float | None = None) -> Path:
@@ -100,7 +100,7 @@ def histogram(values: np.ndarray, path: Path, title: str, threshold: float | Non
         ax.legend()
     ax.set(title=title, xlabel="confidence", ylabel="crops")
     ax.set_yscale("log")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], captions: Sequence[str], path: Path,
@@ -116,4 +116,4 @@ def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], cap
         ax.set_title(title, fontsize=10)
         ax.text(0.5, -0.08, caption[-28:], transform=ax.transAxes, ha="center", va="top", fontsize=6)
     fig.suptitle("Lowest-confidence crops: top-3 with confidences")
-    return _save(fig, path)
+    return save_figure(fig, path)

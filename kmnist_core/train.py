@@ -1,6 +1,6 @@
 """Training: pure functions for one epoch and for scoring, and `train_model` that runs a whole config.
 
-`train_model` calls `on_epoch(metrics)` after every epoch: the CLI draws progress with it and the Tune
+`train_model` calls `on_epoch(metrics, model)` after every epoch: the CLI draws progress with it and the Tune
 stage reports to Ray with it, so both run exactly this loop.
 """
 
@@ -53,11 +53,32 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
+class TrainRun:
+    """Everything a training run carries between epochs; `state_dict` is what a checkpoint stores."""
+
     model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator  # shuffling and augmentation draws
     history: list[dict] = field(default_factory=list)
-    status: str = "completed"  # or "diverged" (non-finite loss; training stopped early)
-    device: str = "cpu"
+    status: str = "completed"  # or "diverged" (training stopped early)
+
+    def state_dict(self) -> dict:
+        """Tensors and plain values only, so it loads with torch.load(weights_only=True)."""
+        return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "generator": self.generator.get_state(), "history": self.history,
+                "torch_rng": torch.get_rng_state()}  # dropout draws from the global generator
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(state["history"])
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int):
@@ -128,33 +149,36 @@ def train_model(
     cfg: TrainConfig,
     data: Dataset,
     device: str,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> TrainResult:
+    on_epoch: Callable[[dict, TrainRun], None] | None = None,
+    resume_state: dict | None = None,
+) -> TrainRun:
     """Train `cfg.model` on `data.train`, scoring val and test after every epoch.
 
-    Stops early with status "diverged" when the loss becomes NaN/inf.
+    `resume_state` (a `TrainRun.state_dict()`) continues a run from its last finished epoch. Stops
+    early with status "diverged" when the loss becomes NaN/inf or the model collapses to chance.
     """
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     model = create_model(cfg.model, len(data.classes), data.input_size).to(device)
-    steps = math.ceil(len(data.train) / cfg.batch_size)
-    opt, sched = make_optimizer(model, cfg, steps)
-    result = TrainResult(model, device=device)
-    for epoch in range(1, cfg.epochs + 1):
+    opt, sched = make_optimizer(model, cfg, math.ceil(len(data.train) / cfg.batch_size))
+    run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
+    if resume_state is not None:
+        run.load_state_dict(resume_state)
+    for epoch in range(len(run.history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, data.train, opt, sched, cfg, gen, device)
+        train_loss, train_acc = train_one_epoch(model, data.train, opt, sched, cfg, run.generator, device)
         val_loss, val_acc = split_scores(model, data.val, device, cfg.eval_batch_size)
         _, test_acc = split_scores(model, data.test, device, cfg.eval_batch_size)
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "test_acc": test_acc, "lr": opt.param_groups[0]["lr"],
                    "epoch_time_s": time.perf_counter() - started}
-        result.history.append(metrics)
+        metrics["diverged"] = diverged(metrics, len(data.classes))
+        run.history.append(metrics)
         if on_epoch is not None:
-            on_epoch(metrics)
-        if diverged(metrics, len(data.classes)):
-            result.status = "diverged"
+            on_epoch(metrics, run)
+        if metrics["diverged"]:
+            run.status = "diverged"
             break
-    return result
+    return run

@@ -116,3 +116,23 @@ def test_weights_that_need_unpickling_are_refused(tmp_path, trained_model_dir):
     torch.save({"payload": Image.new("L", (2, 2))}, evil / "model.pt")  # an arbitrary pickled object
     with pytest.raises(KmnistError, match="cannot load weights"):
         load_model(evil)
+
+
+def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run(small_dev, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=3, threads=2, optimizer="adamw", schedule="onecycle")
+    straight = train_model(cfg, small_dev, "cpu")
+
+    class Crash(Exception):
+        pass
+
+    def checkpoint_then_crash(metrics, run):
+        torch.save(run.state_dict(), tmp_path / "state.pt")
+        raise Crash
+
+    with pytest.raises(Crash):
+        train_model(cfg, small_dev, "cpu", on_epoch=checkpoint_then_crash)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # a checkpoint needs no unpickling
+    resumed = train_model(cfg, small_dev, "cpu", resume_state=state)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k

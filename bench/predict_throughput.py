@@ -1,0 +1,107 @@
+"""Steady-state crops/s of `predict` (Ray Data) against a plain single-process loop, same model, same files.
+
+Steady state = (N_large - N_small) / (t_large - t_small): fixed costs (Ray start, actor start, torch
+import) cancel out. Both are measured in this run, on this machine, and printed as a ratio; the
+figures are appended to docs/benchmarks.md with --record.
+
+    .venv/bin/python bench/predict_throughput.py [--sizes 2000,20000] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from batch_infer.discover import discover  # noqa: E402
+from batch_infer.job import PredictOptions, run_predict  # noqa: E402
+from kmnist_core.datasets import load_dataset  # noqa: E402
+from kmnist_core.model_dir import load_model  # noqa: E402
+from kmnist_core.preprocess import decode_bytes  # noqa: E402
+
+
+def make_tree(root: Path, n: int) -> None:
+    images = load_dataset("kmnist-dev").test.images
+    for i in range(n):
+        p = root / f"{i // 1000:04d}" / f"{i:07d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i % len(images)]).save(p)
+
+
+def plain_loop(root: Path, model: str, batch_size: int = 1024) -> int:
+    """The baseline: list files, read + decode with PIL, batched torch forward, in one process."""
+    predictor = load_model(model)
+    files = [f["path"] for f in discover([root]).files]
+    predicted = 0
+    for start in range(0, len(files), batch_size):
+        pixels = []
+        for path in files[start : start + batch_size]:
+            with open(path, "rb") as f:
+                pixels.append(decode_bytes(f.read(), predictor.input_size).pixels)
+        predicted += len(predictor.probabilities(np.stack(pixels)))
+    return predicted
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="2000,20000", help="file counts; the first two give the steady state")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    torch.set_num_threads(2)
+
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    work = Path(tempfile.mkdtemp(prefix="kmnist-bench-"))
+    rows = []
+    try:
+        for n in sizes:
+            make_tree(work / f"in-{n}", n)
+            plain = timed(lambda: plain_loop(work / f"in-{n}", args.model))
+            out = work / f"out-{n}"
+            opts = PredictOptions(model=args.model, workers=args.workers, progress=False)
+            ray_t = timed(lambda: run_predict([work / f"in-{n}"], out, opts))
+            rows.append((n, plain, ray_t))
+            print(f"{n:>7} files: plain loop {plain:6.2f} s ({n / plain:7.0f}/s end to end), "
+                  f"predict {ray_t:6.2f} s ({n / ray_t:7.0f}/s end to end)", flush=True)
+            shutil.rmtree(work / f"in-{n}")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+    (n1, p1, r1), (n2, p2, r2) = rows[0], rows[1]
+    plain_rate, ray_rate = (n2 - n1) / (p2 - p1), (n2 - n1) / (r2 - r1)
+    ratio = ray_rate / plain_rate
+    print(f"steady state: plain loop {plain_rate:,.0f} crops/s, predict {ray_rate:,.0f} crops/s, ratio {ratio:.2f}x")
+    for (na, _, ra), (nb, _, rb) in zip(rows[1:], rows[2:]):
+        print(f"steady state {na}->{nb}: predict {(nb - na) / (rb - ra):,.0f} crops/s")
+    if args.record:
+        line = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {platform.machine()}, {os.cpu_count()} CPUs | "
+                f"{args.model}, {args.workers} worker(s) | {n1:,}→{n2:,} | {plain_rate:,.0f} | {ray_rate:,.0f} | "
+                f"**{ratio:.2f}×** | {' / '.join(f'{n:,}: {n / r:,.0f}' for n, _, r in rows)} |\n")
+        with open(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "a", encoding="utf-8") as f:
+            f.write(line)
+
+
+if __name__ == "__main__":
+    main()
