@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.record import append_row  # noqa: E402
 from batch_infer.discover import discover  # noqa: E402
 from batch_infer.job import PredictOptions, run_predict  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
@@ -99,8 +100,7 @@ def main() -> None:
         line = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {platform.machine()}, {os.cpu_count()} CPUs | "
                 f"{args.model}, {args.workers} worker(s) | {n1:,}→{n2:,} | {plain_rate:,.0f} | {ray_rate:,.0f} | "
                 f"**{ratio:.2f}×** | {' / '.join(f'{n:,}: {n / r:,.0f}' for n, _, r in rows)} |\n")
-        with open(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "a", encoding="utf-8") as f:
-            f.write(line)
+        append_row("predict throughput", line)
 
 
 if __name__ == "__main__":
