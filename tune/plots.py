@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from kmnist_core.plots import plt, save_figure, sns
 
@@ -20,9 +21,11 @@ def comparison(history: pd.DataFrame, panel_key: str, line_key: str, path: Path,
             axes[0, col].plot(curve.epoch, curve.train_loss, "o-", ms=3, label=f"{line_key} {value:g}")
             axes[1, col].plot(curve.epoch, curve.test_acc, "o-", ms=3, label=f"{line_key} {value:g}")
         axes[0, col].set_title(f"{panel_key} {panel:g}")
+        axes[0, col].set_yscale("log")  # a diverging lr's loss would flatten every other curve
         axes[1, col].set_xlabel("epoch")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].set_ylabel("train loss")
     axes[1, 0].set_ylabel("test accuracy")
     axes[0, -1].legend(fontsize=8)
