@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import ray
 import torch
 from ray import tune
 
@@ -73,10 +74,12 @@ def train_trial(config: dict, data: Dataset | None = None) -> None:
         with checkpoint.as_directory() as ckpt:
             resume_state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict, run: TrainRun) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(run.state_dict(), Path(tmp) / STATE_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     train_model(cfg, data, pick_device(cfg.device), on_epoch=report, resume_state=resume_state)
 
@@ -104,6 +107,7 @@ def collect(results, cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         status = trial_status(result, cfg.epochs, history)
         row = {"trial": trial_id, "lr": train_cfg["lr"], "batch_size": train_cfg["batch_size"], "status": status,
                "epochs_run": len(history), "cpus": cfg.cpus_per_trial, "gpus": cfg.gpus_per_trial,
+               "node_id": (result.metrics or {}).get("node_id"),
                "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:500]}
         if len(history):
             best = history.loc[history["val_acc"].idxmax()] if history["val_acc"].notna().any() else history.iloc[-1]
@@ -114,7 +118,7 @@ def collect(results, cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         trials.append(row)
         histories.append(history.assign(trial=trial_id, lr=train_cfg["lr"], batch_size=train_cfg["batch_size"]))
     columns = ["trial", "lr", "batch_size", "status", "epochs_run", "best_val_acc", "best_epoch", "test_acc_at_best_val",
-               "final_val_acc", "final_test_acc", "final_train_loss", "time_s", "cpus", "gpus", "error"]
+               "final_val_acc", "final_test_acc", "final_train_loss", "time_s", "cpus", "gpus", "node_id", "error"]
     table = pd.DataFrame(trials, columns=columns).sort_values(["lr", "batch_size"], ascending=[False, True]).reset_index(drop=True)
     return table, pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
 
