@@ -59,3 +59,10 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path, trained_model_dir):
     (broken / "model_card.json").write_bytes((trained_model_dir / "model_card.json").read_bytes())
     (broken / "model.pt").write_bytes(b"\x00garbage")
     assert_one_line_error(run("evaluate", "--model", broken, "--out", tmp_path / "e"), "cannot load weights")
+
+
+@pytest.mark.parametrize("module,needle", [("jobs.predict", "--resume"), ("jobs.tune_grid", "--storage")])
+def test_job_entrypoints_have_help(module, needle):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and needle in r.stdout, r.stderr

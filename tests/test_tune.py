@@ -113,3 +113,12 @@ def test_resume_after_driver_kill_skips_finished_trials(tmp_path, small_data_dir
     # Interrupted trials continued from their checkpoint: each has epochs 1 and 2 exactly once.
     assert sorted(history.groupby("trial").epoch.apply(list).map(sorted).map(tuple)) == [(1, 2)] * 6
     assert (out / "best" / "model.pt").exists()
+
+
+def test_asha_scheduler_runs_the_grid(tmp_path, small_data_dir, ray_session):
+    out = tmp_path / "asha"
+    summary = run_grid(GridConfig(lrs=[0.003, 0.001, 0.0003, 0.0001], batch_sizes=[64], epochs=3, scheduler="asha",
+                                  data_dir=str(small_data_dir)), out)
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 4 and set(trials.status) <= {"completed", "stopped_early", "diverged"}
+    assert summary["errors"] == [] and summary["best"] is not None

@@ -1,0 +1,85 @@
+"""A model's figures for its card and the README, measured in one run on this machine:
+accuracy and calibration on the held-out kmnist-dev test split, the risk-coverage table, and CPU
+inference speed (batch 1024) against the study's SimpleCNN, interleaved so both see the same load.
+
+    .venv/bin/python bench/model_figures.py [--model default] [--threads 2] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.record import append_row  # noqa: E402
+from kmnist_core import calibration  # noqa: E402
+from kmnist_core.datasets import load_dataset  # noqa: E402
+from kmnist_core.model_dir import load_model  # noqa: E402
+from kmnist_core.models import create_model  # noqa: E402
+from kmnist_core.transforms import to_model_tensor  # noqa: E402
+
+
+@torch.inference_mode()
+def images_per_s(model: torch.nn.Module, batch: torch.Tensor, seconds: float = 1.0) -> float:
+    model.eval()
+    model(batch)  # warm-up
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        model(batch)
+        n += len(batch)
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    predictor = load_model(args.model)
+    data = load_dataset("kmnist-dev")
+    logits = predictor.logits(data.test.images)
+    probs = calibration.softmax(logits, predictor.temperature)
+    acc = float((probs.argmax(1) == data.test.labels).mean())
+    ece_raw = calibration.expected_calibration_error(calibration.softmax(logits), data.test.labels)
+    ece = calibration.expected_calibration_error(probs, data.test.labels)
+    table = calibration.risk_coverage_table(probs, data.test.labels)
+    threshold = predictor.card["calibration"]["review_below"]
+    accepted = probs.max(1) >= threshold
+    precision = float((probs.argmax(1) == data.test.labels)[accepted].mean()) if accepted.any() else float("nan")
+
+    batch = to_model_tensor(data.test.images[np.arange(1024) % len(data.test)])
+    study = create_model("simple-cnn", len(predictor.classes), predictor.input_size)
+    ours, theirs = [], []
+    for _ in range(args.rounds):  # interleaved: a noisy neighbour slows both alike
+        ours.append(images_per_s(predictor.model, batch))
+        theirs.append(images_per_s(study, batch))
+    speed, base = float(np.median(ours)), float(np.median(theirs))
+
+    arch = predictor.card["architecture"]
+    print(f"model {arch['name']} ({arch['parameters']:,} parameters), id {predictor.model_id}")
+    print(f"kmnist-dev test (1,000 held-out images): accuracy {acc:.2%}; ECE {ece_raw:.2%} raw, {ece:.2%} at T={predictor.temperature:.2f}")
+    for row in table:
+        print(f"  precision >= {row['precision_target']:.1%}: threshold {row['threshold']:.3f}, auto-accepted {row['coverage']:.1%}")
+    print(f"  card's review_below {threshold:.3f}: {accepted.mean():.1%} auto-accepted at {precision:.2%} precision")
+    print(f"CPU ({args.threads} threads, batch 1024): {speed:,.0f} images/s vs SimpleCNN {base:,.0f} -> {speed / base:.2f}x")
+    if args.record:
+        cov995 = next(r["coverage"] for r in table if r["precision_target"] == 0.995)
+        append_row("model figures", f"| {datetime.now(timezone.utc):%Y-%m-%d} | {platform.machine()}, {os.cpu_count()} CPUs | "
+                   f"{arch['name']} `{predictor.model_id}` | {acc:.1%} | {ece:.2%} | {cov995:.1%} | "
+                   f"{speed:,.0f} / {base:,.0f} = **{speed / base:.2f}×** |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Kuzushiji-49 and Kuzushiji-Kanji go through the same train -> model directory -> predict path.
+This machine cannot download them, so small files in the official formats are fabricated."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_infer.job import PredictOptions, run_predict
+from batch_infer.output import read_predictions
+from kmnist_core import load_model
+from kmnist_core.classmap import codepoint_to_char
+from kmnist_core.datasets import BUNDLED_DIR, load_dataset
+from kmnist_core.experiment import run_train
+from kmnist_core.train import TrainConfig
+from tests.test_datasets import fake_split, make_kkanji_tar, md5, npz_bytes
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def k49_dataset(root):
+    tr, te = fake_split(490, 49), fake_split(98, 49, seed=5)
+    files = {"k49_classmap.csv": (BUNDLED_DIR / "k49_classmap.csv").read_bytes()}
+    for name, arr in zip(("k49-train-imgs", "k49-train-labels", "k49-test-imgs", "k49-test-labels"), (*tr, *te)):
+        files[f"{name}.npz"] = npz_bytes(arr)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return load_dataset("k49", root, allow_download=False, checksums={f"k49/{k}": md5(v) for k, v in files.items()})
+
+
+def kkanji_dataset(root):
+    make_kkanji_tar(root / "kkanji.tar", codepoints=("U+4E00", "U+4E8C", "U+5B57", "U+66F8"), per_class=10)
+    return load_dataset("kkanji", root, allow_download=False, checksums={"kkanji/kkanji.tar": None})
+
+
+@pytest.mark.parametrize("make_data,size,classes", [(k49_dataset, 28, 49), (kkanji_dataset, 64, 4)])
+def test_train_and_predict_many_class_models(tmp_path, ray_session, make_data, size, classes):
+    (tmp_path / "data").mkdir()
+    data = make_data(tmp_path / "data")
+    model_dir = tmp_path / "model"
+    card = run_train(TrainConfig(dataset=data.name, epochs=1, batch_size=16, threads=2), model_dir, data=data)
+    assert card["input"]["size"] == size and card["architecture"]["num_classes"] == classes
+    assert (model_dir / "confusion_matrix.png").exists()
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    crops = data.test.images[:6]
+    for i, img in enumerate(crops):
+        Image.fromarray(255 - img).resize((size + 10, size + 20)).save(scans / f"{i}.png")
+    out = tmp_path / "out"
+    run_predict([scans], out, PredictOptions(model=str(model_dir)))
+    df = read_predictions(out).to_pandas()
+    chars = {c["char"] for c in card["classes"]}
+    assert len(df) == len(crops) and df.error.isna().all()
+    for _, row in df.iterrows():
+        assert row.pred_char in chars and row.pred_char == codepoint_to_char(row.pred_codepoint)
+        assert row.pred_char == card["classes"][row.pred_index]["char"] and len(row.topk_chars) == 3
+    # The Python API agrees with the batch job.
+    api = load_model(model_dir).predict([Image.open(scans / "0.png")])[0]
+    assert api.char == df.set_index("rel_path").loc["0.png", "pred_char"]

@@ -1,0 +1,79 @@
+"""The default model on crops as they arrive from scanning: real kmnist-dev test images converted to
+each form, decoded by predict's normalization. Accuracy must stay within 1 point of the clean images."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kmnist_core import load_model
+from kmnist_core.preprocess import decode_bytes
+
+rng = np.random.default_rng(0)
+
+
+def png(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def on_paper(glyph: np.ndarray, paper=225, ink=30) -> np.ndarray:
+    return (paper - glyph.astype(np.float32) / 255 * (paper - ink)).astype(np.uint8)
+
+
+def noisy_rgb_jpeg(glyph):
+    rgb = on_paper(glyph).astype(np.float32)[..., None] * np.array([1.0, 0.97, 0.9])  # yellowed paper
+    rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+    return png(Image.fromarray(rgb).resize((56, 56), Image.Resampling.BICUBIC), "JPEG", quality=85)
+
+
+def tiff16(glyph):
+    return png(Image.fromarray(on_paper(glyph).astype(np.uint16) * 257), "TIFF")
+
+
+def odd_size_crop(glyph):
+    """Upscaled to 36-96 px, then cut to the ink's bounding box plus a small margin, as a segmenter
+    would: the crop is not square and the character fills it."""
+    side = int(rng.integers(36, 97))
+    scan = np.asarray(Image.fromarray(on_paper(glyph)).resize((side, side), Image.Resampling.BICUBIC))
+    rows, cols = np.flatnonzero((scan < 150).any(1)), np.flatnonzero((scan < 150).any(0))
+    m = max(1, side // 20)
+    box = scan[max(0, rows[0] - m) : rows[-1] + m + 1, max(0, cols[0] - m) : cols[-1] + m + 1]
+    return png(Image.fromarray(box))
+
+
+def alpha_only(glyph):
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = glyph
+    return png(Image.fromarray(rgba, "RGBA"))
+
+
+FORMS = {
+    "dark ink on light paper": lambda g: png(Image.fromarray(on_paper(g))),
+    "RGB JPEG with noise": noisy_rgb_jpeg,
+    "16-bit TIFF": tiff16,
+    "36-96 px, not square": odd_size_crop,
+    "ink only in alpha": alpha_only,
+}
+
+
+@pytest.fixture(scope="module")
+def scorer(kmnist_dev):
+    model = load_model("default")
+    test = kmnist_dev.test
+
+    def accuracy(encode) -> float:
+        pixels = np.stack([decode_bytes(encode(g), model.input_size).pixels for g in test.images])
+        return float((model.probabilities(pixels).argmax(1) == test.labels).mean())
+
+    return accuracy
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_accuracy_holds_within_one_point(scorer, form):
+    clean = scorer(lambda g: png(Image.fromarray(g)))
+    converted = scorer(FORMS[form])
+    assert clean > 0.95
+    assert converted >= clean - 0.01, f"{form}: {converted:.3f} vs clean {clean:.3f}"
