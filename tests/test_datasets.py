@@ -135,16 +135,22 @@ def test_missing_files_without_download_is_a_clear_error(tmp_path):
         load_dataset("k49", tmp_path, allow_download=False)
 
 
-def test_k49_local_npz(tmp_path):
-    tr, te = fake_split(98, 49), fake_split(49, 49, seed=3)
+def write_k49_files(root, n_train=98, n_test=49) -> dict[str, str]:
+    """Fabricated K49 npz files (official names and format) in `root`; returns their md5 table."""
+    tr, te = fake_split(n_train, 49), fake_split(n_test, 49, seed=3)
     files = {"k49_classmap.csv": (BUNDLED_DIR / "k49_classmap.csv").read_bytes()}
     for name, arr in zip(("k49-train-imgs", "k49-train-labels", "k49-test-imgs", "k49-test-labels"), (*tr, *te)):
         files[f"{name}.npz"] = npz_bytes(arr)
     for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    d = load_dataset("k49", tmp_path, allow_download=False, checksums={f"k49/{k}": md5(v) for k, v in files.items()})
+        (root / name).write_bytes(data)
+    return {f"k49/{k}": md5(v) for k, v in files.items()}
+
+
+def test_k49_local_npz(tmp_path):
+    sums = write_k49_files(tmp_path)
+    d = load_dataset("k49", tmp_path, allow_download=False, checksums=sums)
     assert len(d.classes) == 49 and d.primary_metric == "balanced_accuracy"
-    assert md5(files["k49_classmap.csv"]) == OFFICIAL_MD5["k49/k49_classmap.csv"]
+    assert sums["k49/k49_classmap.csv"] == OFFICIAL_MD5["k49/k49_classmap.csv"]
 
 
 def make_kkanji_tar(path, codepoints=("U+4E00", "U+4E8C", "U+5B57"), per_class=12):

@@ -21,7 +21,7 @@ def test_simple_cnn_is_the_study_network():
     assert m.dropout.p == 0.5
 
 
-@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "vgg-cnn"])
+@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "compact-cnn-wide", "vgg-cnn"])
 @pytest.mark.parametrize("classes,size", [(10, 28), (49, 28), (3832, 64)])
 def test_models_follow_dataset_shape(name, classes, size):
     out = create_model(name, classes, size)(torch.zeros(2, 1, size, size))

@@ -1,9 +1,6 @@
 """Kuzushiji-49 and Kuzushiji-Kanji go through the same train -> model directory -> predict path.
 This machine cannot download them, so small files in the official formats are fabricated."""
 
-import io
-
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -11,22 +8,16 @@ from batch_infer.job import PredictOptions, run_predict
 from batch_infer.output import read_predictions
 from kmnist_core import load_model
 from kmnist_core.classmap import codepoint_to_char
-from kmnist_core.datasets import BUNDLED_DIR, load_dataset
+from kmnist_core.datasets import load_dataset
 from kmnist_core.experiment import run_train
 from kmnist_core.train import TrainConfig
-from tests.test_datasets import fake_split, make_kkanji_tar, md5, npz_bytes
+from tests.test_datasets import make_kkanji_tar, write_k49_files
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 def k49_dataset(root):
-    tr, te = fake_split(490, 49), fake_split(98, 49, seed=5)
-    files = {"k49_classmap.csv": (BUNDLED_DIR / "k49_classmap.csv").read_bytes()}
-    for name, arr in zip(("k49-train-imgs", "k49-train-labels", "k49-test-imgs", "k49-test-labels"), (*tr, *te)):
-        files[f"{name}.npz"] = npz_bytes(arr)
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-    return load_dataset("k49", root, allow_download=False, checksums={f"k49/{k}": md5(v) for k, v in files.items()})
+    return load_dataset("k49", root, allow_download=False, checksums=write_k49_files(root, n_train=490, n_test=98))
 
 
 def kkanji_dataset(root):
