@@ -46,6 +46,17 @@ def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX
     return pa.Table.from_pydict(rows, schema=DECODED_SCHEMA)
 
 
+def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
+    """The decoded rows' pixels as (n_ok, size, size) uint8, straight from the Arrow buffers.
+
+    Error rows hold empty binaries, so the data buffer is exactly the good rows' pixels, in order.
+    """
+    col = column.combine_chunks()
+    offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset : col.offset + len(col) + 1]
+    data = np.frombuffer(col.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(-1, size, size)
+
+
 class PredictorActor:
     """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table)."""
 
@@ -74,16 +85,16 @@ class PredictorActor:
         size = self.model.input_size
         probs = np.zeros((n, len(self.chars)), np.float32)
         if ok.any():
-            good = batch.column("pixels").filter(pa.array(ok)).to_pylist()
-            pixels = np.frombuffer(b"".join(good), np.uint8).reshape(-1, size, size)
-            probs[ok] = self.model.probabilities(pixels)
+            probs[ok] = self.model.probabilities(pixel_array(batch.column("pixels"), size))
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
         top_p = np.take_along_axis(probs, top, axis=1)
         confidence = top_p[:, 0]
         margin = top_p[:, 0] - (top_p[:, 1] if self.topk > 1 else 0)
         null_if_error = lambda values, type_: pa.array(values, type=type_, mask=~ok)  # noqa: E731
-        list_column = lambda rows, type_: pa.array([list(r) if good else None for r, good in zip(rows, ok)],  # noqa: E731
-                                                   type=pa.list_(type_))
+        # Lists built from flat arrays and offsets: no Python object per row.
+        offsets = pa.array(np.arange(0, (n + 1) * self.topk, self.topk, dtype=np.int32))
+        list_column = lambda values, type_: pa.ListArray.from_arrays(  # noqa: E731
+            offsets, pa.array(values.ravel(), type=type_), mask=pa.array(~ok))
         columns = {name: batch.column(name) for name in
                    ("path", "rel_path", "input_root", "sha256", "size_bytes", "width", "height", "inverted")}
         columns.update({
@@ -91,9 +102,9 @@ class PredictorActor:
             "pred_char": null_if_error(self.chars[top[:, 0]], pa.string()),
             "pred_codepoint": null_if_error(self.codepoints[top[:, 0]], pa.string()),
             "confidence": null_if_error(confidence, pa.float32()),
-            "topk_indices": list_column(top.astype(np.int32).tolist(), pa.int32()),
-            "topk_chars": list_column(self.chars[top].tolist(), pa.string()),
-            "topk_confidences": list_column(top_p.tolist(), pa.float32()),
+            "topk_indices": list_column(top.astype(np.int32), pa.int32()),
+            "topk_chars": list_column(self.chars[top], pa.string()),
+            "topk_confidences": list_column(top_p, pa.float32()),
             "margin": null_if_error(margin.astype(np.float32), pa.float32()),
             "needs_review": pa.array(~ok | (confidence < self.review_below), pa.bool_()),
             "error": batch.column("error"),
