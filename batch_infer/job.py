@@ -17,7 +17,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+import pyarrow as pa
 
 from batch_infer import output
 from batch_infer.discover import discover
@@ -26,6 +28,9 @@ from batch_infer.schema import SCHEMA_VERSION
 from kmnist_core.errors import KmnistError
 from kmnist_core.model_dir import build_predictor, read_model_files, write_json_atomic
 from kmnist_core.ray_runtime import init_ray
+
+if TYPE_CHECKING:
+    import ray.data
 
 RUN_FILE = "run.json"
 
@@ -38,12 +43,11 @@ class PredictOptions:
     workers: int = 1  # predictor actors
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    decode_cpus: float = 0.5  # per decode task; must differ from cpus_per_worker (see module doc)
+    decode_cpus: float = 0.5  # per decode task; halved if equal to cpus_per_worker (see module doc)
     review_below: float | None = None  # None: the model card's threshold
     resume: bool = False
     overwrite: bool = False
     rows_per_shard: int = 8192
-    progress: bool | None = None  # None: a bar only on a terminal
 
     def validate(self) -> None:
         if self.resume and self.overwrite:
@@ -52,8 +56,8 @@ class PredictOptions:
             raise KmnistError("--batch-size and --workers must be >= 1")
         if self.review_below is not None and not 0 <= self.review_below <= 1:
             raise KmnistError("--review-below must be a probability between 0 and 1")
-        if self.decode_cpus == self.cpus_per_worker:
-            raise KmnistError("decode_cpus must differ from cpus_per_worker (equal values fuse the stages)")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise KmnistError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
 
 
 def prepare_out(out: Path, opts: PredictOptions, model_id: str) -> set[str]:
@@ -90,7 +94,9 @@ def quiet_ray_data_console() -> None:
             handler.setLevel(logging.ERROR)
 
 
-def build_dataset(ray, files: list[dict], card: dict, weights: bytes, run_id: str, review_below: float, opts: PredictOptions):
+def build_dataset(files: list[dict], card: dict, weights: bytes, run_id: str, review_below: float,
+                  opts: PredictOptions) -> ray.data.Dataset:
+    import ray
     import ray.data
 
     from batch_infer.stages import PredictorActor, decode_batch
@@ -100,7 +106,8 @@ def build_dataset(ray, files: list[dict], card: dict, weights: bytes, run_id: st
     device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
     threads = max(2, int(opts.cpus_per_worker)) if device == "cpu" else 1
     ds = ray.data.from_items(files, override_num_blocks=min(blocks, len(files)))
-    ds = ds.map_batches(decode_batch, batch_size=256, batch_format="pyarrow", num_cpus=opts.decode_cpus,
+    decode_cpus = opts.decode_cpus if opts.decode_cpus != opts.cpus_per_worker else opts.decode_cpus / 2
+    ds = ds.map_batches(decode_batch, batch_size=256, batch_format="pyarrow", num_cpus=decode_cpus,
                         fn_kwargs={"input_size": int(card["input"]["size"])})
     return ds.map_batches(
         PredictorActor,
@@ -140,17 +147,13 @@ def run_predict(inputs: list[str | Path], out: Path, opts: PredictOptions,
     writer = output.ShardWriter(out, run_id, run_meta, card, opts.rows_per_shard)
     seen: set[str] = set()
     duplicates = 0
-    first_row_at = None
     if todo:
-        ray = init_ray(opts.address)
-        ds = build_dataset(ray, todo, card, weights, run_id, review_below, opts)
+        init_ray(opts.address)
+        ds = build_dataset(todo, card, weights, run_id, review_below, opts)
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            first_row_at = first_row_at or time.perf_counter()
             paths = table.column("path").to_pylist()
             fresh = [p not in seen for p in paths]
             if not all(fresh):  # a retried block delivered twice: keep the first copy only
-                import pyarrow as pa
-
                 duplicates += fresh.count(False)
                 table = table.filter(pa.array(fresh))
             seen.update(paths)

@@ -81,7 +81,7 @@ def main() -> None:
             make_tree(work / f"in-{n}", n)
             plain = timed(lambda: plain_loop(work / f"in-{n}", args.model))
             out = work / f"out-{n}"
-            opts = PredictOptions(model=args.model, workers=args.workers, progress=False)
+            opts = PredictOptions(model=args.model, workers=args.workers)
             ray_t = timed(lambda: run_predict([work / f"in-{n}"], out, opts))
             rows.append((n, plain, ray_t))
             print(f"{n:>7} files: plain loop {plain:6.2f} s ({n / plain:7.0f}/s end to end), "
