@@ -143,8 +143,8 @@ def build_predictor(card: dict, weights: bytes | Path, device: str = "cpu", sour
     arch = card["architecture"]
     model = create_model(arch["name"], int(arch["num_classes"]), int(card["input"]["size"]))
     try:
-        state = torch.load(io.BytesIO(weights) if isinstance(weights, bytes) else weights,
-                           map_location="cpu", weights_only=True)
+        source_file = io.BytesIO(weights) if isinstance(weights, bytes) else weights
+        state = torch.load(source_file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
         raise KmnistError(f"cannot load weights of {source}: {str(e).splitlines()[0]}") from None
     try:
