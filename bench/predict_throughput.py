@@ -11,13 +11,10 @@ figures are appended to docs/benchmarks.md with --record.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +96,9 @@ def main() -> None:
     ratio = ray_rate / plain_rate
     print(f"steady state {n1}->{n2}: ratio predict / plain loop {ratio:.2f}x")
     if args.record:
-        line = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {platform.machine()}, {os.cpu_count()} CPUs | "
-                f"{args.model}, {args.workers} worker(s) | {n1:,}→{n2:,} | {plain_rate:,.0f} | {ray_rate:,.0f} | "
-                f"**{ratio:.2f}×** | {' / '.join(f'{n:,}: {n / r:,.0f}' for n, _, r in rows)} |\n")
-        append_row("predict throughput", line)
+        append_row("predict throughput", [
+            f"{args.model}, {args.workers} worker(s)", f"{n1:,}→{n2:,}", f"{plain_rate:,.0f}", f"{ray_rate:,.0f}",
+            f"**{ratio:.2f}×**", " / ".join(f"{n:,}: {n / r:,.0f}" for n, _, r in rows)])
 
 
 if __name__ == "__main__":

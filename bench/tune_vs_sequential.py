@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -54,10 +52,9 @@ def main() -> None:
     ratio = tuned / seq
     print(f"tune: {tuned:.1f} s; ratio tune/sequential {ratio:.2f}x; statuses {summary['by_status']}")
     if args.record:
-        line = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {platform.machine()}, {os.cpu_count()} CPUs | "
-                f"{len(STUDY_LRS) * len(STUDY_BATCH_SIZES)} trials × {args.epochs} epochs, kmnist-dev 6k/1k/1k | "
-                f"{seq:.1f} s | {tuned:.1f} s | **{ratio:.2f}×** |\n")
-        append_row("tune grid", line)
+        append_row("tune grid", [
+            f"{len(STUDY_LRS) * len(STUDY_BATCH_SIZES)} trials × {args.epochs} epochs, kmnist-dev 6k/1k/1k",
+            f"{seq:.1f} s", f"{tuned:.1f} s", f"**{ratio:.2f}×**"])
 
 
 if __name__ == "__main__":
