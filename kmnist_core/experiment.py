@@ -19,7 +19,8 @@ from kmnist_core import calibration, plots
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics, write_evaluation_plots
-from kmnist_core.model_dir import Predictor, pick_device, save_model_dir, write_json_atomic
+from kmnist_core.model_dir import (Predictor, pick_device, read_card, resolve_model_path, save_model_dir,
+                                   write_json_atomic)
 from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
@@ -50,13 +51,22 @@ def build_card(cfg: TrainConfig, data: Dataset, history: list[dict], status: str
         "training": {"dataset": data.name, "split": data.split_note,
                      "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
                      "config": cfg.to_dict(), "augmentation": AUGMENTATIONS[cfg.augment] and AUGMENTATIONS[cfg.augment].to_dict(),
-                     "status": status, "epochs_run": len(history)},
+                     "status": status, "epochs_run": len(history), "teacher": teacher_summary(cfg.teacher)},
         "metrics": {"test": {k: v for k, v in test_metrics.items() if k != "confusion_matrix"},
                     "final_epoch": history[-1] if history else {}},
         "code_version": code_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
     }
+
+
+def teacher_summary(teacher: str | None) -> dict | None:
+    """Which model a distilled student learnt from, so its card stays traceable."""
+    if not teacher:
+        return None
+    card = read_card(resolve_model_path(teacher))
+    return {"path": str(teacher), "model_id": card.get("model_id"), "architecture": card["architecture"]["name"],
+            "test_accuracy": card.get("metrics", {}).get("test", {}).get("accuracy")}
 
 
 def write_history(path: Path, history: list[dict]) -> None:

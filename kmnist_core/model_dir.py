@@ -24,7 +24,7 @@ from PIL import Image
 from kmnist_core import transforms
 from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
-from kmnist_core.models import create_model
+from kmnist_core.models import create_model, optimize_for_inference
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
 
 FORMAT_VERSION = 1
@@ -92,7 +92,7 @@ class Predictor:
     """A loaded model plus everything needed to turn crops into calibrated class probabilities."""
 
     def __init__(self, model: torch.nn.Module, card: dict, device: str = "cpu"):
-        self.model = model.to(device).eval()
+        self.model = optimize_for_inference(model.to(device))
         self.card = card
         self.device = device
         self.classes = ClassMap.from_records(card["classes"])
@@ -106,7 +106,7 @@ class Predictor:
         out = []
         for start in range(0, len(pixels), batch_size):
             x = transforms.to_model_tensor(pixels[start : start + batch_size]).to(self.device)
-            out.append(self.model(x).float().cpu().numpy())
+            out.append(self.model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -37,6 +37,11 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     data_dir: str | None = None
     eval_batch_size: int = 1024
+    # Knowledge distillation: a trained model directory whose softened predictions on the *same*
+    # augmented batch are the student's targets ("consistent" distillation, Beyer et al. 2022).
+    teacher: str | None = None
+    distill_temperature: float = 1.0
+    mixup: float = 0.0  # Beta(a, a) mixing of image pairs; 0 = off
 
     def validate(self) -> None:
         if self.augment not in transforms.AUGMENTATIONS:
@@ -47,6 +52,8 @@ class TrainConfig:
             raise KmnistError(f"unknown schedule {self.schedule!r}; choose constant or onecycle")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise KmnistError("epochs and batch size must be >= 1 and lr > 0")
+        if not self.distill_temperature > 0 or self.mixup < 0:
+            raise KmnistError("distill temperature must be > 0 and mixup >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,8 +97,30 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: in
     return opt, sched
 
 
-def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torch.Generator, device: str) -> tuple[float, float]:
-    """One pass over `split` in a seeded random order. Returns (mean loss, accuracy)."""
+def mix_batch(x: torch.Tensor, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup: blend each image with a random partner. Returns (mixed, partner index, weight of x)."""
+    # torch's Beta cannot take a generator; a numpy draw seeded from `gen` keeps runs reproducible.
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+    partner = torch.randperm(len(x), generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[partner], partner, lam
+
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, partner: torch.Tensor | None, lam: float,
+               teacher_logits: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """Cross-entropy on the labels (mixed when mixup is on), or KL to the teacher when distilling."""
+    if teacher_logits is not None:
+        t = temperature
+        return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                        reduction="batchmean", log_target=True) * t * t
+    loss = F.cross_entropy(logits, y)
+    if partner is not None:
+        loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y[partner])
+    return loss
+
+
+def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torch.Generator, device: str,
+                    teacher: torch.nn.Module | None = None) -> tuple[float, float]:
+    """One pass over `split` in a seeded random order. Returns (mean loss, accuracy on the labels)."""
     model.train()
     aug = transforms.AUGMENTATIONS[cfg.augment]
     images = torch.from_numpy(split.images)
@@ -104,8 +133,16 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
         y = labels[idx].to(device)
         if aug is not None:
             x = transforms.augment_batch(x, aug, gen)
+        partner, lam = None, 1.0
+        if cfg.mixup > 0:
+            x, partner, lam = mix_batch(x, cfg.mixup, gen)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.inference_mode():
+                teacher_logits = teacher(x.contiguous(memory_format=torch.channels_last)).float()
+            teacher_logits = teacher_logits.clone()  # inference tensors cannot enter autograd
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = batch_loss(logits, y, partner, lam, teacher_logits, cfg.distill_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -145,6 +182,17 @@ def diverged(metrics: dict, num_classes: int) -> bool:
             and metrics["val_acc"] <= 1.5 / num_classes)
 
 
+def load_teacher(path: str, data: Dataset, device: str) -> torch.nn.Module:
+    """A trained model directory as a frozen, inference-optimized teacher for `data`."""
+    from kmnist_core.model_dir import load_model  # model_dir imports this module's neighbours
+
+    teacher = load_model(path, device)
+    if len(teacher.classes) != len(data.classes) or teacher.input_size != data.input_size:
+        raise KmnistError(f"teacher {path} has {len(teacher.classes)} classes at {teacher.input_size}px; "
+                          f"{data.name} has {len(data.classes)} at {data.input_size}px")
+    return teacher.model
+
+
 def train_model(
     cfg: TrainConfig,
     data: Dataset,
@@ -164,11 +212,12 @@ def train_model(
     model = create_model(cfg.model, len(data.classes), data.input_size).to(device)
     opt, sched = make_optimizer(model, cfg, math.ceil(len(data.train) / cfg.batch_size))
     run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
+    teacher = load_teacher(cfg.teacher, data, device) if cfg.teacher else None
     if resume_state is not None:
         run.load_state_dict(resume_state)
     for epoch in range(len(run.history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, data.train, opt, sched, cfg, run.generator, device)
+        train_loss, train_acc = train_one_epoch(model, data.train, opt, sched, cfg, run.generator, device, teacher)
         val_loss, val_acc = split_scores(model, data.val, device, cfg.eval_batch_size)
         _, test_acc = split_scores(model, data.test, device, cfg.eval_batch_size)
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,

@@ -4,12 +4,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from kmnist_core import load_model
 from kmnist_core.errors import KmnistError
-from kmnist_core.models import SimpleCNN, create_model
-from kmnist_core.train import TrainConfig, diverged, train_model
+from kmnist_core.models import SimpleCNN, create_model, optimize_for_inference
+from kmnist_core.train import TrainConfig, batch_loss, diverged, train_model
 from kmnist_core.transforms import AUGMENTATIONS, augment_batch, to_model_tensor
 
 
@@ -21,7 +22,7 @@ def test_simple_cnn_is_the_study_network():
     assert m.dropout.p == 0.5
 
 
-@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "compact-cnn-wide", "vgg-cnn"])
+@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "compact-cnn-wide", "vgg-cnn", "vgg-cnn-half"])
 @pytest.mark.parametrize("classes,size", [(10, 28), (49, 28), (3832, 64)])
 def test_models_follow_dataset_shape(name, classes, size):
     out = create_model(name, classes, size)(torch.zeros(2, 1, size, size))
@@ -136,3 +137,53 @@ def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run(small_dev, tmp_
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "compact-cnn-wide", "vgg-cnn", "vgg-cnn-half"])
+def test_inference_optimization_keeps_outputs_and_leaves_the_model_alone(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, 28)
+    model.train()
+    model(torch.randn(64, 1, 28, 28))  # move batch-norm running statistics off their defaults
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = optimize_for_inference(model)
+    x = torch.randn(16, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) or name == "simple-cnn"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher():
+    logits = torch.randn(8, 10)
+    y = logits.argmax(1)
+    for t in (1.0, 4.0):
+        assert batch_loss(logits, y, None, 1.0, logits.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
+        assert batch_loss(logits, y, None, 1.0, torch.randn(8, 10), t).item() > 0.01
+    # Mixup without a teacher: cross-entropy weighted between the two labels of each mixed image.
+    partner = torch.arange(8).flip(0)
+    mixed = batch_loss(logits, y, partner, 0.3, None, 1.0)
+    expected = 0.3 * F.cross_entropy(logits, y) + 0.7 * F.cross_entropy(logits, y[partner])
+    assert mixed.item() == pytest.approx(expected.item())
+
+
+def test_student_learns_from_a_teacher_and_its_card_names_it(trained_model_dir, small_dev, tmp_path):
+    from kmnist_core.experiment import run_train
+
+    cfg = TrainConfig(epochs=1, batch_size=32, seed=3, threads=2, mixup=0.2,
+                      teacher=str(trained_model_dir))
+    card = run_train(cfg, tmp_path / "student", data=small_dev, make_plots=False)
+    teacher_card = json.loads((trained_model_dir / "model_card.json").read_text(encoding="utf-8"))
+    assert card["training"]["teacher"]["model_id"] == teacher_card["model_id"]
+    student = load_model(tmp_path / "student")
+    teacher = load_model(trained_model_dir)
+    agree = (student.logits(small_dev.test.images).argmax(1) == teacher.logits(small_dev.test.images).argmax(1))
+    assert agree.mean() > 0.3  # one epoch on 600 images; chance agreement is ~10 %
+
+
+def test_a_teacher_for_other_classes_is_refused(trained_model_dir, small_dev):
+    k49_like = small_dev.__class__(small_dev.name, small_dev.classes, 64, small_dev.train, small_dev.val,
+                                   small_dev.test, small_dev.split_note, small_dev.primary_metric)
+    with pytest.raises(KmnistError, match="teacher"):
+        train_model(TrainConfig(epochs=1, teacher=str(trained_model_dir)), k49_like, "cpu")
