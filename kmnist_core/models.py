@@ -66,8 +66,8 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     # 1.5x the width: ~98.7 % on kmnist-dev at ~0.6x SimpleCNN's CPU speed (shared/STACK.md).
     "compact-cnn-wide": lambda n, size: StagedCNN(n, size, widths=(24, 48, 96), depths=(1, 2, 2)),
     "vgg-cnn": lambda n, size: StagedCNN(n, size, widths=(64, 128, 256), depths=(2, 2, 2)),
-    # vgg-cnn at half the width: a distillation student at ~0.6x SimpleCNN's CPU speed once folded and
-    # channels-last (bench/model_figures.py).
+    # vgg-cnn at half the width: a distillation student, 0.45-0.6x SimpleCNN's CPU speed once folded and
+    # channels-last (bench/model_figures.py; README, "Towards a 99 % default").
     "vgg-cnn-half": lambda n, size: StagedCNN(n, size, widths=(32, 64, 128), depths=(2, 2, 2)),
 }
 

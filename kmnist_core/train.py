@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kmnist_core import transforms
 from kmnist_core.datasets import Dataset, Split
+from kmnist_core.model_dir import load_model
 from kmnist_core.models import create_model
 from kmnist_core.errors import KmnistError
 
@@ -184,8 +185,6 @@ def diverged(metrics: dict, num_classes: int) -> bool:
 
 def load_teacher(path: str, data: Dataset, device: str) -> torch.nn.Module:
     """A trained model directory as a frozen, inference-optimized teacher for `data`."""
-    from kmnist_core.model_dir import load_model  # model_dir imports this module's neighbours
-
     teacher = load_model(path, device)
     if len(teacher.classes) != len(data.classes) or teacher.input_size != data.input_size:
         raise KmnistError(f"teacher {path} has {len(teacher.classes)} classes at {teacher.input_size}px; "
