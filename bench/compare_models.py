@@ -18,13 +18,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
+from kmnist_core.experiment import REVIEW_PRECISION  # noqa: E402
 from kmnist_core.model_dir import load_model  # noqa: E402
 
 
 def split_figures(probs: np.ndarray, labels: np.ndarray) -> list[str]:
     """Accuracy, negative log-likelihood, ECE and the share auto-accepted at 99.5 % precision."""
     nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
-    coverage = next(r["coverage"] for r in calibration.risk_coverage_table(probs, labels) if r["precision_target"] == 0.995)
+    _, coverage = calibration.threshold_for_precision(probs, labels, REVIEW_PRECISION)
     acc = float((probs.argmax(1) == labels).mean())
     return [f"{acc:.1%}", f"{nll:.4f}", f"{calibration.expected_calibration_error(probs, labels):.2%}", f"{coverage:.1%}"]
 

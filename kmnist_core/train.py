@@ -139,9 +139,8 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
             x, partner, lam = mix_batch(x, cfg.mixup, gen)
         teacher_logits = None
         if teacher is not None:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: its tensors cannot be saved for the student's backward
                 teacher_logits = teacher(x.contiguous(memory_format=torch.channels_last)).float()
-            teacher_logits = teacher_logits.clone()  # inference tensors cannot enter autograd
         logits = model(x)
         loss = batch_loss(logits, y, partner, lam, teacher_logits, cfg.distill_temperature)
         opt.zero_grad(set_to_none=True)
