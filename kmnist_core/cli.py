@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -56,7 +56,7 @@ def epoch_printer(total: int):
 @user_errors
 def train(
     dataset: str = typer.Option("kmnist-dev", help="kmnist-dev (bundled), kmnist, k49 or kkanji"),
-    model: str = typer.Option("simple-cnn", help="simple-cnn (the study's), compact-cnn, compact-cnn-wide, vgg-cnn, vgg-cnn-half"),
+    model: str = typer.Option("simple-cnn", help="simple-cnn (the study's), compact-cnn, compact-cnn-wide, vgg-cnn, vgg-cnn-half, vgg-cnn-slim"),
     epochs: int = typer.Option(10),
     lr: float = typer.Option(1e-3),
     batch_size: int = typer.Option(64),
@@ -68,8 +68,9 @@ def train(
     augment: str = typer.Option("study", help="none, study (±10° rotation) or strong"),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)"),
     mixup: float = typer.Option(0.0, help="mixup Beta(a, a) parameter; 0 = off"),
-    teacher: Optional[Path] = typer.Option(None, help="model directory to distill from (its predictions on each "
-                                                      "augmented batch become the targets)"),
+    teacher: Optional[List[Path]] = typer.Option(None, help="model directory to distill from (its predictions on "
+                                                            "each augmented batch become the targets); repeat "
+                                                            "for an ensemble, whose mean probabilities are used"),
     distill_temperature: float = typer.Option(1.0, help="softmax temperature of the distillation loss"),
     data_dir: Optional[Path] = typer.Option(None, help="directory with (or receiving) the official files"),
     out: Path = typer.Option(..., help="model directory to write"),
@@ -81,7 +82,7 @@ def train(
     cfg = TrainConfig(dataset=dataset, model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                       device=device, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                       augment=augment, threads=threads, data_dir=str(data_dir) if data_dir else None,
-                      mixup=mixup, teacher=str(teacher) if teacher else None, distill_temperature=distill_temperature)
+                      mixup=mixup, teachers=[str(t) for t in teacher or []], distill_temperature=distill_temperature)
     card = run_train(cfg, out, on_epoch=epoch_printer(epochs))
     test = card["metrics"]["test"]
     typer.echo(f"{dataset} test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}) "

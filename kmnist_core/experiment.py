@@ -51,7 +51,7 @@ def build_card(cfg: TrainConfig, data: Dataset, history: list[dict], status: str
         "training": {"dataset": data.name, "split": data.split_note,
                      "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
                      "config": cfg.to_dict(), "augmentation": AUGMENTATIONS[cfg.augment] and AUGMENTATIONS[cfg.augment].to_dict(),
-                     "status": status, "epochs_run": len(history), "teacher": teacher_summary(cfg.teacher)},
+                     "status": status, "epochs_run": len(history), "teachers": [teacher_summary(t) for t in cfg.teachers]},
         "metrics": {"test": {k: v for k, v in test_metrics.items() if k != "confusion_matrix"},
                     "final_epoch": history[-1] if history else {}},
         "code_version": code_version(),
@@ -60,10 +60,8 @@ def build_card(cfg: TrainConfig, data: Dataset, history: list[dict], status: str
     }
 
 
-def teacher_summary(teacher: str | None) -> dict | None:
+def teacher_summary(teacher: str) -> dict:
     """Which model a distilled student learnt from, so its card stays traceable."""
-    if not teacher:
-        return None
     card = read_card(resolve_model_path(teacher))
     return {"path": str(teacher), "model_id": card.get("model_id"), "architecture": card["architecture"]["name"],
             "test_accuracy": card.get("metrics", {}).get("test", {}).get("accuracy")}

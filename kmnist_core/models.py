@@ -68,6 +68,8 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "vgg-cnn": lambda n, size: StagedCNN(n, size, widths=(64, 128, 256), depths=(2, 2, 2)),
     # vgg-cnn at half the width: a distillation student, 0.45-0.6x SimpleCNN's CPU speed once folded and
     # channels-last (bench/model_figures.py; README, "Towards a 99 % default").
+    # vgg-cnn-half with one conv at full resolution, where a conv costs most: ~0.75x SimpleCNN's CPU speed.
+    "vgg-cnn-slim": lambda n, size: StagedCNN(n, size, widths=(32, 64, 128), depths=(1, 2, 2)),
     "vgg-cnn-half": lambda n, size: StagedCNN(n, size, widths=(32, 64, 128), depths=(2, 2, 2)),
 }
 

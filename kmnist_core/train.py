@@ -38,9 +38,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     data_dir: str | None = None
     eval_batch_size: int = 1024
-    # Knowledge distillation: a trained model directory whose softened predictions on the *same*
+    # Knowledge distillation: trained model directories whose averaged predictions on the *same*
     # augmented batch are the student's targets ("consistent" distillation, Beyer et al. 2022).
-    teacher: str | None = None
+    teachers: list[str] = field(default_factory=list)
     distill_temperature: float = 1.0
     mixup: float = 0.0  # Beta(a, a) mixing of image pairs; 0 = off
 
@@ -120,7 +120,7 @@ def batch_loss(logits: torch.Tensor, y: torch.Tensor, partner: torch.Tensor | No
 
 
 def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torch.Generator, device: str,
-                    teacher: torch.nn.Module | None = None) -> tuple[float, float]:
+                    teacher: TeacherEnsemble | None = None) -> tuple[float, float]:
     """One pass over `split` in a seeded random order. Returns (mean loss, accuracy on the labels)."""
     model.train()
     aug = transforms.AUGMENTATIONS[cfg.augment]
@@ -140,7 +140,7 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():  # not inference_mode: its tensors cannot be saved for the student's backward
-                teacher_logits = teacher(x.contiguous(memory_format=torch.channels_last)).float()
+                teacher_logits = teacher(x.contiguous(memory_format=torch.channels_last))
         logits = model(x)
         loss = batch_loss(logits, y, partner, lam, teacher_logits, cfg.distill_temperature)
         opt.zero_grad(set_to_none=True)
@@ -182,13 +182,32 @@ def diverged(metrics: dict, num_classes: int) -> bool:
             and metrics["val_acc"] <= 1.5 / num_classes)
 
 
-def load_teacher(path: str, data: Dataset, device: str) -> torch.nn.Module:
-    """A trained model directory as a frozen, inference-optimized teacher for `data`."""
-    teacher = load_model(path, device)
-    if len(teacher.classes) != len(data.classes) or teacher.input_size != data.input_size:
-        raise KmnistError(f"teacher {path} has {len(teacher.classes)} classes at {teacher.input_size}px; "
-                          f"{data.name} has {len(data.classes)} at {data.input_size}px")
-    return teacher.model
+class TeacherEnsemble(torch.nn.Module):
+    """Frozen teachers; forward gives the log of their mean probabilities (one teacher: its log-softmax).
+
+    Log-probabilities are logits up to a constant, so `batch_loss` softens them with its temperature as it
+    would a single teacher's logits.
+    """
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(m(x).float(), 1) for m in self.members])
+        return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
+
+
+def load_teachers(paths: list[str], data: Dataset, device: str) -> TeacherEnsemble | None:
+    """Trained model directories as a frozen, inference-optimized teacher ensemble for `data`."""
+    members = []
+    for path in paths:
+        teacher = load_model(path, device)
+        if len(teacher.classes) != len(data.classes) or teacher.input_size != data.input_size:
+            raise KmnistError(f"teacher {path} has {len(teacher.classes)} classes at {teacher.input_size}px; "
+                              f"{data.name} has {len(data.classes)} at {data.input_size}px")
+        members.append(teacher.model)
+    return TeacherEnsemble(members).eval() if members else None
 
 
 def train_model(
@@ -210,7 +229,7 @@ def train_model(
     model = create_model(cfg.model, len(data.classes), data.input_size).to(device)
     opt, sched = make_optimizer(model, cfg, math.ceil(len(data.train) / cfg.batch_size))
     run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
-    teacher = load_teacher(cfg.teacher, data, device) if cfg.teacher else None
+    teacher = load_teachers(cfg.teachers, data, device)
     if resume_state is not None:
         run.load_state_dict(resume_state)
     for epoch in range(len(run.history) + 1, cfg.epochs + 1):

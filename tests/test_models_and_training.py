@@ -10,7 +10,7 @@ from PIL import Image
 from kmnist_core import load_model
 from kmnist_core.errors import KmnistError
 from kmnist_core.models import SimpleCNN, create_model, optimize_for_inference
-from kmnist_core.train import TrainConfig, batch_loss, diverged, train_model
+from kmnist_core.train import TeacherEnsemble, TrainConfig, batch_loss, diverged, train_model
 from kmnist_core.transforms import AUGMENTATIONS, augment_batch, to_model_tensor
 
 
@@ -168,14 +168,25 @@ def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher():
     assert mixed.item() == pytest.approx(expected.item())
 
 
+def test_a_teacher_ensemble_targets_the_mean_of_its_members_probabilities():
+    members = [torch.nn.Linear(4, 10) for _ in range(3)]
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        mean_probs = torch.stack([F.softmax(m(x), 1) for m in members]).mean(0)
+        assert torch.allclose(TeacherEnsemble(members)(x).exp(), mean_probs, atol=1e-6)
+        # One teacher: its log-softmax, which the distillation loss treats exactly as its logits.
+        single = TeacherEnsemble(members[:1])(x)
+        assert batch_loss(members[0](x), None, None, 1.0, single, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_student_learns_from_a_teacher_and_its_card_names_it(trained_model_dir, small_dev, tmp_path):
     from kmnist_core.experiment import run_train
 
     cfg = TrainConfig(epochs=1, batch_size=32, seed=3, threads=2, mixup=0.2,
-                      teacher=str(trained_model_dir))
+                      teachers=[str(trained_model_dir)])
     card = run_train(cfg, tmp_path / "student", data=small_dev, make_plots=False)
     teacher_card = json.loads((trained_model_dir / "model_card.json").read_text(encoding="utf-8"))
-    assert card["training"]["teacher"]["model_id"] == teacher_card["model_id"]
+    assert [t["model_id"] for t in card["training"]["teachers"]] == [teacher_card["model_id"]]
     student = load_model(tmp_path / "student")
     teacher = load_model(trained_model_dir)
     agree = (student.logits(small_dev.test.images).argmax(1) == teacher.logits(small_dev.test.images).argmax(1))
@@ -186,4 +197,4 @@ def test_a_teacher_for_other_classes_is_refused(trained_model_dir, small_dev):
     k49_like = small_dev.__class__(small_dev.name, small_dev.classes, 64, small_dev.train, small_dev.val,
                                    small_dev.test, small_dev.split_note, small_dev.primary_metric)
     with pytest.raises(KmnistError, match="teacher"):
-        train_model(TrainConfig(epochs=1, teacher=str(trained_model_dir)), k49_like, "cpu")
+        train_model(TrainConfig(epochs=1, teachers=[str(trained_model_dir)]), k49_like, "cpu")
