@@ -1,4 +1,4 @@
-"""Compare trained model directories on kmnist-dev's validation and test splits, as a markdown table.
+"""Compare trained model directories on a dataset's validation and test splits, as a markdown table.
 
 For choosing between candidates: pick on the validation columns, then read the test columns once. Each
 split has 1,000 images, so one image is 0.1 point and a standard error on ~99 % accuracy is ~0.3 point.
@@ -33,20 +33,30 @@ def split_figures(probs: np.ndarray, labels: np.ndarray) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="model directories (or 'default')")
+    parser.add_argument("--dataset", default="kmnist-dev")
+    parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ensemble", action="store_true",
+                        help="add a row for the mean (calibrated) probabilities of all the models given")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    data = load_dataset("kmnist-dev")
+    data = load_dataset(args.dataset, args.data_dir)
     metrics = ["accuracy", "NLL", "ECE", "auto-accepted at 99.5 %"]
     print("| model | " + " | ".join(f"val {m}" for m in metrics) + " | " + " | ".join(f"test {m}" for m in metrics) + " |")
     print("|---" * (1 + 2 * len(metrics)) + "|")
+    probs = {"val": [], "test": []}
     for name in args.models:
         predictor = load_model(name)
         cells = []
-        for split in (data.val, data.test):
-            cells += split_figures(calibration.softmax(predictor.logits(split.images), predictor.temperature), split.labels)
+        for key, split in (("val", data.val), ("test", data.test)):
+            probs[key].append(calibration.softmax(predictor.logits(split.images), predictor.temperature))
+            cells += split_figures(probs[key][-1], split.labels)
         print(f"| {Path(name).name} ({predictor.card['architecture']['name']}) | " + " | ".join(cells) + " |")
+    if args.ensemble:
+        cells = (split_figures(np.mean(probs["val"], 0), data.val.labels)
+                 + split_figures(np.mean(probs["test"], 0), data.test.labels))
+        print(f"| ensemble of the {len(args.models)} above (mean probabilities) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def main() -> None:
         *distill] for model, seed in (pair.split(":") for pair in args.students.split(","))}, args.out, args.parallel)
     print(f"all runs: {time.perf_counter() - started:.0f}s", flush=True)
     print(f"picked on validation: {min(students, key=val_key)}", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "bench" / "compare_models.py"), *map(str, teachers + students)], check=True)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "compare_models.py"), "--dataset", args.dataset,
+                    *map(str, teachers + students)], check=True)
 
 
 if __name__ == "__main__":
