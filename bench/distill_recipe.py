@@ -32,7 +32,7 @@ def train(out: Path, args: list[str], log: Path) -> tuple[Path, float]:
             cmd = [sys.executable, "-m", "kmnist_core.cli", "train", *args, "--out", str(out)]
             proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode:
-            raise RuntimeError(f"{out.name} failed (exit {proc.returncode}); see {log}")
+            sys.exit(f"error: {out.name} failed (exit {proc.returncode}); see {log}")
     return out, time.perf_counter() - started
 
 
