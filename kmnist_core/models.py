@@ -59,18 +59,20 @@ class StagedCNN(nn.Module):
         return self.head(self.features(x))
 
 
+# CPU speeds are against the study's SimpleCNN at batch 1024 on 2 cores, on predict's path (batch norm folded,
+# channels-last): bench/model_figures.py, docs/benchmarks.md. Accuracies: README, "The default model".
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "simple-cnn": lambda n, size: SimpleCNN(n, size),
-    # Measured on these CPUs (shared/STACK.md): ~1.6x SimpleCNN's inference speed, ~98 % on kmnist-dev.
+    # ~2.5x SimpleCNN's speed; 98.3 % on kmnist-dev trained on labels alone (the default until distillation).
     "compact-cnn": lambda n, size: StagedCNN(n, size, widths=(16, 32, 64), depths=(1, 2, 2)),
-    # 1.5x the width: ~98.7 % on kmnist-dev at ~0.6x SimpleCNN's CPU speed (shared/STACK.md).
+    # 1.5x the width, 1.1-1.3x SimpleCNN's speed: the default, distilled from five vgg-cnn (99.0 %).
     "compact-cnn-wide": lambda n, size: StagedCNN(n, size, widths=(24, 48, 96), depths=(1, 2, 2)),
+    # The distillation teacher: 1.1 M parameters, ~0.17x SimpleCNN's speed.
     "vgg-cnn": lambda n, size: StagedCNN(n, size, widths=(64, 128, 256), depths=(2, 2, 2)),
-    # vgg-cnn at half the width: a distillation student, 0.45-0.6x SimpleCNN's CPU speed once folded and
-    # channels-last (bench/model_figures.py; README, "Towards a 99 % default").
-    # vgg-cnn-half with one conv at full resolution, where a conv costs most: ~0.75x SimpleCNN's CPU speed.
-    "vgg-cnn-slim": lambda n, size: StagedCNN(n, size, widths=(32, 64, 128), depths=(1, 2, 2)),
+    # vgg-cnn at half the width, as a student: 0.45-0.6x SimpleCNN's speed.
     "vgg-cnn-half": lambda n, size: StagedCNN(n, size, widths=(32, 64, 128), depths=(2, 2, 2)),
+    # vgg-cnn-half with one conv at full resolution, where a conv costs most: 0.75-0.9x SimpleCNN's speed.
+    "vgg-cnn-slim": lambda n, size: StagedCNN(n, size, widths=(32, 64, 128), depths=(1, 2, 2)),
 }
 
 
