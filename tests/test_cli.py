@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,13 @@ def test_job_entrypoints_have_help(module, needle):
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0 and needle in r.stdout, r.stderr
+
+
+def test_train_help_names_every_registry_model():
+    from kmnist_core.models import MODELS
+
+    r = subprocess.run([CLI, "train", "--help"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "400"})  # wide, so no name is wrapped
+    assert r.returncode == 0, r.stderr
+    listed = set(re.findall(r"[a-z][a-z-]*-cnn[a-z-]*", r.stdout))  # a whole name, not a prefix of another
+    assert set(MODELS) <= listed, set(MODELS) - listed
