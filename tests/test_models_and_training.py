@@ -9,7 +9,7 @@ from PIL import Image
 
 from kmnist_core import load_model
 from kmnist_core.errors import KmnistError
-from kmnist_core.models import SimpleCNN, create_model, optimize_for_inference
+from kmnist_core.models import MODELS, SimpleCNN, create_model, optimize_for_inference
 from kmnist_core.train import TeacherEnsemble, TrainConfig, batch_loss, diverged, train_model
 from kmnist_core.transforms import AUGMENTATIONS, augment_batch, to_model_tensor
 
@@ -22,7 +22,7 @@ def test_simple_cnn_is_the_study_network():
     assert m.dropout.p == 0.5
 
 
-@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "compact-cnn-wide", "vgg-cnn", "vgg-cnn-half"])
+@pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("classes,size", [(10, 28), (49, 28), (3832, 64)])
 def test_models_follow_dataset_shape(name, classes, size):
     out = create_model(name, classes, size)(torch.zeros(2, 1, size, size))
@@ -139,7 +139,7 @@ def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run(small_dev, tmp_
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("name", ["simple-cnn", "compact-cnn", "compact-cnn-wide", "vgg-cnn", "vgg-cnn-half"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_inference_optimization_keeps_outputs_and_leaves_the_model_alone(name):
     torch.manual_seed(0)
     model = create_model(name, 10, 28)
