@@ -1,5 +1,8 @@
 """Find the image files under the inputs: recursive, case-insensitive extensions, hidden files and
-non-images skipped and counted, symlink loops never followed twice."""
+non-images skipped and counted, symlink loops never followed twice.
+
+The walk runs on bytes, so a name that is not UTF-8 is found like any other (batch_infer/paths.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batch_infer.paths import name_text
 from kmnist_core.errors import KmnistError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm", ".ppm", ".pnm"})
@@ -15,22 +19,26 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", 
 
 @dataclass
 class Discovery:
-    files: list[dict] = field(default_factory=list)  # {"path", "rel_path", "input_root"}
+    files: list[dict] = field(default_factory=list)  # {"path", "path_bytes", "rel_path", "input_root"}
     skipped: Counter = field(default_factory=Counter)  # reason -> count
 
     def to_dict(self) -> dict:
         return {"files": len(self.files), "skipped": dict(self.skipped)}
 
 
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def is_image_name(name: str | bytes) -> bool:
+    return os.path.splitext(os.fsdecode(name))[1].lower() in IMAGE_EXTENSIONS
+
+
+def file_entry(path: bytes, rel_path: bytes, root: bytes) -> dict:
+    return {"path": name_text(path), "path_bytes": path, "rel_path": name_text(rel_path), "input_root": name_text(root)}
 
 
 def walk(root: Path, found: Discovery) -> None:
     """Depth-first over `root`, following symlinked folders once each (by real path)."""
-    root_str = os.path.abspath(root)
-    visited: set[str] = set()
-    stack = [root_str]
+    root_bytes = os.fsencode(os.path.abspath(root))
+    visited: set[bytes] = set()
+    stack = [root_bytes]
     while stack:
         folder = stack.pop()
         real = os.path.realpath(folder)
@@ -45,7 +53,7 @@ def walk(root: Path, found: Discovery) -> None:
             continue
         subfolders = []
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(b"."):
                 found.skipped["hidden"] += 1
             elif entry.is_dir(follow_symlinks=True):
                 subfolders.append(entry.path)
@@ -54,8 +62,7 @@ def walk(root: Path, found: Discovery) -> None:
             elif not is_image_name(entry.name):
                 found.skipped["not_image_extension"] += 1
             else:
-                found.files.append({"path": entry.path, "rel_path": os.path.relpath(entry.path, root_str),
-                                    "input_root": root_str})
+                found.files.append(file_entry(entry.path, os.path.relpath(entry.path, root_bytes), root_bytes))
         stack.extend(reversed(subfolders))  # visit in name order, so a real folder is seen before later links to it
 
 
@@ -67,12 +74,12 @@ def discover(inputs: list[str | Path]) -> Discovery:
         if path.is_dir():
             walk(path, found)
         elif path.is_file():
-            absolute = os.path.abspath(path)
-            found.files.append({"path": absolute, "rel_path": path.name, "input_root": os.path.dirname(absolute)})
+            absolute = os.fsencode(os.path.abspath(path))
+            found.files.append(file_entry(absolute, os.path.basename(absolute), os.path.dirname(absolute)))
         else:
-            raise KmnistError(f"input {item} does not exist")
+            raise KmnistError(f"input {name_text(os.fsencode(item))} does not exist")
     # One row per file even if inputs overlap (a folder and its parent both given).
-    unique = {f["path"]: f for f in found.files}
+    unique = {f["path_bytes"]: f for f in found.files}
     found.skipped["duplicate_input"] += len(found.files) - len(unique)
     found.skipped = Counter({k: v for k, v in found.skipped.items() if v})
     found.files = list(unique.values())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 SCHEMA = pa.schema([
-    pa.field("path", pa.string(), nullable=False),  # absolute path as discovered
+    pa.field("path", pa.string(), nullable=False),  # absolute path as discovered, as text (batch_infer/paths.py)
+    pa.field("path_bytes", pa.binary(), nullable=False),  # the exact file name: the row's key
     pa.field("rel_path", pa.string(), nullable=False),  # relative to input_root
     pa.field("input_root", pa.string(), nullable=False),
     pa.field("sha256", pa.string()),  # of the file bytes; null if unreadable

@@ -8,6 +8,7 @@ input row leaves each stage as exactly one output row; a bad file becomes a row 
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -17,33 +18,51 @@ from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_bytes
 
 
 DECODED_SCHEMA = pa.schema([
-    ("path", pa.string()), ("rel_path", pa.string()), ("input_root", pa.string()),
+    ("path", pa.string()), ("path_bytes", pa.binary()), ("rel_path", pa.string()), ("input_root", pa.string()),
     ("pixels", pa.binary()),  # size*size uint8, light ink on dark; empty on error
     ("sha256", pa.string()), ("size_bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
     ("inverted", pa.bool_()), ("error", pa.string()), ("error_kind", pa.string()),
 ])
+DECODED_FIELDS = ("pixels", "sha256", "size_bytes", "width", "height", "inverted", "error", "error_kind")
+# Kinds a file can show for a while and then lose: still being copied (truncated), a storage hiccup
+# such as EIO or ESTALE on NFS (unreadable). The others are properties of the bytes and stay.
+TRANSIENT_KINDS = frozenset({"unreadable", "truncated"})
 
 
-def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
-    """Read and decode each file: model-ready pixels plus provenance, or an error. Arrow in and out,
-    so nulls stay nulls (numpy batches would turn them into NaN)."""
-    rows = {name: [] for name in DECODED_SCHEMA.names}
-    for path, rel_path, root in zip(*(batch.column(c).to_pylist() for c in ("path", "rel_path", "input_root"))):
-        pixels = sha = size = width = height = inverted = error = kind = None
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            sha, size = hashlib.sha256(data).hexdigest(), len(data)
-            img = decode_bytes(data, input_size, max_pixels)
-            pixels, width, height, inverted = img.pixels.tobytes(), img.width, img.height, img.inverted
-        except DecodeError as e:
-            error, kind = str(e), e.kind
-        except OSError as e:
-            error, kind = f"unreadable: {e.strerror or e}", "unreadable"
-        for key, value in zip(DECODED_SCHEMA.names, (path, rel_path, root, pixels or b"", sha, size, width, height,
-                                                     inverted, error, kind)):
-            rows[key].append(value)
-    return pa.Table.from_pydict(rows, schema=DECODED_SCHEMA)
+def decode_file(path: bytes, input_size: int, max_pixels: int) -> tuple:
+    """One file's DECODED_FIELDS: model-ready pixels and provenance, or an error and its kind."""
+    sha = size = None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        sha, size = hashlib.sha256(data).hexdigest(), len(data)
+        img = decode_bytes(data, input_size, max_pixels)
+        return img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, None, None
+    except DecodeError as e:
+        return b"", sha, size, None, None, None, str(e), e.kind
+    except OSError as e:
+        return b"", sha, size, None, None, None, f"unreadable: {e.strerror or e}", "unreadable"
+
+
+def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 0,
+                 backoff_s: float = 0.5) -> pa.Table:
+    """Read and decode each file; files failing with a transient kind are read again up to `retries`
+    times, after backoff_s, 2*backoff_s, ... (one wait per batch, not per file). Arrow in and out, so
+    nulls stay nulls (numpy batches would turn them into NaN)."""
+    paths = batch.column("path_bytes").to_pylist()
+    results = [decode_file(p, input_size, max_pixels) for p in paths]
+    for attempt in range(retries):
+        again = [i for i, r in enumerate(results) if r[-1] in TRANSIENT_KINDS]
+        if not again:
+            break
+        time.sleep(backoff_s * 2**attempt)
+        for i in again:
+            results[i] = decode_file(paths[i], input_size, max_pixels)
+    columns = {name: batch.column(name).cast(DECODED_SCHEMA.field(name).type)
+               for name in ("path", "path_bytes", "rel_path", "input_root")}
+    for name, values in zip(DECODED_FIELDS, zip(*results) if results else [[]] * len(DECODED_FIELDS)):
+        columns[name] = pa.array(values, type=DECODED_SCHEMA.field(name).type)
+    return pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
 
 
 def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
@@ -96,7 +115,7 @@ class PredictorActor:
         list_column = lambda values, type_: pa.ListArray.from_arrays(  # noqa: E731
             offsets, pa.array(values.ravel(), type=type_), mask=pa.array(~ok))
         columns = {name: batch.column(name) for name in
-                   ("path", "rel_path", "input_root", "sha256", "size_bytes", "width", "height", "inverted")}
+                   ("path", "path_bytes", "rel_path", "input_root", "sha256", "size_bytes", "width", "height", "inverted")}
         columns.update({
             "pred_index": null_if_error(top[:, 0].astype(np.int32), pa.int32()),
             "pred_char": null_if_error(self.chars[top[:, 0]], pa.string()),

@@ -9,14 +9,15 @@ from typing import List, Optional
 
 import typer
 
-from kmnist_core.errors import KmnistError
+from kmnist_core.errors import Interrupted, KmnistError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Recognize handwritten Kuzushiji character crops (KMNIST models, Ray Tune, Ray Data).")
 
 
 def user_errors(fn):
-    """Turn KmnistError into `error: ...` on stderr and exit code 2, never a traceback."""
+    """Turn KmnistError into `error: ...` on stderr and its exit code (2; 130 when interrupted), and
+    Ctrl-C into one line too: never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -24,7 +25,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except KmnistError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(Interrupted.exit_code) from None
 
     return wrapper
 
@@ -145,8 +149,9 @@ def print_summary(summary: dict, out: Path) -> None:
 @app.command()
 @user_errors
 def predict(
-    inputs: list[Path] = typer.Argument(..., help="folders (searched recursively) or image files"),
-    out: Path = typer.Option(..., help="output directory: predictions/ (Parquet), summary/, run.json"),
+    # Plain strings, not Path: Path("s3://b/x") would become "s3:/b/x" and hide that it is a URL.
+    inputs: List[str] = typer.Argument(..., help="folders (searched recursively) or image files"),
+    out: str = typer.Option(..., help="output directory: predictions/ (Parquet), summary/, run.json"),
     model: str = typer.Option("default", help="model directory, or 'default' (shipped in the package)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
     batch_size: int = typer.Option(1024, help="crops per model call"),
@@ -154,26 +159,37 @@ def predict(
     cpus_per_worker: float = typer.Option(1.0),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per model actor (fractions allowed)"),
     review_below: Optional[float] = typer.Option(None, help="needs_review below this confidence; default from the model card"),
-    resume: bool = typer.Option(False, help="finish an interrupted run into the same OUT"),
-    overwrite: bool = typer.Option(False, help="delete earlier predictions in OUT first"),
+    resume: bool = typer.Option(False, help="finish an interrupted run into the same OUT (also re-reads "
+                                            "unreadable and truncated files)"),
+    retry_errors: bool = typer.Option(False, help="with --resume: re-read every error row; each new row replaces the old"),
+    overwrite: bool = typer.Option(False, help="replace earlier predictions in OUT (kept until this run commits its first shard)"),
     rows_per_shard: int = typer.Option(8192, help="rows per Parquet file; also what a killed run can lose"),
+    read_retries: int = typer.Option(2, help="extra reads of an unreadable or truncated file within the run"),
+    retry_backoff: float = typer.Option(0.5, help="seconds before the first extra read; doubles each time"),
 ):
     """Predict every crop under INPUTS into Parquet, one row per image file, then write the summary."""
-    from batch_infer.job import PredictOptions, run_predict
+    import signal
 
+    from batch_infer.job import PredictOptions, refuse_url, run_predict
+    from kmnist_core.ray_runtime import without_known_ray_noise
+
+    refuse_url(out, "--out")
     opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                          review_below=review_below, resume=resume, overwrite=overwrite,
-                          rows_per_shard=rows_per_shard)
+                          review_below=review_below, resume=resume, overwrite=overwrite, retry_errors=retry_errors,
+                          read_retries=read_retries, retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
+    # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C (run.json "interrupted").
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     progress, on_rows = rows_progress()
     if progress:
         progress.start()
     try:
-        run = run_predict(inputs, out, opts, on_rows)
+        with without_known_ray_noise():
+            run = run_predict(inputs, out, opts, on_rows)
     finally:
         if progress:
             progress.stop()
-    print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, out)
+    print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, Path(out))
 
 
 @app.command()

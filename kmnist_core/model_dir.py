@@ -43,16 +43,24 @@ def save_model_dir(out: Path, model: torch.nn.Module, card: dict) -> dict:
     """Write weights and card; the card gains `model_id`, the weights' sha256 prefix."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    weights = buffer.getvalue()
+    card = {**card, "format_version": FORMAT_VERSION, "model_id": weights_id(weights)}
+    # Both files are complete on disk before either is replaced; a crash between the two renames leaves
+    # a pair that loading refuses (the hash no longer matches), never a silently mislabelled model.
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    torch.save(state, tmp)
+    tmp.write_bytes(weights)
+    card_tmp = out / (CARD_FILE + ".tmp")
+    card_tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / WEIGHTS_FILE)
-    card = {**card, "format_version": FORMAT_VERSION, "model_id": weights_id(out / WEIGHTS_FILE)}
-    write_json_atomic(out / CARD_FILE, card)
+    os.replace(card_tmp, out / CARD_FILE)
     return card
 
 
-def weights_id(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def weights_id(weights: bytes) -> str:
+    """A model's id: the sha256 prefix of its weights file."""
+    return hashlib.sha256(weights).hexdigest()[:16]
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -138,13 +146,13 @@ def pick_device(device: str) -> str:
     return device
 
 
-def build_predictor(card: dict, weights: bytes | Path, device: str = "cpu", source: str = "model") -> Predictor:
-    """Model from a card and its state dict (a file, or bytes shipped through Ray's object store)."""
+def build_predictor(card: dict, weights: bytes, device: str = "cpu", source: str = "model") -> Predictor:
+    """Model from a card and its state dict's bytes; refuses weights that are not the ones the card
+    names (its `model_id`), so every row and resume check that quotes the id is true."""
     arch = card["architecture"]
     model = create_model(arch["name"], int(arch["num_classes"]), int(card["input"]["size"]))
     try:
-        source_file = io.BytesIO(weights) if isinstance(weights, bytes) else weights
-        state = torch.load(source_file, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
         raise KmnistError(f"cannot load weights of {source}: {str(e).splitlines()[0]}") from None
     try:
@@ -152,6 +160,11 @@ def build_predictor(card: dict, weights: bytes | Path, device: str = "cpu", sour
     except (RuntimeError, TypeError, AttributeError) as e:
         raise KmnistError(f"weights of {source} do not match architecture {arch['name']!r} "
                           f"({arch['num_classes']} classes) named in its card: {str(e).splitlines()[0]}") from None
+    actual = weights_id(weights)
+    if card.get("model_id", actual) != actual:
+        raise KmnistError(f"weights of {source} are not the ones its card names: {WEIGHTS_FILE} hashes to {actual}, "
+                          f"{CARD_FILE} says model_id {card['model_id']} (was {WEIGHTS_FILE} replaced?); "
+                          f"keep each {WEIGHTS_FILE} with the card train wrote beside it")
     return Predictor(model, card, pick_device(device))
 
 
