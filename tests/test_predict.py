@@ -130,11 +130,17 @@ def test_non_empty_out_is_refused_without_resume_or_overwrite(mixed, mixed_run, 
         run_predict([root], out, PredictOptions(resume=True, overwrite=True))
 
 
-def test_resume_of_finished_run_processes_nothing(mixed, mixed_run, ray_session):
+def test_resume_of_finished_run_rereads_only_transient_error_rows(mixed, mixed_run, ray_session):
     root, _ = mixed
     out, first, _ = mixed_run
-    again = run_predict([root], out, PredictOptions(resume=True))
-    assert again["rows_written"] == 0 and again["already_done"] == first["rows_written"]
+    before = read_predictions(out).to_pandas()
+    transient = before.error_kind.isin(["truncated", "unreadable"]).sum()
+    assert transient == 1  # the truncated PNG; empty, not_image and too_large are permanent
+    again = run_predict([root], out, PredictOptions(resume=True, read_retries=0))
+    assert again["rows_written"] == 0 and again["rows_replaced"] == transient
+    assert again["already_done"] == first["rows_written"] - transient
+    after = read_predictions(out).to_pandas()
+    assert len(after) == len(before) and not after.path_bytes.duplicated().any()
 
 
 def test_killed_model_worker_is_retried_and_output_is_exact(tmp_path, kmnist_dev, ray_session):
