@@ -78,7 +78,7 @@ def refuse_url(text: str, what: str) -> None:
 
 
 def check_paths(inputs: list[str | Path], out: Path) -> None:
-    """Inputs exist and OUT can be a folder: checked before anything in OUT is touched."""
+    """Inputs exist and OUT can be a folder: checked before anything is created or touched."""
     for item in inputs:
         refuse_url(str(item), "input")
         if not os.path.exists(item):
@@ -86,6 +86,9 @@ def check_paths(inputs: list[str | Path], out: Path) -> None:
     refuse_url(str(out), "--out")
     if out.exists() and not out.is_dir():
         raise KmnistError(f"--out {out} is a file, not a folder")
+
+
+def make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -199,7 +202,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                 on_rows: Callable[[int, int], None] | None = None) -> dict:
     """Predict every image under `inputs` into `out`, then write OUT/summary/.
 
-    Everything is checked (options, inputs, OUT, the lock, the model, earlier output) before anything
+    Everything is checked (options, inputs, the model, OUT and its lock, earlier output) before anything
     is written; on failure or Ctrl-C, run.json says why and every committed shard stays.
     Returns the run summary (also in OUT/run.json), with the report's figures under "report".
     """
@@ -207,10 +210,11 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
     started = time.perf_counter()
     out = Path(out)
     check_paths(inputs, out)
+    card, weights = read_model_files(opts.model)
+    build_predictor(card, weights, source=opts.model)  # fail here, before OUT or Ray, on a bad model
+    make_out(out)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     with out_lock.hold(out, run_id) as killed_holder:
-        card, weights = read_model_files(opts.model)
-        build_predictor(card, weights, source=opts.model)  # fail here, before Ray starts, on a bad model
         review_below = opts.review_below if opts.review_below is not None else float(card.get("calibration", {}).get("review_below", 0.5))
         output.recover(out)
         replacing = opts.overwrite and bool(output.shard_paths(out))
