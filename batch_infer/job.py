@@ -230,11 +230,11 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                     "already_done": len(found.files) - len(todo), "error_rows_reread": len(redo),
                     "took_over_lock_from": killed_holder,
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_json_atomic(out / RUN_FILE, {**run_meta, "status": "running", "model_card": card})
         writer = output.ShardWriter(out, run_id, run_meta, card, opts.rows_per_shard, replace_existing=replacing,
                                     stale=(out / SUMMARY_DIR,))
         rewriter = output.ShardRewriter(out, redo)
-        try:
+        try:  # from here on, any end is recorded in run.json
+            write_json_atomic(out / RUN_FILE, {**run_meta, "status": "running", "model_card": card})
             duplicates = stream_rows(todo, card, weights, run_id, review_below, opts, writer, rewriter, on_rows) if todo else 0
             if not todo:
                 writer.close()
