@@ -8,6 +8,7 @@ predictors. Decode and predict must reserve different CPU amounts or Ray fuses t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -164,16 +165,23 @@ def stream_rows(todo: list[dict], card: dict, weights: bytes, run_id: str, revie
     ds = build_dataset(todo, card, weights, run_id, review_below, opts)
     seen: set[bytes] = set()
     duplicates = 0
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        keys = table.column("path_bytes").to_pylist()
-        fresh = [k not in seen for k in keys]
-        if not all(fresh):  # a retried block delivered twice: keep the first copy only
-            duplicates += fresh.count(False)
-            table = table.filter(pa.array(fresh))
-        seen.update(keys)
-        writer.add(rewriter.take(table))
-        if on_rows:
-            on_rows(len(seen), len(todo))
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    try:
+        for table in batches:
+            keys = table.column("path_bytes").to_pylist()
+            fresh = [k not in seen for k in keys]
+            if not all(fresh):  # a retried block delivered twice: keep the first copy only
+                duplicates += fresh.count(False)
+                table = table.filter(pa.array(fresh))
+            seen.update(keys)
+            writer.add(rewriter.take(table))
+            if on_rows:
+                on_rows(len(seen), len(todo))
+    finally:
+        # Shut Ray Data's executor down here rather than at garbage collection, where a failure of its
+        # own (its log file on the same full disk) would print a traceback after the error line.
+        with contextlib.suppress(Exception):
+            batches.close()
     rewriter.flush()
     writer.close()
     return duplicates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -180,6 +181,9 @@ def predict(
                           read_retries=read_retries, retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
     # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C (run.json "interrupted").
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A full disk also fails Ray's own log files; the one error line says what happened, without the
+    # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
+    logging.raiseExceptions = False
     progress, on_rows = rows_progress()
     if progress:
         progress.start()

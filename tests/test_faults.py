@@ -53,6 +53,20 @@ def sjis_tree(root: Path, images: np.ndarray, n_plain: int) -> set[bytes]:
     return files
 
 
+def slow_tree(root: Path, images: np.ndarray, n: int) -> set[bytes]:
+    """`n` crops plus a truncated PNG per folder of 500. With SLOW, each decode batch holding one
+    waits 1 + 2 s re-reading it, so a run lasts long enough to be interrupted while using no CPU."""
+    files = {os.fsencode(p) for p in plain_tree(root, images, n)}
+    whole = png_bytes(np.tile(images[0], (8, 8)))
+    for folder in sorted(root.iterdir()):
+        (folder / "stall.png").write_bytes(whole[: len(whole) // 2])
+        files.add(os.fsencode(folder / "stall.png"))
+    return files
+
+
+SLOW = ["--read-retries", "2", "--retry-backoff", "1"]
+
+
 def cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, "predict", *map(str, args)], capture_output=True, text=True, timeout=240, **kw)
 
@@ -100,9 +114,9 @@ def committed_rows(out: Path) -> dict[str, int]:
 
 # Row 1 of the issue's table, and item 9's kill -9 + --resume.
 def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, kmnist_dev):
-    files = sjis_tree(tmp_path / "in", kmnist_dev.test.images, 4000)
+    files = sjis_tree(tmp_path / "in", kmnist_dev.test.images, 4000) | slow_tree(tmp_path / "in", kmnist_dev.test.images, 0)
     out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "200"]
+    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "200", *SLOW]
     proc = start(*args)
     wait_for(lambda: len(shards(out)) >= 2)
     killed_run = json.loads((out / ".lock").read_text())["run_id"]
@@ -126,7 +140,8 @@ def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, kmnist
 
     r = cli(*args, "--resume")  # a finished job: every file, Shift-JIS ones included, is recognised as done
     assert r.returncode == 0, r.stderr
-    assert run_json(out)["already_done"] == len(files)
+    stalls = sum(k.endswith(b"/stall.png") for k in files)  # truncated: --resume reads those again
+    assert run_json(out)["already_done"] == len(files) - stalls and run_json(out)["rows_replaced"] == stalls
     assert_exactly_once(out, files)
 
 
@@ -163,7 +178,7 @@ def test_overwrite_keeps_earlier_results_until_the_new_run_commits(tmp_path, kmn
 # Row 3 (and the issue's "second run is refused within seconds"), row 4 (readers during the run), and
 # item 8 (a healthy run prints no E-level line from Ray).
 def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, kmnist_dev):
-    files = {os.fsencode(p) for p in plain_tree(tmp_path / "in", kmnist_dev.test.images, 4000)}
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 4000)
     out = tmp_path / "out"
     reader = textwrap.dedent(f"""
         import sys, time
@@ -185,7 +200,7 @@ def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, kmn
         assert "ray" not in sys.modules
         print(reads, most)
     """)
-    first = start(tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300")
+    first = start(tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW)
     wait_for(lambda: len(shards(out)) >= 1)
     watcher = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     holder = json.loads((out / ".lock").read_text())
@@ -210,14 +225,14 @@ def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, kmn
 # Row 5: the disk fills up mid-run (RLIMIT_FSIZE set on the running driver: writes fail with EFBIG,
 # the same path as ENOSPC, without root).
 def test_full_disk_mid_run_fails_clearly_and_resume_finishes(tmp_path, kmnist_dev):
-    files = {os.fsencode(p) for p in plain_tree(tmp_path / "in", kmnist_dev.test.images, 6000)}
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 3000)
     out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "1500"]
+    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "1200", *SLOW]
     proc = start(*args)
     wait_for(lambda: len(shards(out)) >= 1)
     shard_size = shards(out)[0].stat().st_size
-    limit = shard_size // 2  # below a shard, above run.json
-    assert limit > 50_000, shard_size
+    limit = shard_size // 2  # below a shard, well above run.json
+    assert limit > 4 * (out / "run.json").stat().st_size, shard_size
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
     kept = committed_rows(out)
     _, stderr = proc.communicate(timeout=240)
@@ -313,9 +328,9 @@ def test_object_store_out_is_refused_without_creating_a_local_folder(tmp_path):
 
 # Item 5: Ctrl-C mid-run.
 def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev):
-    files = {os.fsencode(p) for p in plain_tree(tmp_path / "in", kmnist_dev.test.images, 4000)}
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 4000)
     out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300"]
+    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW]
     proc = start(*args)
     wait_for(lambda: len(shards(out)) >= 1)
     proc.send_signal(signal.SIGINT)
