@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch_infer.schema import SCHEMA, SCHEMA_VERSION
+from kmnist_core.errors import KmnistError
 
 PREDICTIONS_DIR = "predictions"
 STAGING_DIR = "_staging"
-LEGACY_TMP_SUFFIX = ".tmp"  # schema 1 kept its temp files inside predictions/
 
 
 def shard_paths(out: Path) -> list[Path]:
@@ -44,8 +44,6 @@ def recover(out: Path) -> None:
     if replaced and not predictions.exists():
         os.replace(replaced[-1], predictions)
     shutil.rmtree(staging, ignore_errors=True)
-    for p in predictions.glob(f"*{LEGACY_TMP_SUFFIX}"):
-        p.unlink(missing_ok=True)
 
 
 def publish(table: pa.Table, final: Path, staging: Path) -> None:
@@ -86,6 +84,10 @@ def read_predictions(out: Path) -> pa.Table:
     shards = shard_paths(out)
     if not shards:
         return SCHEMA.empty_table()
+    other = schema_versions(out) - {SCHEMA_VERSION}
+    if other:
+        raise KmnistError(f"{out} holds output schema {', '.join(sorted(other))}; this kmnist-batch reads schema "
+                          f"{SCHEMA_VERSION} (predict it again with --overwrite)")
     return pa.concat_tables([pq.read_table(s, schema=SCHEMA) for s in shards])
 
 

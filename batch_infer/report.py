@@ -30,7 +30,7 @@ def folder_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def load_crop(path: str, size: int) -> np.ndarray | None:
+def load_crop(path: bytes, size: int) -> np.ndarray | None:
     from kmnist_core.preprocess import DecodeError, decode_bytes
 
     try:
@@ -60,7 +60,7 @@ def write_report(out: Path) -> dict:
                     "Calibrated confidence", latest.get("review_below"))
     lowest = ok.nsmallest(GALLERY_SIZE, "confidence")
     size = int(card.get("input", {}).get("size", 28))
-    plots.crop_gallery([load_crop(p, size) for p in lowest["path"]],
+    plots.crop_gallery([load_crop(p, size) for p in lowest["path_bytes"]],
                        [" ".join(f"{c}{p:.2f}" for c, p in zip(cs, ps)) for cs, ps in zip(lowest["topk_chars"], lowest["topk_confidences"])],
                        list(lowest["rel_path"]), summary_dir / "lowest_confidence.png")
     table = folder_table(df)
