@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from batch_infer import out_lock, output
 from batch_infer.discover import discover
-from batch_infer.paths import name_text
+from batch_infer.paths import name_text, refuse_url
 from batch_infer.report import SUMMARY_DIR, write_report
 from batch_infer.schema import SCHEMA_VERSION
 from batch_infer.stages import TRANSIENT_KINDS
@@ -71,13 +71,6 @@ class PredictOptions:
             raise KmnistError("--read-retries and --retry-backoff must be >= 0")
 
 
-def refuse_url(text: str, what: str) -> None:
-    """Object stores are not supported yet: refuse `s3://...` before a local folder named `s3:` appears."""
-    if "://" in text:
-        raise KmnistError(f"{what} {text} is a URL; kmnist-batch reads and writes local or mounted folders only "
-                          f"(object stores are not supported yet)")
-
-
 def check_paths(inputs: list[str | Path], out: Path) -> None:
     """Inputs exist and OUT can be a folder: checked before anything is created or touched."""
     for item in inputs:
@@ -87,6 +80,7 @@ def check_paths(inputs: list[str | Path], out: Path) -> None:
     refuse_url(str(out), "--out")
     if out.exists() and not out.is_dir():
         raise KmnistError(f"--out {out} is a file, not a folder")
+    out_lock.refuse_if_busy(out)
 
 
 def make_out(out: Path) -> None:

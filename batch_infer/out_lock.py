@@ -38,6 +38,24 @@ def busy_message(out: Path, holder: dict | None) -> str:
     return f"{out} is in use by {who}; wait for it to finish or stop it, or choose another --out"
 
 
+def refuse_if_busy(out: Path) -> None:
+    """Fail fast, before the slow checks (torch, the model), when another run holds OUT. Only a probe:
+    `hold` takes the lock itself later."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no OUT or no lock file yet: nobody holds it
+    try:
+        if os.path.realpath(out) in _held:
+            raise KmnistError(busy_message(out, read_holder(fd)))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KmnistError(busy_message(out, read_holder(fd))) from None
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def hold(out: Path, run_id: str) -> Iterator[dict | None]:
     """Lock OUT for this run or raise KmnistError naming the holder. Yields the record of a previous

@@ -171,10 +171,15 @@ def predict(
     """Predict every crop under INPUTS into Parquet, one row per image file, then write the summary."""
     import signal
 
-    from batch_infer.job import PredictOptions, refuse_url, run_predict
-    from kmnist_core.ray_runtime import without_known_ray_noise
+    from batch_infer.out_lock import refuse_if_busy
+    from batch_infer.paths import refuse_url
 
     refuse_url(out, "--out")
+    refuse_if_busy(Path(out))  # before the imports below, which load torch: a busy OUT is refused at once
+
+    from batch_infer.job import PredictOptions, run_predict
+    from kmnist_core.ray_runtime import without_known_ray_noise
+
     opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                           review_below=review_below, resume=resume, overwrite=overwrite, retry_errors=retry_errors,

@@ -37,3 +37,18 @@ def test_overlapping_inputs_give_one_entry_per_file(tmp_path):
 def test_missing_input_is_an_error(tmp_path):
     with pytest.raises(KmnistError, match="does not exist"):
         discover([tmp_path / "nope"])
+
+
+def test_names_that_are_not_utf8_are_found_with_exact_bytes(tmp_path):
+    from batch_infer.paths import unescape_name
+
+    raw = os.fsencode(tmp_path) + b"/" + "日本語.png".encode("cp932")  # a zip made on Japanese Windows
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    touch(tmp_path / "back\\slash.png")
+    found = {f["path_bytes"]: f for f in discover([tmp_path]).files}
+    assert set(found) == {raw, os.fsencode(tmp_path / "back\\slash.png")}
+    entry = found[raw]
+    assert entry["rel_path"] == "\\x93\\xfa\\x96{\\x8c\\xea.png" and unescape_name(entry["path"]) == raw
+    assert found[os.fsencode(tmp_path / "back\\slash.png")]["rel_path"] == "back\\slash.png"  # UTF-8: unchanged
+    assert discover([os.fsdecode(raw)]).files[0]["path_bytes"] == raw  # given as an argument, too
