@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -177,28 +178,49 @@ def predict(
     refuse_url(out, "--out")
     refuse_if_busy(Path(out))  # before the imports below, which load torch: a busy OUT is refused at once
 
-    from batch_infer.job import PredictOptions, run_predict
-    from kmnist_core.ray_runtime import without_known_ray_noise
+    from batch_infer.supervise import run_supervised
 
-    opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
-                          cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                          review_below=review_below, resume=resume, overwrite=overwrite, retry_errors=retry_errors,
-                          read_retries=read_retries, retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
-    # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C (run.json "interrupted").
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    # A full disk also fails Ray's own log files; the one error line says what happened, without the
-    # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
-    logging.raiseExceptions = False
-    progress, on_rows = rows_progress()
-    if progress:
-        progress.start()
-    try:
-        with without_known_ray_noise():
-            run = run_predict(inputs, out, opts, on_rows)
-    finally:
-        if progress:
-            progress.stop()
-    print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, Path(out))
+    def work() -> int:  # runs in a child process (batch_infer/supervise.py); torch is imported only here
+        # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C ("interrupted").
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # A full disk also fails Ray's own log files; the one error line says what happened, without the
+        # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
+        logging.raiseExceptions = False
+        progress, on_rows = rows_progress()
+        try:
+            from batch_infer.job import PredictOptions, run_predict
+            from kmnist_core.ray_runtime import without_known_ray_noise
+
+            opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
+                                  cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                  review_below=review_below, resume=resume, overwrite=overwrite,
+                                  retry_errors=retry_errors, read_retries=read_retries,
+                                  retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
+            if progress:
+                progress.start()
+            try:
+                with without_known_ray_noise():
+                    run = run_predict(inputs, out, opts, on_rows)
+            finally:
+                if progress:
+                    progress.stop()
+            print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, Path(out))
+            return 0
+        except KmnistError as e:
+            typer.echo(f"error: {e}", err=True)
+            return e.exit_code
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            return Interrupted.exit_code
+        except BaseException:  # a bug, not a user error: show it
+            traceback.print_exc()
+            return 1
+
+    code, error = run_supervised(Path(out), work)
+    if error:
+        typer.echo(f"error: {error}", err=True)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -108,6 +108,10 @@ def assert_exactly_once(out: Path, files: set[bytes]) -> None:
     assert len(keys) == len(files) and set(keys) == files
 
 
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def committed_rows(out: Path) -> dict[str, int]:
     return {p.name: pq.read_metadata(p).num_rows for p in shards(out)}
 
@@ -211,7 +215,7 @@ def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, kmn
     assert second.returncode == 2 and refused_after < 30
     line = one_error_line(second.stderr, "is in use by run")
     assert all(str(v) in line for v in (holder["run_id"], holder["pid"], holder["host"], holder["since"]))
-    assert holder["pid"] == first.pid
+    assert parent_pid(holder["pid"]) == first.pid  # the CLI's worker process (batch_infer/supervise.py)
 
     _, stderr = first.communicate(timeout=240)
     assert first.returncode == 0, stderr
@@ -233,7 +237,8 @@ def test_full_disk_mid_run_fails_clearly_and_resume_finishes(tmp_path, kmnist_de
     shard_size = shards(out)[0].stat().st_size
     limit = shard_size // 2  # below a shard, well above run.json
     assert limit > 4 * (out / "run.json").stat().st_size, shard_size
-    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    driver = json.loads((out / ".lock").read_text())["pid"]  # the CLI's worker process, which writes OUT
+    resource.prlimit(driver, resource.RLIMIT_FSIZE, (limit, limit))
     kept = committed_rows(out)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 2

@@ -1,0 +1,79 @@
+"""Run `predict` in a child process so that even a death Python cannot catch ends clearly.
+
+When a driver loses its Ray cluster, Ray's C++ core ends the process itself once the GCS has been
+unreachable for a while (about 60 s, measured): no Python exception, no `finally`, so run.json would
+say "running" forever. The kernel's OOM killer is the same. The parent waits; if the child dies
+without having ended its run, the parent records the run as failed in run.json and prints the one
+`error:` line.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from batch_infer.out_lock import LOCK_FILE, read_holder
+
+RUN_FILE = "run.json"
+HANDLED_EXITS = (0, 2, 130)  # the child ended the run itself: success, a user error, interrupted
+
+
+def run_supervised(out: Path, work: Callable[[], int]) -> tuple[int, str | None]:
+    """Run `work` (returns an exit code) in a child process. Returns the exit code and, when the child
+    died without ending its run, the error to print."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            code = work()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    # Ctrl-C reaches the whole foreground process group; a signal sent to this pid alone is passed on.
+    forward = lambda signum, frame: os.kill(child, signal.SIGINT)  # noqa: E731
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    if code in HANDLED_EXITS:
+        return code, None
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    reason = f"the predict process {how} before ending its run (lost the Ray cluster, or out of memory?)"
+    mark_failed(out, child, reason)
+    return (code if code > 0 else 1), f"{reason}; committed rows are kept; run again with --resume to finish"
+
+
+def mark_failed(out: Path, child: int, reason: str) -> bool:
+    """Record `reason` in run.json if the child's run is still marked running there."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return False  # the child stopped before it locked OUT
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else may have started on OUT meanwhile
+        holder = read_holder(fd)
+        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
+            return False
+        tmp = out / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps({**run, "status": "failed", "reason": reason}, indent=2, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, out / RUN_FILE)
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
