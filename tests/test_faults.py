@@ -348,3 +348,27 @@ def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev)
     r = cli(*args, "--resume")
     assert r.returncode == 0, r.stderr
     assert_exactly_once(out, files)
+
+
+# Item 5, a lost Ray cluster: Ray's C++ core ends the driver itself about 60 s after losing the GCS
+# (measured with `ray start --head` stopped mid-run: exit status 1, no Python exception). Any such
+# death is the same to the CLI; here the worker process is killed outright, as the OOM killer would.
+def test_driver_death_python_cannot_catch_is_recorded_as_failed(tmp_path, kmnist_dev):
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 3000)
+    out = tmp_path / "out"
+    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW]
+    proc = start(*args)
+    wait_for(lambda: len(shards(out)) >= 1)
+    os.kill(json.loads((out / ".lock").read_text())["pid"], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the local Ray the killed process started
+    except ProcessLookupError:
+        pass
+    assert proc.returncode == 1
+    one_error_line(stderr, "killed by signal 9 before ending its run")
+    run = run_json(out)
+    assert run["status"] == "failed" and "signal 9" in run["reason"]
+    r = cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert_exactly_once(out, files)
