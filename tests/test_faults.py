@@ -118,7 +118,7 @@ def committed_rows(out: Path) -> dict[str, int]:
 
 # Row 1 of the issue's table, and item 9's kill -9 + --resume.
 def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, kmnist_dev):
-    files = sjis_tree(tmp_path / "in", kmnist_dev.test.images, 4000) | slow_tree(tmp_path / "in", kmnist_dev.test.images, 0)
+    files = sjis_tree(tmp_path / "in", kmnist_dev.test.images, 2000) | slow_tree(tmp_path / "in", kmnist_dev.test.images, 0)
     out = tmp_path / "out"
     args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "200", *SLOW]
     proc = start(*args)
@@ -129,7 +129,7 @@ def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, kmnist
     first = committed_rows(out)
     assert 0 < sum(first.values()) < len(files), "the run was not interrupted mid-way"
 
-    r = cli(*args, "--resume")
+    r = cli(*args, "--resume", "--read-retries", "0")
     assert r.returncode == 0, r.stderr
     assert_exactly_once(out, files)
     assert {k: v for k, v in committed_rows(out).items() if k in first} == first  # kept, not recomputed
@@ -142,7 +142,7 @@ def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, kmnist
         assert "\\x" in path and unescape_name(path) == raw  # readable text, reversible to the exact bytes
         assert Path(os.fsdecode(raw)).read_bytes()[:4] == b"\x89PNG"
 
-    r = cli(*args, "--resume")  # a finished job: every file, Shift-JIS ones included, is recognised as done
+    r = cli(*args, "--resume", "--read-retries", "0")  # a finished job: every file, Shift-JIS ones included, is recognised as done
     assert r.returncode == 0, r.stderr
     stalls = sum(k.endswith(b"/stall.png") for k in files)  # truncated: --resume reads those again
     assert run_json(out)["already_done"] == len(files) - stalls and run_json(out)["rows_replaced"] == stalls
@@ -182,7 +182,7 @@ def test_overwrite_keeps_earlier_results_until_the_new_run_commits(tmp_path, kmn
 # Row 3 (and the issue's "second run is refused within seconds"), row 4 (readers during the run), and
 # item 8 (a healthy run prints no E-level line from Ray).
 def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, kmnist_dev):
-    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 4000)
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 2000)
     out = tmp_path / "out"
     reader = textwrap.dedent(f"""
         import sys, time
@@ -249,7 +249,7 @@ def test_full_disk_mid_run_fails_clearly_and_resume_finishes(tmp_path, kmnist_de
     assert {k: now[k] for k in kept} == kept and sum(now.values()) < len(files)
     assert run["rows_committed"] == sum(now.values())
 
-    r = cli(*args, "--resume")
+    r = cli(*args, "--resume", "--read-retries", "0")
     assert r.returncode == 0, r.stderr
     assert_exactly_once(out, files)
 
@@ -333,7 +333,7 @@ def test_object_store_out_is_refused_without_creating_a_local_folder(tmp_path):
 
 # Item 5: Ctrl-C mid-run.
 def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev):
-    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 4000)
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 2000)
     out = tmp_path / "out"
     args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW]
     proc = start(*args)
@@ -345,7 +345,7 @@ def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev)
     run = run_json(out)
     assert run["status"] == "interrupted" and run["rows_committed"] == sum(committed_rows(out).values())
     assert 0 < run["rows_committed"] < len(files)
-    r = cli(*args, "--resume")
+    r = cli(*args, "--resume", "--read-retries", "0")
     assert r.returncode == 0, r.stderr
     assert_exactly_once(out, files)
 
@@ -354,7 +354,7 @@ def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev)
 # (measured with `ray start --head` stopped mid-run: exit status 1, no Python exception). Any such
 # death is the same to the CLI; here the worker process is killed outright, as the OOM killer would.
 def test_driver_death_python_cannot_catch_is_recorded_as_failed(tmp_path, kmnist_dev):
-    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 3000)
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 2000)
     out = tmp_path / "out"
     args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW]
     proc = start(*args)
@@ -369,6 +369,6 @@ def test_driver_death_python_cannot_catch_is_recorded_as_failed(tmp_path, kmnist
     one_error_line(stderr, "killed by signal 9 before ending its run")
     run = run_json(out)
     assert run["status"] == "failed" and "signal 9" in run["reason"]
-    r = cli(*args, "--resume")
+    r = cli(*args, "--resume", "--read-retries", "0")
     assert r.returncode == 0, r.stderr
     assert_exactly_once(out, files)
