@@ -30,6 +30,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
+def ood_score(logits: np.ndarray, method: str = "energy") -> np.ndarray:
+    """Out-of-set score from raw logits, higher = less like any class.
+
+    energy: -logsumexp(logits) (Liu et al., 2020); max-logit: -max(logits) (Hendrycks et al., 2022).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if method == "energy":
+        m = z.max(axis=1)
+        return -(m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
+    if method == "max-logit":
+        return -z.max(axis=1)
+    raise ValueError(f"unknown out-of-set score {method!r}")
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| * share."""
     conf = probs.max(axis=1)
