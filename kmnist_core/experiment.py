@@ -184,9 +184,10 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
     if unknown is not None:
         metrics["unknown"], out_scores = unknown_report(predictor, unknown)
         in_scores = calibration.ood_score(logits, predictor.ood_method)
-        metrics["unknown"]["auroc"] = calibration.auroc(in_scores, out_scores)
-        plots.ood_histogram(in_scores, out_scores, predictor.ood_threshold, predictor.ood_method,
-                            out / "ood_scores.png")
+        if len(out_scores):  # blank crops have no score: they never reach the model's decision
+            metrics["unknown"]["auroc"] = calibration.auroc(in_scores, out_scores)
+            plots.ood_histogram(in_scores, out_scores, predictor.ood_threshold, predictor.ood_method,
+                                out / "ood_scores.png")
         by_kind = metrics["unknown"]["by_kind"]
         plots.bar_chart(list(by_kind), np.array([k["auto_accepted_share"] for k in by_kind.values()]),
                         out / "unknown_accepted.png", "Out-of-set crops auto-accepted, per kind", "share auto-accepted")

@@ -164,23 +164,33 @@ def make_negatives(images: np.ndarray, labels: np.ndarray, n: int, seed: int, gl
     others = {c: np.flatnonzero(labels != c) for c in np.unique(labels)}
     out = np.zeros((n, size, size), np.uint8)
     for i, kind in enumerate(kinds):
-        ia = int(rng.integers(len(images)))
-        a = images[ia]
-        if kind in ("merged", "overlay"):  # a different class, so the pair is not "one of ours" twice
-            b = images[rng.choice(others[labels[ia]])]
-        if kind == "glyph":
-            path = fonts[int(rng.integers(len(fonts)))]
-            crop = render_glyph(per_font[path][int(rng.integers(len(per_font[path])))], path, rng)
-        elif kind == "merged":
-            crop = merged_pair(a, b, rng)
-        elif kind == "fragment":
-            crop = fragment(a, rng)
-        elif kind == "overlay":
-            crop = overlay(a, b, rng)
-        elif kind == "turned":
-            crop = turned(a, rng)
-        else:
-            crop = strokes(rng)
-        t, b, l, r = ink_box(crop)  # cut as a segmenter would: the box touches the ink
-        out[i] = prepare_array(np.ascontiguousarray(crop[t:b, l:r]), size).pixels
+        while True:  # a crop preprocessing calls blank never reaches the model: draw another
+            prepared = prepare_array(one_negative(kind, images, labels, others, fonts, per_font, rng), size)
+            if not prepared.blank:
+                break
+        out[i] = prepared.pixels
     return out, kinds
+
+
+def one_negative(kind: str, images: np.ndarray, labels: np.ndarray, others: dict, fonts: list[Path],
+                 per_font: dict, rng: np.random.Generator) -> np.ndarray:
+    """One crop of `kind`, cut to its ink box as a segmenter would."""
+    ia = int(rng.integers(len(images)))
+    a = images[ia]
+    if kind in ("merged", "overlay"):  # a different class, so the pair is not "one of ours" twice
+        b = images[rng.choice(others[labels[ia]])]
+    if kind == "glyph":
+        path = fonts[int(rng.integers(len(fonts)))]
+        crop = render_glyph(per_font[path][int(rng.integers(len(per_font[path])))], path, rng)
+    elif kind == "merged":
+        crop = merged_pair(a, b, rng)
+    elif kind == "fragment":
+        crop = fragment(a, rng)
+    elif kind == "overlay":
+        crop = overlay(a, b, rng)
+    elif kind == "turned":
+        crop = turned(a, rng)
+    else:
+        crop = strokes(rng)
+    t, b_, l, r = ink_box(crop)
+    return np.ascontiguousarray(crop[t:b_, l:r])
