@@ -57,6 +57,8 @@ def recipe(base: Path, epochs: int, outlier_weight: float, threads: int) -> Trai
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--base", type=Path, default=None,
+                        help=f"model directory to start from (default: the distilled default as of {BASE_COMMIT})")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--outlier-weight", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
@@ -66,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if not KOUZAN.exists():
         raise SystemExit(f"{KOUZAN} missing: apt-get install -y fonts-aoyagi-kouzan-t")
-    cfg = recipe(extract_base(args.out), args.epochs, args.outlier_weight, args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = recipe(args.base or extract_base(args.out), args.epochs, args.outlier_weight, args.threads)
     data = load_dataset(cfg.dataset)
     log = open(args.out / "train.log", "a")
 
