@@ -151,14 +151,16 @@ def print_summary(summary: dict, out: Path) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     speed = f"{summary['crops_per_s']:,.0f} crops/s" if summary.get("crops_per_s") else "-"
+    reasons = ", ".join(f"{k} {v:,}" for k, v in summary["review_reasons"].items())
     typer.echo("\n".join([
         f"files        {summary['files_seen']:,} rows ({summary['predicted']:,} predicted, {summary['errors']:,} errors: {errors})",
         f"skipped      {skipped}",
-        f"needs review {summary['needs_review']:,} (confidence below {summary['review_below']:.3f}, or an error)",
+        f"needs review {summary['needs_review']:,}: {reasons} (low confidence: below {summary['review_below']:.3f})",
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
         f"throughput   {speed} this run",
         f"predictions  {out / 'predictions'}",
         f"summary      {out / 'summary'} (plots, by_folder.csv, summary.json)",
+        f"review queue {out / 'summary' / 'review.html'} (and review_sheet-<reason>-<n>.png)",
     ]))
 
 
@@ -173,7 +175,7 @@ def predict(
     workers: int = typer.Option(1, help="model actors"),
     cpus_per_worker: float = typer.Option(1.0),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per model actor (fractions allowed)"),
-    review_below: Optional[float] = typer.Option(None, help="needs_review below this confidence; default from the model card"),
+    review_below: Optional[float] = typer.Option(None, help="low_confidence review below this confidence; default from the model card"),
     resume: bool = typer.Option(False, help="finish an interrupted run into the same OUT"),
     overwrite: bool = typer.Option(False, help="delete earlier predictions in OUT first"),
     rows_per_shard: int = typer.Option(8192, help="rows per Parquet file; also what a killed run can lose"),

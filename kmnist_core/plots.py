@@ -104,8 +104,8 @@ def histogram(values: np.ndarray, path: Path, title: str, threshold: float | Non
 
 
 def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], captions: Sequence[str], path: Path,
-                 columns: int = 6) -> Path:
-    """Crops (model input) with a title line each (e.g. top-3 with confidences) and a small caption."""
+                 columns: int = 6, title: str = "Crops: top-3 with confidences") -> Path:
+    """Crops (grey or RGB) with a title line each (e.g. top-3 with confidences) and a small caption."""
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
     for ax in axes.flat:
@@ -115,7 +115,7 @@ def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], cap
             ax.imshow(img, cmap="gray")
         ax.set_title(title, fontsize=10)
         ax.text(0.5, -0.08, caption[-28:], transform=ax.transAxes, ha="center", va="top", fontsize=6)
-    fig.suptitle("Lowest-confidence crops: top-3 with confidences")
+    fig.suptitle(title)
     return save_figure(fig, path)
 
 
