@@ -110,10 +110,10 @@ def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], cap
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, title, caption in zip(axes.flat, images, titles, captions):
+    for ax, img, label, caption in zip(axes.flat, images, titles, captions):
         if img is not None:
             ax.imshow(img, cmap="gray")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(label, fontsize=10)
         ax.text(0.5, -0.08, caption[-28:], transform=ax.transAxes, ha="center", va="top", fontsize=6)
     fig.suptitle(title)
     return save_figure(fig, path)
