@@ -4,7 +4,7 @@ The GPU recipe (bench/distill_recipe.py: five vgg-cnn teachers, a compact-cnn-wi
 over 180 epochs) made the base model. This recipe starts from that base (its weights as committed in
 git at BASE_COMMIT, so a rerun starts from the same weights after the default is replaced) and
 fine-tunes it on the kmnist-dev TRAIN split:
-  - in-set loss: distillation from the frozen base (keeps what it knows), mixup 0.2, strong augmentation;
+  - in-set loss: distillation from the frozen base (keeps what it knows), strong augmentation;
   - outlier exposure: as many synthetic negatives per batch (kmnist_core.negatives: other glyphs from
     IPAexGothic and the Aoyagi Kouzan brush font, merged pairs, fragments, overlays, turned characters,
     strokes, all cut from the TRAIN split), pushed towards the uniform distribution;
@@ -47,10 +47,10 @@ def extract_base(out: Path) -> Path:
     return base
 
 
-def recipe(base: Path, epochs: int, outlier_weight: float, threads: int) -> TrainConfig:
-    return TrainConfig(dataset="kmnist-dev", model="compact-cnn-wide", epochs=epochs, lr=1e-3, batch_size=128,
+def recipe(base: Path, epochs: int, outlier_weight: float, threads: int, mixup: float, lr: float) -> TrainConfig:
+    return TrainConfig(dataset="kmnist-dev", model="compact-cnn-wide", epochs=epochs, lr=lr, batch_size=128,
                        seed=0, device="cpu", optimizer="adamw", weight_decay=5e-4, schedule="onecycle",
-                       augment="strong", threads=threads, mixup=0.2, teachers=[str(base)], init=str(base),
+                       augment="strong", threads=threads, mixup=mixup, teachers=[str(base)], init=str(base),
                        negatives="synth", outlier_weight=outlier_weight, negative_fonts=[str(KOUZAN)])
 
 
@@ -61,6 +61,10 @@ def main() -> None:
                         help=f"model directory to start from (default: the distilled default as of {BASE_COMMIT})")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--outlier-weight", type=float, default=0.5)
+    # No mixup by default: a blend of two characters is what an "overlay" negative is, and the teacher's
+    # confident targets on blends taught the opposite of outlier exposure (measured: docs/benchmarks.md).
+    parser.add_argument("--mixup", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--install", action="store_true", help="copy the result into kmnist_core/default_model/")
     parser.add_argument("--recalibrate", action="store_true",
@@ -69,7 +73,8 @@ def main() -> None:
     if not KOUZAN.exists():
         raise SystemExit(f"{KOUZAN} missing: apt-get install -y fonts-aoyagi-kouzan-t")
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = recipe(args.base or extract_base(args.out), args.epochs, args.outlier_weight, args.threads)
+    cfg = recipe(args.base or extract_base(args.out), args.epochs, args.outlier_weight, args.threads, args.mixup,
+                 args.lr)
     data = load_dataset(cfg.dataset)
     log = open(args.out / "train.log", "a")
 

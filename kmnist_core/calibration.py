@@ -168,15 +168,23 @@ def threshold_with_bound(confidence: np.ndarray, correct: np.ndarray, target: fl
     return best
 
 
-def fit_review(val_logits: np.ndarray, val_labels: np.ndarray, neg_logits: np.ndarray, temperature: float,
-               method: str, target: float, in_set_keep: float, level: float = 0.95) -> dict:
-    """Both review thresholds from validation, and the promise they make.
+OOD_SCORES = ("energy", "max-softmax", "max-logit")
 
+
+def fit_review(val_logits: np.ndarray, val_labels: np.ndarray, neg_logits: np.ndarray, temperature: float,
+               target: float, in_set_keep: float, level: float = 0.95) -> dict:
+    """The out-of-set score, both review thresholds from validation, and the promise they make.
+
+    ood_score: of OOD_SCORES, the one that best separates validation characters from validation
+    negatives (AUROC); which one wins depends on how the model was trained (with outlier exposure's
+    uniform targets, max-softmax; without, the three are close).
     ood_threshold: the `in_set_keep` quantile of the in-set validation scores (so about 1 - in_set_keep
     of real characters are sent to review as unknown). review_below: among the in-set crops that pass,
     the lowest confidence whose accepted set has a one-sided `level` Clopper-Pearson lower bound of
     precision >= `target`. Validation negatives (never trained on) measure what still slips through.
     """
+    aurocs = {m: auroc(ood_score(val_logits, m), ood_score(neg_logits, m)) for m in OOD_SCORES}
+    method = max(aurocs, key=aurocs.get)
     s_in, s_out = ood_score(val_logits, method), ood_score(neg_logits, method)
     ood_threshold = float(np.quantile(s_in, in_set_keep, method="higher"))
     known = s_in <= ood_threshold
@@ -186,6 +194,7 @@ def fit_review(val_logits: np.ndarray, val_labels: np.ndarray, neg_logits: np.nd
     in_accepted = int(review["accepted"])
     return {
         "ood_score": method,
+        "ood_score_val_auroc": aurocs,
         "ood_threshold": ood_threshold,
         "review_below": review["threshold"],
         "review_promise": {

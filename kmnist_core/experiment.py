@@ -29,7 +29,6 @@ from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
 REVIEW_PRECISION = 0.995  # auto-accepted crops keep this precision (95 % lower bound on validation)
 REVIEW_LEVEL = 0.95  # one-sided confidence of that bound
-OOD_SCORE = "energy"  # chosen on validation negatives, see docs/benchmarks.md (out-of-set scores)
 IN_SET_KEEP = 0.99  # the out-of-set threshold sends ~1 % of real validation characters to review
 
 
@@ -104,8 +103,8 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
     temperature = calibration.fit_temperature(val_logits, data.val.labels)
     val_neg, _ = validation_negatives(cfg, data)
     neg_logits = predict_logits(model, val_neg, device, cfg.eval_batch_size)
-    review = calibration.fit_review(val_logits, data.val.labels, neg_logits, temperature, OOD_SCORE,
-                                    REVIEW_PRECISION, IN_SET_KEEP, REVIEW_LEVEL)
+    review = calibration.fit_review(val_logits, data.val.labels, neg_logits, temperature, REVIEW_PRECISION,
+                                    IN_SET_KEEP, REVIEW_LEVEL)
     test_metrics = classification_metrics(data.test.labels, test_logits.argmax(1), data.classes)
     test_metrics.update(review_metrics(test_logits, data.test.labels, temperature, review))
     calib = calibration_report(test_logits, data.test.labels, temperature)

@@ -134,10 +134,11 @@ def turned(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def strokes(rng: np.random.Generator) -> np.ndarray:
-    """A few random brush strokes (quadratic curves) and dots: ink, but no character."""
+    """Two to four random brush strokes (quadratic curves) and dots: ink, but no character. (One curve
+    alone is too close to つ or a real stroke to ask the model to call it "none of these".)"""
     canvas = Image.new("L", (64, 64), 0)
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(2, 5))):
         p0, p1, p2 = rng.uniform(4, 60, size=(3, 2))
         t = np.linspace(0, 1, 24)[:, None]
         pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2

@@ -99,7 +99,8 @@ def test_outlier_exposure_run_writes_thresholds_and_the_promise(oe_model_dir, sm
 
     card = json.loads((oe_model_dir / "model_card.json").read_text())
     cal = card["calibration"]
-    assert cal["ood_score"] == "energy" and math.isfinite(cal["ood_threshold"])
+    assert cal["ood_score"] in calibration.OOD_SCORES and math.isfinite(cal["ood_threshold"])
+    assert cal["ood_score_val_auroc"][cal["ood_score"]] == max(cal["ood_score_val_auroc"].values())
     promise = cal["review_promise"]
     assert promise["target_precision"] == 0.995 and promise["confidence_level"] == 0.95
     assert promise["accepted"] == 0 or promise["precision_lower_bound"] >= 0.995
