@@ -51,12 +51,13 @@ def test_margins_are_cut_to_the_ink_and_the_box_is_in_original_pixels(glyph):
 
 
 def test_specks_ruling_line_and_border_strip_are_left_out(glyph):
-    box = on_paper_box(glyph, 80, 80, 16, 16, 60)
+    box = on_paper_box(glyph, 76, 110, 12, 30, 56)  # not square: rows and columns differ in length
     clean = prepare_array(box, 28).ink_box
     dirty = box.copy()
     dirty[3:5, 3:5] = 20  # a speck in the corner
-    dirty[70:72, 75:77] = 20
-    dirty[8, :] = 40  # a ruling line across the top margin
+    dirty[70:72, 95:97] = 20
+    dirty[6, :] = 40  # a ruling line across the top margin
+    dirty[:, 14:16] = 50  # and one down the left margin
     dirty[:, -4:] = 60  # a dark strip along the right edge
     assert prepare_array(dirty, 28).ink_box == clean
 
