@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--base", type=Path, default=None,
                         help=f"model directory to start from (default: the distilled default as of {BASE_COMMIT})")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=15,
+                        help="0: no fine-tuning, only the thresholds fitted on the base (the ablation in docs/benchmarks.md)")
     parser.add_argument("--outlier-weight", type=float, default=0.5)
     # No mixup by default: a blend of two characters is what an "overlay" negative is, and the teacher's
     # confident targets on blends taught the opposite of outlier exposure (measured: docs/benchmarks.md).
@@ -83,18 +84,21 @@ def main() -> None:
               f"({m['epoch_time_s']:.0f}s)", file=log, flush=True)
 
     model_dir = args.out / "model"
-    if args.recalibrate:
+    if args.recalibrate or args.epochs == 0:
         model = create_model(cfg.model, len(data.classes), data.input_size)
-        model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
-        with open(model_dir / "history.csv") as f:
-            history = [{k: float(v) if k != "diverged" else v == "True" for k, v in row.items()}
-                       for row in csv.DictReader(f)]
+        weights = Path(cfg.init if args.epochs == 0 else model_dir) / "model.pt"
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        history = []
+        if args.epochs:
+            with open(model_dir / "history.csv") as f:
+                history = [{k: float(v) if k != "diverged" else v == "True" for k, v in row.items()}
+                           for row in csv.DictReader(f)]
         status = "completed"
     else:
         run = train_model(cfg, data, "cpu", progress)
         model, history, status = run.model, run.history, run.status
     card = write_model_dir(model_dir, model, cfg, data, history, status)
-    print(f"{model_dir}: model_id {card['model_id']}, val acc {history[-1]['val_acc']:.4f}", file=log, flush=True)
+    print(f"{model_dir}: model_id {card['model_id']}", file=log, flush=True)
     if args.install:
         for name in ("model.pt", "model_card.json"):
             shutil.copy(model_dir / name, DEFAULT_MODEL_DIR / name)

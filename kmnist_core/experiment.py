@@ -142,7 +142,7 @@ def unknown_report(predictor: Predictor, root: Path) -> tuple[dict, np.ndarray]:
     if not prepared:
         raise KmnistError(f"no decodable image under {root}")
     a = predictor.assess(np.stack([p.pixels for p in prepared]))
-    blank = np.array([getattr(p, "blank", False) for p in prepared])
+    blank = np.array([p.blank for p in prepared])
     reasons = review_reasons(np.zeros(len(prepared), bool), blank, a.unknown, a.probabilities.max(1),
                              predictor.review_below)
     accepted = np.array([r is None for r in reasons])

@@ -151,7 +151,7 @@ class Predictor:
         prepared = [self.prepare(im) for im in images]
         pixels = np.stack([p.pixels for p in prepared])
         a = self.assess(pixels)
-        blank = np.array([getattr(p, "blank", False) for p in prepared])
+        blank = np.array([p.blank for p in prepared])
         conf = a.probabilities.max(axis=1)
         reasons = review_reasons(np.zeros(len(pixels), bool), blank, a.unknown, conf, self.review_below)
         return [Prediction(int(p.argmax()), self.classes.chars[p.argmax()], self.classes.codepoints[p.argmax()],
