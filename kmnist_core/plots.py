@@ -103,22 +103,6 @@ def histogram(values: np.ndarray, path: Path, title: str, threshold: float | Non
     return save_figure(fig, path)
 
 
-def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], captions: Sequence[str], path: Path,
-                 columns: int = 6, title: str = "Crops: top-3 with confidences") -> Path:
-    """Crops (grey or RGB) with a title line each (e.g. top-3 with confidences) and a small caption."""
-    rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, label, caption in zip(axes.flat, images, titles, captions):
-        if img is not None:
-            ax.imshow(img, cmap="gray")
-        ax.set_title(label, fontsize=10)
-        ax.text(0.5, -0.08, caption[-28:], transform=ax.transAxes, ha="center", va="top", fontsize=6)
-    fig.suptitle(title)
-    return save_figure(fig, path)
-
-
 def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: float | None, method: str,
                   path: Path) -> Path:
     """Out-of-set scores of real characters vs out-of-set crops, with the review threshold."""
