@@ -7,37 +7,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from batch_infer import output
+from batch_infer.review_sheet import write_review_sheet
 from kmnist_core import plots
 from kmnist_core.errors import KmnistError
 from kmnist_core.model_dir import write_json_atomic
+from kmnist_core.review import REVIEW_REASONS
 
 SUMMARY_DIR = "summary"
-GALLERY_SIZE = 30
+
+
+def reason_counts(reasons: pd.Series) -> dict[str, int]:
+    """Rows per review reason, every reason listed (0 when absent) in precedence order."""
+    counts = reasons.value_counts()
+    return {r: int(counts.get(r, 0)) for r in REVIEW_REASONS}
 
 
 def folder_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per input root and top-level folder under it: counts, errors, review share, confidence."""
+    """Per input root and top-level folder under it: counts, errors, review by reason, confidence."""
     top = df["rel_path"].str.replace("\\", "/", regex=False).str.split("/").str[0]
     top = top.where(df["rel_path"].str.contains("/", regex=False), ".")
-    grouped = df.assign(top_folder=top).groupby(["input_root", "top_folder"], dropna=False)
+    reasons = {f"review_{r}": df["review_reason"].eq(r).astype(int) for r in REVIEW_REASONS}
+    grouped = df.assign(top_folder=top, **reasons).groupby(["input_root", "top_folder"], dropna=False)
     table = grouped.agg(files=("path", "size"), errors=("error", lambda s: int(s.notna().sum())),
-                        needs_review=("needs_review", "sum"), mean_confidence=("confidence", "mean"),
+                        needs_review=("needs_review", "sum"), **{name: (name, "sum") for name in reasons},
+                        mean_confidence=("confidence", "mean"),
                         most_common_char=("pred_char", lambda s: s.mode().iat[0] if s.notna().any() else None))
     return table.reset_index()
-
-
-def load_crop(path: bytes, size: int) -> np.ndarray | None:
-    from kmnist_core.preprocess import DecodeError, decode_bytes
-
-    try:
-        with open(path, "rb") as f:
-            return decode_bytes(f.read(), size).pixels
-    except (OSError, DecodeError):
-        return None
 
 
 def write_report(out: Path) -> dict:
@@ -51,18 +49,14 @@ def write_report(out: Path) -> dict:
     summary_dir = out / SUMMARY_DIR
     summary_dir.mkdir(parents=True, exist_ok=True)
 
-    ok = df[df["error"].isna()]
+    ok = df[df["pred_char"].notna()]  # predicted: neither an error nor a blank crop
     chars = [c["char"] for c in card.get("classes", [])] or sorted(ok["pred_char"].dropna().unique())
     counts = ok["pred_char"].value_counts().reindex(chars, fill_value=0) if len(chars) <= 60 else ok["pred_char"].value_counts().head(60)
     plots.bar_chart(list(counts.index), counts.to_numpy(), summary_dir / "class_distribution.png",
                     "Predicted characters", "crops")
     plots.histogram(ok["confidence"].to_numpy(), summary_dir / "confidence_histogram.png",
                     "Calibrated confidence", latest.get("review_below"))
-    lowest = ok.nsmallest(GALLERY_SIZE, "confidence")
-    size = int(card.get("input", {}).get("size", 28))
-    plots.crop_gallery([load_crop(p, size) for p in lowest["path_bytes"]],
-                       [" ".join(f"{c}{p:.2f}" for c, p in zip(cs, ps)) for cs, ps in zip(lowest["topk_chars"], lowest["topk_confidences"])],
-                       list(lowest["rel_path"]), summary_dir / "lowest_confidence.png")
+    write_review_sheet(df, summary_dir)
     table = folder_table(df)
     table.to_csv(summary_dir / "by_folder.csv", index=False)
 
@@ -74,7 +68,9 @@ def write_report(out: Path) -> dict:
         # Every run walks the whole tree, so the latest run's skip counts are current.
         "skipped": latest.get("discovery", {}).get("skipped", {}),
         "needs_review": int(df["needs_review"].sum()),
+        "review_reasons": reason_counts(df["review_reason"]),
         "review_below": latest.get("review_below"),
+        "ood_threshold": card.get("calibration", {}).get("ood_threshold"),
         "inverted": int(ok["inverted"].sum()),
         "mean_confidence": float(ok["confidence"].mean()) if len(ok) else None,
         "runs": sorted(r["run_id"] for r in runs),

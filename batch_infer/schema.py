@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "2"  # 2: ink box, ood_score, review_reason; prediction fields null on blank crops too
 
 SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),  # absolute path as discovered, as text (batch_infer/paths.py)
@@ -16,6 +16,10 @@ SCHEMA = pa.schema([
     pa.field("width", pa.int32()),  # original, after EXIF orientation
     pa.field("height", pa.int32()),
     pa.field("inverted", pa.bool_()),  # dark ink on light paper was detected and inverted
+    pa.field("ink_x", pa.int32()),  # the character's box in the original (after EXIF) pixels that the
+    pa.field("ink_y", pa.int32()),  # model read; null when blank or an error
+    pa.field("ink_w", pa.int32()),
+    pa.field("ink_h", pa.int32()),
     pa.field("pred_index", pa.int32()),
     pa.field("pred_char", pa.string()),
     pa.field("pred_codepoint", pa.string()),
@@ -24,7 +28,9 @@ SCHEMA = pa.schema([
     pa.field("topk_chars", pa.list_(pa.string())),
     pa.field("topk_confidences", pa.list_(pa.float32())),
     pa.field("margin", pa.float32()),  # top-1 minus top-2 confidence
-    pa.field("needs_review", pa.bool_(), nullable=False),  # confidence < review_below, or an error
+    pa.field("ood_score", pa.float32()),  # higher = less like any of the model's characters
+    pa.field("needs_review", pa.bool_(), nullable=False),  # review_reason is not null
+    pa.field("review_reason", pa.string()),  # error, blank, unknown_character, low_confidence; null = accepted
     pa.field("error", pa.string()),  # null when the file was predicted
     pa.field("error_kind", pa.string()),  # empty, not_image, truncated, too_large, corrupt, unreadable
     pa.field("model_id", pa.string(), nullable=False),

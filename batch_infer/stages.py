@@ -15,18 +15,22 @@ import pyarrow as pa
 
 from batch_infer.schema import SCHEMA
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_bytes
+from kmnist_core.review import review_reasons
 
 
 DECODED_SCHEMA = pa.schema([
     ("path", pa.string()), ("path_bytes", pa.binary()), ("rel_path", pa.string()), ("input_root", pa.string()),
     ("pixels", pa.binary()),  # size*size uint8, light ink on dark; empty on error
     ("sha256", pa.string()), ("size_bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
-    ("inverted", pa.bool_()), ("error", pa.string()), ("error_kind", pa.string()),
+    ("inverted", pa.bool_()), ("blank", pa.bool_()), ("ink_x", pa.int32()), ("ink_y", pa.int32()),
+    ("ink_w", pa.int32()), ("ink_h", pa.int32()), ("error", pa.string()), ("error_kind", pa.string()),
 ])
-DECODED_FIELDS = ("pixels", "sha256", "size_bytes", "width", "height", "inverted", "error", "error_kind")
+DECODED_FIELDS = ("pixels", "sha256", "size_bytes", "width", "height", "inverted", "blank", "ink_x", "ink_y", "ink_w",
+                  "ink_h", "error", "error_kind")
 # Kinds a file can show for a while and then lose: still being copied (truncated), a storage hiccup
 # such as EIO or ESTALE on NFS (unreadable). The others are properties of the bytes and stay.
 TRANSIENT_KINDS = frozenset({"unreadable", "truncated"})
+NO_IMAGE = (None,) * 8  # width .. ink_h of a file that did not decode
 
 
 def decode_file(path: bytes, input_size: int, max_pixels: int) -> tuple:
@@ -37,11 +41,12 @@ def decode_file(path: bytes, input_size: int, max_pixels: int) -> tuple:
             data = f.read()
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         img = decode_bytes(data, input_size, max_pixels)
-        return img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, None, None
+        ink = img.ink_box or (None,) * 4
+        return (img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, img.blank, *ink, None, None)
     except DecodeError as e:
-        return b"", sha, size, None, None, None, str(e), e.kind
+        return b"", sha, size, *NO_IMAGE, str(e), e.kind
     except OSError as e:
-        return b"", sha, size, None, None, None, f"unreadable: {e.strerror or e}", "unreadable"
+        return b"", sha, size, *NO_IMAGE, f"unreadable: {e.strerror or e}", "unreadable"
 
 
 def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 0,
@@ -101,31 +106,40 @@ class PredictorActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+        blank = batch.column("blank").fill_null(False).to_numpy(zero_copy_only=False)
+        predicted = ok & ~blank  # blank crops decode fine but hold no character: no prediction
         size = self.model.input_size
         probs = np.zeros((n, len(self.chars)), np.float32)
-        if ok.any():
-            probs[ok] = self.model.probabilities(pixel_array(batch.column("pixels"), size))
+        ood = np.zeros(n, np.float32)
+        unknown = np.zeros(n, bool)
+        if ok.any():  # blank rows' pixels are background; run with the rest so the buffer stays one array
+            a = self.model.assess(pixel_array(batch.column("pixels"), size))
+            probs[ok], ood[ok], unknown[ok] = a.probabilities, a.ood_score, a.unknown
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
         top_p = np.take_along_axis(probs, top, axis=1)
-        confidence = top_p[:, 0]
+        confidence = np.where(predicted, top_p[:, 0], np.nan)
         margin = top_p[:, 0] - (top_p[:, 1] if self.topk > 1 else 0)
-        null_if_error = lambda values, type_: pa.array(values, type=type_, mask=~ok)  # noqa: E731
+        reasons = review_reasons(~ok, blank, unknown & predicted, confidence, self.review_below)
+        null_unless_predicted = lambda values, type_: pa.array(values, type=type_, mask=~predicted)  # noqa: E731
         # Lists built from flat arrays and offsets: no Python object per row.
         offsets = pa.array(np.arange(0, (n + 1) * self.topk, self.topk, dtype=np.int32))
         list_column = lambda values, type_: pa.ListArray.from_arrays(  # noqa: E731
-            offsets, pa.array(values.ravel(), type=type_), mask=pa.array(~ok))
-        columns = {name: batch.column(name) for name in
-                   ("path", "path_bytes", "rel_path", "input_root", "sha256", "size_bytes", "width", "height", "inverted")}
+            offsets, pa.array(values.ravel(), type=type_), mask=pa.array(~predicted))
+        columns = {name: batch.column(name) for name in ("path", "path_bytes", "rel_path", "input_root", "sha256",
+                                                         "size_bytes", "width", "height", "inverted",
+                                                         "ink_x", "ink_y", "ink_w", "ink_h")}
         columns.update({
-            "pred_index": null_if_error(top[:, 0].astype(np.int32), pa.int32()),
-            "pred_char": null_if_error(self.chars[top[:, 0]], pa.string()),
-            "pred_codepoint": null_if_error(self.codepoints[top[:, 0]], pa.string()),
-            "confidence": null_if_error(confidence, pa.float32()),
+            "pred_index": null_unless_predicted(top[:, 0].astype(np.int32), pa.int32()),
+            "pred_char": null_unless_predicted(self.chars[top[:, 0]], pa.string()),
+            "pred_codepoint": null_unless_predicted(self.codepoints[top[:, 0]], pa.string()),
+            "confidence": null_unless_predicted(top_p[:, 0], pa.float32()),
             "topk_indices": list_column(top.astype(np.int32), pa.int32()),
             "topk_chars": list_column(self.chars[top], pa.string()),
             "topk_confidences": list_column(top_p, pa.float32()),
-            "margin": null_if_error(margin.astype(np.float32), pa.float32()),
-            "needs_review": pa.array(~ok | (confidence < self.review_below), pa.bool_()),
+            "margin": null_unless_predicted(margin.astype(np.float32), pa.float32()),
+            "ood_score": null_unless_predicted(ood, pa.float32()),
+            "needs_review": pa.array(reasons != None, pa.bool_()),  # noqa: E711 (elementwise on an object array)
+            "review_reason": pa.array(reasons, pa.string()),
             "error": batch.column("error"),
             "error_kind": batch.column("error_kind"),
             "model_id": pa.array([self.model.model_id] * n, pa.string()),

@@ -78,6 +78,11 @@ def train(
                                                             "each augmented batch become the targets); repeat "
                                                             "for an ensemble, whose mean probabilities are used"),
     distill_temperature: float = typer.Option(1.0, help="softmax temperature of the distillation loss"),
+    init: Optional[str] = typer.Option(None, help="model directory (or 'default') whose weights start the run"),
+    negatives: str = typer.Option("none", help="none, or synth: outlier exposure with synthetic non-characters"),
+    outlier_weight: float = typer.Option(0.5, help="weight of the outlier-exposure loss"),
+    negative_font: Optional[List[Path]] = typer.Option(None, help="extra font for rendered non-character glyphs "
+                                                                  "(IPAexGothic is always used); repeatable"),
     data_dir: Optional[Path] = typer.Option(None, help="directory with (or receiving) the official files"),
     out: Path = typer.Option(..., help="model directory to write"),
 ):
@@ -88,7 +93,9 @@ def train(
     cfg = TrainConfig(dataset=dataset, model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                       device=device, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                       augment=augment, threads=threads, data_dir=str(data_dir) if data_dir else None,
-                      mixup=mixup, teachers=[str(t) for t in teacher or []], distill_temperature=distill_temperature)
+                      mixup=mixup, teachers=[str(t) for t in teacher or []], distill_temperature=distill_temperature,
+                      init=init, negatives=negatives, outlier_weight=outlier_weight,
+                      negative_fonts=[str(f) for f in negative_font or []])
     card = run_train(cfg, out, on_epoch=epoch_printer(epochs))
     test = card["metrics"]["test"]
     typer.echo(f"{dataset} test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}) "
@@ -104,18 +111,31 @@ def evaluate(
     dataset: str = typer.Option("kmnist-dev"),
     split: str = typer.Option("test", help="train, val or test"),
     data_dir: Optional[Path] = typer.Option(None),
+    unknown: Optional[Path] = typer.Option(None, help="folder of crops that are none of the model's characters "
+                                                      "(sub-folders = kinds): report the share auto-accepted"),
     out: Path = typer.Option(..., help="directory for metrics.json and plots"),
 ):
-    """Score a model on a labelled split: accuracy, per-class, confusion matrix, calibration, plots."""
+    """Score a model on a labelled split: accuracy, calibration, auto-accepted share and precision, plots."""
     from kmnist_core.datasets import load_dataset
     from kmnist_core.experiment import run_evaluate
     from kmnist_core.model_dir import load_model
 
     if split not in ("train", "val", "test"):
         raise KmnistError(f"unknown split {split!r}; choose train, val or test")
-    metrics = run_evaluate(load_model(model), load_dataset(dataset, data_dir), split, out)
+    if unknown is not None and not unknown.is_dir():
+        raise KmnistError(f"--unknown {unknown} is not a folder")
+    metrics = run_evaluate(load_model(model), load_dataset(dataset, data_dir), split, out, unknown)
+    review = metrics["review"]
+    precision = review["auto_accepted_precision"]
     typer.echo(f"{dataset}/{split}: accuracy {metrics['accuracy']:.4f}, balanced {metrics['balanced_accuracy']:.4f} "
                f"on {metrics['n']} images; ECE {metrics['calibration']['ece_after']:.2%}")
+    typer.echo(f"auto-accepted {review['auto_accepted_share']:.2%} at precision "
+               + (f"{precision:.2%}" if precision is not None else "-")
+               + f" ({review['auto_accepted_errors']} wrong, {review['unknown_share']:.2%} flagged unknown)")
+    if unknown is not None:
+        u = metrics["unknown"]
+        typer.echo(f"out-of-set {unknown}: {u['auto_accepted_share']:.2%} of {u['n']} auto-accepted; "
+                   + ", ".join(f"{k} {v['auto_accepted_share']:.2%}" for k, v in u["by_kind"].items()))
     typer.echo(f"metrics and plots: {out}")
 
 
@@ -137,14 +157,16 @@ def print_summary(summary: dict, out: Path) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     speed = f"{summary['crops_per_s']:,.0f} crops/s" if summary.get("crops_per_s") else "-"
+    reasons = ", ".join(f"{k} {v:,}" for k, v in summary["review_reasons"].items())
     typer.echo("\n".join([
         f"files        {summary['files_seen']:,} rows ({summary['predicted']:,} predicted, {summary['errors']:,} errors: {errors})",
         f"skipped      {skipped}",
-        f"needs review {summary['needs_review']:,} (confidence below {summary['review_below']:.3f}, or an error)",
+        f"needs review {summary['needs_review']:,}: {reasons} (low confidence: below {summary['review_below']:.3f})",
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
         f"throughput   {speed} this run",
         f"predictions  {out / 'predictions'}",
         f"summary      {out / 'summary'} (plots, by_folder.csv, summary.json)",
+        f"review queue {out / 'summary' / 'review.html'} (and review_sheet-<reason>-<n>.png)",
     ]))
 
 
@@ -160,7 +182,7 @@ def predict(
     workers: int = typer.Option(1, help="model actors"),
     cpus_per_worker: float = typer.Option(1.0),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per model actor (fractions allowed)"),
-    review_below: Optional[float] = typer.Option(None, help="needs_review below this confidence; default from the model card"),
+    review_below: Optional[float] = typer.Option(None, help="low_confidence review below this confidence; default from the model card"),
     resume: bool = typer.Option(False, help="finish an interrupted run into the same OUT (also re-reads "
                                             "unreadable and truncated files)"),
     retry_errors: bool = typer.Option(False, help="with --resume: re-read every error row; each new row replaces the old"),

@@ -40,6 +40,19 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
     }
 
 
+def review_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, review: dict) -> dict:
+    """Auto-accepted share of a labelled split and its precision under a card's two thresholds."""
+    probs = calibration.softmax(logits, temperature)
+    unknown = calibration.ood_score(logits, review["ood_score"]) > review["ood_threshold"]
+    accepted = ~unknown & (probs.max(1) >= review["review_below"])
+    correct = probs.argmax(1) == labels
+    n_acc = int(accepted.sum())
+    return {"auto_accepted_share": float(accepted.mean()), "auto_accepted": n_acc,
+            "auto_accepted_errors": int((accepted & ~correct).sum()),
+            "auto_accepted_precision": float(correct[accepted].mean()) if n_acc else None,
+            "unknown_share": float(unknown.mean())}
+
+
 def write_evaluation_plots(out: Path, split: Split, logits: np.ndarray, temperature: float, classes: ClassMap, title: str) -> list[Path]:
     """Confusion matrix, 100 sample predictions, reliability diagram and risk-coverage curve."""
     pred = logits.argmax(1)

@@ -13,18 +13,23 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from kmnist_core import calibration, plots
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
-from kmnist_core.evaluate import calibration_report, classification_metrics, write_evaluation_plots
+from kmnist_core.evaluate import calibration_report, classification_metrics, review_metrics, write_evaluation_plots
+from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
+from kmnist_core.review import REVIEW_REASONS, review_reasons
 from kmnist_core.model_dir import (Predictor, pick_device, read_card, resolve_model_path, save_model_dir,
                                    write_json_atomic)
-from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model
+from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
-REVIEW_PRECISION = 0.995  # the default review threshold keeps this precision on validation
+REVIEW_PRECISION = 0.995  # auto-accepted crops keep this precision (95 % lower bound on validation)
+REVIEW_LEVEL = 0.95  # one-sided confidence of that bound
+IN_SET_KEEP = 0.99  # the out-of-set threshold sends ~1 % of real validation characters to review
 
 
 def code_version() -> str:
@@ -39,15 +44,17 @@ def code_version() -> str:
 
 
 def build_card(cfg: TrainConfig, data: Dataset, history: list[dict], status: str, test_metrics: dict,
-               calib: dict, review_threshold: float) -> dict:
+               calib: dict, review: dict) -> dict:
     return {
         "architecture": {"name": cfg.model, "num_classes": len(data.classes),
                          "parameters": None},  # filled by caller, which has the model
         "classes": data.classes.to_records(),
         "input": {"size": data.input_size, "channels": 1, "polarity": "light ink on dark background",
                   "normalization": {"mean": MEAN, "std": STD, "range": [-1.0, 1.0]}},
-        "calibration": {**calib, "method": "temperature scaling fitted on val",
-                        "review_below": review_threshold, "review_precision_target": REVIEW_PRECISION},
+        "calibration": {**calib, "method": "temperature scaling fitted on val", **review,
+                        "review_precision_target": REVIEW_PRECISION,
+                        "fitted_on": f"{data.name} val ({len(data.val)} images) and {review['review_promise']['negatives_n']} "
+                                     "validation negatives (kmnist_core.negatives: cut from val, held-out glyphs)"},
         "training": {"dataset": data.name, "split": data.split_note,
                      "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
                      "config": cfg.to_dict(), "augmentation": AUGMENTATIONS[cfg.augment] and AUGMENTATIONS[cfg.augment].to_dict(),
@@ -94,12 +101,15 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
     val_logits = predict_logits(model, data.val.images, device, cfg.eval_batch_size)
     test_logits = predict_logits(model, data.test.images, device, cfg.eval_batch_size)
     temperature = calibration.fit_temperature(val_logits, data.val.labels)
-    review_threshold, _ = calibration.threshold_for_precision(
-        calibration.softmax(val_logits, temperature), data.val.labels, REVIEW_PRECISION)
+    val_neg, _ = validation_negatives(cfg, data)
+    neg_logits = predict_logits(model, val_neg, device, cfg.eval_batch_size)
+    review = calibration.fit_review(val_logits, data.val.labels, neg_logits, temperature, REVIEW_PRECISION,
+                                    IN_SET_KEEP, REVIEW_LEVEL)
     test_metrics = classification_metrics(data.test.labels, test_logits.argmax(1), data.classes)
+    test_metrics.update(review_metrics(test_logits, data.test.labels, temperature, review))
     calib = calibration_report(test_logits, data.test.labels, temperature)
 
-    card = build_card(cfg, data, history, status, test_metrics, calib, review_threshold)
+    card = build_card(cfg, data, history, status, test_metrics, calib, review)
     card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
     card = save_model_dir(out, model, card)
     write_history(out / "history.csv", history)
@@ -111,8 +121,49 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
     return card
 
 
-def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path) -> dict:
-    """Score a loaded model on one split of a dataset; writes metrics.json and the plots into `out`."""
+def read_unknown_tree(root: Path, size: int) -> tuple[list[PreparedImage], list[str], int]:
+    """Every image file under `root`, decoded exactly as `predict` decodes it, with its kind (the first
+    sub-folder, or "." for files directly in `root`). Undecodable files are counted, not returned."""
+    prepared, kinds, errors = [], [], 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)):
+        try:
+            prepared.append(decode_bytes(path.read_bytes(), size))
+        except DecodeError:
+            errors += 1
+            continue
+        rel = path.relative_to(root).parts
+        kinds.append(rel[0] if len(rel) > 1 else ".")
+    return prepared, kinds, errors
+
+
+def unknown_report(predictor: Predictor, root: Path) -> tuple[dict, np.ndarray]:
+    """Share of a folder of out-of-set crops that `predict` would auto-accept, overall and per kind."""
+    prepared, kinds, errors = read_unknown_tree(root, predictor.input_size)
+    if not prepared:
+        raise KmnistError(f"no decodable image under {root}")
+    a = predictor.assess(np.stack([p.pixels for p in prepared]))
+    blank = np.array([p.blank for p in prepared])
+    reasons = review_reasons(np.zeros(len(prepared), bool), blank, a.unknown, a.probabilities.max(1),
+                             predictor.review_below)
+    accepted = np.array([r is None for r in reasons])
+    kinds = np.array(kinds)
+    per_kind = {}
+    for kind in sorted(set(kinds)):
+        mine = kinds == kind
+        per_kind[kind] = {"n": int(mine.sum()), "auto_accepted_share": float(accepted[mine].mean()),
+                          "reasons": {r or "accepted": int(((reasons == r) & mine).sum()) for r in (*REVIEW_REASONS[1:], None)}}
+    report = {"dir": str(root), "n": len(prepared), "undecodable": errors,
+              "auto_accepted_share": float(accepted.mean()), "by_kind": per_kind}
+    return report, a.ood_score[~blank]
+
+
+def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unknown: Path | None = None) -> dict:
+    """Score a loaded model on one split of a dataset; writes metrics.json and the plots into `out`.
+
+    Beside accuracy and calibration: the share `predict` auto-accepts and its precision, and with
+    `unknown` (a folder of crops that are none of the model's characters, sub-folders = kinds) the share
+    of those it would auto-accept.
+    """
     part = getattr(data, split)
     if len(predictor.classes) != len(data.classes) or predictor.input_size != data.input_size:
         raise KmnistError(f"model has {len(predictor.classes)} classes at {predictor.input_size}px, "
@@ -120,8 +171,24 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path) -> 
     logits = predictor.logits(part.images)
     metrics = classification_metrics(part.labels, logits.argmax(1), data.classes)
     metrics["calibration"] = calibration_report(logits, part.labels, predictor.temperature)
+    metrics["review"] = {"review_below": predictor.review_below, "ood_score": predictor.ood_method,
+                         "ood_threshold": predictor.ood_threshold,
+                         **review_metrics(logits, part.labels, predictor.temperature,
+                                          {"ood_score": predictor.ood_method, "review_below": predictor.review_below,
+                                           "ood_threshold": np.inf if predictor.ood_threshold is None
+                                           else predictor.ood_threshold})}
     metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id})
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", metrics)
     write_evaluation_plots(out, part, logits, predictor.temperature, data.classes, f"{data.name} {split}")
+    if unknown is not None:
+        metrics["unknown"], out_scores = unknown_report(predictor, unknown)
+        in_scores = calibration.ood_score(logits, predictor.ood_method)
+        if len(out_scores):  # blank crops have no score: they never reach the model's decision
+            metrics["unknown"]["auroc"] = calibration.auroc(in_scores, out_scores)
+            plots.ood_histogram(in_scores, out_scores, predictor.ood_threshold, predictor.ood_method,
+                                out / "ood_scores.png")
+        by_kind = metrics["unknown"]["by_kind"]
+        plots.bar_chart(list(by_kind), np.array([k["auto_accepted_share"] for k in by_kind.values()]),
+                        out / "unknown_accepted.png", "Out-of-set crops auto-accepted, per kind", "share auto-accepted")
+    write_json_atomic(out / "metrics.json", metrics)
     return metrics

@@ -94,6 +94,15 @@ class Prediction:
     codepoint: str
     confidence: float  # calibrated probability of `index`
     probabilities: np.ndarray  # (num_classes,), calibrated
+    ood_score: float  # higher = less like any of the model's classes
+    review_reason: str | None  # None = auto-accepted; see kmnist_core.review
+
+
+@dataclass(frozen=True)
+class Assessment:
+    probabilities: np.ndarray  # (N, C) float32, calibrated
+    ood_score: np.ndarray  # (N,) float32, higher = less like any of the model's classes
+    unknown: np.ndarray  # (N,) bool, ood_score above the card's ood_threshold (all False without one)
 
 
 class Predictor:
@@ -105,7 +114,11 @@ class Predictor:
         self.device = device
         self.classes = ClassMap.from_records(card["classes"])
         self.input_size = int(card["input"]["size"])
-        self.temperature = float(card.get("calibration", {}).get("temperature", 1.0))
+        calibration = card.get("calibration", {})
+        self.temperature = float(calibration.get("temperature", 1.0))
+        self.review_below = float(calibration.get("review_below", 0.0))
+        self.ood_method = calibration.get("ood_score", "energy")
+        self.ood_threshold = calibration.get("ood_threshold")  # None: the card has no out-of-set threshold
         self.model_id = card.get("model_id", "unknown")
 
     @torch.inference_mode()
@@ -123,6 +136,15 @@ class Predictor:
 
         return softmax(self.logits(pixels, batch_size), self.temperature)
 
+    def assess(self, pixels: np.ndarray, batch_size: int = 1024) -> Assessment:
+        """Calibrated probabilities, an out-of-set score and the unknown flag for model inputs."""
+        from kmnist_core.calibration import ood_score, softmax
+
+        logits = self.logits(pixels, batch_size)
+        score = ood_score(logits, self.ood_method).astype(np.float32)
+        unknown = score > self.ood_threshold if self.ood_threshold is not None else np.zeros(len(score), bool)
+        return Assessment(softmax(logits, self.temperature).astype(np.float32), score, unknown)
+
     def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
         if isinstance(image, Image.Image):
             return prepare_image(image, self.input_size)
@@ -132,10 +154,16 @@ class Predictor:
         """Predict PIL images or uint8 arrays of any size and either polarity."""
         if not len(images):
             return []
-        pixels = np.stack([self.prepare(im).pixels for im in images])
-        probs = self.probabilities(pixels)
+        from kmnist_core.review import review_reasons
+
+        prepared = [self.prepare(im) for im in images]
+        pixels = np.stack([p.pixels for p in prepared])
+        a = self.assess(pixels)
+        blank = np.array([p.blank for p in prepared])
+        conf = a.probabilities.max(axis=1)
+        reasons = review_reasons(np.zeros(len(pixels), bool), blank, a.unknown, conf, self.review_below)
         return [Prediction(int(p.argmax()), self.classes.chars[p.argmax()], self.classes.codepoints[p.argmax()],
-                           float(p.max()), p) for p in probs]
+                           float(p.max()), p, float(s), r) for p, s, r in zip(a.probabilities, a.ood_score, reasons)]
 
 
 def pick_device(device: str) -> str:

@@ -103,17 +103,16 @@ def histogram(values: np.ndarray, path: Path, title: str, threshold: float | Non
     return save_figure(fig, path)
 
 
-def crop_gallery(images: Sequence[np.ndarray | None], titles: Sequence[str], captions: Sequence[str], path: Path,
-                 columns: int = 6) -> Path:
-    """Crops (model input) with a title line each (e.g. top-3 with confidences) and a small caption."""
-    rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, title, caption in zip(axes.flat, images, titles, captions):
-        if img is not None:
-            ax.imshow(img, cmap="gray")
-        ax.set_title(title, fontsize=10)
-        ax.text(0.5, -0.08, caption[-28:], transform=ax.transAxes, ha="center", va="top", fontsize=6)
-    fig.suptitle("Lowest-confidence crops: top-3 with confidences")
+def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: float | None, method: str,
+                  path: Path) -> Path:
+    """Out-of-set scores of real characters vs out-of-set crops, with the review threshold."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(min(in_scores.min(), out_scores.min()), max(in_scores.max(), out_scores.max()), 60)
+    ax.hist(in_scores, bins=bins, alpha=0.6, density=True, label=f"the model's characters ({len(in_scores)})")
+    ax.hist(out_scores, bins=bins, alpha=0.6, density=True, label=f"out-of-set crops ({len(out_scores)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="red", ls="--", label=f"unknown above {threshold:.2f}")
+    ax.set(xlabel=f"out-of-set score ({method}; higher = less like any class)", ylabel="density",
+           title="Out-of-set scores")
+    ax.legend()
     return save_figure(fig, path)

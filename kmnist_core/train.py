@@ -6,9 +6,11 @@ stage reports to Ray with it, so both run exactly this loop.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from kmnist_core import transforms
 from kmnist_core.datasets import Dataset, Split
-from kmnist_core.model_dir import load_model
+from kmnist_core.model_dir import load_model, read_model_files
 from kmnist_core.models import create_model
 from kmnist_core.errors import KmnistError
 
@@ -43,6 +45,12 @@ class TrainConfig:
     teachers: list[str] = field(default_factory=list)
     distill_temperature: float = 1.0
     mixup: float = 0.0  # Beta(a, a) mixing of image pairs; 0 = off
+    init: str | None = None  # a model directory whose weights start the run (fine-tuning)
+    # Outlier exposure (Hendrycks et al. 2019): synthetic non-characters (kmnist_core.negatives) are
+    # pushed towards the uniform distribution, so "none of these" gets a low score.
+    negatives: str = "none"  # or "synth"
+    outlier_weight: float = 0.5
+    negative_fonts: list[str] = field(default_factory=list)  # fonts beside IPAexGothic for rendered glyphs
 
     def validate(self) -> None:
         if self.augment not in transforms.AUGMENTATIONS:
@@ -55,6 +63,11 @@ class TrainConfig:
             raise KmnistError("epochs and batch size must be >= 1 and lr > 0")
         if not self.distill_temperature > 0 or self.mixup < 0:
             raise KmnistError("distill temperature must be > 0 and mixup >= 0")
+        if self.negatives not in ("none", "synth") or self.outlier_weight < 0:
+            raise KmnistError(f"unknown negatives {self.negatives!r} (choose none or synth), or outlier weight < 0")
+        missing = [f for f in self.negative_fonts if not Path(f).is_file()]
+        if missing:
+            raise KmnistError(f"font file not found: {', '.join(missing)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,9 +132,17 @@ def batch_loss(logits: torch.Tensor, y: torch.Tensor, partner: torch.Tensor | No
     return loss
 
 
+def outlier_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the uniform distribution over the classes (outlier exposure)."""
+    return -F.log_softmax(logits, 1).mean(1).mean()
+
+
 def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torch.Generator, device: str,
-                    teacher: TeacherEnsemble | None = None) -> tuple[float, float]:
-    """One pass over `split` in a seeded random order. Returns (mean loss, accuracy on the labels)."""
+                    teacher: TeacherEnsemble | None = None, negatives: np.ndarray | None = None) -> tuple[float, float]:
+    """One pass over `split` in a seeded random order. Returns (mean loss, accuracy on the labels).
+
+    With `negatives`, each batch also carries as many random negatives, augmented the same way.
+    """
     model.train()
     aug = transforms.AUGMENTATIONS[cfg.augment]
     images = torch.from_numpy(split.images)
@@ -141,8 +162,18 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
         if teacher is not None:
             with torch.no_grad():  # not inference_mode: its tensors cannot be saved for the student's backward
                 teacher_logits = teacher(x.contiguous(memory_format=torch.channels_last))
-        logits = model(x)
+        if negatives is not None:
+            pick = torch.randint(len(negatives), (len(idx),), generator=gen)
+            xn = transforms.to_model_tensor(torch.from_numpy(negatives)[pick]).to(device)
+            if aug is not None:
+                xn = transforms.augment_batch(xn, aug, gen)
+            # One forward for both, so batch norm sees the mix it will see in an archive.
+            logits, neg_logits = model(torch.cat([x, xn])).split([len(x), len(xn)])
+        else:
+            logits = model(x)
         loss = batch_loss(logits, y, partner, lam, teacher_logits, cfg.distill_temperature)
+        if negatives is not None:
+            loss = loss + cfg.outlier_weight * outlier_loss(neg_logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -210,6 +241,44 @@ def load_teachers(paths: list[str], data: Dataset, device: str) -> TeacherEnsemb
     return TeacherEnsemble(members).eval() if members else None
 
 
+def negative_fonts(cfg: TrainConfig) -> list[Path]:
+    from kmnist_core.negatives import IPAEX_GOTHIC
+
+    return [IPAEX_GOTHIC, *map(Path, cfg.negative_fonts)]
+
+
+def training_negatives(cfg: TrainConfig, data: Dataset) -> np.ndarray | None:
+    """Negatives cut from the TRAIN split and the training glyphs: twice the train size, seeded."""
+    if cfg.negatives == "none":
+        return None
+    from kmnist_core.negatives import glyph_pool, make_negatives
+
+    images, _ = make_negatives(data.train.images, data.train.labels, 2 * len(data.train), cfg.seed,
+                               glyph_pool("train"), negative_fonts(cfg), data.input_size)
+    return images
+
+
+def validation_negatives(cfg: TrainConfig, data: Dataset, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Negatives cut from the VAL split and held-out glyphs: for fitting the out-of-set threshold."""
+    from kmnist_core.negatives import glyph_pool, make_negatives
+
+    return make_negatives(data.val.images, data.val.labels, n, 10_000 + cfg.seed, glyph_pool("held_out"),
+                          negative_fonts(cfg), data.input_size)
+
+
+def load_init_weights(model: torch.nn.Module, architecture: str, init: str) -> None:
+    """Start from a model directory's weights (same architecture and classes)."""
+    card, weights = read_model_files(init)
+    if card["architecture"]["name"] != architecture:
+        raise KmnistError(f"--init {init} is a {card['architecture']['name']}, not a {architecture}")
+    state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise KmnistError(f"--init {init} ({card['architecture']['name']}) does not fit this model: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
 def train_model(
     cfg: TrainConfig,
     data: Dataset,
@@ -226,7 +295,11 @@ def train_model(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, len(data.classes), data.input_size).to(device)
+    model = create_model(cfg.model, len(data.classes), data.input_size)
+    if cfg.init:
+        load_init_weights(model, cfg.model, cfg.init)
+    model = model.to(device)
+    negatives = training_negatives(cfg, data)
     opt, sched = make_optimizer(model, cfg, math.ceil(len(data.train) / cfg.batch_size))
     run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
     teacher = load_teachers(cfg.teachers, data, device)
@@ -234,7 +307,8 @@ def train_model(
         run.load_state_dict(resume_state)
     for epoch in range(len(run.history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, data.train, opt, sched, cfg, run.generator, device, teacher)
+        train_loss, train_acc = train_one_epoch(model, data.train, opt, sched, cfg, run.generator, device, teacher,
+                                                negatives)
         val_loss, val_acc = split_scores(model, data.val, device, cfg.eval_batch_size)
         _, test_acc = split_scores(model, data.test, device, cfg.eval_batch_size)
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,

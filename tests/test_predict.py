@@ -49,7 +49,8 @@ def test_one_row_per_image_file_with_errors_as_rows(mixed_run):
         assert errors.loc[rel, "error_kind"] in kinds, rel
         row = errors.loc[rel]
         assert pd.isna(row.pred_char) and pd.isna(row.confidence) and row.topk_chars is None
-        assert row.needs_review
+        assert pd.isna(row.ood_score) and pd.isna(row.ink_x)
+        assert row.needs_review and row.review_reason == "error"
     assert summary["discovery"]["skipped"]["hidden"] == expected["hidden"]
     assert summary["discovery"]["skipped"]["not_image_extension"] == expected["non_image"]
 
@@ -64,6 +65,9 @@ def test_real_crops_in_every_form_are_recognized(mixed_run):
     assert good.loc["book1/page1/scan.PNG", "inverted"] and not good.loc["book1/page1/light.png", "inverted"]
     assert (good.loc["book2/日本 語/tall crop.png", ["width", "height"]].tolist()) == [48, 96]
     assert good.loc["book2/exif.jpg", ["width", "height"]].tolist() == [28, 28]
+    assert (good.loc["book2/日本 語/tall crop.png", ["ink_w", "ink_h"]] <= [48, 96]).all()
+    assert good.ink_x.notna().all() and good.ood_score.notna().all()
+    assert (good.needs_review == good.review_reason.notna()).all()
     row = good.loc["book1/page1/light.png"]
     assert len(row.topk_chars) == 3 and row.topk_chars[0] == row.pred_char
     assert row.topk_confidences[0] == pytest.approx(row.confidence)
@@ -81,6 +85,7 @@ def test_parquet_is_plain_arrow_readable_without_ray(mixed_run):
         assert pa.types.is_list(t.schema.field("topk_confidences").type)
         meta = pq.read_schema(sorted(__import__("glob").glob({str(out / 'predictions' / '*.parquet')!r}))[0]).metadata
         assert meta[b"kmnist_batch.schema_version"] == b"2"
+        assert t.schema.field("ink_x").type == pa.int32() and t.schema.field("review_reason").type == pa.string()
         assert json.loads(meta[b"kmnist_batch.model_card"])["classes"][0]["char"] == "お"
         df = pd.read_parquet({str(out / 'predictions')!r})
         n = duckdb.sql("select count(*) from read_parquet('{out}/predictions/*.parquet') where error is null").fetchall()[0][0]
@@ -100,12 +105,16 @@ def test_run_json_and_summary(mixed_run):
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["status"] == "completed" and run["model_card"]["model_id"] == run["model_id"]
     assert run["options"]["batch_size"] == 8
-    for name in ("confidence_histogram.png", "class_distribution.png", "lowest_confidence.png", "by_folder.csv", "summary.json"):
+    for name in ("confidence_histogram.png", "class_distribution.png", "review_sheet-error-1.png", "review.html",
+                 "by_folder.csv", "summary.json"):
         assert (out / "summary" / name).stat().st_size > 0, name
     s = json.loads((out / "summary" / "summary.json").read_text(encoding="utf-8"))
     assert s["files_seen"] == len(expected["good"]) + len(expected["errors"])
     assert s["errors"] == 4 and s["errors_by_kind"]["too_large"] == 1
     assert s["skipped"]["hidden"] == 2 and s["needs_review"] >= 4
+    assert s["review_reasons"]["error"] == 4 and sum(s["review_reasons"].values()) == s["needs_review"]
+    folders = pd.read_csv(out / "summary" / "by_folder.csv")
+    assert folders.review_error.sum() == 4 and (folders.filter(like="review_").sum(axis=1) == folders.needs_review).all()
 
 
 def test_report_regenerates_from_parquet_alone(mixed_run, tmp_path):
@@ -116,7 +125,7 @@ def test_report_regenerates_from_parquet_alone(mixed_run, tmp_path):
     shutil.copytree(out / "predictions", copy / "predictions")
     s = write_report(copy)  # no run.json, no summary/
     assert s["files_seen"] == len(read_predictions(out)) and s["skipped"]["hidden"] == 2
-    assert (copy / "summary" / "lowest_confidence.png").exists()
+    assert (copy / "summary" / "review.html").exists()
     r = subprocess.run([CLI, "report", str(copy)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "needs review" in r.stdout, r.stderr
 

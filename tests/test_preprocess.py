@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kmnist_core.preprocess import DecodeError, decode_bytes, prepare_image
+from kmnist_core.preprocess import DecodeError, decode_bytes, prepare_array, prepare_image
 
 
 def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -20,8 +20,62 @@ def glyph(kmnist_dev) -> np.ndarray:
 
 def test_kmnist_image_passes_through_unchanged(glyph):
     out = decode_bytes(encode(Image.fromarray(glyph)), 28)
-    assert not out.inverted
+    assert not out.inverted and not out.blank
     assert np.abs(out.pixels.astype(int) - glyph.astype(int)).max() <= 3
+
+
+def test_tight_crops_pass_through_bit_identical(kmnist_dev):
+    """KMNIST's characters touch their box: finding the ink must leave such crops alone."""
+    images = kmnist_dev.test.images[:300]
+    same = [np.array_equal(prepare_array(g, 28).pixels, g) for g in images]
+    assert np.mean(same) >= 0.95
+
+
+def on_paper_box(glyph: np.ndarray, h: int, w: int, top: int, left: int, side: int) -> np.ndarray:
+    """The glyph scaled to `side` px, dark ink on paper, at (top, left) in an h x w box."""
+    big = np.asarray(Image.fromarray(glyph).resize((side, side), Image.Resampling.BICUBIC), np.float32)
+    box = np.zeros((h, w), np.float32)
+    box[top : top + side, left : left + side] = big
+    return (225 - box / 255 * 195).astype(np.uint8)
+
+
+def test_margins_are_cut_to_the_ink_and_the_box_is_in_original_pixels(glyph):
+    box = on_paper_box(glyph, 60, 90, 5, 40, 50)
+    out = prepare_image(Image.fromarray(box), 28)
+    x, y, w, h = out.ink_box
+    assert 38 <= x <= 44 and 3 <= y <= 9 and x + w <= 92 and y + h <= 57
+    assert max(w, h) >= 45  # the character, not the box
+    assert max(out.pixels.max(axis=1).argmin(), 0) == 0 or out.pixels[:, 0].max() > 0  # fills the square
+    tight = prepare_array(glyph, 28).pixels
+    assert np.corrcoef(out.pixels.ravel().astype(float), tight.ravel().astype(float))[0, 1] > 0.9
+
+
+def test_specks_ruling_line_and_border_strip_are_left_out(glyph):
+    box = on_paper_box(glyph, 76, 110, 12, 30, 56)  # not square: rows and columns differ in length
+    clean = prepare_array(box, 28).ink_box
+    dirty = box.copy()
+    dirty[3:5, 3:5] = 20  # a speck in the corner
+    dirty[70:72, 95:97] = 20
+    dirty[6, :] = 40  # a ruling line across the top margin
+    dirty[:, 14:16] = 50  # and one down the left margin
+    dirty[:, -4:] = 60  # a dark strip along the right edge
+    assert prepare_array(dirty, 28).ink_box == clean
+
+
+@pytest.mark.parametrize("kind", ["flat", "noise", "specks", "line"])
+def test_blank_crops_are_blank_with_background_pixels(kind):
+    rng = np.random.default_rng(0)
+    paper = np.full((48, 64), 220, np.uint8)
+    if kind == "noise":
+        paper = np.clip(paper + rng.normal(0, 6, paper.shape), 0, 255).astype(np.uint8)
+    if kind == "specks":
+        for y, x in rng.integers(2, 46, (5, 2)):
+            paper[y : y + 2, x : x + 2] = 30
+    if kind == "line":
+        paper[20:22, :] = 40
+    out = decode_bytes(encode(Image.fromarray(paper)), 28)
+    assert out.blank and out.ink_box is None
+    assert out.pixels.shape == (28, 28) and out.pixels.dtype == np.uint8 and out.pixels.max() == 0
 
 
 def test_scan_polarity_is_detected_and_inverted(glyph):
@@ -64,13 +118,14 @@ def test_non_square_crop_is_fitted_keeping_aspect_and_centred():
 
 def test_exif_orientation_is_applied():
     img = np.zeros((20, 40), np.uint8)
-    img[:, :5] = 255  # light stripe on the left edge
+    img[2:18, 2:10] = 255  # a light blob near the left edge
     pil = Image.fromarray(img)
     exif = pil.getexif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     out = decode_bytes(encode(pil, "JPEG", exif=exif.tobytes()), 28)
     assert (out.width, out.height) == (20, 40)
-    assert out.pixels[:8].mean() > out.pixels[-8:].mean()  # stripe now on top
+    x, y, w, h = out.ink_box  # in the displayed (rotated) image: the blob is now near the top
+    assert y <= 3 and h <= 10 and x <= 3 and w >= 14
 
 
 @pytest.mark.parametrize("data,kind", [(b"", "empty"), (b"not an image at all", "not_image")])

@@ -1,0 +1,161 @@
+"""The review sheet: the crops that need a human look, grouped by reason, each with its top-3 and path.
+
+PNG pages (`summary/review_sheet-<reason>-<n>.png`) and one HTML page (`summary/review.html`, the same
+crops inline, grouped by reason and folder) so a reviewer can scroll a folder's queue in a browser.
+Each crop is shown as the file holds it, with the ink box the model read drawn in red. The sheet is a
+sample of the queue, not the queue: at most SHEET_LIMIT crops per reason (the most doubtful first); the
+full queue is `needs_review` in the Parquet. Only the crops shown are read from disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import html
+import io
+from pathlib import Path
+
+import matplotlib_fontja
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from kmnist_core.review import REVIEW_REASONS
+
+FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"  # IPAexGothic: has the kana
+SHEET_LIMIT = 120  # crops per reason on the sheet
+PAGE = 30  # crops per PNG page (5 rows of 6)
+THUMB = 96  # px, longer side of a crop as shown
+REASON_TEXT = {
+    "error": "the file could not be read",
+    "blank": "no character in the crop",
+    "unknown_character": "not one of the model's characters",
+    "low_confidence": "the model is unsure",
+}
+
+
+def queue(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per reason, the rows on the sheet: the most doubtful first, at most SHEET_LIMIT."""
+    order = {"unknown_character": ("ood_score", False), "low_confidence": ("confidence", True)}
+    out = {}
+    for reason in REVIEW_REASONS:
+        rows = df[df["review_reason"] == reason]
+        if rows.empty:
+            continue
+        key, ascending = order.get(reason, ("rel_path", True))
+        out[reason] = rows.sort_values([key, "rel_path"], ascending=[ascending, True]).head(SHEET_LIMIT)
+    return out
+
+
+def thumbnail(row: pd.Series) -> Image.Image:
+    """The crop as the file shows it (EXIF applied), at most THUMB px, with the ink box in red; a grey
+    square for an error row (the file is broken, or gone since the run)."""
+    placeholder = Image.new("RGB", (THUMB // 2, THUMB // 2), (235, 235, 235))
+    if row["review_reason"] == "error":
+        return placeholder
+    try:
+        with Image.open(row["path_bytes"]) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return placeholder
+    scale = THUMB / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
+    else:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.NEAREST)
+    if pd.notna(row.get("ink_x")):
+        x, y, w, h = (float(row[k]) * scale for k in ("ink_x", "ink_y", "ink_w", "ink_h"))
+        ImageDraw.Draw(img).rectangle([x, y, x + w - 1, y + h - 1], outline=(220, 30, 30))
+    return img
+
+
+def label(row: pd.Series) -> str:
+    """Top-3 with confidences, or what went wrong."""
+    if row["review_reason"] == "error":
+        return f"error: {row['error_kind']}"
+    if row["review_reason"] == "blank":
+        return "blank"
+    return " ".join(f"{c}{p:.2f}" for c, p in zip(row["topk_chars"], row["topk_confidences"]))
+
+
+def top_folder(rel_path: str) -> str:
+    parts = rel_path.replace("\\", "/").split("/")
+    return parts[0] if len(parts) > 1 else "."
+
+
+def write_review_sheet(df: pd.DataFrame, summary_dir: Path) -> list[Path]:
+    """Write the PNG pages and review.html; returns the files written."""
+    for old in summary_dir.glob("review_sheet-*.png"):  # a rerun must not leave pages of an earlier queue
+        old.unlink()
+    written = []
+    sections = []
+    for reason, rows in queue(df).items():
+        total = int((df["review_reason"] == reason).sum())
+        thumbs = [thumbnail(row) for _, row in rows.iterrows()]
+        labels = [label(row) for _, row in rows.iterrows()]
+        paths = list(rows["rel_path"])
+        for page, start in enumerate(range(0, len(rows), PAGE), 1):
+            title = (f"Needs review: {reason} ({REASON_TEXT[reason]}) - page {page}, "
+                     f"{len(rows)} shown of {total}")
+            path = summary_dir / f"review_sheet-{reason}-{page}.png"
+            sheet_page(title, thumbs[start : start + PAGE], labels[start : start + PAGE], paths[start : start + PAGE]).save(path)
+            written.append(path)
+        sections.append(html_section(reason, rows, thumbs, labels, total))
+    page = HTML.format(count=int(df["needs_review"].sum()), total=len(df), limit=SHEET_LIMIT,
+                       body="\n".join(sections) or "<p>Nothing needs review.</p>")
+    (summary_dir / "review.html").write_text(page, encoding="utf-8")
+    return [*written, summary_dir / "review.html"]
+
+
+def sheet_page(title: str, thumbs: list[Image.Image], labels: list[str], paths: list[str]) -> Image.Image:
+    """One PNG page drawn with PIL (a matplotlib figure per page cost ~2 s), kana in IPAexGothic."""
+    cell_w, cell_h, columns = 170, THUMB + 56, 6
+    rows = max(1, -(-len(thumbs) // columns))
+    page = Image.new("RGB", (cell_w * columns, 40 + cell_h * rows), "white")
+    draw = ImageDraw.Draw(page)
+    draw.text((10, 10), title, fill="black", font=font(16))
+    for i, (thumb, text, path) in enumerate(zip(thumbs, labels, paths)):
+        x, y = (i % columns) * cell_w, 40 + (i // columns) * cell_h
+        draw.text((x + cell_w // 2, y + 10), text, fill="black", font=font(14), anchor="mm")
+        page.paste(thumb, (x + (cell_w - thumb.width) // 2, y + 22 + (THUMB - thumb.height) // 2))
+        short = path if len(path) <= 30 else "…" + path[-29:]
+        draw.text((x + cell_w // 2, y + 30 + THUMB), short, fill=(60, 60, 60), font=font(10), anchor="mm")
+    return page
+
+
+@functools.cache
+def font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(FONT), size)
+
+
+def html_section(reason: str, rows: pd.DataFrame, thumbs: list[Image.Image], labels: list[str], total: int) -> str:
+    folders = {}
+    for (_, row), thumb, text in zip(rows.iterrows(), thumbs, labels):
+        buf = io.BytesIO()
+        thumb.save(buf, "PNG")
+        src = base64.b64encode(buf.getvalue()).decode("ascii")
+        folders.setdefault((row["input_root"], top_folder(row["rel_path"])), []).append(
+            f'<figure><img src="data:image/png;base64,{src}" alt="">'
+            f"<figcaption><b>{html.escape(text)}</b><br>{html.escape(row['rel_path'])}</figcaption></figure>")
+    parts = [f'<h2 id="{reason}">{reason} — {html.escape(REASON_TEXT[reason])} '
+             f"({len(rows)} shown of {total})</h2>"]
+    for (root, folder), figures in sorted(folders.items()):
+        parts.append(f"<h3>{html.escape(root)} / {html.escape(folder)} ({len(figures)})</h3>")
+        parts.append('<div class="crops">' + "".join(figures) + "</div>")
+    return "\n".join(parts)
+
+
+HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kmnist-batch review queue</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+.crops {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+figure {{ margin: 0; width: 130px; text-align: center; font-size: 11px; overflow-wrap: anywhere; }}
+figure img {{ max-width: 96px; max-height: 96px; image-rendering: pixelated; border: 1px solid #ccc; }}
+figcaption b {{ font-size: 14px; }}
+</style></head><body>
+<h1>Review queue</h1>
+<p>{count} of {total} crops need review. Shown: at most {limit} per reason, the most doubtful first;
+the full queue is the rows with <code>needs_review</code> in the Parquet. Red: the ink box the model read.</p>
+{body}
+</body></html>
+"""

@@ -1,0 +1,147 @@
+"""Review reasons, exact binomial bounds, synthetic negatives, outlier exposure and `evaluate --unknown`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kmnist_core import calibration
+from kmnist_core.negatives import LOOKALIKES, candidate_glyphs, glyph_pool, make_negatives, IPAEX_GOTHIC
+from kmnist_core.review import REVIEW_REASONS, review_reasons
+
+
+def test_review_reasons_follow_the_precedence():
+    error = np.array([1, 1, 0, 0, 0, 0, 0], bool)
+    blank = np.array([1, 0, 1, 0, 0, 0, 0], bool)
+    unknown = np.array([1, 0, 1, 1, 1, 0, 0], bool)
+    conf = np.array([np.nan, np.nan, np.nan, 0.2, 0.99, 0.5, 0.95])
+    got = review_reasons(error, blank, unknown, conf, review_below=0.9)
+    assert list(got) == ["error", "error", "blank", "unknown_character", "unknown_character", "low_confidence", None]
+    assert REVIEW_REASONS == ("error", "blank", "unknown_character", "low_confidence")
+    # A missing confidence is never auto-accepted, and the threshold itself is accepted.
+    assert list(review_reasons(np.zeros(2, bool), np.zeros(2, bool), np.zeros(2, bool),
+                               np.array([np.nan, 0.9]), 0.9)) == ["low_confidence", None]
+
+
+@pytest.mark.parametrize("errors, n, bound", [
+    (0, 1000, 0.05 ** (1 / 1000)),          # closed form when nothing is wrong
+    (1, 1000, 1 - 0.004734993575499777),    # 1 - scipy.stats.beta.ppf(0.95, 2, 999)
+    (10, 100, 1 - 0.16371762327581477),     # 1 - beta.ppf(0.95, 11, 90)
+    (5, 20, 1 - 0.4555824040017489),        # 1 - beta.ppf(0.95, 6, 15)
+])
+def test_clopper_pearson_lower_bound_matches_known_values(errors, n, bound):
+    assert calibration.precision_lower_bound(errors, n) == pytest.approx(bound, abs=1e-9)
+
+
+def test_binomial_cdf_is_exact():
+    assert calibration.binomial_cdf(2, 5, 0.3) == pytest.approx(sum(math.comb(5, i) * 0.3**i * 0.7 ** (5 - i) for i in range(3)))
+
+
+def test_threshold_with_bound_takes_the_largest_set_whose_bound_holds():
+    conf = np.linspace(1, 0.001, 1000)
+    correct = np.ones(1000, bool)
+    correct[[500, 990]] = False
+    got = calibration.threshold_with_bound(conf, correct, 0.995)
+    # All 1000 (2 errors) bound to 0.9937 < 0.995; up to just before the second error, 990 with 1 error,
+    # to 0.99522.
+    assert got["accepted"] == 990 and got["errors"] == 1 and got["threshold"] == pytest.approx(conf[989])
+    assert got["precision_lower_bound"] >= 0.995
+    # Ties are never split: a threshold accepts all crops of a confidence or none.
+    tied = calibration.threshold_with_bound(np.array([0.9, 0.8, 0.8, 0.8]), np.array([1, 1, 0, 1], bool), 0.1)
+    assert tied["accepted"] in (1, 4)
+    nothing = calibration.threshold_with_bound(np.array([0.9, 0.8]), np.array([0, 0], bool), 0.995)
+    assert nothing["accepted"] == 0 and nothing["threshold"] > 1.0
+
+
+def test_auroc():
+    assert calibration.auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    assert calibration.auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
+
+
+def test_glyph_lists_leave_out_the_ten_classes_and_their_look_alikes():
+    glyphs = candidate_glyphs()
+    assert len(glyphs) > 3000 and not set(glyphs) & LOOKALIKES
+    assert set("おきすつなはまやれを") <= LOOKALIKES and "キ" in LOOKALIKES and "波" in LOOKALIKES
+    train, held = set(glyph_pool("train")), set(glyph_pool("held_out"))
+    assert not train & held and train | held == set(glyphs) and 0.1 < len(held) / len(glyphs) < 0.3
+
+
+def test_negatives_are_deterministic_model_inputs(small_dev):
+    args = (small_dev.train.images, small_dev.train.labels, 60, 5, glyph_pool("train")[:50], [IPAEX_GOTHIC])
+    a, kinds = make_negatives(*args)
+    b, _ = make_negatives(*args)
+    assert a.shape == (60, 28, 28) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert {"glyph", "merged", "fragment"} <= set(kinds)
+    assert (a.reshape(60, -1).max(1) > 100).all()  # every negative has ink
+
+
+@pytest.fixture(scope="module")
+def oe_model_dir(tmp_path_factory, small_dev, trained_model_dir):
+    """One epoch of outlier exposure, fine-tuning the session's trained model."""
+    from kmnist_core.experiment import run_train
+    from kmnist_core.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("oe")
+    cfg = TrainConfig(epochs=1, batch_size=64, threads=2, negatives="synth", outlier_weight=0.5,
+                      init=str(trained_model_dir))
+    run_train(cfg, out, data=small_dev, make_plots=False)
+    return out
+
+
+def test_outlier_exposure_run_writes_thresholds_and_the_promise(oe_model_dir, small_dev):
+    from kmnist_core.model_dir import load_model
+
+    card = json.loads((oe_model_dir / "model_card.json").read_text())
+    cal = card["calibration"]
+    assert cal["ood_score"] in calibration.OOD_SCORES and math.isfinite(cal["ood_threshold"])
+    assert cal["ood_score_val_auroc"][cal["ood_score"]] == max(cal["ood_score_val_auroc"].values())
+    promise = cal["review_promise"]
+    assert promise["target_precision"] == 0.995 and promise["confidence_level"] == 0.95
+    assert promise["accepted"] == 0 or promise["precision_lower_bound"] >= 0.995
+    assert card["training"]["config"]["negatives"] == "synth"
+    model = load_model(oe_model_dir)
+    a = model.assess(small_dev.val.images)
+    assert a.probabilities.shape == (200, 10) and a.ood_score.dtype == np.float32
+    # The threshold keeps ~99 % of the validation characters it was fitted on.
+    assert 0.97 <= 1 - a.unknown.mean() <= 1.0
+    preds = model.predict([small_dev.val.images[0]])
+    assert preds[0].ood_score == pytest.approx(float(a.ood_score[0]), abs=1e-4)
+    assert preds[0].review_reason in (None, "unknown_character", "low_confidence")
+
+
+def test_init_refuses_another_architecture(trained_model_dir, small_dev):
+    from kmnist_core.errors import KmnistError
+    from kmnist_core.train import TrainConfig, train_model
+
+    with pytest.raises(KmnistError, match="not a compact-cnn"):
+        train_model(TrainConfig(model="compact-cnn", epochs=1, init=str(trained_model_dir)), small_dev, "cpu")
+
+
+def test_evaluate_reports_auto_accepted_share_and_out_of_set_kinds(oe_model_dir, small_dev, tmp_path):
+    unknown = tmp_path / "unknown"
+    glyphs, _ = make_negatives(small_dev.test.images, small_dev.test.labels, 12, 1, glyph_pool("held_out")[:30],
+                               [IPAEX_GOTHIC], mix={"glyph": 1.0})
+    for kind, images in (("other_characters", glyphs), ("blanks", np.full((5, 40, 30), 230, np.uint8))):
+        (unknown / kind).mkdir(parents=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img if kind == "blanks" else 255 - img).save(unknown / kind / f"{i}.png")
+    (unknown / "blanks" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "kmnist_core.cli", "evaluate", "--model", str(oe_model_dir),
+                           "--split", "val", "--unknown", str(unknown), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "auto-accepted" in proc.stdout and "other_characters" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["review"]["auto_accepted_share"] <= 1
+    u = metrics["unknown"]
+    assert u["n"] == 17 and u["undecodable"] == 1
+    assert u["by_kind"]["other_characters"]["n"] == 12 and u["by_kind"]["blanks"]["n"] == 5
+    assert sum(u["by_kind"]["blanks"]["reasons"].values()) == 5
+    assert (out / "ood_scores.png").stat().st_size > 0 and (out / "unknown_accepted.png").stat().st_size > 0
