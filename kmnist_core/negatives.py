@@ -164,9 +164,13 @@ def make_negatives(images: np.ndarray, labels: np.ndarray, n: int, seed: int, gl
     per_font = {path: [c for c in glyphs if has_glyph(font, c)] for path, font in loaded}
     others = {c: np.flatnonzero(labels != c) for c in np.unique(labels)}
     out = np.zeros((n, size, size), np.uint8)
-    for i, kind in enumerate(kinds):
-        while True:  # a crop preprocessing calls blank never reaches the model: draw another
-            prepared = prepare_array(one_negative(kind, images, labels, others, fonts, per_font, rng), size)
+    for i in range(n):
+        for tries in range(100):
+            # A crop preprocessing calls blank never reaches the model: draw another. Source images
+            # without ink (fabricated test data) fall back to strokes, which always have ink.
+            if tries == 10:
+                kinds[i] = "strokes"
+            prepared = prepare_array(one_negative(kinds[i], images, labels, others, fonts, per_font, rng), size)
             if not prepared.blank:
                 break
         out[i] = prepared.pixels

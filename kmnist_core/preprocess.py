@@ -188,10 +188,10 @@ def prepare_gray(gray: np.ndarray, size: int) -> tuple[np.ndarray, bool, tuple[i
     box = find_ink(gray, noise, square=gray.shape == (size, size)) if contrast >= MIN_CONTRAST else None
     if box is None:
         return np.zeros((size, size), np.uint8), inverted, None
-    x, y, w, h = box
-    if gray.shape == (size, size) and max(w, h) >= size - 1:
-        # Already a fitted square (a KMNIST crop: the character touches its box): keep it bit for bit.
+    if gray.shape == (size, size):
+        # Already a model input, as KMNIST's crops are: kept bit for bit, so tight crops lose nothing.
         return fit_square(gray, size), inverted, box
+    x, y, w, h = box
     return fit_square(gray[y : y + h, x : x + w], size), inverted, box
 
 

@@ -70,7 +70,8 @@ def test_model_directory_round_trip_and_card(trained_model_dir, small_dev):
     assert [c["char"] for c in card["classes"]][:3] == ["お", "き", "す"]
     assert card["input"]["normalization"]["range"] == [-1.0, 1.0]
     assert "TEST split" in card["training"]["split"] and card["code_version"]
-    assert card["calibration"]["temperature"] > 0 and 0 <= card["calibration"]["review_below"] <= 1
+    # review_below is just above 1 when no threshold keeps the promise (a one-epoch model): review everything.
+    assert card["calibration"]["temperature"] > 0 and 0 <= card["calibration"]["review_below"] <= np.nextafter(1.0, 2.0)
     model = load_model(trained_model_dir)
     assert model.model_id == card["model_id"]
     test = small_dev.test
