@@ -30,7 +30,8 @@ from batch_infer.report import SUMMARY_DIR, write_report
 from batch_infer.schema import SCHEMA_VERSION
 from batch_infer.stages import TRANSIENT_KINDS
 from kmnist_core.errors import Interrupted, KmnistError
-from kmnist_core.model_dir import build_predictor, read_model_files, write_json_atomic
+from kmnist_core.files import write_json_atomic
+from kmnist_core.model_dir import build_predictor, read_model_files
 from kmnist_core.ray_runtime import init_ray
 
 if TYPE_CHECKING:

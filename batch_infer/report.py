@@ -13,7 +13,7 @@ from batch_infer import output
 from batch_infer.review_sheet import write_review_sheet
 from kmnist_core import plots
 from kmnist_core.errors import KmnistError
-from kmnist_core.model_dir import write_json_atomic
+from kmnist_core.files import write_json_atomic
 from kmnist_core.review import REVIEW_REASONS
 
 SUMMARY_DIR = "summary"

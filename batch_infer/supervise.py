@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from batch_infer.out_lock import LOCK_FILE, read_holder
+from kmnist_core.files import write_json_atomic
 
 RUN_FILE = "run.json"
 HANDLED_EXITS = (0, 2, 130)  # the child ended the run itself: success, a user error, interrupted
@@ -68,10 +69,7 @@ def mark_failed(out: Path, child: int, reason: str) -> bool:
         run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
         if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
             return False
-        tmp = out / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps({**run, "status": "failed", "reason": reason}, indent=2, ensure_ascii=False) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, out / RUN_FILE)
+        write_json_atomic(out / RUN_FILE, {**run, "status": "failed", "reason": reason})
         return True
     except (OSError, ValueError):
         return False

@@ -30,7 +30,7 @@ def train(out: Path, args: list[str], log: Path) -> tuple[Path, float]:
     started = time.perf_counter()
     if not (out / "model_card.json").exists():
         with open(log, "w") as f:
-            cmd = [sys.executable, "-m", "kmnist_core.cli", "train", *args, "--out", str(out)]
+            cmd = [sys.executable, "-m", "jobs.cli", "train", *args, "--out", str(out)]
             proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode:
             sys.exit(f"error: {out.name} failed (exit {proc.returncode}); see {log}")

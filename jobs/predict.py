@@ -8,7 +8,7 @@ Inside a job Ray sets RAY_ADDRESS, so the pipeline runs on the cluster that rece
 
 import sys
 
-from kmnist_core.cli import app
+from jobs.cli import app
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ nodes, --storage must be shared (NFS path or s3://...) so checkpoints survive a 
 
 import sys
 
-from kmnist_core.cli import app
+from jobs.cli import app
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,8 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics, review_metrics, write_evaluation_plots
 from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
 from kmnist_core.review import REVIEW_REASONS, review_reasons
-from kmnist_core.model_dir import (Predictor, pick_device, read_card, resolve_model_path, save_model_dir,
-                                   write_json_atomic)
+from kmnist_core.files import write_json_atomic
+from kmnist_core.model_dir import Predictor, pick_device, read_card, resolve_model_path, save_model_dir
 from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 

@@ -24,6 +24,7 @@ from PIL import Image
 from kmnist_core import transforms
 from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
+from kmnist_core.files import json_text, temp_name
 from kmnist_core.models import create_model, optimize_for_inference
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
 
@@ -31,12 +32,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.pt"
 CARD_FILE = "model_card.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_model_dir(out: Path, model: torch.nn.Module, card: dict) -> dict:
@@ -49,10 +44,9 @@ def save_model_dir(out: Path, model: torch.nn.Module, card: dict) -> dict:
     card = {**card, "format_version": FORMAT_VERSION, "model_id": weights_id(weights)}
     # Both files are complete on disk before either is replaced; a crash between the two renames leaves
     # a pair that loading refuses (the hash no longer matches), never a silently mislabelled model.
-    tmp = out / (WEIGHTS_FILE + ".tmp")
+    tmp, card_tmp = temp_name(out / WEIGHTS_FILE), temp_name(out / CARD_FILE)
     tmp.write_bytes(weights)
-    card_tmp = out / (CARD_FILE + ".tmp")
-    card_tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    card_tmp.write_text(json_text(card), encoding="utf-8")
     os.replace(tmp, out / WEIGHTS_FILE)
     os.replace(card_tmp, out / CARD_FILE)
     return card

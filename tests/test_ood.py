@@ -133,7 +133,7 @@ def test_evaluate_reports_auto_accepted_share_and_out_of_set_kinds(oe_model_dir,
             Image.fromarray(img if kind == "blanks" else 255 - img).save(unknown / kind / f"{i}.png")
     (unknown / "blanks" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "kmnist_core.cli", "evaluate", "--model", str(oe_model_dir),
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--model", str(oe_model_dir),
                            "--split", "val", "--unknown", str(unknown), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -21,7 +21,8 @@ from ray import tune
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import write_model_dir
-from kmnist_core.model_dir import pick_device, write_json_atomic
+from kmnist_core.files import write_json_atomic
+from kmnist_core.model_dir import pick_device
 from kmnist_core.models import create_model
 from kmnist_core.ray_runtime import init_ray
 from kmnist_core.train import TrainConfig, TrainRun, train_model
