@@ -94,6 +94,18 @@ def wait_for(condition, timeout=120.0, every=0.02):
     raise AssertionError("timed out waiting")
 
 
+def start_slow_run(tmp_path: Path, images: np.ndarray, n: int,
+                   rows_per_shard: int) -> tuple[set[bytes], Path, list, subprocess.Popen]:
+    """A slow tree of `n` crops and a predict run into tmp_path/out, returned once its first shard is
+    committed (files, out, the run's arguments for a later --resume, the running process)."""
+    files = slow_tree(tmp_path / "in", images, n)
+    out = tmp_path / "out"
+    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", str(rows_per_shard), *SLOW]
+    proc = start(*args)
+    wait_for(lambda: len(shards(out)) >= 1)
+    return files, out, args, proc
+
+
 def shards(out: Path) -> list[Path]:
     return sorted((out / "predictions").glob("*.parquet"))
 
@@ -229,11 +241,7 @@ def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, kmn
 # Row 5: the disk fills up mid-run (RLIMIT_FSIZE set on the running driver: writes fail with EFBIG,
 # the same path as ENOSPC, without root).
 def test_full_disk_mid_run_fails_clearly_and_resume_finishes(tmp_path, kmnist_dev):
-    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 3000)
-    out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "1200", *SLOW]
-    proc = start(*args)
-    wait_for(lambda: len(shards(out)) >= 1)
+    files, out, args, proc = start_slow_run(tmp_path, kmnist_dev.test.images, 3000, 1200)
     shard_size = shards(out)[0].stat().st_size
     limit = shard_size // 2  # below a shard, well above run.json
     assert limit > 4 * (out / "run.json").stat().st_size, shard_size
@@ -333,11 +341,7 @@ def test_object_store_out_is_refused_without_creating_a_local_folder(tmp_path):
 
 # Item 5: Ctrl-C mid-run.
 def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev):
-    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 2000)
-    out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW]
-    proc = start(*args)
-    wait_for(lambda: len(shards(out)) >= 1)
+    files, out, args, proc = start_slow_run(tmp_path, kmnist_dev.test.images, 2000, 300)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
@@ -354,11 +358,7 @@ def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev)
 # (measured with `ray start --head` stopped mid-run: exit status 1, no Python exception). Any such
 # death is the same to the CLI; here the worker process is killed outright, as the OOM killer would.
 def test_driver_death_python_cannot_catch_is_recorded_as_failed(tmp_path, kmnist_dev):
-    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 2000)
-    out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW]
-    proc = start(*args)
-    wait_for(lambda: len(shards(out)) >= 1)
+    files, out, args, proc = start_slow_run(tmp_path, kmnist_dev.test.images, 2000, 300)
     os.kill(json.loads((out / ".lock").read_text())["pid"], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     try:
