@@ -140,20 +140,21 @@ def evaluate(
 
 
 def rows_progress():
-    """A progress bar over crops on a terminal; nothing otherwise (logs stay quiet)."""
+    """A progress bar over crops on a terminal; nothing otherwise (logs stay quiet). The listing is
+    streamed, so the bar counts crops done without a total."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     if not console.is_terminal:
         return None, None
-    progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    progress = Progress(SpinnerColumn(), TextColumn("predicting: {task.completed:,} crops"), TimeElapsedColumn(),
                         console=console, transient=True)
     task = progress.add_task("predict", total=None)
-    return progress, lambda done, total: progress.update(task, completed=done, total=total)
+    return progress, lambda stats: progress.advance(task, stats["rows"] + stats["replaced"])
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict, out: str) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     speed = f"{summary['crops_per_s']:,.0f} crops/s" if summary.get("crops_per_s") else "-"
@@ -164,9 +165,9 @@ def print_summary(summary: dict, out: Path) -> None:
         f"needs review {summary['needs_review']:,}: {reasons} (low confidence: below {summary['review_below']:.3f})",
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
         f"throughput   {speed} this run",
-        f"predictions  {out / 'predictions'}",
-        f"summary      {out / 'summary'} (plots, by_folder.csv, summary.json)",
-        f"review queue {out / 'summary' / 'review.html'} (and review_sheet-<reason>-<n>.png)",
+        f"predictions  {out}/predictions",
+        f"summary      {out}/summary (plots, by_folder.csv, summary.json)",
+        f"review queue {out}/summary/review.html (and review_sheet-<reason>-<n>.png)",
     ]))
 
 
@@ -174,12 +175,16 @@ def print_summary(summary: dict, out: Path) -> None:
 @user_errors
 def predict(
     # Plain strings, not Path: Path("s3://b/x") would become "s3:/b/x" and hide that it is a URL.
-    inputs: List[str] = typer.Argument(..., help="folders (searched recursively) or image files"),
-    out: str = typer.Option(..., help="output directory: predictions/ (Parquet), summary/, run.json"),
+    inputs: List[str] = typer.Argument(..., help="folders (searched recursively), image files, or object-store "
+                                                 "prefixes such as s3://bucket/crops"),
+    out: str = typer.Option(..., help="output folder or object-store prefix: predictions/ (Parquet), summary/, run.json"),
     model: str = typer.Option("default", help="model directory, or 'default' (shipped in the package)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
+    executor: str = typer.Option("auto", help="auto: small jobs with no cluster given run in this process, the "
+                                              "rest on Ray; local; ray"),
     batch_size: int = typer.Option(1024, help="crops per model call"),
-    workers: int = typer.Option(1, help="model actors"),
+    workers: int = typer.Option(0, help="Ray workers (each reads, decodes, predicts and writes); 0 = as many as "
+                                        "the cluster has room for"),
     cpus_per_worker: float = typer.Option(1.0),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per model actor (fractions allowed)"),
     review_below: Optional[float] = typer.Option(None, help="low_confidence review below this confidence; default from the model card"),
@@ -187,7 +192,8 @@ def predict(
                                             "unreadable and truncated files)"),
     retry_errors: bool = typer.Option(False, help="with --resume: re-read every error row; each new row replaces the old"),
     overwrite: bool = typer.Option(False, help="replace earlier predictions in OUT (kept until this run commits its first shard)"),
-    rows_per_shard: int = typer.Option(8192, help="rows per Parquet file; also what a killed run can lose"),
+    rows_per_shard: int = typer.Option(4096, help="files per listing chunk, one Parquet file each (on average); "
+                                                  "also what a killed run can lose"),
     read_retries: int = typer.Option(2, help="extra reads of an unreadable or truncated file within the run"),
     retry_backoff: float = typer.Option(0.5, help="seconds before the first extra read; doubles each time"),
 ):
@@ -195,10 +201,9 @@ def predict(
     import signal
 
     from batch_infer.out_lock import refuse_if_busy
-    from batch_infer.paths import refuse_url
+    from kmnist_core.storage import resolve
 
-    refuse_url(out, "--out")
-    refuse_if_busy(Path(out))  # before the imports below, which load torch: a busy OUT is refused at once
+    refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
 
     from batch_infer.supervise import run_supervised
 
@@ -213,7 +218,7 @@ def predict(
             from batch_infer.job import PredictOptions, run_predict
             from kmnist_core.ray_runtime import without_known_ray_noise
 
-            opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
+            opts = PredictOptions(model=model, address=address, executor=executor, batch_size=batch_size, workers=workers,
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                   review_below=review_below, resume=resume, overwrite=overwrite,
                                   retry_errors=retry_errors, read_retries=read_retries,
@@ -226,7 +231,7 @@ def predict(
             finally:
                 if progress:
                     progress.stop()
-            print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, Path(out))
+            print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
             return 0
         except KmnistError as e:
             typer.echo(f"error: {e}", err=True)
@@ -238,7 +243,7 @@ def predict(
             traceback.print_exc()
             return 1
 
-    code, error = run_supervised(Path(out), work)
+    code, error = run_supervised(out, work)
     if error:
         typer.echo(f"error: {error}", err=True)
     if code:
@@ -247,11 +252,13 @@ def predict(
 
 @app.command()
 @user_errors
-def report(out: Path = typer.Argument(..., help="a predict output directory")):
+def report(out: str = typer.Argument(..., help="a predict output folder or object-store prefix")):
     """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json) from the Parquet output."""
     from batch_infer.report import write_report
+    from kmnist_core.storage import resolve
 
-    print_summary(write_report(out), out)
+    location = resolve(out)
+    print_summary(write_report(location), location.uri)
 
 
 def parse_list(text: str, kind, option: str) -> list:
