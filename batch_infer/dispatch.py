@@ -18,6 +18,7 @@ from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core.errors import KmnistError
 
 MAX_ATTEMPTS = 3  # a chunk whose worker died is sent again, to another worker, this many times
+REPLACEMENT_WAIT_S = 120.0
 
 
 def run_in_process(make_worker: Callable[[], ChunkWorker], tasks: Iterable[ChunkTask],
@@ -45,6 +46,9 @@ class RayChunkWorker:
     def run(self, task: ChunkTask) -> dict:
         return self.worker.run(task)
 
+    def ready(self) -> bool:
+        return True
+
 
 def pool_size(ray, cpus_per_worker: float, gpus_per_worker: float) -> int:
     """As many workers as the cluster has room for."""
@@ -58,46 +62,78 @@ def run_on_ray(ray, card: dict, weights: bytes, job: JobSpec, tasks: Iterable[Ch
                cpus_per_worker: float, gpus_per_worker: float, depth: int = 2,
                after_first: Callable[[], None] | None = None) -> Iterator[dict]:
     """Results in completion order. With `after_first`, the first task runs alone and `after_first`
-    runs once its result is back, before any other task is sent."""
+    runs once its result is back, before any other task is sent.
+
+    A worker that dies (its process killed, its node lost) is not restarted in place: its chunks go
+    to the surviving workers at once, and a replacement joins the pool once it has started, which it
+    may never do when its node is gone and no other node has room. Only when no worker is left and
+    none could be started within REPLACEMENT_WAIT_S does the run fail (committed shards stay).
+    """
     device = "cuda" if gpus_per_worker > 0 else "cpu"
     threads = max(1, int(cpus_per_worker)) if device == "cpu" else 1
-    actor_class = ray.remote(RayChunkWorker).options(
-        num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None, max_restarts=3, max_task_retries=3)
+    actor_class = ray.remote(RayChunkWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
+                                                     max_restarts=0)
     weights_ref = [ray.put(weights)]
-    actors = [actor_class.remote(card, weights_ref, job, device, threads) for _ in range(workers)]
-    pending: dict = {}  # ref -> (task, actor index, attempt)
-    load = [0] * workers
+    new_actor = lambda: actor_class.remote(card, weights_ref, job, device, threads)  # noqa: E731
+    alive = {i: new_actor() for i in range(workers)}
+    starting: dict = {}  # ready() ref of a replacement -> its handle
+    load = dict.fromkeys(alive, 0)
+    pending: dict = {}  # task ref -> (task, worker index, attempt)
+    retry: list[tuple[ChunkTask, int]] = []
     tasks = iter(tasks)
+    next_index = workers
 
-    def submit(i: int, task: ChunkTask | None = None, attempt: int = 1) -> bool:
-        task = task or next(tasks, None)
+    def submit(i: int) -> bool:
+        task, attempt = retry.pop() if retry else (next(tasks, None), 1)
         if task is None:
             return False
-        pending[actors[i].run.remote(task)] = (task, i, attempt)
+        pending[alive[i].run.remote(task)] = (task, i, attempt)
         load[i] += 1
         return True
 
     def fill() -> None:
-        for i in range(workers):
-            while load[i] < depth and submit(i):
+        if after_first is not None:  # the first task runs alone
+            if not pending and alive:
+                submit(next(iter(alive)))
+            return
+        for i in sorted(alive, key=lambda i: load[i]):
+            while i in alive and load[i] < depth and submit(i):
                 pass
 
     try:
-        if after_first:
-            submit(0)
-        else:
-            fill()
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
+        fill()
+        while pending or retry:
+            refs = [*pending, *starting]
+            if not refs:  # every worker is gone and no replacement has been asked for
+                raise KmnistError("every prediction worker was lost")
+            ready, _ = ray.wait(refs, num_returns=1, timeout=REPLACEMENT_WAIT_S if not pending else None)
+            if not ready:
+                raise KmnistError(f"every prediction worker was lost and none could be started again within "
+                                  f"{REPLACEMENT_WAIT_S:.0f} s (is there room on the cluster?)")
+            ref = ready[0]
+            if ref in starting:
+                handle = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    continue
+                alive[next_index], load[next_index] = handle, 0
+                next_index += 1
+                fill()
+                continue
             task, i, attempt = pending.pop(ref)
-            load[i] -= 1
+            load[i] = load.get(i, 1) - 1
             try:
                 stats = ray.get(ref)
-            except ray.exceptions.RayActorError as e:  # the worker died beyond its restarts (node lost)
+            except ray.exceptions.RayActorError as e:  # the worker process or its node died
                 if attempt >= MAX_ATTEMPTS:
                     raise KmnistError(f"chunk {task.chunk_id} failed {attempt} times: {str(e).splitlines()[0]}") from None
-                actors[i] = actor_class.remote(card, weights_ref, job, device, threads)
-                submit(i, task, attempt + 1)
+                retry.append((task, attempt + 1))
+                if i in alive:
+                    del alive[i]
+                    handle = new_actor()
+                    starting[handle.ready.remote()] = handle
+                fill()
                 continue
             yield stats
             if after_first:
@@ -105,5 +141,5 @@ def run_on_ray(ray, card: dict, weights: bytes, job: JobSpec, tasks: Iterable[Ch
                 after_first = None
             fill()
     finally:
-        for actor in actors:
+        for actor in [*alive.values(), *starting.values()]:
             ray.kill(actor)

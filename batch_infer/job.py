@@ -217,6 +217,10 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         metas = output.footers(out_loc)
         replacing = opts.overwrite and bool(metas or storage.exists(output.predictions_dir(out_loc)))
         previous = previous_chunks(out_loc, metas, opts, card["model_id"])
+        if previous:
+            # Chunk boundaries depend on the chunk size: resume cuts the listing as the first run did,
+            # so its committed chunks are recognized by id (and their error rows can be re-read).
+            opts.rows_per_shard = output.run_metadata(metas)[0][-1]["options"]["rows_per_shard"]
         if not replacing:
             storage.make_dirs(output.predictions_dir(out_loc))
         run_meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card["model_id"],

@@ -57,16 +57,24 @@ def store_holder(out: Location) -> dict | None:
         return None
 
 
+def pid_running(pid) -> bool:
+    """A live process, not a zombie (a killed holder whose parent died too may stay one in a container)."""
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    try:
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): the signal probe is all there is
+
+
 def holder_alive(holder: dict | None) -> bool:
     """For an object-store lock: is the run that wrote this record still running?"""
     if not holder:
         return False
     if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder["pid"]), 0)
-            return True
-        except (OSError, ValueError, KeyError):
-            return False
+        return pid_running(holder.get("pid"))
     return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
 
 

@@ -190,7 +190,7 @@ def swap_in(out: Location, run_id: str, old_shards: list[str], stale: tuple[Loca
         if os.path.exists(predictions):
             os.replace(predictions, replaced)
         os.replace(fresh, predictions)
-        shutil.rmtree(replaced, ignore_errors=True)
+        shutil.rmtree(os.path.join(out.path, STAGING_DIR), ignore_errors=True)
     else:
         for name in old_shards:
             storage.delete(predictions_dir(out).join(name))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from kmnist_core.errors import KmnistError
@@ -32,7 +33,7 @@ def _filesystem(scheme_and_bucket: str) -> pafs.FileSystem:
     try:
         fs, _ = pafs.FileSystem.from_uri(scheme_and_bucket)
         return fs
-    except (pafs.ArrowInvalid, OSError, ValueError) as first:  # a scheme pyarrow lacks: try fsspec
+    except (pa.ArrowInvalid, OSError, ValueError) as first:  # a scheme pyarrow lacks: try fsspec
         try:
             import fsspec
 
