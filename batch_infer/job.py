@@ -253,8 +253,13 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                     after_first = lambda: output.swap_in(out_loc, run_id, old, stale=(out_loc.join(SUMMARY_DIR),))  # noqa: E731
                 else:  # nothing to predict: the old output still goes
                     output.swap_in(out_loc, run_id, list(metas), stale=(out_loc.join(SUMMARY_DIR),))
+            phases = {"prepare": time.perf_counter() - started}  # checks, model, lock, earlier output
+            loop_started = time.perf_counter()
             for stats in run_tasks(executor, tasks, card, weights, job, opts, after_first):
+                if not tally.chunks:  # Ray start-up and the first chunk (the listing streams meanwhile)
+                    phases["first_chunk"] = time.perf_counter() - loop_started
                 tally.add(stats)
+            phases["chunks"] = time.perf_counter() - loop_started
             if (tally.rows_written, tally.rows_replaced) != (plan.files_to_predict, plan.rows_to_reread):
                 raise KmnistError(f"workers committed {tally.rows_written} new and {tally.rows_replaced} re-read rows, "
                                   f"expected {plan.files_to_predict} and {plan.rows_to_reread}")
@@ -269,7 +274,11 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             output.write_run_record(out_loc, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
             write_run_file(out_loc, {**summary, "model_card": card})
+            report_started = time.perf_counter()
             summary["report"] = write_report(out_loc)
+            phases["report"] = time.perf_counter() - report_started
+            summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
+            write_run_file(out_loc, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card})
             return summary
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
