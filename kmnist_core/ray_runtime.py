@@ -21,7 +21,8 @@ def init_ray(address: str | None = None):
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(address=address, include_dashboard=False if not address else None,
+            # No address: a Ray of our own ("local"), never a `ray start` cluster that happens to run here.
+            ray.init(address=address or "local", include_dashboard=False if not address else None,
                      logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
             raise KmnistError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None

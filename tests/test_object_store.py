@@ -114,3 +114,29 @@ def test_kill_9_then_resume_against_s3_is_exactly_once(s3_server, tmp_path, kmni
     back = read_back(s3_server, out)
     assert len(back["paths"]) == len(objects) and set(back["paths"]) == objects
     assert back["summary"]["duplicate_paths"] == 0
+
+
+def test_tune_storage_on_s3(s3_server, tmp_path, small_dev):
+    """`tune --storage s3://...`: Tune's trial results and checkpoints go to the object store."""
+    import shutil
+
+    import numpy as np
+
+    from kmnist_core.datasets import BUNDLED_DIR
+
+    data = tmp_path / "data"
+    data.mkdir()
+    d = small_dev
+    np.savez_compressed(data / "kmnist-dev-imgs.npz", arr_0=np.concatenate([d.train.images, d.val.images, d.test.images]))
+    np.savez_compressed(data / "kmnist-dev-labels.npz",
+                        arr_0=np.concatenate([d.train.labels, d.val.labels, d.test.labels]).astype(np.uint8))
+    shutil.copy(BUNDLED_DIR / "kmnist_classmap.csv", data)
+    bucket = f"b-{uuid.uuid4().hex[:8]}"
+    s3(s3_server).create_dir(bucket)
+    r = subprocess.run([CLI, "tune", "--out", str(tmp_path / "grid"), "--storage", f"s3://{bucket}/tune", "--lr", "0.001",
+                        "--batch-size", "64", "--epochs", "1", "--data-dir", str(data)],
+                       env=s3_server, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    stored = s3(s3_server).get_file_info(pafs.FileSelector(f"{bucket}/tune", recursive=True))
+    assert any(i.base_name.startswith("checkpoint") for i in stored), [i.path for i in stored][:20]
+    assert (tmp_path / "grid" / "best" / "model.pt").exists()

@@ -7,7 +7,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from kmnist_core.plots import plt, save_figure, sns
+import seaborn as sns
+
+from kmnist_core.plots import plt, save_figure
 
 
 def comparison(history: pd.DataFrame, panel_key: str, line_key: str, path: Path, title: str) -> Path:
