@@ -5,7 +5,7 @@ The driver calls, in order:
     progress.start(info)            # before the first crop; the listing may still be running
     progress.listed(total, skipped) # once the listing has finished (total unknown before: "done/?", no ETA)
     progress.chunk_done(stats)      # for every chunk of rows the driver received (chunk_stats(table))
-    progress.finish(status)         # "completed", "failed" or "interrupted"
+    progress.finish(status, reason) # "completed", "failed" or "interrupted" (with the one-line reason)
 Lines are printed from a background thread on time even when no chunk finishes (kmnist_core/progress.py).
 
 Figures: `done` counts this run's rows (files to predict now), `total` the files this run has to
@@ -92,8 +92,8 @@ class RunProgress(Reporter):
             self.refresh_bar()
         self.tick()
 
-    def finish(self, status: str) -> None:
-        """End the run's reporting: a last line and the record's final status."""
+    def finish(self, status: str, reason: str | None = None) -> None:
+        """End the run's reporting: a last line, and the record's final status (and reason, on failure)."""
         with self._lock:
             figures = self.figures(self.clock()) if self.started_at is not None else None
         final = None
@@ -101,7 +101,7 @@ class RunProgress(Reporter):
             speed = f", {figures['rate_overall']:,.0f} crops/s" if figures["rate_overall"] else ""
             final = (f"{status} {figures['done']:,}/{self._total_text()} in {duration(figures['elapsed_s'])}{speed}; "
                      + self._tail(figures))
-        self._close(status, final)
+        self._close(status, final, reason)
 
     def identity(self) -> dict:
         return {"run_id": self.info.get("run_id"), "start": self.info}

@@ -254,6 +254,21 @@ def report(out: Path = typer.Argument(..., help="a predict output directory")):
     print_summary(write_report(out), out)
 
 
+@app.command()
+@user_errors
+def status(
+    out: str = typer.Argument(..., help="a predict or tune output directory (or s3://... URI)"),
+    json_output: bool = typer.Option(False, "--json", help="print the status as JSON, for scripts"),
+):
+    """Where the run in OUT stands: running (progress, rate, ETA, holder), completed, failed or
+    interrupted (reason, and the command that finishes it). Reads OUT only; no Ray."""
+    from batch_infer.status import run_status, status_text
+    from kmnist_core.files import json_text
+
+    state = run_status(out)
+    typer.echo(json_text(state).rstrip() if json_output else status_text(state))
+
+
 def parse_list(text: str, kind, option: str) -> list:
     try:
         return [kind(v) for v in text.split(",") if v.strip()]

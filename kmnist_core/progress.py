@@ -64,6 +64,7 @@ class Reporter:
         self.background = background
         self.holder = {"host": socket.gethostname(), "pid": os.getpid()}
         self.status = "starting"
+        self.reason: str | None = None  # why the run ended, when it failed
         self.started_at: float | None = None  # clock()
         self.started_wall: float | None = None
         self.last_emit: float | None = None
@@ -163,19 +164,21 @@ class Reporter:
         record = {"kind": self.kind, "status": self.status, **self.identity(), "out": self.out,
                   "holder": self.holder, "every_s": self.every_s,
                   "started": iso(self.started_wall), "updated": iso(now), "updated_unix": round(now, 3), **figures}
+        if self.reason:
+            record["reason"] = self.reason
         try:
             write_json_at(self.out, PROGRESS_FILE, record)
         except OSError:
             pass  # a full or read-only OUT fails the run itself, with its own error line; the record is a courtesy
 
-    def _close(self, status: str, final_line: str | None) -> None:
+    def _close(self, status: str, final_line: str | None, reason: str | None = None) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._lock:
             if self.started_at is None or self.status != "running":
                 return  # never started, or already closed
-            self.status = status
+            self.status, self.reason = status, reason
             figures = self.figures(self.clock())
             if self._bar is not None:
                 self._bar[0].stop()
