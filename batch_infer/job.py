@@ -19,20 +19,21 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from batch_infer import out_lock, output
 from batch_infer.discover import discover
 from batch_infer.paths import name_text, refuse_url
+from batch_infer.progress import RunProgress, chunk_stats
 from batch_infer.report import SUMMARY_DIR, write_report
 from batch_infer.schema import SCHEMA_VERSION
 from batch_infer.stages import TRANSIENT_KINDS
 from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.files import write_json_atomic
 from kmnist_core.model_dir import build_predictor, read_model_files
-from kmnist_core.ray_runtime import init_ray
+from kmnist_core.ray_runtime import endpoints, init_ray
 
 if TYPE_CHECKING:
     import ray.data
@@ -154,9 +155,8 @@ def build_dataset(files: list[dict], card: dict, weights: bytes, run_id: str, re
 
 def stream_rows(todo: list[dict], card: dict, weights: bytes, run_id: str, review_below: float,
                 opts: PredictOptions, writer: output.ShardWriter, rewriter: output.ShardRewriter,
-                on_rows: Callable[[int, int], None] | None) -> int:
+                progress: RunProgress | None) -> int:
     """Run the pipeline and commit its rows; returns how many duplicate rows were dropped."""
-    init_ray(opts.address)
     ds = build_dataset(todo, card, weights, run_id, review_below, opts)
     seen: set[bytes] = set()
     duplicates = 0
@@ -170,8 +170,8 @@ def stream_rows(todo: list[dict], card: dict, weights: bytes, run_id: str, revie
                 table = table.filter(pa.array(fresh))
             seen.update(keys)
             writer.add(rewriter.take(table))
-            if on_rows:
-                on_rows(len(seen), len(todo))
+            if progress:
+                progress.chunk_done(chunk_stats(table))
     finally:
         # Shut Ray Data's executor down here rather than at garbage collection, where a failure of its
         # own (its log file on the same full disk) would print a traceback after the error line.
@@ -202,11 +202,12 @@ def end_run(out: Path, record: dict) -> None:
 
 
 def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
-                on_rows: Callable[[int, int], None] | None = None) -> dict:
+                progress: RunProgress | None = None) -> dict:
     """Predict every image under `inputs` into `out`, then write OUT/summary/.
 
     Everything is checked (options, inputs, the model, OUT and its lock, earlier output) before anything
-    is written; on failure or Ctrl-C, run.json says why and every committed shard stays.
+    is written; on failure or Ctrl-C, run.json says why and every committed shard stays. `progress`
+    prints the start line and the periodic lines and keeps OUT/_progress.json (batch_infer/progress.py).
     Returns the run summary (also in OUT/run.json), with the report's figures under "report".
     """
     opts.validate()
@@ -238,7 +239,16 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         rewriter = output.ShardRewriter(out, redo)
         try:  # from here on, any end is recorded in run.json
             write_json_atomic(out / RUN_FILE, {**run_meta, "status": "running", "model_card": card})
-            duplicates = stream_rows(todo, card, weights, run_id, review_below, opts, writer, rewriter, on_rows) if todo else 0
+            if todo:
+                init_ray(opts.address)  # before the start line, which names the Ray it runs on
+            if progress:
+                progress.start({"run_id": run_id, "inputs": run_meta["inputs"], "files": len(found.files),
+                                "skipped": dict(found.skipped), "already_done": run_meta["already_done"],
+                                "model_id": card["model_id"], "review_below": review_below,
+                                "ood_threshold": card.get("calibration", {}).get("ood_threshold"), "out": str(out),
+                                **(endpoints() if todo else {"ray_address": "not needed: nothing to do"}),
+                                "workers": opts.workers, "options": asdict(opts)})
+            duplicates = stream_rows(todo, card, weights, run_id, review_below, opts, writer, rewriter, progress) if todo else 0
             if not todo:
                 writer.close()
             rows = writer.rows_written + rewriter.rows_replaced
@@ -251,6 +261,8 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                        "crops_per_s": round(rows / elapsed, 1) if elapsed and rows else None,
                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             write_json_atomic(out / RUN_FILE, {**summary, "model_card": card})
+            if progress:
+                progress.finish("completed")
             shutil.rmtree(out / output.STAGING_DIR, ignore_errors=True)
             summary["report"] = write_report(out)
             return summary
@@ -258,6 +270,8 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
             interrupted = isinstance(e, KeyboardInterrupt)
             reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else failure_reason(e, out)
             committed = writer.rows_written + rewriter.rows_replaced
+            if progress:
+                progress.finish("interrupted" if interrupted else "failed", reason)
             end_run(out, {**run_meta, "status": "interrupted" if interrupted else "failed", "reason": reason,
                           "rows_committed": committed, "detail": traceback.format_exc(),
                           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_card": card})

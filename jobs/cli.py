@@ -139,20 +139,6 @@ def evaluate(
     typer.echo(f"metrics and plots: {out}")
 
 
-def rows_progress():
-    """A progress bar over crops on a terminal; nothing otherwise (logs stay quiet)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        return None, None
-    progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=True)
-    task = progress.add_task("predict", total=None)
-    return progress, lambda done, total: progress.update(task, completed=done, total=total)
-
-
 def print_summary(summary: dict, out: Path) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
@@ -190,6 +176,9 @@ def predict(
     rows_per_shard: int = typer.Option(8192, help="rows per Parquet file; also what a killed run can lose"),
     read_retries: int = typer.Option(2, help="extra reads of an unreadable or truncated file within the run"),
     retry_backoff: float = typer.Option(0.5, help="seconds before the first extra read; doubles each time"),
+    progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
+                                                    "terminal) and rewrites of OUT/_progress.json"),
+    quiet: bool = typer.Option(False, help="print only errors and the final summary"),
 ):
     """Predict every crop under INPUTS into Parquet, one row per image file, then write the summary."""
     import signal
@@ -198,6 +187,8 @@ def predict(
     from batch_infer.paths import refuse_url
 
     refuse_url(out, "--out")
+    if progress_every <= 0:
+        raise KmnistError("--progress-every must be > 0 seconds")
     refuse_if_busy(Path(out))  # before the imports below, which load torch: a busy OUT is refused at once
 
     from batch_infer.supervise import run_supervised
@@ -208,9 +199,9 @@ def predict(
         # A full disk also fails Ray's own log files; the one error line says what happened, without the
         # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
         logging.raiseExceptions = False
-        progress, on_rows = rows_progress()
         try:
             from batch_infer.job import PredictOptions, run_predict
+            from batch_infer.progress import RunProgress
             from kmnist_core.ray_runtime import without_known_ray_noise
 
             opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
@@ -218,14 +209,9 @@ def predict(
                                   review_below=review_below, resume=resume, overwrite=overwrite,
                                   retry_errors=retry_errors, read_retries=read_retries,
                                   retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
-            if progress:
-                progress.start()
-            try:
-                with without_known_ray_noise():
-                    run = run_predict(inputs, out, opts, on_rows)
-            finally:
-                if progress:
-                    progress.stop()
+            progress = RunProgress(out, every_s=progress_every, quiet=quiet)
+            with without_known_ray_noise():
+                run = run_predict(inputs, out, opts, progress)
             print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, Path(out))
             return 0
         except KmnistError as e:
