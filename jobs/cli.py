@@ -281,16 +281,22 @@ def tune(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
     storage: Optional[str] = typer.Option(None, help="Tune storage (default OUT/ray_results); shared storage on multi-node clusters"),
     resume: bool = typer.Option(False, help="continue an interrupted grid without rerunning finished trials"),
+    progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
+                                                    "terminal) and rewrites of OUT/_progress.json"),
+    quiet: bool = typer.Option(False, help="print only errors and the final summary"),
 ):
     """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
+    if progress_every <= 0:
+        raise KmnistError("--progress-every must be > 0 seconds")
     from tune.grid import GridConfig, run_grid
+    from tune.progress import GridProgress
 
     cfg = GridConfig(dataset=dataset, model=model, lrs=parse_list(lr, float, "--lr"),
                      batch_sizes=parse_list(batch_size, int, "--batch-size"), epochs=epochs,
                      cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, scheduler=scheduler,
                      augment=augment, seed=seed, device=device, data_dir=str(data_dir) if data_dir else None,
                      address=address, storage=storage, resume=resume)
-    summary = run_grid(cfg, out)
+    summary = run_grid(cfg, out, GridProgress(out, every_s=progress_every, quiet=quiet))
     typer.echo(f"{summary['trials']} trials: " + ", ".join(f"{k} {v}" for k, v in summary["by_status"].items()))
     best = summary["best"]
     if best:
