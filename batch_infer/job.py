@@ -245,7 +245,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                 progress.start({"run_id": run_id, "inputs": run_meta["inputs"], "files": len(found.files),
                                 "skipped": dict(found.skipped), "already_done": run_meta["already_done"],
                                 "model_id": card["model_id"], "review_below": review_below,
-                                "ood_threshold": card.get("calibration", {}).get("ood_threshold"), "out": str(out),
+                                "ood_threshold": card.get("calibration", {}).get("ood_threshold"), "out": os.path.abspath(out),
                                 **(endpoints() if todo else {"ray_address": "not needed: nothing to do"}),
                                 "workers": opts.workers, "options": asdict(opts)})
             duplicates = stream_rows(todo, card, weights, run_id, review_below, opts, writer, rewriter, progress) if todo else 0

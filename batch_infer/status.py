@@ -201,7 +201,7 @@ def status_text(s: dict) -> str:
                      + (f"; best (on val) lr {best['lr']} batch {best['batch_size']}: val {best['best_val_acc']:.4f}"
                         if best else ""))
     if s.get("progress"):
-        prefix = "" if s["state"] == "running" else f"last record ({s['progress'].get('updated')}):"
+        prefix = {"running": "", "completed": "final figures:"}.get(s["state"], f"last record ({s['progress'].get('updated')}):")
         if prefix:
             lines.append(prefix)
         lines += progress_text(s["progress"], s["kind"])

@@ -129,3 +129,22 @@ def test_chunk_stats_counts_error_kinds_and_review_reasons():
                       "review_reason": ["error", None, "blank", "error"]})
     assert chunk_stats(table) == {"rows": 4, "errors_by_kind": {"truncated": 2},
                                   "review_by_reason": {"error": 2, "blank": 1}}
+
+
+class TerminalStream(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_a_bar_carries_the_same_figures_instead_of_lines(tmp_path):
+    stream, clock = TerminalStream(), FakeClock()
+    p = reporter(tmp_path, stream, clock)
+    p.start({**INFO, "files": 2000})
+    clock.t += 1
+    p.chunk_done({"rows": 1500, "errors_by_kind": {"truncated": 3}, "review_by_reason": {}})
+    p.finish("completed")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream.getvalue())
+    assert "start predict run" in text and "completed 1,500/2,000" in text
+    assert "progress 1,500/2,000 (75.0%); 1,500 crops/s" in text and "errors 3 (truncated 3)" in text
+    assert not re.search(r"^\d\d:\d\d:\d\d progress", text, re.M)  # the figures are in the bar, not in lines
+    assert record(tmp_path)["done"] == 1500
