@@ -1,209 +1,231 @@
-"""`predict` end to end: discover files, skip what a previous run finished, run the Ray Data pipeline,
-commit Parquet shards, write run.json and the summary.
+"""`predict` end to end: stream the listing in chunks, skip what a previous run committed, let workers
+predict and commit each chunk's shard, then write run.json and the summary.
 
-Pipeline (measured on 2 cores, shared/STACK.md): the driver lists the files itself; `from_items` blocks
-feed a decode stage of lightweight tasks (`num_cpus` < 1 so it never starves) and an actor pool of
-predictors. Decode and predict must reserve different CPU amounts or Ray fuses them into one stage.
+The driver never holds the listing or a row: it holds the chunks queued for workers (a few per
+worker), one record per committed chunk (resume) and running counts. Workers read, decode, predict
+and write (batch_infer/worker.py); small local jobs run the same worker in this process instead of
+starting Ray (batch_infer/dispatch.py), so their output is the same.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
+import itertools
+import json
 import os
-import shutil
+import sys
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import pyarrow as pa
+from typing import Callable, Iterable, Iterator
 
 from batch_infer import out_lock, output
-from batch_infer.discover import discover
-from batch_infer.paths import name_text, refuse_url
-from batch_infer.progress import RunProgress, chunk_stats
+from batch_infer.chunks import chunked
+from batch_infer.discover import check_inputs, iter_files
+from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
+from batch_infer.plan import Plan
+from batch_infer.progress import RunProgress
 from batch_infer.report import SUMMARY_DIR, write_report
 from batch_infer.schema import SCHEMA_VERSION
-from batch_infer.stages import TRANSIENT_KINDS
+from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
+from kmnist_core import storage
 from kmnist_core.errors import Interrupted, KmnistError
-from kmnist_core.files import write_json_atomic
+from kmnist_core.files import json_text
 from kmnist_core.model_dir import build_predictor, read_model_files
-from kmnist_core.ray_runtime import endpoints, init_ray
-
-if TYPE_CHECKING:
-    import ray.data
+from kmnist_core.ray_runtime import endpoints
+from kmnist_core.storage import Location
 
 RUN_FILE = "run.json"
+# Up to this many files, a job with no Ray cluster to join runs in this process: starting Ray and its
+# workers costs seconds, which a small job never wins back (docs/benchmarks.md, "small jobs").
+LOCAL_MAX_FILES = 20_000
+EXECUTORS = ("auto", "local", "ray")
 
 
 @dataclass
 class PredictOptions:
     model: str = "default"
     address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray started for the job
+    executor: str = "auto"  # auto: in this process when small and no cluster is given, else Ray
     batch_size: int = 1024
-    workers: int = 1  # predictor actors
+    workers: int = 0  # Ray workers; 0 = as many as the cluster has room for
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    decode_cpus: float = 0.5  # per decode task; halved if equal to cpus_per_worker (see module doc)
     review_below: float | None = None  # None: the model card's threshold
     resume: bool = False
     overwrite: bool = False
     retry_errors: bool = False  # with --resume: re-read every error row, not only the transient kinds
     read_retries: int = 2  # extra reads of a file failing with a transient kind, inside the run
     retry_backoff_s: float = 0.5  # wait before the first extra read; doubles each time
-    rows_per_shard: int = 8192
+    rows_per_shard: int = 4096  # files per listing chunk (one shard each), on average
 
     def validate(self) -> None:
         if self.resume and self.overwrite:
             raise KmnistError("--resume and --overwrite contradict each other; pick one")
         if self.retry_errors and not self.resume:
             raise KmnistError("--retry-errors re-reads the error rows of an earlier run; use it with --resume")
-        if self.batch_size < 1 or self.workers < 1 or self.rows_per_shard < 1:
-            raise KmnistError("--batch-size, --workers and --rows-per-shard must be >= 1")
+        if self.batch_size < 1 or self.workers < 0 or self.rows_per_shard < 1:
+            raise KmnistError("--batch-size and --rows-per-shard must be >= 1, --workers >= 0")
         if self.review_below is not None and not 0 <= self.review_below <= 1:
             raise KmnistError("--review-below must be a probability between 0 and 1")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise KmnistError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
         if self.read_retries < 0 or self.retry_backoff_s < 0:
             raise KmnistError("--read-retries and --retry-backoff must be >= 0")
+        if self.executor not in EXECUTORS:
+            raise KmnistError(f"--executor must be one of {', '.join(EXECUTORS)}")
 
 
-def check_paths(inputs: list[str | Path], out: Path) -> None:
-    """Inputs exist and OUT can be a folder: checked before anything is created or touched."""
-    for item in inputs:
-        refuse_url(str(item), "input")
-        if not os.path.exists(item):
-            raise KmnistError(f"input {name_text(os.fsencode(item))} does not exist")
-    refuse_url(str(out), "--out")
-    if out.exists() and not out.is_dir():
-        raise KmnistError(f"--out {out} is a file, not a folder")
+def check_out(out: Location) -> None:
+    """OUT can be a folder: checked before anything is created or touched."""
+    if out.local and os.path.exists(out.path) and not os.path.isdir(out.path):
+        raise KmnistError(f"--out {out.uri} is a file, not a folder")
     out_lock.refuse_if_busy(out)
 
 
-def make_out(out: Path) -> None:
+def make_out(out: Location) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(out)
     except OSError as e:
-        raise KmnistError(f"cannot create --out {out}: {e.strerror}") from None
+        raise KmnistError(f"cannot create --out {out.uri}: {e.strerror or e}") from None
 
 
-def previous_output(out: Path, opts: PredictOptions, model_id: str) -> output.Committed:
-    """Check OUT's committed shards against --resume / --overwrite and the model; returns what they hold
-    that resume may skip. Deletes nothing: --overwrite replaces the old shards at the first commit."""
-    shards = output.shard_paths(out)
-    if not shards or opts.overwrite:
-        return output.Committed()
+def previous_chunks(out: Location, metas: dict, opts: PredictOptions, model_id: str) -> dict[str, output.ChunkRecord]:
+    """Check OUT's committed shards against --resume / --overwrite and the model; returns the chunks they
+    hold, for resume to skip. Deletes nothing: --overwrite replaces the old shards at the first commit."""
+    if not metas or opts.overwrite:
+        return {}
     if not opts.resume:
-        raise KmnistError(f"{out} already holds predictions ({len(shards)} shards); "
+        raise KmnistError(f"{out.uri} already holds predictions ({len(metas)} shards); "
                           f"pass --resume to finish that run or --overwrite to start again")
-    versions = output.schema_versions(out) - {SCHEMA_VERSION}
-    if versions:
-        raise KmnistError(f"{out} holds output schema {', '.join(sorted(versions))}; this kmnist-batch writes schema "
-                          f"{SCHEMA_VERSION} and cannot add to it: use --overwrite or another --out")
-    previous = {run.get("model_id") for run in output.shard_metadata(out)[0]}
+    output.refuse_other_schema(out, metas, "writes")
+    previous = {run.get("model_id") for run in output.run_metadata(metas)[0]}
     if previous - {model_id}:
-        raise KmnistError(f"{out} was written by model {', '.join(sorted(previous))}, not {model_id}; "
+        raise KmnistError(f"{out.uri} was written by model {', '.join(sorted(previous))}, not {model_id}; "
                           f"resume with the same model or use --overwrite")
-    return output.committed(out)
+    return output.chunk_records(metas)
 
 
-def quiet_ray_data_console() -> None:
-    """Ray Data logs each execution to the console at INFO; keep the console to errors (the full log
-    stays in the session's ray-data.log) and let the driver draw the only progress bar."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.ERROR)
+def ray_requested(opts: PredictOptions) -> bool:
+    """A cluster was named, or this process already runs Ray (a notebook, a test, `ray job submit`)."""
+    ray = sys.modules.get("ray")
+    return bool(opts.address or os.environ.get("RAY_ADDRESS") or (ray and ray.is_initialized()))
 
 
-def build_dataset(files: list[dict], card: dict, weights: bytes, run_id: str, review_below: float,
-                  opts: PredictOptions) -> ray.data.Dataset:
-    import ray
-    import ray.data
-
-    from batch_infer.stages import PredictorActor, decode_batch
-
-    quiet_ray_data_console()
-    blocks = max(8, min(1000, math.ceil(len(files) / 1000)))  # ~1k files per block: small retry unit
-    device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
-    threads = max(2, int(opts.cpus_per_worker)) if device == "cpu" else 1
-    ds = ray.data.from_items(files, override_num_blocks=min(blocks, len(files)))
-    decode_cpus = opts.decode_cpus if opts.decode_cpus != opts.cpus_per_worker else opts.decode_cpus / 2
-    ds = ds.map_batches(decode_batch, batch_size=256, batch_format="pyarrow", num_cpus=decode_cpus,
-                        fn_kwargs={"input_size": int(card["input"]["size"]), "retries": opts.read_retries,
-                                   "backoff_s": opts.retry_backoff_s})
-    return ds.map_batches(
-        PredictorActor,
-        batch_size=opts.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=opts.workers),
-        num_cpus=opts.cpus_per_worker,
-        num_gpus=opts.gpus_per_worker or None,
-        fn_constructor_kwargs={"card": card, "weights_ref": [ray.put(weights)], "run_id": run_id,
-                               "review_below": review_below, "device": device, "threads": threads},
-    )
+def choose_executor(opts: PredictOptions, tasks: Iterator[ChunkTask]) -> tuple[str, Iterator[ChunkTask]]:
+    """`auto`: read ahead up to LOCAL_MAX_FILES files of work; if the listing ends first, run here."""
+    if opts.executor == "ray" or (opts.executor == "auto" and ray_requested(opts)):
+        return "ray", tasks
+    if opts.executor == "local":
+        return "local", tasks
+    ahead, files = [], 0
+    for task in tasks:
+        ahead.append(task)
+        files += task.listing.num_rows
+        if files > LOCAL_MAX_FILES:
+            return "ray", itertools.chain(ahead, tasks)
+    return "local", iter(ahead)
 
 
-def stream_rows(todo: list[dict], card: dict, weights: bytes, run_id: str, review_below: float,
-                opts: PredictOptions, writer: output.ShardWriter, rewriter: output.ShardRewriter,
-                progress: RunProgress | None) -> int:
-    """Run the pipeline and commit its rows; returns how many duplicate rows were dropped."""
-    ds = build_dataset(todo, card, weights, run_id, review_below, opts)
-    seen: set[bytes] = set()
-    duplicates = 0
-    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    try:
-        for table in batches:
-            keys = table.column("path_bytes").to_pylist()
-            fresh = [k not in seen for k in keys]
-            if not all(fresh):  # a retried block delivered twice: keep the first copy only
-                duplicates += fresh.count(False)
-                table = table.filter(pa.array(fresh))
-            seen.update(keys)
-            writer.add(rewriter.take(table))
-            if progress:
-                progress.chunk_done(chunk_stats(table))
-    finally:
-        # Shut Ray Data's executor down here rather than at garbage collection, where a failure of its
-        # own (its log file on the same full disk) would print a traceback after the error line.
-        with contextlib.suppress(Exception):
-            batches.close()
-    rewriter.flush()
-    writer.close()
-    return duplicates
-
-
-def failure_reason(error: BaseException, out: Path) -> str:
+def failure_reason(error: BaseException, out: Location) -> str:
     """One line saying what went wrong, in the user's terms."""
+    cause = getattr(error, "cause", None)  # a worker's exception, as Ray hands it back
+    if isinstance(cause, BaseException):
+        error = cause
     if isinstance(error, KmnistError):
         return str(error)
-    if isinstance(error, OSError):  # the driver only writes during the run: OUT is full, read-only, gone
-        where = f" {name_text(os.fsencode(error.filename))}" if error.filename else f" to {out}"
+    if isinstance(error, OSError):  # OUT is full, read-only, gone
+        where = f" {error.filename if isinstance(error.filename, str) else os.fsdecode(error.filename)}" if error.filename else f" to {out.uri}"
         return f"cannot write{where}: {error.strerror or error}"
     first = (str(error).strip().splitlines() or [""])[0]
-    return f"the Ray pipeline failed: {type(error).__name__}: {first}"
+    return f"the prediction workers failed: {type(error).__name__}: {first}"
 
 
-def end_run(out: Path, record: dict) -> None:
+def write_run_file(out: Location, record: dict) -> None:
+    storage.write_bytes_atomic(out.join(RUN_FILE), json_text(record).encode("utf-8"))
+
+
+def end_run(out: Location, record: dict) -> None:
     """Best effort: on a full disk even run.json may not be writable, and the error line still tells."""
     try:
-        write_json_atomic(out / RUN_FILE, record)
+        write_run_file(out, record)
     except OSError:
         pass
 
 
+class Tally:
+    """Running counts of committed chunks: what the driver keeps instead of rows."""
+
+    def __init__(self, on_chunk: Callable[[dict], None] | None):
+        self.rows_written = self.rows_replaced = self.chunks = 0
+        self.errors_by_kind: Counter = Counter()
+        self.review_by_reason: Counter = Counter()
+        self.nodes: Counter = Counter()
+        self.on_chunk = on_chunk
+
+    def add(self, stats: dict) -> None:
+        self.chunks += 1
+        self.rows_written += stats["rows"]
+        self.rows_replaced += stats["replaced"]
+        self.errors_by_kind.update(stats["errors_by_kind"])
+        self.review_by_reason.update(stats["review_by_reason"])
+        if self.on_chunk:
+            self.on_chunk(stats)
+
+
+def staged(task: ChunkTask, folder: Location) -> ChunkTask:
+    os.makedirs(folder.path, exist_ok=True)
+    return ChunkTask(task.chunk_id, task.first, task.last, task.listing, folder=folder.path)
+
+
+def run_tasks(executor: str, tasks: Iterable[ChunkTask], card: dict, weights: bytes, job: JobSpec,
+              opts: PredictOptions, after_first: Callable[[], None] | None) -> Iterator[dict]:
+    if executor == "local":
+        make = lambda: ChunkWorker(card, weights, job, threads=os.cpu_count() or 1)  # noqa: E731
+        return run_in_process(make, tasks, after_first)
+    from kmnist_core.ray_runtime import init_ray
+
+    ray = init_ray(opts.address)
+    workers = opts.workers or pool_size(ray, opts.cpus_per_worker, opts.gpus_per_worker)
+    return run_on_ray(ray, card, weights, job, tasks, workers, opts.cpus_per_worker, opts.gpus_per_worker,
+                      after_first=after_first)
+
+
+def start_info(run_meta: dict, card: dict, opts: PredictOptions, executor: str, plan: Plan, skipped: Counter) -> dict:
+    """What the start line names. A local run has its whole listing in hand (choose_executor read it
+    ahead); on Ray the listing is still streaming, so the file count comes later (RunProgress.listed)."""
+    listed = executor == "local"
+    info = {"run_id": run_meta["run_id"], "inputs": run_meta["inputs"], "files": plan.files_listed if listed else None,
+            "skipped": {k: v for k, v in skipped.items() if v}, "already_done": plan.already_done if listed else None,
+            "model_id": card["model_id"], "review_below": run_meta["review_below"],
+            "ood_threshold": card.get("calibration", {}).get("ood_threshold"), "out": run_meta["out"],
+            "options": run_meta["options"]}
+    if executor == "ray":
+        from kmnist_core.ray_runtime import init_ray
+
+        ray = init_ray(opts.address)  # run_tasks reuses this Ray
+        info.update(endpoints(), workers=opts.workers or pool_size(ray, opts.cpus_per_worker, opts.gpus_per_worker))
+    else:
+        info.update(ray_address="not used (a small job: runs in this process)", workers=1)
+    return info
+
+
+def reporting_listing(tasks: Iterator[ChunkTask], plan: Plan, skipped: Counter, progress: RunProgress) -> Iterator[ChunkTask]:
+    """The tasks, passed on as the workers take them, telling `progress` how much of the listing is in
+    so far and, once it ends, the run's total."""
+    for task in tasks:
+        progress.listing(plan.files_to_predict + plan.rows_to_reread)
+        yield task
+    progress.listed(plan.files_to_predict + plan.rows_to_reread, skipped, plan.already_done)
+
+
 def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                 progress: RunProgress | None = None) -> dict:
-    """Predict every image under `inputs` into `out`, then write OUT/summary/.
+    """Predict every image under `inputs` (folders, files or object-store prefixes) into `out`, then
+    write OUT/summary/.
 
     Everything is checked (options, inputs, the model, OUT and its lock, earlier output) before anything
     is written; on failure or Ctrl-C, run.json says why and every committed shard stays. `progress`
@@ -212,70 +234,89 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
     """
     opts.validate()
     started = time.perf_counter()
-    out = Path(out)
-    check_paths(inputs, out)
+    inputs = [os.fspath(i) for i in inputs]
+    out_loc = storage.resolve(out)
+    check_inputs(inputs)
+    check_out(out_loc)
     card, weights = read_model_files(opts.model)
     build_predictor(card, weights, source=opts.model)  # fail here, before OUT or Ray, on a bad model
-    make_out(out)
+    make_out(out_loc)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    with out_lock.hold(out, run_id) as killed_holder:
+    with out_lock.hold(out_loc, run_id) as killed_holder:
         review_below = opts.review_below if opts.review_below is not None else float(card.get("calibration", {}).get("review_below", 0.5))
-        output.recover(out)
-        replacing = opts.overwrite and bool(output.shard_paths(out))
-        previous = previous_output(out, opts, card["model_id"])
-        found = discover(inputs)
-        present = {f["path_bytes"] for f in found.files}
-        redo = {key: shard for key, (shard, kind) in previous.errors.items()
-                if key in present and (opts.retry_errors or kind in TRANSIENT_KINDS)}
-        todo = [f for f in found.files if f["path_bytes"] not in previous.keys or f["path_bytes"] in redo]
+        output.recover(out_loc)
+        metas = output.footers(out_loc)
+        replacing = opts.overwrite and bool(metas or storage.exists(output.predictions_dir(out_loc)))
+        previous = previous_chunks(out_loc, metas, opts, card["model_id"])
+        if previous:
+            # Chunk boundaries depend on the chunk size: resume cuts the listing as the first run did,
+            # so its committed chunks are recognized by id (and their error rows can be re-read).
+            opts.rows_per_shard = output.run_metadata(metas)[0][-1]["options"]["rows_per_shard"]
+        if not replacing:
+            storage.make_dirs(output.predictions_dir(out_loc))
         run_meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card["model_id"],
-                    "inputs": [name_text(os.fsencode(os.path.abspath(i))) for i in inputs], "options": asdict(opts),
-                    "review_below": review_below, "discovery": found.to_dict(),
-                    "already_done": len(found.files) - len(todo), "error_rows_reread": len(redo),
+                    "inputs": [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i)) for i in inputs],
+                    "out": out_loc.uri, "options": asdict(opts), "review_below": review_below,
                     "took_over_lock_from": killed_holder,
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        writer = output.ShardWriter(out, run_id, run_meta, card, opts.rows_per_shard, replace_existing=replacing,
-                                    stale=(out / SUMMARY_DIR,))
-        rewriter = output.ShardRewriter(out, redo)
+        job = JobSpec(out=out_loc.uri, run_id=run_id, review_below=review_below, read_retries=opts.read_retries,
+                      retry_backoff_s=opts.retry_backoff_s, batch_size=opts.batch_size, metadata={
+                          "kmnist_batch.schema_version": SCHEMA_VERSION,
+                          "kmnist_batch.run": json.dumps(run_meta, ensure_ascii=False),
+                          "kmnist_batch.model_card": json.dumps(card, ensure_ascii=False)})
+        skipped: Counter = Counter()
+        plan = Plan(out_loc, previous, opts.retry_errors)
+        tally = Tally(progress.chunk_done if progress else None)
+        after_first = None
         try:  # from here on, any end is recorded in run.json
-            write_json_atomic(out / RUN_FILE, {**run_meta, "status": "running", "model_card": card})
-            if todo:
-                init_ray(opts.address)  # before the start line, which names the Ray it runs on
+            write_run_file(out_loc, {**run_meta, "status": "running", "model_card": card})
+            tasks = plan.tasks(chunked(iter_files(inputs, skipped), opts.rows_per_shard))
+            executor, tasks = choose_executor(opts, tasks)
             if progress:
-                progress.start({"run_id": run_id, "inputs": run_meta["inputs"], "files": len(found.files),
-                                "skipped": dict(found.skipped), "already_done": run_meta["already_done"],
-                                "model_id": card["model_id"], "review_below": review_below,
-                                "ood_threshold": card.get("calibration", {}).get("ood_threshold"), "out": os.path.abspath(out),
-                                **(endpoints() if todo else {"ray_address": "not needed: nothing to do"}),
-                                "workers": opts.workers, "options": asdict(opts)})
-            duplicates = stream_rows(todo, card, weights, run_id, review_below, opts, writer, rewriter, progress) if todo else 0
-            if not todo:
-                writer.close()
-            rows = writer.rows_written + rewriter.rows_replaced
-            if rows != len(todo):
-                raise KmnistError(f"pipeline returned {rows} rows for {len(todo)} files")
+                progress.start(start_info(run_meta, card, opts, executor, plan, skipped))
+                tasks = reporting_listing(tasks, plan, skipped, progress)
+            if replacing:
+                # --overwrite: the first chunk is committed aside (locally), and only then replaces the old
+                # output; a run that fails before its first commit leaves the earlier predictions as they were.
+                first = next(tasks, None)
+                if first is not None:
+                    if out_loc.local:
+                        first = staged(first, output.staging_dir(out_loc, run_id))
+                    tasks = itertools.chain([first], tasks)
+                    old = [n for n in metas if n != output.shard_name(first.chunk_id)]
+                    after_first = lambda: output.swap_in(out_loc, run_id, old, stale=(out_loc.join(SUMMARY_DIR),))  # noqa: E731
+                else:  # nothing to predict: the old output still goes
+                    output.swap_in(out_loc, run_id, list(metas), stale=(out_loc.join(SUMMARY_DIR),))
+            for stats in run_tasks(executor, tasks, card, weights, job, opts, after_first):
+                tally.add(stats)
+            if (tally.rows_written, tally.rows_replaced) != (plan.files_to_predict, plan.rows_to_reread):
+                raise KmnistError(f"workers committed {tally.rows_written} new and {tally.rows_replaced} re-read rows, "
+                                  f"expected {plan.files_to_predict} and {plan.rows_to_reread}")
             elapsed = time.perf_counter() - started
-            summary = {**run_meta, "status": "completed", "rows_written": writer.rows_written,
-                       "rows_replaced": rewriter.rows_replaced, "duplicates_dropped": duplicates,
-                       "elapsed_s": round(elapsed, 3),
+            rows = tally.rows_written + tally.rows_replaced
+            discovery = {"files": plan.files_listed, "skipped": {k: v for k, v in sorted(skipped.items()) if v}}
+            summary = {**run_meta, "status": "completed", "executor": executor, "discovery": discovery,
+                       "already_done": plan.already_done, "error_rows_reread": plan.rows_to_reread,
+                       "rows_written": tally.rows_written, "rows_replaced": tally.rows_replaced,
+                       "chunks_committed": tally.chunks, "elapsed_s": round(elapsed, 3),
                        "crops_per_s": round(rows / elapsed, 1) if elapsed and rows else None,
                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            write_json_atomic(out / RUN_FILE, {**summary, "model_card": card})
+            output.write_run_record(out_loc, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
+            write_run_file(out_loc, {**summary, "model_card": card})
             if progress:
                 progress.finish("completed")
-            shutil.rmtree(out / output.STAGING_DIR, ignore_errors=True)
-            summary["report"] = write_report(out)
+            summary["report"] = write_report(out_loc)
             return summary
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
-            reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else failure_reason(e, out)
-            committed = writer.rows_written + rewriter.rows_replaced
+            reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else failure_reason(e, out_loc)
+            committed = tally.rows_written + tally.rows_replaced
             if progress:
                 progress.finish("interrupted" if interrupted else "failed", reason)
-            end_run(out, {**run_meta, "status": "interrupted" if interrupted else "failed", "reason": reason,
-                          "rows_committed": committed, "detail": traceback.format_exc(),
-                          "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_card": card})
-            if writer.replace_existing:
+            end_run(out_loc, {**run_meta, "status": "interrupted" if interrupted else "failed", "reason": reason,
+                              "rows_committed": committed, "detail": traceback.format_exc(),
+                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_card": card})
+            if replacing and after_first is not None and not tally.chunks:
                 kept = "the earlier predictions in OUT are untouched; run again with --overwrite"
             else:
                 kept = f"{committed:,} rows committed by this run are kept; run again with --resume to finish"

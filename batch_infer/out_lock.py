@@ -5,6 +5,12 @@ so a killed run never leaves OUT locked; on NFS, Linux turns flock into NFS byte
 server drops when the client's lease runs out. The file also names the holder (host, pid, run id,
 since), so a refused run can say who has OUT, and a run that finds a name there but no lock knows the
 previous run was killed and takes over. A clean end empties the file.
+
+An object store has no locks, so there OUT/.lock is an object naming its holder, refreshed every
+HEARTBEAT_S. A run refuses an OUT whose holder is alive: the same host and a live pid, or another host
+whose heartbeat is recent (STALE_S). A holder that is gone (kill -9: same host, dead pid; or a silent
+heartbeat) is taken over. Two runs started in the same instant could both take it: object stores offer
+no atomic create here, so start one run per OUT.
 """
 
 from __future__ import annotations
@@ -13,15 +19,21 @@ import fcntl
 import json
 import os
 import socket
+import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from kmnist_core import storage
 from kmnist_core.errors import KmnistError
+from kmnist_core.storage import Location
 
 LOCK_FILE = ".lock"  # a leading dot: directory readers and discovery skip it
 _held: set[str] = set()  # flock on NFS acts per process: refuse a second run in this process ourselves
+HEARTBEAT_S = 30.0
+STALE_S = 120.0
 
 
 def read_holder(fd: int) -> dict | None:
@@ -38,9 +50,44 @@ def busy_message(out: Path, holder: dict | None) -> str:
     return f"{out} is in use by {who}; wait for it to finish or stop it, or choose another --out"
 
 
-def refuse_if_busy(out: Path) -> None:
+def store_holder(out: Location) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(out.join(LOCK_FILE)) or b"null")
+    except (OSError, ValueError):
+        return None
+
+
+def pid_running(pid) -> bool:
+    """A live process, not a zombie (a killed holder whose parent died too may stay one in a container)."""
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    try:
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): the signal probe is all there is
+
+
+def holder_alive(holder: dict | None) -> bool:
+    """For an object-store lock: is the run that wrote this record still running?"""
+    if not holder:
+        return False
+    if holder.get("host") == socket.gethostname():
+        return pid_running(holder.get("pid"))
+    return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+
+
+def refuse_if_busy(out: Path | Location) -> None:
     """Fail fast, before the slow checks (torch, the model), when another run holds OUT. Only a probe:
     `hold` takes the lock itself later."""
+    if isinstance(out, Location):
+        if not out.local:
+            holder = store_holder(out)
+            if holder_alive(holder) or out.uri in _held:
+                raise KmnistError(busy_message(out.uri, holder))
+            return
+        out = Path(out.path)
     try:
         fd = os.open(out / LOCK_FILE, os.O_RDONLY)
     except OSError:
@@ -56,10 +103,52 @@ def refuse_if_busy(out: Path) -> None:
         os.close(fd)
 
 
+def holder_record(run_id: str) -> dict:
+    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 @contextmanager
-def hold(out: Path, run_id: str) -> Iterator[dict | None]:
+def hold_store(out: Location, run_id: str) -> Iterator[dict | None]:
+    previous = store_holder(out)
+    if holder_alive(previous) or out.uri in _held:
+        raise KmnistError(busy_message(out.uri, previous))
+    me = holder_record(run_id)
+    lock = out.join(LOCK_FILE)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.write_bytes_atomic(lock, json.dumps({**me, "heartbeat": time.time()}).encode())
+            except OSError:
+                pass  # a missed beat only makes the lock look stale sooner
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    storage.write_bytes_atomic(lock, json.dumps({**me, "heartbeat": time.time()}).encode())
+    thread = threading.Thread(target=beat, name="out-lock-heartbeat", daemon=True)
+    thread.start()
+    _held.add(out.uri)
+    try:
+        yield previous
+    finally:
+        _held.discard(out.uri)
+        stop.set()
+        thread.join()
+        storage.delete(lock)
+
+
+@contextmanager
+def hold(out: Path | Location, run_id: str) -> Iterator[dict | None]:
     """Lock OUT for this run or raise KmnistError naming the holder. Yields the record of a previous
     holder that was killed without releasing (None after a clean end)."""
+    if isinstance(out, Location):
+        if not out.local:
+            with hold_store(out, run_id) as previous:
+                yield previous
+            return
+        out = Path(out.path)
     key = os.path.realpath(out)
     try:
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -73,8 +162,7 @@ def hold(out: Path, run_id: str) -> Iterator[dict | None]:
         except BlockingIOError:
             raise KmnistError(busy_message(out, read_holder(fd))) from None
         previous = read_holder(fd)
-        me = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        me = holder_record(run_id)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         _held.add(key)

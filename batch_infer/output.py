@@ -1,101 +1,103 @@
-"""OUT/predictions/: committed Parquet shards, each published by a rename, so a reader never sees half
-a file and resume can trust every `*.parquet` it finds.
+"""OUT/predictions/: one committed Parquet shard per listing chunk (batch_infer/chunks.py), written by the
+worker that predicted it, so a reader never sees half a file and resume can trust every shard it finds.
 
-In-flight files live in OUT/_staging/, outside predictions/: directory readers (pyarrow datasets,
-pandas, DuckDB globs, Spark) never list them. Every commit keeps "one row per file" true for a reader
-listing predictions/ at any moment:
-- new files' rows: a new shard, renamed into predictions/;
-- re-read error rows (`--resume`): the old shard minus those rows plus their new rows, renamed over
-  the old shard (one rename replaces both);
-- the first shard of an `--overwrite` run: a fresh predictions/ holding it is swapped in for the old
-  one (two renames; between them predictions/ is absent for an instant, never mixed).
+- A shard is named by its chunk's id (`chunk-<id>.parquet`): a retried or repeated chunk rewrites the
+  same name, so a row can never be committed twice. Locally it is written under a hidden temp name
+  beside its final name, fsynced and renamed; on an object store it is one PUT. Directory readers
+  (pyarrow datasets, pandas, DuckDB globs, Spark) skip hidden and `_` names.
+- Each shard's footer says which chunk it is (id, first and last key, rows, error rows by kind), so
+  resume reads footers, never every committed path.
+- `--resume` re-reading error rows rewrites their chunk's shard whole (old rows minus those plus their
+  new rows, one rename or PUT).
+- The first shard of a local `--overwrite` run is written in OUT/_staging/new-<run>/, which is then
+  swapped in for the old predictions/ (two renames; between them predictions/ is absent for an
+  instant, never mixed). On an object store, where nothing can be renamed, the old shards are deleted
+  right after the new run's first shard is committed: a reader listing in that instant may see both.
+- `_run-<run_id>.json` in predictions/ records each run (what discovery found and skipped), so the
+  folder alone is enough to rebuild the summary.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-import time
-from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch_infer.schema import SCHEMA, SCHEMA_VERSION
+from kmnist_core import storage
 from kmnist_core.errors import KmnistError
+from kmnist_core.files import json_text
+from kmnist_core.storage import Location
 
 PREDICTIONS_DIR = "predictions"
 STAGING_DIR = "_staging"
+RUN_RECORD = "_run-{run_id}.json"
+CHUNK_KEY = b"kmnist_batch.chunk"
 
 
-def shard_paths(out: Path) -> list[Path]:
-    return sorted((out / PREDICTIONS_DIR).glob("*.parquet"))
+def predictions_dir(out: Location) -> Location:
+    return out.join(PREDICTIONS_DIR)
 
 
-def recover(out: Path) -> None:
-    """Tidy what a killed run left behind (call with OUT locked): undo an overwrite swap that stopped
-    between its two renames, and delete in-flight files, which were never part of the output."""
-    staging, predictions = out / STAGING_DIR, out / PREDICTIONS_DIR
-    replaced = sorted(staging.glob("replaced-*"))
-    if replaced and not predictions.exists():
-        os.replace(replaced[-1], predictions)
-    shutil.rmtree(staging, ignore_errors=True)
+def shard_name(chunk_id: str) -> str:
+    return f"chunk-{chunk_id}.parquet"
 
 
-def publish(table: pa.Table, final: Path, staging: Path) -> None:
-    """Write `table` in staging, fsync it, and rename it to `final` (replacing a file there)."""
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"{final.name}.{os.getpid()}"
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the rename must never publish a file whose bytes are not on disk
-        os.replace(tmp, final)
-    except BaseException:
-        # On a full disk this frees what the failed write took, so run.json can still record the failure.
-        tmp.unlink(missing_ok=True)
-        raise
+def shard_names(out: Location) -> list[str]:
+    return storage.list_names(predictions_dir(out), ".parquet")
 
 
-@dataclass
-class Committed:
-    """What earlier runs committed: every row's key (path_bytes), and the error rows' shard and kind."""
+@dataclass(frozen=True)
+class ChunkRecord:
+    """A committed shard as its footer describes it."""
 
-    keys: set[bytes] = field(default_factory=set)
-    errors: dict[bytes, tuple[str, str]] = field(default_factory=dict)
-
-
-def committed(out: Path) -> Committed:
-    found = Committed()
-    for shard in shard_paths(out):
-        table = pq.read_table(shard, columns=["path_bytes", "error_kind"])
-        found.keys.update(table.column("path_bytes").to_pylist())
-        errors = table.filter(table.column("error_kind").is_valid())
-        for key, kind in zip(errors.column("path_bytes").to_pylist(), errors.column("error_kind").to_pylist()):
-            found.errors[key] = (shard.name, kind)
-    return found
+    id: str
+    first: bytes
+    last: bytes
+    rows: int
+    errors: dict[str, int] = field(default_factory=dict)  # error rows by kind
+    shard: str = ""
 
 
-def read_predictions(out: Path) -> pa.Table:
-    shards = shard_paths(out)
-    if not shards:
-        return SCHEMA.empty_table()
-    other = schema_versions(out) - {SCHEMA_VERSION}
-    if other:
-        raise KmnistError(f"{out} holds output schema {', '.join(sorted(other))}; this kmnist-batch reads schema "
-                          f"{SCHEMA_VERSION} (predict it again with --overwrite)")
-    return pa.concat_tables([pq.read_table(s, schema=SCHEMA) for s in shards])
+def chunk_meta(chunk_id: str, first: bytes, last: bytes, table: pa.Table) -> bytes:
+    kinds = table.column("error_kind").drop_null().value_counts().to_pylist() if table.num_rows else []
+    return json.dumps({"id": chunk_id, "first": first.hex(), "last": last.hex(), "rows": table.num_rows,
+                       "errors": {k["values"]: k["counts"] for k in kinds}}).encode()
 
 
-def shard_metadata(out: Path) -> tuple[list[dict], dict]:
-    """From the shards' key-value metadata: each distinct run (oldest first) and the latest model card."""
+def footer(out: Location, name: str) -> dict[bytes, bytes]:
+    loc = predictions_dir(out).join(name)
+    return pq.read_schema(loc.path, filesystem=loc.fs).metadata or {}
+
+
+def footers(out: Location) -> dict[str, dict[bytes, bytes]]:
+    """Every shard's key-value metadata (read in parallel: one or two GETs each on an object store)."""
+    names = shard_names(out)
+    with ThreadPoolExecutor(8 if not out.local else 2) as pool:
+        return dict(zip(names, pool.map(lambda n: footer(out, n), names)))
+
+
+def chunk_records(metas: dict[str, dict[bytes, bytes]]) -> dict[str, ChunkRecord]:
+    records = {}
+    for name, meta in metas.items():
+        if CHUNK_KEY in meta:
+            m = json.loads(meta[CHUNK_KEY])
+            records[m["id"]] = ChunkRecord(m["id"], bytes.fromhex(m["first"]), bytes.fromhex(m["last"]), m["rows"],
+                                           m["errors"], name)
+    return records
+
+
+def run_metadata(metas: dict[str, dict[bytes, bytes]]) -> tuple[list[dict], dict]:
+    """Each distinct run (oldest first) and the latest model card, from shard footers."""
     runs, card = {}, {}
-    for shard in shard_paths(out):
-        meta = pq.read_schema(shard).metadata or {}
+    for meta in metas.values():
         if b"kmnist_batch.run" in meta:
             run = json.loads(meta[b"kmnist_batch.run"])
             runs[run["run_id"]] = run
@@ -103,123 +105,94 @@ def shard_metadata(out: Path) -> tuple[list[dict], dict]:
     return sorted(runs.values(), key=lambda r: r["run_id"]), card
 
 
-def schema_versions(out: Path) -> set[str]:
-    return {(pq.read_schema(s).metadata or {}).get(b"kmnist_batch.schema_version", b"?").decode()
-            for s in shard_paths(out)}
+def schema_versions(metas: dict[str, dict[bytes, bytes]]) -> set[str]:
+    return {meta.get(b"kmnist_batch.schema_version", b"?").decode() for meta in metas.values()}
 
 
-class ShardWriter:
-    """Buffers new rows and commits them as shards of about `rows_per_shard` rows.
-
-    A shard is also committed after `flush_seconds`, bounding what a killed run can lose. With
-    `replace_existing` (--overwrite), the first commit swaps a new predictions/ in for the earlier one
-    and deletes it, with the `stale` paths that described it: until then the earlier output stays.
-    """
-
-    def __init__(self, out: Path, run_id: str, run_meta: dict, model_card: dict, rows_per_shard: int = 8192,
-                 flush_seconds: float = 30.0, replace_existing: bool = False, stale: tuple[Path, ...] = ()):
-        self.dir = out / PREDICTIONS_DIR
-        self.staging = out / STAGING_DIR
-        self.run_id = run_id
-        self.rows_per_shard = rows_per_shard
-        self.flush_seconds = flush_seconds
-        self.replace_existing = replace_existing
-        self.stale = stale
-        if not replace_existing:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        self.metadata = {
-            "kmnist_batch.schema_version": SCHEMA_VERSION,
-            "kmnist_batch.run": json.dumps(run_meta, ensure_ascii=False),
-            "kmnist_batch.model_card": json.dumps(model_card, ensure_ascii=False),
-        }
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.seq = 0
-        self.rows_written = 0
-        self.last_flush = time.monotonic()
-
-    def add(self, table: pa.Table) -> None:
-        if not table.num_rows:
-            return
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        if self.pending_rows >= self.rows_per_shard or time.monotonic() - self.last_flush > self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.pending_rows:
-            return
-        table = pa.concat_tables(self.pending).cast(SCHEMA).replace_schema_metadata(self.metadata)
-        name = f"part-{self.run_id}-{self.seq:05d}.parquet"
-        if self.replace_existing:
-            self.swap_in(table, name)
-        else:
-            publish(table, self.dir / name, self.staging)
-        self.seq += 1
-        self.rows_written += table.num_rows
-        self.pending, self.pending_rows = [], 0
-
-    def close(self) -> None:
-        """Commit what is buffered; an --overwrite run that found no files still replaces the old output."""
-        self.flush()
-        if self.replace_existing:
-            self.swap_in(None, "")
-
-    def swap_in(self, table: pa.Table | None, name: str) -> None:
-        fresh, replaced = self.staging / f"new-{self.run_id}", self.staging / f"replaced-{self.run_id}"
-        fresh.mkdir(parents=True, exist_ok=True)
-        if table is not None:
-            publish(table, fresh / name, self.staging)
-        if self.dir.exists():
-            os.replace(self.dir, replaced)
-        os.replace(fresh, self.dir)
-        self.replace_existing = False
-        for path in (replaced, *self.stale):
-            shutil.rmtree(path, ignore_errors=True)
+def refuse_other_schema(out: Location, metas: dict[str, dict[bytes, bytes]], doing: str) -> None:
+    other = schema_versions(metas) - {SCHEMA_VERSION}
+    if other:
+        raise KmnistError(f"{out.uri} holds output schema {', '.join(sorted(other))}; this kmnist-batch {doing} "
+                          f"schema {SCHEMA_VERSION}: use --overwrite or another --out")
 
 
-class ShardRewriter:
-    """Puts the new rows of re-read files into the committed shards that held their old rows.
+def encode_shard(table: pa.Table, metadata: dict[bytes, bytes]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table.cast(SCHEMA).replace_schema_metadata(metadata), buf, compression="zstd")
+    return buf.getvalue()
 
-    `targets` maps each re-read file's key to its old row's shard. A shard is rewritten (old rows minus
-    the re-read ones, plus their new rows, one rename) as soon as all its re-read rows are back; `flush`
-    rewrites the rest with whatever came back.
-    """
 
-    def __init__(self, out: Path, targets: dict[bytes, str]):
-        self.dir = out / PREDICTIONS_DIR
-        self.staging = out / STAGING_DIR
-        self.targets = targets
-        self.expected = Counter(targets.values())
-        self.pending: dict[str, list[pa.Table]] = defaultdict(list)
-        self.arrived: Counter = Counter()
-        self.rows_replaced = 0
+def publish(folder: Location, name: str, data: bytes) -> None:
+    """Commit a shard: whole or not at all, replacing a shard of the same name."""
+    storage.write_bytes_atomic(folder.join(name), data, fsync=True)
 
-    def take(self, table: pa.Table) -> pa.Table:
-        """Keeps the rows that replace committed ones; returns the others (files new to OUT)."""
-        if not self.targets:
-            return table
-        shards = [self.targets.get(k) for k in table.column("path_bytes").to_pylist()]
-        if not any(shards):
-            return table
-        for shard in set(shards) - {None}:
-            rows = table.filter(pa.array([s == shard for s in shards]))
-            self.pending[shard].append(rows)
-            self.arrived[shard] += rows.num_rows
-            if self.arrived[shard] == self.expected[shard]:
-                self.rewrite(shard)
-        return table.filter(pa.array([s is None for s in shards]))
 
-    def flush(self) -> None:
-        for shard in list(self.pending):
-            self.rewrite(shard)
+def read_shard(folder: Location, name: str, columns: list[str] | None = None) -> pa.Table:
+    loc = folder.join(name)
+    return pq.read_table(loc.path, filesystem=loc.fs, columns=columns, schema=SCHEMA if columns is None else None)
 
-    def rewrite(self, shard: str) -> None:
-        new = pa.concat_tables(self.pending.pop(shard)).cast(SCHEMA)
-        path = self.dir / shard
-        old = pq.read_table(path)
-        stale = pc.is_in(old.column("path_bytes"), value_set=new.column("path_bytes").combine_chunks())
-        merged = pa.concat_tables([old.filter(pc.invert(stale)).cast(SCHEMA), new])
-        publish(merged.replace_schema_metadata(old.schema.metadata), path, self.staging)
-        self.rows_replaced += new.num_rows
+
+def iter_tables(out: Location, columns: list[str]) -> Iterator[pa.Table]:
+    """The committed rows, a shard at a time, only `columns`: memory bounded by one shard."""
+    folder = predictions_dir(out)
+    for name in shard_names(out):
+        yield read_shard(folder, name, columns)
+
+
+def read_predictions(out: str | os.PathLike | Location) -> pa.Table:
+    """All committed rows in one table: for small outputs, tests and notebooks."""
+    out = out if isinstance(out, Location) else storage.resolve(out)
+    metas = footers(out)
+    if not metas:
+        return SCHEMA.empty_table()
+    refuse_other_schema(out, metas, "reads")
+    return pa.concat_tables([read_shard(predictions_dir(out), n) for n in metas])
+
+
+def write_run_record(out: Location, run: dict) -> None:
+    storage.write_bytes_atomic(predictions_dir(out).join(RUN_RECORD.format(run_id=run["run_id"])),
+                               json_text(run).encode("utf-8"))
+
+
+def latest_run_record(out: Location) -> dict:
+    names = [n for n in storage.list_names(predictions_dir(out), ".json") if n.startswith("_run-")]
+    return json.loads(storage.read_bytes(predictions_dir(out).join(names[-1]))) if names else {}
+
+
+def recover(out: Location) -> None:
+    """Tidy what a killed local run left (call with OUT locked): undo an overwrite swap that stopped
+    between its two renames, and delete in-flight files, which were never part of the output."""
+    if not out.local:
+        return  # nothing is staged on an object store: a PUT that did not finish left no object
+    staging, predictions = os.path.join(out.path, STAGING_DIR), predictions_dir(out).path
+    replaced = sorted(n for n in os.listdir(staging) if n.startswith("replaced-")) if os.path.isdir(staging) else []
+    if replaced and not os.path.exists(predictions):
+        os.replace(os.path.join(staging, replaced[-1]), predictions)
+    shutil.rmtree(staging, ignore_errors=True)
+    if os.path.isdir(predictions):
+        for name in os.listdir(predictions):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(predictions, name))
+
+
+def staging_dir(out: Location, run_id: str) -> Location:
+    """Where a local --overwrite run commits its first shard, before it replaces predictions/."""
+    return Location(None, os.path.join(out.path, STAGING_DIR, f"new-{run_id}"), os.path.join(out.path, STAGING_DIR, f"new-{run_id}"))
+
+
+def swap_in(out: Location, run_id: str, old_shards: list[str], stale: tuple[Location, ...]) -> None:
+    """Make the overwrite run's first shard the whole output; the earlier output goes."""
+    if out.local:
+        fresh = staging_dir(out, run_id).path
+        os.makedirs(fresh, exist_ok=True)  # a run that found no files still replaces the old output
+        replaced = os.path.join(out.path, STAGING_DIR, f"replaced-{run_id}")
+        predictions = predictions_dir(out).path
+        if os.path.exists(predictions):
+            os.replace(predictions, replaced)
+        os.replace(fresh, predictions)
+        shutil.rmtree(os.path.join(out.path, STAGING_DIR), ignore_errors=True)
+    else:
+        for name in old_shards:
+            storage.delete(predictions_dir(out).join(name))
+    for loc in stale:
+        storage.delete_tree(loc)

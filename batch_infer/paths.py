@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-from kmnist_core.errors import KmnistError
 
 _ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
 
@@ -27,10 +26,3 @@ def unescape_name(text: str) -> bytes:
     """The exact bytes of a name that `name_text` escaped (one whose `path_bytes` differs from
     `path.encode()`). Not for names that were valid UTF-8: those are their own text."""
     return _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]), text.encode("utf-8"))
-
-
-def refuse_url(text: str, what: str) -> None:
-    """Object stores are not supported yet: refuse `s3://...` before a local folder named `s3:` appears."""
-    if "://" in text:
-        raise KmnistError(f"{what} {text} is a URL; kmnist-batch reads and writes local or mounted folders only "
-                          f"(object stores are not supported yet)")

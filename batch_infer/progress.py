@@ -3,8 +3,9 @@
 The driver calls, in order:
     progress = RunProgress(out, every_s=30, quiet=False)
     progress.start(info)            # before the first crop; the listing may still be running
-    progress.listed(total, skipped) # once the listing has finished (total unknown before: "done/?", no ETA)
-    progress.chunk_done(stats)      # for every chunk of rows the driver received (chunk_stats(table))
+    progress.listing(so_far)        # while the listing streams: files found so far (shown as "done/? (N so far)")
+    progress.listed(total, skipped, already_done)  # once it has finished: the total, from here on with an ETA
+    progress.chunk_done(stats)      # for every committed chunk: {"rows", "replaced", "errors_by_kind", "review_by_reason"}
     progress.finish(status, reason) # "completed", "failed" or "interrupted" (with the one-line reason)
 Lines are printed from a background thread on time even when no chunk finishes (kmnist_core/progress.py).
 
@@ -22,15 +23,6 @@ from kmnist_core.progress import Reporter, counts_text, duration
 MAX_INPUTS_SHOWN = 3
 
 
-def chunk_stats(table) -> dict:
-    """What RunProgress.chunk_done needs from a batch of output rows (a pyarrow Table of the schema)."""
-    def counts(column: str) -> dict[str, int]:
-        values = table.column(column).drop_null().to_pylist()
-        return dict(Counter(values))
-
-    return {"rows": table.num_rows, "errors_by_kind": counts("error_kind"), "review_by_reason": counts("review_reason")}
-
-
 def start_text(info: dict) -> str:
     """The start line: what the job is about to do. Keys that are absent are left out."""
     def get(key, default="-"):
@@ -44,7 +36,9 @@ def start_text(info: dict) -> str:
     found = f"{files:,} files found" if files is not None else "files: still listing"
     skipped = counts_text(info.get("skipped") or {}) or "none"
     parts = [f"start predict run {get('run_id')}: {len(inputs)} input{'s' if len(inputs) != 1 else ''} ({shown})",
-             f"{found}, skipped: {skipped}", f"already done: {get('already_done', 0):,}"]
+             f"{found}, skipped: {skipped}"]
+    if info.get("already_done") is not None:  # a streamed listing knows it only at its end
+        parts.append(f"already done: {info['already_done']:,}")
     model = f"model {get('model_id')}" + (f" {info['precision']}" if info.get("precision") else "")
     parts.append(model)
     review = f"review below {info['review_below']:.3f}" if info.get("review_below") is not None else "review below -"
@@ -65,6 +59,7 @@ class RunProgress(Reporter):
         self.total: int | None = None
         self.skipped: dict[str, int] = {}
         self.done = 0
+        self.listed_so_far = 0  # files to do among those listed so far, while the listing streams
         self.errors: Counter = Counter()
         self.review: Counter = Counter()
         self._done_at_last = 0
@@ -79,16 +74,23 @@ class RunProgress(Reporter):
         self.skipped = dict(info.get("skipped") or {})
         self._open(start_text(self.info))
 
-    def listed(self, total: int, skipped: dict[str, int]) -> None:
-        """The listing has finished: `total` files to predict in this run, `skipped` by reason."""
+    def listed(self, total: int, skipped: dict[str, int], already_done: int | None = None) -> None:
+        """The listing has finished: `total` files (or error rows to re-read) this run has to do,
+        `skipped` by reason, `already_done` by earlier runs."""
         with self._lock:
-            self.total, self.skipped = int(total), dict(skipped)
+            self.total, self.skipped = int(total), {k: v for k, v in skipped.items() if v}
+            if already_done is not None:
+                self.info["already_done"] = already_done
+
+    def listing(self, so_far: int) -> None:
+        """While the listing streams: how many files to do it has found so far."""
+        self.listed_so_far = so_far
 
     def chunk_done(self, stats: dict) -> None:
         with self._lock:
-            self.done += int(stats["rows"])
-            self.errors.update(stats.get("errors_by_kind") or {})
-            self.review.update(stats.get("review_by_reason") or {})
+            self.done += int(stats["rows"]) + int(stats.get("replaced", 0))  # new rows and re-read error rows
+            self.errors.update({k: v for k, v in (stats.get("errors_by_kind") or {}).items() if v})
+            self.review.update({k: v for k, v in (stats.get("review_by_reason") or {}).items() if v})
             self.refresh_bar()
         self.tick()
 
@@ -118,6 +120,7 @@ class RunProgress(Reporter):
         if self.total is not None and rate_overall:
             eta = max(self.total - self.done, 0) / rate_overall
         return {"done": self.done, "total": self.total, "listing_done": self.total is not None,
+                "listed_so_far": self.listed_so_far if self.total is None else self.total,
                 "already_done": self.info.get("already_done"), "skipped": self.skipped,
                 "percent": round(100 * self.done / self.total, 1) if self.total else None,
                 "elapsed_s": round(elapsed, 1), "interval_s": round(since, 1),
@@ -142,7 +145,7 @@ class RunProgress(Reporter):
         if f["total"] is not None:
             head = f"{f['done']:,}/{f['total']:,} ({f['percent'] if f['percent'] is not None else 100.0:.1f}%)"
         else:
-            head = f"{f['done']:,}/? (still listing)"
+            head = f"{f['done']:,}/? (still listing: {f['listed_so_far']:,} so far)"
         now = f"{f['rate_interval']:,.0f}" if f["rate_interval"] is not None else "-"
         overall = f"{f['rate_overall']:,.0f}" if f["rate_overall"] is not None else "-"
         return (f"progress {head}; {now} crops/s (last {duration(f['interval_s'])}), {overall} overall; "

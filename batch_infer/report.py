@@ -1,83 +1,189 @@
 """OUT/summary/: plots, a per-folder table and summary.json, computed from the Parquet output alone
-(rows plus the run options and model card in its key-value metadata; run.json, when present, adds
-throughput). `kmnist-batch report OUT` reruns it."""
+(rows plus the run options and model card in shard footers and predictions/_run-*.json; run.json, when
+present, adds throughput). `kmnist-batch report OUT` reruns it.
+
+Memory is bounded by one shard: the rows are read a shard at a time, only the columns needed, and
+folded into running counts, a confidence histogram, per-folder sums and, per review reason, the few
+most doubtful rows the review sheet shows (only those crops are opened). Checking that no file has two
+rows keeps 8 bytes per row (a 64-bit hash of each key).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from batch_infer import output
-from batch_infer.review_sheet import write_review_sheet
-from kmnist_core import plots
+from batch_infer.review_sheet import SHEET_LIMIT, sheet_order, write_review_sheet
+from kmnist_core import storage
 from kmnist_core.errors import KmnistError
-from kmnist_core.files import write_json_atomic
+from kmnist_core.files import json_text
 from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.storage import Location
 
 SUMMARY_DIR = "summary"
+BINS = np.linspace(0, 1, 41)
+COLUMNS = ["path", "path_bytes", "rel_path", "input_root", "pred_char", "confidence", "needs_review", "review_reason",
+           "error_kind", "inverted", "model_id", "ood_score", "topk_chars", "topk_confidences",
+           "ink_x", "ink_y", "ink_w", "ink_h"]
+FOLDER_SUMS = ["files", "errors", "needs_review", *(f"review_{r}" for r in REVIEW_REASONS), "confidence_sum", "predicted"]
 
 
-def reason_counts(reasons: pd.Series) -> dict[str, int]:
-    """Rows per review reason, every reason listed (0 when absent) in precedence order."""
-    counts = reasons.value_counts()
-    return {r: int(counts.get(r, 0)) for r in REVIEW_REASONS}
+def top_folders(rel_path: pa.ChunkedArray) -> pa.Array:
+    """The first folder of each relative path, "." for a file directly in its input root."""
+    rel = pc.replace_substring(rel_path, "\\", "/")
+    first = pc.list_element(pc.split_pattern(rel, "/", max_splits=1), 0)
+    return pc.if_else(pc.match_substring(rel, "/"), first, pa.scalar("."))
 
 
-def folder_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per input root and top-level folder under it: counts, errors, review by reason, confidence."""
-    top = df["rel_path"].str.replace("\\", "/", regex=False).str.split("/").str[0]
-    top = top.where(df["rel_path"].str.contains("/", regex=False), ".")
-    reasons = {f"review_{r}": df["review_reason"].eq(r).astype(int) for r in REVIEW_REASONS}
-    grouped = df.assign(top_folder=top, **reasons).groupby(["input_root", "top_folder"], dropna=False)
-    table = grouped.agg(files=("path", "size"), errors=("error", lambda s: int(s.notna().sum())),
-                        needs_review=("needs_review", "sum"), **{name: (name, "sum") for name in reasons},
-                        mean_confidence=("confidence", "mean"),
-                        most_common_char=("pred_char", lambda s: s.mode().iat[0] if s.notna().any() else None))
-    return table.reset_index()
+def key_hashes(keys: pa.ChunkedArray) -> np.ndarray:
+    return np.fromiter((int.from_bytes(hashlib.blake2b(k, digest_size=8).digest(), "little", signed=True)
+                        for k in keys.to_pylist()), np.int64, count=len(keys))
 
 
-def write_report(out: Path) -> dict:
-    if not output.shard_paths(out):
-        raise KmnistError(f"{out} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet)")
-    df = output.read_predictions(out).to_pandas()
-    runs, card = output.shard_metadata(out)
+class Summary:
+    """Running aggregates over the output rows, fed one shard at a time."""
+
+    def __init__(self):
+        self.rows = self.predicted = self.inverted = 0
+        self.confidence_sum = 0.0
+        self.errors_by_kind: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.chars: Counter = Counter()
+        self.models: set[str] = set()
+        self.histogram = np.zeros(len(BINS) - 1, np.int64)
+        self.folders: dict[tuple, np.ndarray] = defaultdict(lambda: np.zeros(len(FOLDER_SUMS)))
+        self.folder_chars: dict[tuple, Counter] = defaultdict(Counter)
+        self.sheet: dict[str, pd.DataFrame] = {}
+        self.hashes: list[np.ndarray] = []
+
+    def add(self, t: pa.Table) -> None:
+        self.rows += t.num_rows
+        self.hashes.append(key_hashes(t.column("path_bytes")))
+        predicted = t.column("pred_char").is_valid()
+        ok = t.filter(predicted)
+        self.predicted += ok.num_rows
+        conf = ok.column("confidence").to_numpy()
+        self.confidence_sum += float(conf.sum())
+        self.histogram += np.histogram(conf, BINS)[0]
+        self.inverted += int(pc.sum(ok.column("inverted")).as_py() or 0)
+        for name, counter in (("error_kind", self.errors_by_kind), ("review_reason", self.reasons)):
+            counter.update({v["values"]: v["counts"] for v in t.column(name).drop_null().value_counts().to_pylist()})
+        self.chars.update({v["values"]: v["counts"] for v in ok.column("pred_char").value_counts().to_pylist()})
+        self.models.update(pc.unique(t.column("model_id")).to_pylist())
+        self.add_folders(t, predicted)
+        self.add_sheet(t)
+
+    def add_folders(self, t: pa.Table, predicted: pa.ChunkedArray) -> None:
+        reason = t.column("review_reason")
+        cols = {"root": t.column("input_root"), "folder": top_folders(t.column("rel_path")),
+                "files": pa.repeat(1, t.num_rows), "errors": t.column("error_kind").is_valid().cast(pa.int64()),
+                "needs_review": t.column("needs_review").cast(pa.int64()),
+                **{f"review_{r}": pc.fill_null(pc.equal(reason, r), False).cast(pa.int64()) for r in REVIEW_REASONS},
+                "confidence_sum": pc.fill_null(t.column("confidence"), 0.0), "predicted": predicted.cast(pa.int64()),
+                "char": t.column("pred_char")}
+        table = pa.table(cols)
+        sums = table.group_by(["root", "folder"]).aggregate([(c, "sum") for c in FOLDER_SUMS]).to_pylist()
+        for row in sums:
+            self.folders[(row["root"], row["folder"])] += [row[f"{c}_sum"] for c in FOLDER_SUMS]
+        chars = table.filter(predicted).group_by(["root", "folder", "char"]).aggregate([("files", "sum")]).to_pylist()
+        for row in chars:
+            self.folder_chars[(row["root"], row["folder"])][row["char"]] += row["files_sum"]
+
+    def add_sheet(self, t: pa.Table) -> None:
+        """Keep, per reason, the SHEET_LIMIT rows the review sheet would show."""
+        flagged = t.filter(t.column("needs_review"))
+        if not flagged.num_rows:
+            return
+        df = flagged.to_pandas()
+        for reason, rows in df.groupby("review_reason"):
+            both = pd.concat([self.sheet[reason], rows]) if reason in self.sheet else rows
+            self.sheet[reason] = sheet_order(both, reason).head(SHEET_LIMIT)
+
+    def duplicates(self) -> int:
+        hashes = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.int64)
+        return int(len(hashes) - len(np.unique(hashes)))
+
+    def folder_table(self) -> pd.DataFrame:
+        rows = []
+        for (root, folder), sums in sorted(self.folders.items()):
+            s = dict(zip(FOLDER_SUMS, sums))
+            chars = self.folder_chars.get((root, folder))
+            rows.append({"input_root": root, "top_folder": folder, "files": int(s["files"]), "errors": int(s["errors"]),
+                         "needs_review": int(s["needs_review"]),
+                         **{f"review_{r}": int(s[f"review_{r}"]) for r in REVIEW_REASONS},
+                         "mean_confidence": s["confidence_sum"] / s["predicted"] if s["predicted"] else None,
+                         "most_common_char": chars.most_common(1)[0][0] if chars else None})
+        return pd.DataFrame(rows)
+
+
+def upload(summary_dir: Path, out: Location) -> None:
+    """An object-store OUT gets the summary files written locally, one PUT each."""
+    target = out.join(SUMMARY_DIR)
+    for old in storage.list_names(target):
+        storage.delete(target.join(old))
+    for path in sorted(summary_dir.iterdir()):
+        storage.write_bytes_atomic(target.join(path.name), path.read_bytes())
+
+
+def write_report(out: str | Path | Location) -> dict:
+    from kmnist_core import plots  # matplotlib: only when a report is drawn
+
+    out = out if isinstance(out, Location) else storage.resolve(out)
+    metas = output.footers(out)
+    if not metas:
+        raise KmnistError(f"{out.uri} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet)")
+    output.refuse_other_schema(out, metas, "reads")
+    runs, card = output.run_metadata(metas)
     latest = runs[-1] if runs else {}
-    run_file = out / "run.json"
-    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
-    summary_dir = out / SUMMARY_DIR
-    summary_dir.mkdir(parents=True, exist_ok=True)
+    record = output.latest_run_record(out)
+    run_loc = out.join("run.json")
+    run = json.loads(storage.read_bytes(run_loc)) if storage.exists(run_loc) else {}
 
-    ok = df[df["pred_char"].notna()]  # predicted: neither an error nor a blank crop
-    chars = [c["char"] for c in card.get("classes", [])] or sorted(ok["pred_char"].dropna().unique())
-    counts = ok["pred_char"].value_counts().reindex(chars, fill_value=0) if len(chars) <= 60 else ok["pred_char"].value_counts().head(60)
-    plots.bar_chart(list(counts.index), counts.to_numpy(), summary_dir / "class_distribution.png",
-                    "Predicted characters", "crops")
-    plots.histogram(ok["confidence"].to_numpy(), summary_dir / "confidence_histogram.png",
-                    "Calibrated confidence", latest.get("review_below"))
-    write_review_sheet(df, summary_dir)
-    table = folder_table(df)
-    table.to_csv(summary_dir / "by_folder.csv", index=False)
+    s = Summary()
+    for table in output.iter_tables(out, COLUMNS):
+        s.add(table)
 
-    summary = {
-        "files_seen": int(len(df)),
-        "predicted": int(len(ok)),
-        "errors": int(df["error"].notna().sum()),
-        "errors_by_kind": {k: int(v) for k, v in df["error_kind"].value_counts().items()},
-        # Every run walks the whole tree, so the latest run's skip counts are current.
-        "skipped": latest.get("discovery", {}).get("skipped", {}),
-        "needs_review": int(df["needs_review"].sum()),
-        "review_reasons": reason_counts(df["review_reason"]),
-        "review_below": latest.get("review_below"),
-        "ood_threshold": card.get("calibration", {}).get("ood_threshold"),
-        "inverted": int(ok["inverted"].sum()),
-        "mean_confidence": float(ok["confidence"].mean()) if len(ok) else None,
-        "runs": sorted(r["run_id"] for r in runs),
-        "model_id": sorted(df["model_id"].unique().tolist()),
-        "crops_per_s": run.get("crops_per_s"),
-        "elapsed_s": run.get("elapsed_s"),
-        "duplicate_paths": int(df["path"].duplicated().sum()),
-    }
-    write_json_atomic(summary_dir / "summary.json", summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary_dir = Path(out.path, SUMMARY_DIR) if out.local else Path(tmp)
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        chars = [c["char"] for c in card.get("classes", [])] or sorted(s.chars)
+        if len(chars) > 60:
+            chars = [c for c, _ in s.chars.most_common(60)]
+        plots.bar_chart(chars, np.array([s.chars.get(c, 0) for c in chars]), summary_dir / "class_distribution.png",
+                        "Predicted characters", "crops")
+        plots.histogram_counts(s.histogram, BINS, summary_dir / "confidence_histogram.png", "Calibrated confidence",
+                               latest.get("review_below"))
+        write_review_sheet(s.sheet, dict(s.reasons), s.rows, summary_dir)
+        s.folder_table().to_csv(summary_dir / "by_folder.csv", index=False)
+        summary = {
+            "files_seen": s.rows,
+            "predicted": s.predicted,
+            "errors": sum(s.errors_by_kind.values()),
+            "errors_by_kind": dict(s.errors_by_kind.most_common()),
+            # Every run walks the whole tree, so the latest run's skip counts are current.
+            "skipped": record.get("discovery", {}).get("skipped", {}),
+            "needs_review": sum(s.reasons.values()),
+            "review_reasons": {r: s.reasons.get(r, 0) for r in REVIEW_REASONS},
+            "review_below": latest.get("review_below"),
+            "ood_threshold": card.get("calibration", {}).get("ood_threshold"),
+            "inverted": s.inverted,
+            "mean_confidence": s.confidence_sum / s.predicted if s.predicted else None,
+            "runs": sorted(r["run_id"] for r in runs),
+            "model_id": sorted(s.models),
+            "crops_per_s": run.get("crops_per_s"),
+            "elapsed_s": run.get("elapsed_s"),
+            "duplicate_paths": s.duplicates(),
+        }
+        (summary_dir / "summary.json").write_text(json_text(summary), encoding="utf-8")
+        if not out.local:
+            upload(summary_dir, out)
     return summary

@@ -19,6 +19,7 @@ import matplotlib_fontja
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from kmnist_core import storage
 from kmnist_core.review import REVIEW_REASONS
 
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"  # IPAexGothic: has the kana
@@ -33,17 +34,11 @@ REASON_TEXT = {
 }
 
 
-def queue(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per reason, the rows on the sheet: the most doubtful first, at most SHEET_LIMIT."""
-    order = {"unknown_character": ("ood_score", False), "low_confidence": ("confidence", True)}
-    out = {}
-    for reason in REVIEW_REASONS:
-        rows = df[df["review_reason"] == reason]
-        if rows.empty:
-            continue
-        key, ascending = order.get(reason, ("rel_path", True))
-        out[reason] = rows.sort_values([key, "rel_path"], ascending=[ascending, True]).head(SHEET_LIMIT)
-    return out
+def sheet_order(rows: pd.DataFrame, reason: str) -> pd.DataFrame:
+    """Rows of one reason, the most doubtful first (the order the sheet shows them in)."""
+    key, ascending = {"unknown_character": ("ood_score", False), "low_confidence": ("confidence", True)}.get(
+        reason, ("rel_path", True))
+    return rows.sort_values([key, "rel_path"], ascending=[ascending, True])
 
 
 def thumbnail(row: pd.Series) -> Image.Image:
@@ -53,7 +48,9 @@ def thumbnail(row: pd.Series) -> Image.Image:
     if row["review_reason"] == "error":
         return placeholder
     try:
-        with Image.open(row["path_bytes"]) as img:
+        key = row["path_bytes"]
+        source = io.BytesIO(storage.read_bytes(storage.resolve(key.decode()))) if storage.is_uri(key) else key
+        with Image.open(source) as img:
             img = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return placeholder
@@ -82,14 +79,18 @@ def top_folder(rel_path: str) -> str:
     return parts[0] if len(parts) > 1 else "."
 
 
-def write_review_sheet(df: pd.DataFrame, summary_dir: Path) -> list[Path]:
-    """Write the PNG pages and review.html; returns the files written."""
+def write_review_sheet(sheet: dict[str, pd.DataFrame], totals: dict[str, int], total_rows: int,
+                       summary_dir: Path) -> list[Path]:
+    """Write the PNG pages and review.html from `sheet` (per reason, the rows to show, most doubtful
+    first) and `totals` (rows per reason); returns the files written."""
     for old in summary_dir.glob("review_sheet-*.png"):  # a rerun must not leave pages of an earlier queue
         old.unlink()
     written = []
     sections = []
-    for reason, rows in queue(df).items():
-        total = int((df["review_reason"] == reason).sum())
+    for reason in REVIEW_REASONS:
+        if reason not in sheet:
+            continue
+        rows, total = sheet[reason], totals.get(reason, 0)
         thumbs = [thumbnail(row) for _, row in rows.iterrows()]
         labels = [label(row) for _, row in rows.iterrows()]
         paths = list(rows["rel_path"])
@@ -100,7 +101,7 @@ def write_review_sheet(df: pd.DataFrame, summary_dir: Path) -> list[Path]:
             sheet_page(title, thumbs[start : start + PAGE], labels[start : start + PAGE], paths[start : start + PAGE]).save(path)
             written.append(path)
         sections.append(html_section(reason, rows, thumbs, labels, total))
-    page = HTML.format(count=int(df["needs_review"].sum()), total=len(df), limit=SHEET_LIMIT,
+    page = HTML.format(count=sum(totals.values()), total=total_rows, limit=SHEET_LIMIT,
                        body="\n".join(sections) or "<p>Nothing needs review.</p>")
     (summary_dir / "review.html").write_text(page, encoding="utf-8")
     return [*written, summary_dir / "review.html"]

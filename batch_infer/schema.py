@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: ink box, ood_score, review_reason; prediction fields null on blank crops too
+# 2: ink box, ood_score, review_reason; prediction fields null on blank crops too.
+# 3: rows unchanged; one shard per listing chunk (chunk-<id>.parquet) with its chunk record in the footer.
+SCHEMA_VERSION = "3"
 
 SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),  # absolute path as discovered, as text (batch_infer/paths.py)

@@ -1,4 +1,4 @@
-"""The two Ray Data stages: decode (stateless tasks) and predict (actors holding the model).
+"""The two stages a chunk goes through inside a worker (batch_infer/worker.py): decode, then predict.
 
 Files are read and decoded here rather than with `ray.data.read_images`, which fails the whole job on
 one bad file (or, with max_errored_blocks, silently drops every good image in the same block). Every
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 
 from batch_infer.schema import SCHEMA
+from kmnist_core import storage
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_bytes
 from kmnist_core.review import review_reasons
 
@@ -33,12 +35,31 @@ TRANSIENT_KINDS = frozenset({"unreadable", "truncated"})
 NO_IMAGE = (None,) * 8  # width .. ink_h of a file that did not decode
 
 
-def decode_file(path: bytes, input_size: int, max_pixels: int) -> tuple:
+def read_file(path: bytes) -> bytes | OSError:
+    """A file's bytes (a local name, or an object-store URI), or the error reading it."""
+    try:
+        if storage.is_uri(path):
+            return storage.read_bytes(storage.resolve(path.decode()))
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return e
+
+
+def read_files(paths: list[bytes]) -> list[bytes | OSError]:
+    """Local files are read in turn; object-store reads wait on the network, so they overlap."""
+    if not any(storage.is_uri(p) for p in paths):
+        return [read_file(p) for p in paths]
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(read_file, paths))
+
+
+def decode_file(data: bytes | OSError, input_size: int, max_pixels: int) -> tuple:
     """One file's DECODED_FIELDS: model-ready pixels and provenance, or an error and its kind."""
     sha = size = None
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if isinstance(data, OSError):
+            raise data
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         img = decode_bytes(data, input_size, max_pixels)
         ink = img.ink_box or (None,) * 4
@@ -55,14 +76,14 @@ def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX
     times, after backoff_s, 2*backoff_s, ... (one wait per batch, not per file). Arrow in and out, so
     nulls stay nulls (numpy batches would turn them into NaN)."""
     paths = batch.column("path_bytes").to_pylist()
-    results = [decode_file(p, input_size, max_pixels) for p in paths]
+    results = [decode_file(data, input_size, max_pixels) for data in read_files(paths)]
     for attempt in range(retries):
         again = [i for i, r in enumerate(results) if r[-1] in TRANSIENT_KINDS]
         if not again:
             break
         time.sleep(backoff_s * 2**attempt)
-        for i in again:
-            results[i] = decode_file(paths[i], input_size, max_pixels)
+        for i, data in zip(again, read_files([paths[i] for i in again])):
+            results[i] = decode_file(data, input_size, max_pixels)
     columns = {name: batch.column(name).cast(DECODED_SCHEMA.field(name).type)
                for name in ("path", "path_bytes", "rel_path", "input_root")}
     for name, values in zip(DECODED_FIELDS, zip(*results) if results else [[]] * len(DECODED_FIELDS)):
@@ -81,25 +102,15 @@ def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
     return data.reshape(-1, size, size)
 
 
-class PredictorActor:
+class RowBuilder:
     """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table)."""
 
-    def __init__(self, card: dict, weights_ref: list, run_id: str, review_below: float, device: str = "cpu",
-                 threads: int = 0, topk: int = 3):
-        import ray
-        import torch
-
-        from kmnist_core.model_dir import build_predictor
-
-        if threads:
-            torch.set_num_threads(threads)
-        # The weights travel through the object store, so workers need no access to the model directory.
-        # (Wrapped in a list so Ray does not inline them into the actor's constructor arguments.)
-        self.model = build_predictor(card, ray.get(weights_ref[0]), device)
+    def __init__(self, model, run_id: str, review_below: float, node_id: str | None, topk: int = 3):
+        self.model = model
         self.run_id = run_id
         self.review_below = review_below
         self.topk = min(topk, len(self.model.classes))
-        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_id = node_id
         self.chars = np.array(self.model.classes.chars, dtype=object)
         self.codepoints = np.array(self.model.classes.codepoints, dtype=object)
 

@@ -8,35 +8,37 @@ Alive or not:
   process dies, however it dies, while the holder's name stays in the file. So a record that says
   "running" with no lock held is a run that was killed (kill -9, out of memory, a lost machine). The
   probe takes a shared lock for an instant, as `predict` itself does before it starts.
-- object-store OUT (s3://...): there is no lock to probe; a run is taken as alive while its
-  _progress.json keeps being rewritten: updated within STALE_INTERVALS intervals (and at least
-  STALE_MIN_S seconds more than one interval). A run whose record is older is reported interrupted,
-  "no progress update for ...": a judgement from the record's age, not proof of death.
+- object-store OUT (s3://...): there is no lock to probe. OUT/.lock is an object naming its holder
+  with a heartbeat (out_lock.hold_store), and a holder counts as alive exactly as `predict` itself
+  judges it before taking over: on this host, its pid is running; on another host, its heartbeat is
+  younger than out_lock.STALE_S. So a run killed on another machine shows as running until its
+  heartbeat goes stale (2 minutes); a judgement from the record's age, not proof of death.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shlex
 import time
 from pathlib import Path
 
-from batch_infer.out_lock import LOCK_FILE, read_holder
+from batch_infer import output
+from batch_infer.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
+from kmnist_core import storage
 from kmnist_core.errors import KmnistError
-from kmnist_core.locations import is_uri, list_names_at, read_json_at
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
+from kmnist_core.storage import Location
 
 RUN_FILE = "run.json"
 GRID_FILE = "grid.json"
-STALE_INTERVALS = 3
-STALE_MIN_S = 30.0
 # CLI flag and default of each option worth repeating in a resume command (tests check the defaults
 # against PredictOptions and GridConfig, which cost a torch import to load here).
-PREDICT_FLAGS = {"model": ("--model", "default"), "address": ("--address", None),
-                 "batch_size": ("--batch-size", 1024), "workers": ("--workers", 1),
+PREDICT_FLAGS = {"model": ("--model", "default"), "address": ("--address", None), "executor": ("--executor", "auto"),
+                 "batch_size": ("--batch-size", 1024), "workers": ("--workers", 0),
                  "cpus_per_worker": ("--cpus-per-worker", 1.0), "gpus_per_worker": ("--gpus-per-worker", 0.0),
-                 "review_below": ("--review-below", None), "rows_per_shard": ("--rows-per-shard", 8192),
+                 "review_below": ("--review-below", None), "rows_per_shard": ("--rows-per-shard", 4096),
                  "read_retries": ("--read-retries", 2), "retry_backoff_s": ("--retry-backoff", 0.5)}
 TUNE_FLAGS = {"dataset": ("--dataset", "kmnist-dev"), "model": ("--model", "simple-cnn"),
               "lrs": ("--lr", None), "batch_sizes": ("--batch-size", None), "epochs": ("--epochs", 5),
@@ -63,8 +65,14 @@ def probe_lock(out: Path) -> tuple[bool, dict | None]:
         os.close(fd)  # releases the probe's shared lock
 
 
-def stale_after(every_s: float) -> float:
-    return max(STALE_INTERVALS * every_s, every_s + STALE_MIN_S)
+def read_json(out: Location, name: str) -> dict | None:
+    """OUT/name as JSON; None when it is absent or not (yet) valid JSON."""
+    try:
+        return json.loads(storage.read_bytes(out.join(name)))
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError as e:
+        raise KmnistError(f"cannot read {out.join(name).uri}: {e.strerror or e}") from None
 
 
 def option_args(options: dict, flags: dict) -> list[str]:
@@ -77,18 +85,18 @@ def option_args(options: dict, flags: dict) -> list[str]:
     return args
 
 
-def predict_resume_command(out: str, record: dict) -> str | None:
+def predict_resume_command(out: Location, given: str, record: dict) -> str | None:
     """The command that finishes the run, rebuilt from its record's inputs and options. An --overwrite
     run that never committed a shard left the earlier predictions in place: it is run again as such."""
     inputs, options = record.get("inputs"), record.get("options") or {}
     if not inputs:
         return None
     mode = "--resume"
-    if options.get("overwrite"):
-        run_id = record.get("run_id") or ""
-        if not any(n.startswith(f"part-{run_id}-") for n in list_names_at(out, "predictions", ".parquet")):
+    if options.get("overwrite"):  # did it commit a shard? Its shards carry its run id in their footers
+        runs = output.run_metadata(output.footers(out))[0]
+        if record.get("run_id") not in {r.get("run_id") for r in runs}:
             mode = "--overwrite"
-    return shlex.join(["kmnist-batch", "predict", *inputs, "--out", out, mode, *option_args(options, PREDICT_FLAGS)])
+    return shlex.join(["kmnist-batch", "predict", *inputs, "--out", given, mode, *option_args(options, PREDICT_FLAGS)])
 
 
 def tune_resume_command(out: str, record: dict) -> str | None:
@@ -106,31 +114,30 @@ def newest(*records: dict | None) -> dict | None:
 
 def run_status(out: str | Path, now: float | None = None) -> dict:
     """The state of the run in `out`: running, completed, failed or interrupted, with its figures."""
-    out = str(out)
+    given = str(out)  # the resume command names OUT as the user did
+    loc = storage.resolve(out)
     now = time.time() if now is None else now
-    run = read_json_at(out, RUN_FILE)
-    progress = read_json_at(out, PROGRESS_FILE)
-    if run is None and progress is None:
-        raise KmnistError(f"{out} holds no kmnist-batch run (no {RUN_FILE} or {PROGRESS_FILE})")
+    if loc.local:
+        alive, holder = probe_lock(Path(loc.path))
+        judged_by = "lock"
+    else:
+        holder = store_holder(loc)
+        alive, judged_by = holder_alive(holder), "heartbeat"
+    run = read_json(loc, RUN_FILE)
+    progress = read_json(loc, PROGRESS_FILE)
+    if run is None and progress is None and not alive:
+        raise KmnistError(f"{loc.uri} holds no kmnist-batch run (no {RUN_FILE} or {PROGRESS_FILE})")
     kind = (progress or {}).get("kind") or "predict"
-    record = newest(run, progress) if kind == "predict" else progress
+    record = (newest(run, progress) if kind == "predict" else progress) or {}
     if progress and record is not progress and progress.get("run_id") != record.get("run_id"):
         progress = None  # an earlier run's progress
-
+    if alive and holder and holder.get("run_id") and holder["run_id"] != record.get("run_id"):
+        record, progress = {"run_id": holder["run_id"]}, None  # a new run that has not written its records yet
+    holder = holder or (progress or {}).get("holder")
     age = now - progress["updated_unix"] if progress and progress.get("updated_unix") else None
-    if is_uri(out):
-        alive = bool(progress) and progress.get("status") == "running" and age is not None \
-            and age <= stale_after(float(progress.get("every_s") or 30))
-        holder, judged_by = (progress or {}).get("holder"), "record_age"
-    else:
-        alive, holder = probe_lock(Path(out))
-        judged_by = "lock"
-        if alive and holder and holder.get("run_id") and holder["run_id"] != record.get("run_id"):
-            record, progress = {"run_id": holder["run_id"]}, None  # a new run that has not written its records yet
-        holder = holder or (progress or {}).get("holder")
 
     recorded = record.get("status")
-    status = {"out": out, "kind": kind, "run_id": record.get("run_id"), "holder": holder, "alive_judged_by": judged_by,
+    status = {"out": loc.uri, "kind": kind, "run_id": record.get("run_id"), "holder": holder, "alive_judged_by": judged_by,
               "progress": progress, "progress_age_s": round(age, 1) if age is not None else None}
     if alive:
         status["state"] = "running"
@@ -140,25 +147,22 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
     else:  # recorded as running, but nobody holds OUT
         status["state"] = "interrupted"
         who = f" (host {holder.get('host')}, pid {holder.get('pid')})" if holder else ""
-        if judged_by == "lock":
-            status["reason"] = (f"the run's process{who} ended without recording an end: killed (kill -9, out of "
-                                f"memory) or its machine was lost")
-        else:
-            status["reason"] = (f"no progress update for {duration(age)} (expected every "
-                                f"{duration(float(progress.get('every_s') or 30)) if progress else '-'}): the run's "
-                                f"process{who} is presumably gone")
+        status["reason"] = (f"the run's process{who} ended without recording an end: killed (kill -9, out of "
+                            f"memory) or its machine was lost")
+        if judged_by == "heartbeat" and holder and holder.get("heartbeat"):
+            status["reason"] += f" (its last heartbeat was {duration(now - float(holder['heartbeat']))} ago)"
     if kind == "predict" and run and run.get("run_id") == status["run_id"]:
         status["summary"] = {k: run.get(k) for k in ("rows_written", "rows_replaced", "rows_committed", "elapsed_s",
                                                      "crops_per_s", "started", "finished") if run.get(k) is not None}
     if kind == "tune" and status["state"] == "completed":
-        grid = read_json_at(out, GRID_FILE) or {}
+        grid = read_json(loc, GRID_FILE) or {}
         status["summary"] = {"trials": grid.get("trials"), "by_status": grid.get("by_status"), "best": grid.get("best")}
     if status["state"] in ("failed", "interrupted"):
         if kind == "predict":
             source = run if run and run.get("run_id") == status["run_id"] else (progress or {}).get("start") or {}
-            status["resume_command"] = predict_resume_command(out, source)
+            status["resume_command"] = predict_resume_command(loc, given, source)
         else:
-            status["resume_command"] = tune_resume_command(out, record)
+            status["resume_command"] = tune_resume_command(given, record)
     return status
 
 
@@ -172,7 +176,7 @@ def progress_text(p: dict, kind: str) -> list[str]:
                 f"ETA {duration(p.get('eta_s'))}"]
     total = p.get("total")
     head = f"{p.get('done', 0):,}/{total:,} ({p.get('percent') or 0:.1f}%)" if total is not None else \
-        f"{p.get('done', 0):,}/? (still listing)"
+        f"{p.get('done', 0):,}/? (still listing: {p.get('listed_so_far') or 0:,} so far)"
     rate = p.get("rate_interval")
     rates = (f"{rate:,.0f} crops/s last interval, " if rate is not None else "") + \
         (f"{p['rate_overall']:,.0f} overall" if p.get("rate_overall") is not None else "- overall")

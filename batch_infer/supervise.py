@@ -17,14 +17,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from batch_infer.out_lock import LOCK_FILE, read_holder
-from kmnist_core.files import write_json_atomic
+from batch_infer.out_lock import LOCK_FILE, read_holder, store_holder
+from kmnist_core import storage
+from kmnist_core.files import json_text, write_json_atomic
 
 RUN_FILE = "run.json"
 HANDLED_EXITS = (0, 2, 130)  # the child ended the run itself: success, a user error, interrupted
 
 
-def run_supervised(out: Path, work: Callable[[], int]) -> tuple[int, str | None]:
+def run_supervised(out: str, work: Callable[[], int]) -> tuple[int, str | None]:
     """Run `work` (returns an exit code) in a child process. Returns the exit code and, when the child
     died without ending its run, the error to print."""
     sys.stdout.flush()
@@ -57,8 +58,12 @@ def run_supervised(out: Path, work: Callable[[], int]) -> tuple[int, str | None]
     return (code if code > 0 else 1), f"{reason}; committed rows are kept; run again with --resume to finish"
 
 
-def mark_failed(out: Path, child: int, reason: str) -> bool:
+def mark_failed(out: str, child: int, reason: str) -> bool:
     """Record `reason` in run.json if the child's run is still marked running there."""
+    location = storage.resolve(out)
+    if not location.local:
+        return mark_failed_in_store(location, child, reason)
+    out = Path(location.path)
     try:
         fd = os.open(out / LOCK_FILE, os.O_RDWR)
     except OSError:
@@ -75,3 +80,16 @@ def mark_failed(out: Path, child: int, reason: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def mark_failed_in_store(out: storage.Location, child: int, reason: str) -> bool:
+    """The same on an object store, where the lock is an object naming its holder."""
+    try:
+        holder = store_holder(out)
+        run = json.loads(storage.read_bytes(out.join(RUN_FILE)))
+        if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
+            return False
+        storage.write_bytes_atomic(out.join(RUN_FILE), json_text({**run, "status": "failed", "reason": reason}).encode())
+        return True
+    except (OSError, ValueError):
+        return False

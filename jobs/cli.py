@@ -139,7 +139,7 @@ def evaluate(
     typer.echo(f"metrics and plots: {out}")
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict, out: str) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     speed = f"{summary['crops_per_s']:,.0f} crops/s" if summary.get("crops_per_s") else "-"
@@ -150,9 +150,9 @@ def print_summary(summary: dict, out: Path) -> None:
         f"needs review {summary['needs_review']:,}: {reasons} (low confidence: below {summary['review_below']:.3f})",
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
         f"throughput   {speed} this run",
-        f"predictions  {out / 'predictions'}",
-        f"summary      {out / 'summary'} (plots, by_folder.csv, summary.json)",
-        f"review queue {out / 'summary' / 'review.html'} (and review_sheet-<reason>-<n>.png)",
+        f"predictions  {out}/predictions",
+        f"summary      {out}/summary (plots, by_folder.csv, summary.json)",
+        f"review queue {out}/summary/review.html (and review_sheet-<reason>-<n>.png)",
     ]))
 
 
@@ -160,12 +160,16 @@ def print_summary(summary: dict, out: Path) -> None:
 @user_errors
 def predict(
     # Plain strings, not Path: Path("s3://b/x") would become "s3:/b/x" and hide that it is a URL.
-    inputs: List[str] = typer.Argument(..., help="folders (searched recursively) or image files"),
-    out: str = typer.Option(..., help="output directory: predictions/ (Parquet), summary/, run.json"),
+    inputs: List[str] = typer.Argument(..., help="folders (searched recursively), image files, or object-store "
+                                                 "prefixes such as s3://bucket/crops"),
+    out: str = typer.Option(..., help="output folder or object-store prefix: predictions/ (Parquet), summary/, run.json"),
     model: str = typer.Option("default", help="model directory, or 'default' (shipped in the package)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
+    executor: str = typer.Option("auto", help="auto: small jobs with no cluster given run in this process, the "
+                                              "rest on Ray; local; ray"),
     batch_size: int = typer.Option(1024, help="crops per model call"),
-    workers: int = typer.Option(1, help="model actors"),
+    workers: int = typer.Option(0, help="Ray workers (each reads, decodes, predicts and writes); 0 = as many as "
+                                        "the cluster has room for"),
     cpus_per_worker: float = typer.Option(1.0),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per model actor (fractions allowed)"),
     review_below: Optional[float] = typer.Option(None, help="low_confidence review below this confidence; default from the model card"),
@@ -173,7 +177,8 @@ def predict(
                                             "unreadable and truncated files)"),
     retry_errors: bool = typer.Option(False, help="with --resume: re-read every error row; each new row replaces the old"),
     overwrite: bool = typer.Option(False, help="replace earlier predictions in OUT (kept until this run commits its first shard)"),
-    rows_per_shard: int = typer.Option(8192, help="rows per Parquet file; also what a killed run can lose"),
+    rows_per_shard: int = typer.Option(4096, help="files per listing chunk, one Parquet file each (on average); "
+                                                  "also what a killed run can lose"),
     read_retries: int = typer.Option(2, help="extra reads of an unreadable or truncated file within the run"),
     retry_backoff: float = typer.Option(0.5, help="seconds before the first extra read; doubles each time"),
     progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
@@ -184,12 +189,11 @@ def predict(
     import signal
 
     from batch_infer.out_lock import refuse_if_busy
-    from batch_infer.paths import refuse_url
+    from kmnist_core.storage import resolve
 
-    refuse_url(out, "--out")
     if progress_every <= 0:
         raise KmnistError("--progress-every must be > 0 seconds")
-    refuse_if_busy(Path(out))  # before the imports below, which load torch: a busy OUT is refused at once
+    refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
 
     from batch_infer.supervise import run_supervised
 
@@ -204,7 +208,7 @@ def predict(
             from batch_infer.progress import RunProgress
             from kmnist_core.ray_runtime import without_known_ray_noise
 
-            opts = PredictOptions(model=model, address=address, batch_size=batch_size, workers=workers,
+            opts = PredictOptions(model=model, address=address, executor=executor, batch_size=batch_size, workers=workers,
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                   review_below=review_below, resume=resume, overwrite=overwrite,
                                   retry_errors=retry_errors, read_retries=read_retries,
@@ -212,7 +216,7 @@ def predict(
             progress = RunProgress(out, every_s=progress_every, quiet=quiet)
             with without_known_ray_noise():
                 run = run_predict(inputs, out, opts, progress)
-            print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, Path(out))
+            print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
             return 0
         except KmnistError as e:
             typer.echo(f"error: {e}", err=True)
@@ -224,7 +228,7 @@ def predict(
             traceback.print_exc()
             return 1
 
-    code, error = run_supervised(Path(out), work)
+    code, error = run_supervised(out, work)
     if error:
         typer.echo(f"error: {error}", err=True)
     if code:
@@ -233,17 +237,19 @@ def predict(
 
 @app.command()
 @user_errors
-def report(out: Path = typer.Argument(..., help="a predict output directory")):
+def report(out: str = typer.Argument(..., help="a predict output folder or object-store prefix")):
     """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json) from the Parquet output."""
     from batch_infer.report import write_report
+    from kmnist_core.storage import resolve
 
-    print_summary(write_report(out), out)
+    location = resolve(out)
+    print_summary(write_report(location), location.uri)
 
 
 @app.command()
 @user_errors
 def status(
-    out: str = typer.Argument(..., help="a predict or tune output directory (or s3://... URI)"),
+    out: str = typer.Argument(..., help="a predict or tune output folder (or object-store prefix)"),
     json_output: bool = typer.Option(False, "--json", help="print the status as JSON, for scripts"),
 ):
     """Where the run in OUT stands: running (progress, rate, ETA, holder), completed, failed or

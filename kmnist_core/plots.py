@@ -92,9 +92,11 @@ def bar_chart(labels: Sequence[str], values: np.ndarray, path: Path, title: str,
     return save_figure(fig, path)
 
 
-def histogram(values: np.ndarray, path: Path, title: str, threshold: float | None = None) -> Path:
+def histogram_counts(counts: np.ndarray, edges: np.ndarray, path: Path, title: str,
+                     threshold: float | None = None) -> Path:
+    """A confidence histogram from counts already binned (so a report never holds every value)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(values, bins=np.linspace(0, 1, 41), color="#4c72b0")
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0")
     if threshold is not None:
         ax.axvline(threshold, color="red", ls="--", label=f"review below {threshold:.3f}")
         ax.legend()

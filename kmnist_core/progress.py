@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, TextIO
 
-from kmnist_core.locations import write_json_at
+from kmnist_core import storage
+from kmnist_core.files import json_text
 
 PROGRESS_FILE = "_progress.json"  # a leading "_": Parquet readers and crop discovery skip it
 
@@ -38,7 +39,7 @@ def duration(seconds: float | None) -> str:
 
 def counts_text(counts: dict[str, int]) -> str:
     """'truncated 2, not_image 1', largest first."""
-    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if v)
 
 
 def iso(unix: float) -> str:
@@ -56,7 +57,9 @@ class Reporter:
                  background: bool = True):
         if every_s <= 0:
             raise ValueError("the progress interval must be > 0 seconds")
-        self.out = str(out)
+        location = storage.resolve(out)
+        self.out = location.uri  # absolute, as status shows it
+        self._record = location.join(PROGRESS_FILE)  # a local rename, or one PUT on an object store
         self.every_s = float(every_s)
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stdout
@@ -167,7 +170,7 @@ class Reporter:
         if self.reason:
             record["reason"] = self.reason
         try:
-            write_json_at(self.out, PROGRESS_FILE, record)
+            storage.write_bytes_atomic(self._record, json_text(record).encode("utf-8"))
         except OSError:
             pass  # a full or read-only OUT fails the run itself, with its own error line; the record is a courtesy
 

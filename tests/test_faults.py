@@ -331,14 +331,6 @@ def test_weights_that_do_not_match_their_card_are_refused(tmp_path, trained_mode
     assert not (tmp_path / "out").exists()  # refused before OUT was created
 
 
-# Row 8: an object-store URL as --out.
-def test_object_store_out_is_refused_without_creating_a_local_folder(tmp_path):
-    r = cli(Path(__file__).resolve().parents[1] / "examples" / "crops", "--out", "s3://bucket/x", cwd=tmp_path)
-    assert r.returncode == 2
-    one_error_line(r.stderr, "s3://bucket/x is a URL")
-    assert not list(tmp_path.iterdir())
-
-
 # Item 5: Ctrl-C mid-run.
 def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev):
     files, out, args, proc = start_slow_run(tmp_path, kmnist_dev.test.images, 2000, 300)

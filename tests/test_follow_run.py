@@ -2,7 +2,7 @@
 the log of a run whose stdout goes to a file, and `kmnist-batch status` while it runs, after kill -9,
 and after the resume command it printed has finished the run.
 
-Written against the predict pipeline of issue 12 (RunProgress wired into batch_infer/job.py)."""
+Small trees run in-process (the local executor); committed chunks of 300 files move the count."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_predict_with_stdout_to_a_file_logs_a_start_line_and_progress_lines(tmp_
     out, log = tmp_path / "out", tmp_path / "predict.log"
     with open(log, "w") as stdout:
         done = subprocess.run([CLI, "predict", str(tmp_path / "in"), "--out", str(out), "--batch-size", "64",
-                               "--progress-every", "1", *SLOW], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                               "--rows-per-shard", "300", "--progress-every", "1", *SLOW], stdout=stdout, stderr=subprocess.PIPE, text=True,
                               timeout=240)
     assert done.returncode == 0, done.stderr
     lines = log.read_text(encoding="utf-8").splitlines()
@@ -89,3 +89,20 @@ def test_status_while_running_after_kill_9_and_after_the_resume_command(tmp_path
     assert s["state"] == "completed" and "resume_command" not in s
     keys = pq.read_table(out / "predictions", columns=["path_bytes"]).column("path_bytes").to_pylist()
     assert len(keys) == len(files) and set(keys) == files
+
+
+def test_on_ray_the_listing_streams_and_the_total_arrives_with_its_end(tmp_path, kmnist_dev):
+    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 2000)
+    out = tmp_path / "out"
+    done = subprocess.run([CLI, "predict", str(tmp_path / "in"), "--out", str(out), "--executor", "ray",
+                           "--rows-per-shard", "300", "--progress-every", "1", *SLOW],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "files: still listing" in lines[0] and re.search(r"Ray \d+\.\d+\.\d+\.\d+:\d+ \(dashboard ", lines[0]), lines[0]
+    counts = [m[2] for m in map(PROGRESS.match, lines) if m]
+    assert len(counts) >= 2, lines
+    assert re.search(rf"^\d\d:\d\d:\d\d completed {len(files):,}/{len(files):,} in ", "\n".join(lines), re.M)
+    record = json.loads((out / "_progress.json").read_text())
+    assert record["status"] == "completed" and record["total"] == record["done"] == len(files)
+    assert record["start"]["workers"] >= 1 and record["start"]["ray_address"]

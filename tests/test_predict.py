@@ -84,7 +84,7 @@ def test_parquet_is_plain_arrow_readable_without_ray(mixed_run):
         assert pa.types.is_list(t.schema.field("topk_chars").type), t.schema
         assert pa.types.is_list(t.schema.field("topk_confidences").type)
         meta = pq.read_schema(sorted(__import__("glob").glob({str(out / 'predictions' / '*.parquet')!r}))[0]).metadata
-        assert meta[b"kmnist_batch.schema_version"] == b"2"
+        assert meta[b"kmnist_batch.schema_version"] == b"3"
         assert t.schema.field("ink_x").type == pa.int32() and t.schema.field("review_reason").type == pa.string()
         assert json.loads(meta[b"kmnist_batch.model_card"])["classes"][0]["char"] == "お"
         df = pd.read_parquet({str(out / 'predictions')!r})
@@ -156,18 +156,21 @@ def test_killed_model_worker_is_retried_and_output_is_exact(tmp_path, kmnist_dev
     files = plain_tree(tmp_path / "in", kmnist_dev.test.images, 3000)
     killed = []
 
-    def kill_model_actor_once(done, total):
+    done = []
+
+    def kill_model_actor_once(stats):
+        done.append(stats["rows"])
         if killed:
             return
-        # Ray titles each actor process 'ray::MapWorker(MapBatches(PredictorActor))...'.
+        # Ray titles each actor process 'ray::RayChunkWorker...'.
         for proc in Path("/proc").iterdir():
             try:
                 title = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if proc.name.isdigit() and title.startswith(b"ray::") and b"PredictorActor" in title:
+            if proc.name.isdigit() and title.startswith(b"ray::") and b"RayChunkWorker" in title:
                 os.kill(int(proc.name), signal.SIGKILL)
-                killed.append((int(proc.name), done, total))
+                killed.append((int(proc.name), sum(done)))
                 return
 
     out = tmp_path / "out"

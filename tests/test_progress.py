@@ -7,10 +7,9 @@ import json
 import re
 import time
 
-import pyarrow as pa
 import pytest
 
-from batch_infer.progress import RunProgress, chunk_stats
+from batch_infer.progress import RunProgress
 from kmnist_core.progress import PROGRESS_FILE
 
 INFO = {"run_id": "20261202T180000-abcdef", "inputs": ["/data/a", "/data/b"], "files": None, "skipped": {"hidden": 2},
@@ -49,14 +48,17 @@ def test_start_line_then_a_progress_line_per_interval_with_counts_rates_and_eta(
     assert record(tmp_path)["status"] == "running" and record(tmp_path)["total"] is None
 
     clock.t += 0.5
-    p.chunk_done({"rows": 500, "errors_by_kind": {"truncated": 2}, "review_by_reason": {"low_confidence": 40}})
+    p.listing(900)
+    p.chunk_done({"rows": 500, "replaced": 0, "errors_by_kind": {"truncated": 2, "corrupt": 0},
+                  "review_by_reason": {"low_confidence": 40}})
     assert len(stream.getvalue().splitlines()) == 1  # half an interval: nothing yet
     clock.t += 0.5
     p.tick()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
     # Before the listing ends the total is unknown: done/? and no ETA.
-    assert "progress 500/? (still listing)" in lines[1] and "ETA -" in lines[1]
+    assert "progress 500/? (still listing: 900 so far)" in lines[1] and "ETA -" in lines[1]
+    assert "errors 2 (truncated 2)" in lines[1]  # kinds with no row are not listed
     assert "500 crops/s (last 1s), 500 overall" in lines[1]
 
     p.listed(2000, {"hidden": 2, "not_image": 1})
@@ -73,7 +75,7 @@ def test_start_line_then_a_progress_line_per_interval_with_counts_rates_and_eta(
     assert r["run_id"] == INFO["run_id"] and r["holder"]["pid"] > 0 and r["holder"]["host"]
 
     clock.t += 1.0
-    p.chunk_done({"rows": 500, "errors_by_kind": {}, "review_by_reason": {}})
+    p.chunk_done({"rows": 500, "replaced": 0, "errors_by_kind": {}, "review_by_reason": {}})
     p.finish("completed")
     last = stream.getvalue().splitlines()[-1]
     assert re.search(r"completed 2,000/2,000 in 3s, 667 crops/s", last), last
@@ -122,13 +124,6 @@ def test_resume_counts_only_what_is_left(tmp_path):
     clock.t += 1
     p.chunk_done({"rows": 100, "errors_by_kind": {}, "review_by_reason": {}})
     assert "progress 100/400 (25.0%)" in stream.getvalue().splitlines()[-1]
-
-
-def test_chunk_stats_counts_error_kinds_and_review_reasons():
-    table = pa.table({"error_kind": ["truncated", None, None, "truncated"],
-                      "review_reason": ["error", None, "blank", "error"]})
-    assert chunk_stats(table) == {"rows": 4, "errors_by_kind": {"truncated": 2},
-                                  "review_by_reason": {"error": 2, "blank": 1}}
 
 
 class TerminalStream(io.StringIO):

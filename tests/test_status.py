@@ -1,6 +1,6 @@
 """`kmnist-batch status` on hand-made OUT folders in every state: a live run (the lock held by a real
 child process), completed, failed, killed (run.json says running, nobody holds the lock), a tune OUT,
-and an OUT given as a URI (pyarrow.fs; alive judged by the record's age)."""
+and an OUT on a real S3-protocol server (moto; alive judged by the lock object's holder and heartbeat)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from batch_infer.progress import RunProgress
@@ -23,9 +26,9 @@ from kmnist_core.progress import PROGRESS_FILE
 
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
 RUN_ID = "20261202T180000-abcdef"
-OPTIONS = {"model": "runs/study", "address": None, "batch_size": 1024, "workers": 2, "cpus_per_worker": 1.0,
-           "gpus_per_worker": 0.0, "decode_cpus": 0.5, "review_below": 0.95, "resume": False, "overwrite": False,
-           "retry_errors": False, "read_retries": 2, "retry_backoff_s": 0.5, "rows_per_shard": 8192}
+OPTIONS = {"model": "runs/study", "address": None, "executor": "auto", "batch_size": 1024, "workers": 2,
+           "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "review_below": 0.95, "resume": False, "overwrite": False,
+           "retry_errors": False, "read_retries": 2, "retry_backoff_s": 0.5, "rows_per_shard": 4096}
 
 
 def write(path: Path, payload: dict) -> None:
@@ -120,12 +123,19 @@ def test_failed_gives_the_reason_and_the_resume_command(tmp_path):
     assert "committed 8,192 rows by this run" in status_text(s)
 
 
+def shard(out: Path, name: str, run_id: str) -> None:
+    """A committed shard as predict writes it: its run in the footer's key-value metadata."""
+    table = pa.table({"path": ["/x.png"]}).replace_schema_metadata(
+        {"kmnist_batch.run": json.dumps({"run_id": run_id}), "kmnist_batch.model_card": "{}"})
+    (out / "predictions").mkdir(exist_ok=True)
+    pq.write_table(table, out / "predictions" / name)
+
+
 def test_an_overwrite_run_that_committed_nothing_is_run_again_with_overwrite(tmp_path):
     run_json(tmp_path, "interrupted", reason="interrupted (Ctrl-C or SIGTERM)", options={**OPTIONS, "overwrite": True})
-    (tmp_path / "predictions").mkdir()
-    (tmp_path / "predictions" / "part-20261101T000000-000000-00000.parquet").write_bytes(b"earlier run")
+    shard(tmp_path, "chunk-aaaa.parquet", "20261101T000000-000000")  # the earlier run's, still in place
     assert " --overwrite " in run_status(tmp_path)["resume_command"]
-    (tmp_path / "predictions" / f"part-{RUN_ID}-00000.parquet").write_bytes(b"this run's first shard")
+    shard(tmp_path, "chunk-bbbb.parquet", RUN_ID)  # this run's first shard was swapped in
     assert " --resume " in run_status(tmp_path)["resume_command"]
 
 
@@ -164,15 +174,35 @@ def test_tune_out(tmp_path):
     assert "trials    1/4 done, 2 running, 1 pending, 0 errored; best val 0.8123 (lr 0.001 batch 32)" in status_text(s)
 
 
-def test_uri_out_is_alive_while_its_record_is_fresh(tmp_path):
-    run_json(tmp_path, "running")
-    progress_json(tmp_path)
-    uri = f"file://{tmp_path}"
+def put(fs: pafs.FileSystem, key: str, payload: dict) -> None:
+    with fs.open_output_stream(key) as f:
+        f.write(json.dumps(payload).encode())
+
+
+def test_object_store_out_is_alive_while_its_holder_beats(s3_server, monkeypatch, tmp_path):
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, s3_server[key])
+    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
+                           allow_bucket_creation=True)
+    fs.create_dir("status-test")
+    uri = "s3://status-test/run1"
+    with pytest.raises(KmnistError, match="holds no kmnist-batch run"):
+        run_status(uri)  # nothing there yet: a missing object reads as absent, not as an error
+    p = RunProgress(uri, every_s=1.0, background=False, stream=open(os.devnull, "w"))
+    p.start({"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "files": 10, "options": OPTIONS})
+    put(fs, "status-test/run1/run.json", {"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "options": OPTIONS,
+                                          "status": "running"})
+    holder = {"run_id": RUN_ID, "host": "another-host", "pid": 4242, "since": "2026-12-02T18:00:00+00:00"}
+    put(fs, "status-test/run1/.lock", {**holder, "heartbeat": time.time()})
     s = run_status(uri)
-    assert s["state"] == "running" and s["alive_judged_by"] == "record_age" and s["holder"]["pid"] == 4242
-    s = run_status(uri, now=time.time() + 120)  # 3 intervals of 1 s, and at least 30 s more than one
-    assert s["state"] == "interrupted" and s["reason"].startswith("no progress update for 2m")
-    assert f"--out {uri} --resume" in s["resume_command"]
+    assert s["state"] == "running" and s["alive_judged_by"] == "heartbeat" and s["holder"]["host"] == "another-host"
+    assert s["progress"]["total"] == 10 and s["out"] == uri
+
+    put(fs, "status-test/run1/.lock", {**holder, "heartbeat": time.time() - 600})  # the other host went silent
+    s = run_status(uri)
+    assert s["state"] == "interrupted" and "last heartbeat was 10m00s ago" in s["reason"]
+    assert s["resume_command"] == (f"kmnist-batch predict s3://status-test/crops --out {uri} --resume "
+                                   "--model runs/study --workers 2 --review-below 0.95")
 
 
 def test_not_a_run():

@@ -1,0 +1,97 @@
+"""One chunk end to end, inside a worker: read and decode its files, predict, and commit its shard.
+
+The same `ChunkWorker` runs in the driver's own process for small local jobs and as a Ray actor for
+everything else (batch_infer/dispatch.py), so both paths give the same rows. The driver sends only
+the chunk's listing and gets back a few counts; rows never pass through it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batch_infer import output
+from batch_infer.schema import SCHEMA
+from batch_infer.stages import RowBuilder, decode_batch
+from kmnist_core import storage
+from kmnist_core.review import REVIEW_REASONS
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every worker of a run needs; small, sent once per worker."""
+
+    out: str  # OUT, a local path or a URI
+    run_id: str
+    review_below: float
+    read_retries: int
+    retry_backoff_s: float
+    batch_size: int
+    metadata: dict  # footer key-values every shard carries (schema version, run, model card)
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    chunk_id: str
+    first: bytes  # the chunk's range of the listing (recorded in its shard's footer)
+    last: bytes
+    listing: pa.Table  # the files to predict (batch_infer/chunks.py LISTING_SCHEMA)
+    folder: str = ""  # where to commit; "" = OUT/predictions
+    redo_kinds: frozenset | None = None  # set: re-read this committed chunk's error rows of these kinds
+    redo_all_errors: bool = False  # with redo: every error row
+
+
+def counts(table: pa.Table) -> dict:
+    """What the driver learns of a committed chunk."""
+    kinds = table.column("error_kind").drop_null().value_counts().to_pylist()
+    reasons = table.column("review_reason").drop_null().value_counts().to_pylist()
+    by_reason = {r["values"]: r["counts"] for r in reasons}
+    return {"errors_by_kind": {k["values"]: k["counts"] for k in kinds},
+            "review_by_reason": {r: by_reason.get(r, 0) for r in REVIEW_REASONS}}
+
+
+class ChunkWorker:
+    def __init__(self, card: dict, weights: bytes, job: JobSpec, device: str = "cpu", threads: int = 0,
+                 node_id: str | None = None):
+        import torch
+
+        from kmnist_core.model_dir import build_predictor
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.job = job
+        self.input_size = int(card["input"]["size"])
+        self.rows = RowBuilder(build_predictor(card, weights, device), job.run_id, job.review_below, node_id)
+        self.metadata = {k.encode(): v.encode() for k, v in job.metadata.items()}
+        self.out = storage.resolve(job.out)
+
+    def predict(self, listing: pa.Table) -> pa.Table:
+        """Output rows for the listed files, a model batch at a time (bounds the worker's memory)."""
+        parts = [self.rows(decode_batch(listing.slice(start, self.job.batch_size), self.input_size,
+                                        retries=self.job.read_retries, backoff_s=self.job.retry_backoff_s))
+                 for start in range(0, listing.num_rows, self.job.batch_size)]
+        return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+
+    def run(self, task: ChunkTask) -> dict:
+        """Predict and commit one chunk; returns its counts."""
+        started = time.perf_counter()
+        folder = storage.resolve(task.folder) if task.folder else output.predictions_dir(self.out)
+        name = output.shard_name(task.chunk_id)
+        if task.redo_kinds is not None:
+            old = output.read_shard(folder, name)
+            kinds = old.column("error_kind")
+            redo = kinds.is_valid() if task.redo_all_errors else pc.is_in(kinds, value_set=pa.array(sorted(task.redo_kinds)))
+            redo = pc.fill_null(redo, False)
+            again = old.filter(redo)
+            new = self.predict(again.select(["path", "path_bytes", "rel_path", "input_root"]))
+            table = pa.concat_tables([old.filter(pc.invert(redo)), new])
+        else:
+            table = new = self.predict(task.listing)
+        meta = {**self.metadata, output.CHUNK_KEY: output.chunk_meta(task.chunk_id, task.first, task.last, table)}
+        output.publish(folder, name, output.encode_shard(table, meta))
+        redone = task.redo_kinds is not None
+        return {"chunk_id": task.chunk_id, "rows": 0 if redone else new.num_rows, "replaced": new.num_rows if redone else 0,
+                **counts(new), "seconds": time.perf_counter() - started}

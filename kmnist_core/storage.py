@@ -1,0 +1,160 @@
+"""Where inputs and outputs live: a local folder or an object store, resolved the same way by every stage.
+
+A location is a plain local path or a URI (`s3://bucket/prefix`, `gs://...`, anything pyarrow or fsspec
+resolves). Object stores are configured the standard way: for S3, credentials from the environment or
+~/.aws and `AWS_ENDPOINT_URL` for a non-AWS server (MinIO, Ceph, moto). Local paths keep their exact
+bytes (names need not be UTF-8); object-store keys are text.
+
+Commits are atomic on both: locally a hidden temp file renamed into place, on an object store a single
+PUT (an object appears whole or not at all).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from kmnist_core.errors import KmnistError
+from kmnist_core.files import temp_name
+
+
+def is_uri(text: str | os.PathLike) -> bool:
+    return "://" in os.fspath(text) if not isinstance(text, bytes) else b"://" in text
+
+
+@lru_cache(maxsize=16)
+def _filesystem(scheme_and_bucket: str) -> pafs.FileSystem:
+    try:
+        fs, _ = pafs.FileSystem.from_uri(scheme_and_bucket)
+        return fs
+    except (pa.ArrowInvalid, OSError, ValueError) as first:  # a scheme pyarrow lacks: try fsspec
+        try:
+            import fsspec
+
+            protocol = scheme_and_bucket.split("://", 1)[0]
+            return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(protocol)))
+        except (ImportError, ValueError) as e:
+            raise KmnistError(f"cannot open {scheme_and_bucket}: {first} ({e})") from None
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file: its filesystem, the path that filesystem takes, and the text a user wrote."""
+
+    fs: pafs.FileSystem | None  # None: local, addressed by `path` directly (bytes-safe os calls)
+    path: str  # local: absolute path; object store: "bucket/key"
+    uri: str  # what rows and messages show: the absolute local path or the full URI
+
+    @property
+    def local(self) -> bool:
+        return self.fs is None
+
+    def join(self, *parts: str) -> Location:
+        sep = os.sep if self.local else "/"
+        path = sep.join([self.path.rstrip(sep), *parts])
+        uri = path if self.local else self.uri.rstrip("/") + "/" + "/".join(parts)
+        return Location(self.fs, path, uri)
+
+
+def resolve(text: str | os.PathLike) -> Location:
+    """A local path (made absolute) or a URI, resolved to its filesystem."""
+    text = os.fspath(text)
+    if not is_uri(text):
+        absolute = os.path.abspath(text)
+        return Location(None, absolute, absolute)
+    scheme, rest = text.split("://", 1)
+    if scheme == "file":
+        return resolve(rest)
+    bucket = rest.split("/", 1)[0]
+    if not bucket:
+        raise KmnistError(f"{text} names no bucket")
+    return Location(_filesystem(f"{scheme}://{bucket}"), rest.rstrip("/"), f"{scheme}://{rest.rstrip('/')}")
+
+
+def exists(loc: Location) -> bool:
+    if loc.local:
+        return os.path.exists(loc.path)
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def is_dir(loc: Location) -> bool:
+    if loc.local:
+        return os.path.isdir(loc.path)
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.Directory
+
+
+def read_bytes(loc: Location) -> bytes:
+    if loc.local:
+        with open(loc.path, "rb") as f:
+            return f.read()
+    with loc.fs.open_input_stream(loc.path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(loc: Location, data: bytes, fsync: bool = False) -> None:
+    """Publish `data` at `loc` whole or not at all (replacing what is there)."""
+    if loc.local:
+        tmp = temp_name(Path(loc.path))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if fsync:  # a rename must never publish bytes that are not on disk
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, loc.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # on a full disk, free what the failed write took
+            raise
+        return
+    with loc.fs.open_output_stream(loc.path) as f:  # one PUT (or a multipart upload, completed at close)
+        f.write(data)
+
+
+def make_dirs(loc: Location) -> None:
+    if loc.local:
+        os.makedirs(loc.path, exist_ok=True)
+    else:
+        loc.fs.create_dir(loc.path, recursive=True)
+
+
+def list_names(loc: Location, suffix: str = "") -> list[str]:
+    """Names (not paths) of the files directly in folder `loc` ending with `suffix`, sorted; [] if absent."""
+    if loc.local:
+        try:
+            names = os.listdir(loc.path)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and not i.base_name.startswith("."))
+
+
+def delete(loc: Location) -> None:
+    if loc.local:
+        try:
+            os.unlink(loc.path)
+        except FileNotFoundError:
+            pass
+    else:
+        try:
+            loc.fs.delete_file(loc.path)
+        except FileNotFoundError:
+            pass
+
+
+def delete_tree(loc: Location) -> None:
+    """Remove a folder and everything under it; nothing if absent."""
+    if loc.local:
+        shutil.rmtree(loc.path, ignore_errors=True)
+    else:
+        try:
+            loc.fs.delete_dir(loc.path)
+        except FileNotFoundError:
+            pass
