@@ -159,12 +159,12 @@ def end_run(out: Location, record: dict) -> None:
 class Tally:
     """Running counts of committed chunks: what the driver keeps instead of rows."""
 
-    def __init__(self, on_chunk: Callable[[dict], None] | None):
+    def __init__(self, *on_chunk: Callable[[dict], None] | None):
         self.rows_written = self.rows_replaced = self.chunks = 0
         self.errors_by_kind: Counter = Counter()
         self.review_by_reason: Counter = Counter()
         self.nodes: Counter = Counter()
-        self.on_chunk = on_chunk
+        self.on_chunk = [hook for hook in on_chunk if hook]
 
     def add(self, stats: dict) -> None:
         self.chunks += 1
@@ -172,8 +172,8 @@ class Tally:
         self.rows_replaced += stats["replaced"]
         self.errors_by_kind.update(stats["errors_by_kind"])
         self.review_by_reason.update(stats["review_by_reason"])
-        if self.on_chunk:
-            self.on_chunk(stats)
+        for hook in self.on_chunk:
+            hook(stats)
 
 
 def staged(task: ChunkTask, folder: Location) -> ChunkTask:
@@ -223,7 +223,7 @@ def reporting_listing(tasks: Iterator[ChunkTask], plan: Plan, skipped: Counter, 
 
 
 def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
-                progress: RunProgress | None = None) -> dict:
+                on_chunk: Callable[[dict], None] | None = None, progress: RunProgress | None = None) -> dict:
     """Predict every image under `inputs` (folders, files or object-store prefixes) into `out`, then
     write OUT/summary/.
 
@@ -266,7 +266,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                           "kmnist_batch.model_card": json.dumps(card, ensure_ascii=False)})
         skipped: Counter = Counter()
         plan = Plan(out_loc, previous, opts.retry_errors)
-        tally = Tally(progress.chunk_done if progress else None)
+        tally = Tally(on_chunk, progress.chunk_done if progress else None)
         after_first = None
         try:  # from here on, any end is recorded in run.json
             write_run_file(out_loc, {**run_meta, "status": "running", "model_card": card})

@@ -215,7 +215,7 @@ def predict(
                                   retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
             progress = RunProgress(out, every_s=progress_every, quiet=quiet)
             with without_known_ray_noise():
-                run = run_predict(inputs, out, opts, progress)
+                run = run_predict(inputs, out, opts, progress=progress)
             print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
             return 0
         except KmnistError as e:
