@@ -287,8 +287,13 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                     after_first = lambda: output.swap_in(out_loc, run_id, old, stale=(out_loc.join(SUMMARY_DIR),))  # noqa: E731
                 else:  # nothing to predict: the old output still goes
                     output.swap_in(out_loc, run_id, list(metas), stale=(out_loc.join(SUMMARY_DIR),))
+            phases = {"prepare": time.perf_counter() - started}  # checks, model, lock, earlier output
+            loop_started = time.perf_counter()
             for stats in run_tasks(executor, tasks, card, weights, job, opts, after_first):
+                if not tally.chunks:  # Ray start-up and the first chunk (the listing streams meanwhile)
+                    phases["first_chunk"] = time.perf_counter() - loop_started
                 tally.add(stats)
+            phases["chunks"] = time.perf_counter() - loop_started
             if (tally.rows_written, tally.rows_replaced) != (plan.files_to_predict, plan.rows_to_reread):
                 raise KmnistError(f"workers committed {tally.rows_written} new and {tally.rows_replaced} re-read rows, "
                                   f"expected {plan.files_to_predict} and {plan.rows_to_reread}")
@@ -305,7 +310,11 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
             write_run_file(out_loc, {**summary, "model_card": card})
             if progress:
                 progress.finish("completed")
+            report_started = time.perf_counter()
             summary["report"] = write_report(out_loc)
+            phases["report"] = time.perf_counter() - report_started
+            summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
+            write_run_file(out_loc, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card})
             return summary
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)

@@ -167,6 +167,34 @@ def test_tune_job_runs_trials_on_both_nodes(cluster, tmp_path):
     assert (out / "best" / "model.pt").exists()
 
 
+def test_predict_job_reads_and_writes_only_the_object_store_on_both_nodes(cluster, s3_server, tmp_path, kmnist_dev):
+    """Inputs and OUT on S3: the workers on both nodes read their crops and write their shards there."""
+    import json
+
+    import pyarrow.dataset as ds
+
+    from tests.test_object_store import upload_tree
+
+    plain_tree(tmp_path / "crops", kmnist_dev.test.images, 3000)
+    bucket = f"b-{uuid.uuid4().hex[:8]}"
+    objects = upload_tree(s3_server, tmp_path / "crops", bucket, "crops")
+    aws = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
+    # The standard way to hand a job its credentials and endpoint: the job's runtime environment.
+    r = cluster.ray("job", "submit", f"--address={cluster.dashboard}", "--working-dir", ".",
+                    "--runtime-env-json", json.dumps({"env_vars": aws}), "--", "python", "-m", "jobs.predict",
+                    f"s3://{bucket}/crops", "--out", f"s3://{bucket}/out", "--workers", "2", "--cpus-per-worker", "1.5",
+                    "--batch-size", "256", "--rows-per-shard", "500", timeout=300, check=False)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    os.environ.update(aws)
+    try:
+        t = ds.dataset(f"s3://{bucket}/out/predictions", format="parquet").to_table(columns=["path", "node_id"])
+    finally:
+        for k in aws:
+            os.environ.pop(k)
+    assert sorted(t.column("path").to_pylist()) == sorted(objects)
+    assert len(set(t.column("node_id").to_pylist())) == 2
+
+
 def test_losing_the_worker_node_mid_predict_still_gives_one_row_per_file(cluster, tmp_path, kmnist_dev):
     """Runs last: it kills the worker node."""
     files = plain_tree(tmp_path / "scans", kmnist_dev.test.images, 20000)
