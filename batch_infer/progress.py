@@ -67,7 +67,8 @@ class RunProgress(Reporter):
     def start(self, info: dict) -> None:
         """Print the start line, write the first record and start the timer. `info` keys: run_id, inputs,
         files (None while the listing streams), skipped, already_done, model_id, precision, review_below,
-        ood_threshold, out, ray_address, dashboard_url, workers."""
+        ood_threshold, out, ray_address, dashboard_url, workers, and options (asdict(PredictOptions):
+        `status` rebuilds the resume command of a run killed before run.json named them)."""
         self.info = dict(info)
         if info.get("files") is not None:  # listed before the start: the total is known from the first line
             self.total = int(info["files"]) - int(info.get("already_done") or 0)
