@@ -206,7 +206,6 @@ def predict(
         try:
             from batch_infer.job import PredictOptions, run_predict
             from batch_infer.progress import RunProgress
-            from kmnist_core.ray_runtime import without_known_ray_noise
 
             opts = PredictOptions(model=model, address=address, executor=executor, batch_size=batch_size, workers=workers,
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
@@ -214,8 +213,7 @@ def predict(
                                   retry_errors=retry_errors, read_retries=read_retries,
                                   retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
             progress = RunProgress(out, every_s=progress_every, quiet=quiet)
-            with without_known_ray_noise():
-                run = run_predict(inputs, out, opts, progress=progress)
+            run = run_predict(inputs, out, opts, progress=progress)
             print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
             return 0
         except KmnistError as e:
