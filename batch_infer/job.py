@@ -27,6 +27,7 @@ from batch_infer.chunks import chunked
 from batch_infer.discover import check_inputs, iter_files
 from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
 from batch_infer.plan import Plan
+from batch_infer.progress import RunProgress
 from batch_infer.report import SUMMARY_DIR, write_report
 from batch_infer.schema import SCHEMA_VERSION
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
@@ -34,6 +35,7 @@ from kmnist_core import storage
 from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.files import json_text
 from kmnist_core.model_dir import build_predictor, read_model_files
+from kmnist_core.ray_runtime import endpoints
 from kmnist_core.storage import Location
 
 RUN_FILE = "run.json"
@@ -157,12 +159,12 @@ def end_run(out: Location, record: dict) -> None:
 class Tally:
     """Running counts of committed chunks: what the driver keeps instead of rows."""
 
-    def __init__(self, on_chunk: Callable[[dict], None] | None):
+    def __init__(self, *on_chunk: Callable[[dict], None] | None):
         self.rows_written = self.rows_replaced = self.chunks = 0
         self.errors_by_kind: Counter = Counter()
         self.review_by_reason: Counter = Counter()
         self.nodes: Counter = Counter()
-        self.on_chunk = on_chunk
+        self.on_chunk = [hook for hook in on_chunk if hook]
 
     def add(self, stats: dict) -> None:
         self.chunks += 1
@@ -170,8 +172,8 @@ class Tally:
         self.rows_replaced += stats["replaced"]
         self.errors_by_kind.update(stats["errors_by_kind"])
         self.review_by_reason.update(stats["review_by_reason"])
-        if self.on_chunk:
-            self.on_chunk(stats)
+        for hook in self.on_chunk:
+            hook(stats)
 
 
 def staged(task: ChunkTask, folder: Location) -> ChunkTask:
@@ -192,13 +194,42 @@ def run_tasks(executor: str, tasks: Iterable[ChunkTask], card: dict, weights: by
                       after_first=after_first)
 
 
+def start_info(run_meta: dict, card: dict, opts: PredictOptions, executor: str, plan: Plan, skipped: Counter) -> dict:
+    """What the start line names. A local run has its whole listing in hand (choose_executor read it
+    ahead); on Ray the listing is still streaming, so the file count comes later (RunProgress.listed)."""
+    listed = executor == "local"
+    info = {"run_id": run_meta["run_id"], "inputs": run_meta["inputs"], "files": plan.files_listed if listed else None,
+            "skipped": {k: v for k, v in skipped.items() if v}, "already_done": plan.already_done if listed else None,
+            "model_id": card["model_id"], "review_below": run_meta["review_below"],
+            "ood_threshold": card.get("calibration", {}).get("ood_threshold"), "out": run_meta["out"],
+            "options": run_meta["options"]}
+    if executor == "ray":
+        from kmnist_core.ray_runtime import init_ray
+
+        ray = init_ray(opts.address)  # run_tasks reuses this Ray
+        info.update(endpoints(), workers=opts.workers or pool_size(ray, opts.cpus_per_worker, opts.gpus_per_worker))
+    else:
+        info.update(ray_address="not used (a small job: runs in this process)", workers=1)
+    return info
+
+
+def reporting_listing(tasks: Iterator[ChunkTask], plan: Plan, skipped: Counter, progress: RunProgress) -> Iterator[ChunkTask]:
+    """The tasks, passed on as the workers take them, telling `progress` how much of the listing is in
+    so far and, once it ends, the run's total."""
+    for task in tasks:
+        progress.listing(plan.files_to_predict + plan.rows_to_reread)
+        yield task
+    progress.listed(plan.files_to_predict + plan.rows_to_reread, skipped, plan.already_done)
+
+
 def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
-                on_chunk: Callable[[dict], None] | None = None) -> dict:
+                on_chunk: Callable[[dict], None] | None = None, progress: RunProgress | None = None) -> dict:
     """Predict every image under `inputs` (folders, files or object-store prefixes) into `out`, then
     write OUT/summary/.
 
     Everything is checked (options, inputs, the model, OUT and its lock, earlier output) before anything
-    is written; on failure or Ctrl-C, run.json says why and every committed shard stays.
+    is written; on failure or Ctrl-C, run.json says why and every committed shard stays. `progress`
+    prints the start line and the periodic lines and keeps OUT/_progress.json (batch_infer/progress.py).
     Returns the run summary (also in OUT/run.json), with the report's figures under "report".
     """
     opts.validate()
@@ -235,12 +266,15 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                           "kmnist_batch.model_card": json.dumps(card, ensure_ascii=False)})
         skipped: Counter = Counter()
         plan = Plan(out_loc, previous, opts.retry_errors)
-        tally = Tally(on_chunk)
+        tally = Tally(on_chunk, progress.chunk_done if progress else None)
         after_first = None
         try:  # from here on, any end is recorded in run.json
             write_run_file(out_loc, {**run_meta, "status": "running", "model_card": card})
             tasks = plan.tasks(chunked(iter_files(inputs, skipped), opts.rows_per_shard))
             executor, tasks = choose_executor(opts, tasks)
+            if progress:
+                progress.start(start_info(run_meta, card, opts, executor, plan, skipped))
+                tasks = reporting_listing(tasks, plan, skipped, progress)
             if replacing:
                 # --overwrite: the first chunk is committed aside (locally), and only then replaces the old
                 # output; a run that fails before its first commit leaves the earlier predictions as they were.
@@ -274,6 +308,8 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             output.write_run_record(out_loc, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
             write_run_file(out_loc, {**summary, "model_card": card})
+            if progress:
+                progress.finish("completed")
             report_started = time.perf_counter()
             summary["report"] = write_report(out_loc)
             phases["report"] = time.perf_counter() - report_started
@@ -284,6 +320,8 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
             interrupted = isinstance(e, KeyboardInterrupt)
             reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else failure_reason(e, out_loc)
             committed = tally.rows_written + tally.rows_replaced
+            if progress:
+                progress.finish("interrupted" if interrupted else "failed", reason)
             end_run(out_loc, {**run_meta, "status": "interrupted" if interrupted else "failed", "reason": reason,
                               "rows_committed": committed, "detail": traceback.format_exc(),
                               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model_card": card})

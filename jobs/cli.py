@@ -139,21 +139,6 @@ def evaluate(
     typer.echo(f"metrics and plots: {out}")
 
 
-def rows_progress():
-    """A progress bar over crops on a terminal; nothing otherwise (logs stay quiet). The listing is
-    streamed, so the bar counts crops done without a total."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        return None, None
-    progress = Progress(SpinnerColumn(), TextColumn("predicting: {task.completed:,} crops"), TimeElapsedColumn(),
-                        console=console, transient=True)
-    task = progress.add_task("predict", total=None)
-    return progress, lambda stats: progress.advance(task, stats["rows"] + stats["replaced"])
-
-
 def print_summary(summary: dict, out: str) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
@@ -196,6 +181,9 @@ def predict(
                                                   "also what a killed run can lose"),
     read_retries: int = typer.Option(2, help="extra reads of an unreadable or truncated file within the run"),
     retry_backoff: float = typer.Option(0.5, help="seconds before the first extra read; doubles each time"),
+    progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
+                                                    "terminal) and rewrites of OUT/_progress.json"),
+    quiet: bool = typer.Option(False, help="print only errors and the final summary"),
 ):
     """Predict every crop under INPUTS into Parquet, one row per image file, then write the summary."""
     import signal
@@ -203,6 +191,8 @@ def predict(
     from batch_infer.out_lock import refuse_if_busy
     from kmnist_core.storage import resolve
 
+    if progress_every <= 0:
+        raise KmnistError("--progress-every must be > 0 seconds")
     refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
 
     from batch_infer.supervise import run_supervised
@@ -213,22 +203,17 @@ def predict(
         # A full disk also fails Ray's own log files; the one error line says what happened, without the
         # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
         logging.raiseExceptions = False
-        progress, on_rows = rows_progress()
         try:
             from batch_infer.job import PredictOptions, run_predict
+            from batch_infer.progress import RunProgress
 
             opts = PredictOptions(model=model, address=address, executor=executor, batch_size=batch_size, workers=workers,
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                   review_below=review_below, resume=resume, overwrite=overwrite,
                                   retry_errors=retry_errors, read_retries=read_retries,
                                   retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
-            if progress:
-                progress.start()
-            try:
-                run = run_predict(inputs, out, opts, on_rows)
-            finally:
-                if progress:
-                    progress.stop()
+            progress = RunProgress(out, every_s=progress_every, quiet=quiet)
+            run = run_predict(inputs, out, opts, progress=progress)
             print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
             return 0
         except KmnistError as e:
@@ -259,6 +244,21 @@ def report(out: str = typer.Argument(..., help="a predict output folder or objec
     print_summary(write_report(location), location.uri)
 
 
+@app.command()
+@user_errors
+def status(
+    out: str = typer.Argument(..., help="a predict or tune output folder (or object-store prefix)"),
+    json_output: bool = typer.Option(False, "--json", help="print the status as JSON, for scripts"),
+):
+    """Where the run in OUT stands: running (progress, rate, ETA, holder), completed, failed or
+    interrupted (reason, and the command that finishes it). Reads OUT only; no Ray."""
+    from batch_infer.status import run_status, status_text
+    from kmnist_core.files import json_text
+
+    state = run_status(out)
+    typer.echo(json_text(state).rstrip() if json_output else status_text(state))
+
+
 def parse_list(text: str, kind, option: str) -> list:
     try:
         return [kind(v) for v in text.split(",") if v.strip()]
@@ -285,16 +285,22 @@ def tune(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
     storage: Optional[str] = typer.Option(None, help="Tune storage (default OUT/ray_results); shared storage on multi-node clusters"),
     resume: bool = typer.Option(False, help="continue an interrupted grid without rerunning finished trials"),
+    progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
+                                                    "terminal) and rewrites of OUT/_progress.json"),
+    quiet: bool = typer.Option(False, help="print only errors and the final summary"),
 ):
     """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
+    if progress_every <= 0:
+        raise KmnistError("--progress-every must be > 0 seconds")
     from tune.grid import GridConfig, run_grid
+    from tune.progress import GridProgress
 
     cfg = GridConfig(dataset=dataset, model=model, lrs=parse_list(lr, float, "--lr"),
                      batch_sizes=parse_list(batch_size, int, "--batch-size"), epochs=epochs,
                      cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, scheduler=scheduler,
                      augment=augment, seed=seed, device=device, data_dir=str(data_dir) if data_dir else None,
                      address=address, storage=storage, resume=resume)
-    summary = run_grid(cfg, out)
+    summary = run_grid(cfg, out, GridProgress(out, every_s=progress_every, quiet=quiet))
     typer.echo(f"{summary['trials']} trials: " + ", ".join(f"{k} {v}" for k, v in summary["by_status"].items()))
     best = summary["best"]
     if best:

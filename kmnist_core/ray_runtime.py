@@ -7,6 +7,7 @@ make the cluster's token readable (see the README's cluster section).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -27,3 +28,18 @@ def init_ray(address: str | None = None):
         except (ConnectionError, RuntimeError) as e:
             raise KmnistError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
     return ray
+
+
+def endpoints() -> dict:
+    """Where this process's Ray is, for a start line: its GCS address and dashboard URL (None when
+    the Ray has no dashboard). Ray keeps the URL only on its node object (ray.init's return value
+    carries it too, but a reused Ray never returns one)."""
+    import ray
+
+    url = None
+    with contextlib.suppress(Exception):
+        url = ray._private.worker._global_node.webui_url or None
+    if url and "://" not in url:
+        url = "http://" + url
+    return {"ray_address": ray.get_runtime_context().gcs_address, "dashboard_url": url}
+

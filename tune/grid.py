@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -18,15 +20,18 @@ import ray
 import torch
 from ray import tune
 
+from batch_infer import out_lock
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import write_model_dir
 from kmnist_core.files import write_json_atomic
 from kmnist_core.model_dir import pick_device
 from kmnist_core.models import create_model
-from kmnist_core.ray_runtime import init_ray
+from kmnist_core.ray_runtime import endpoints, init_ray
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 from tune.plots import write_grid_plots
+from tune.progress import GridCallback, GridProgress, active
+from tune.progress import quiet as progress_quiet
 
 EXPERIMENT = "grid"
 STATE_FILE = "train_state.pt"  # TrainRun.state_dict(): model, optimizer, scheduler, RNG, history
@@ -144,24 +149,49 @@ def write_best(results, trials: pd.DataFrame, history: pd.DataFrame, data: Datas
 
 
 class TrialLines(tune.Callback):
-    """One line per finished trial (Tune's own progress tables are switched off)."""
+    """One line per finished trial (Tune's own progress tables are switched off); none under --quiet."""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if progress_quiet():
+            return
         r, train = trial.last_result or {}, trial.config.get("train", {})
         state = "diverged" if r.get("diverged") else "done"
         print(f"trial lr={train.get('lr')} batch={train.get('batch_size')}: {state} after epoch "
               f"{r.get('epoch', '?')}, val {r.get('val_acc', float('nan')):.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if progress_quiet():
+            return
         train = trial.config.get("train", {})
         print(f"trial lr={train.get('lr')} batch={train.get('batch_size')}: ERROR", flush=True)
 
 
-def run_grid(cfg: GridConfig, out: Path) -> dict:
-    """Run (or resume) the grid; write trials, history, plots and best/ into `out`."""
+def run_grid(cfg: GridConfig, out: Path, progress: GridProgress | None = None) -> dict:
+    """Run (or resume) the grid; write trials, history, plots and best/ into `out`.
+
+    OUT is locked for the whole run (batch_infer/out_lock.py: one grid per OUT, and `status` tells a
+    live grid from a killed one); `progress` prints the start and progress lines and keeps
+    OUT/_progress.json."""
     cfg.validate()
     data = load_dataset(cfg.dataset, cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    with out_lock.hold(out, run_id):
+        try:
+            summary = fit_grid(cfg, out, data, run_id, progress)
+        except BaseException as e:
+            if progress:
+                interrupted = isinstance(e, KeyboardInterrupt)
+                first = (str(e).strip().splitlines() or [""])[0]
+                progress.finish("interrupted" if interrupted else "failed",
+                                "interrupted (Ctrl-C or SIGTERM)" if interrupted else (first or type(e).__name__))
+            raise
+        if progress:
+            progress.finish("completed")
+        return summary
+
+
+def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: GridProgress | None) -> dict:
     storage = cfg.storage or str((out / "ray_results").resolve())
     experiment_path = storage.rstrip("/") + "/" + EXPERIMENT
     # Every epoch checkpoints, so Tune snapshots its state often (that is what makes --resume exact);
@@ -169,6 +199,8 @@ def run_grid(cfg: GridConfig, out: Path) -> dict:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(cfg.address)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    if progress:
+        progress.start({"run_id": run_id, "config": asdict(cfg), "out": str(out), "storage": storage, **endpoints()})
 
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
@@ -192,12 +224,13 @@ def run_grid(cfg: GridConfig, out: Path) -> dict:
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                         reuse_actors=True),  # ~0.5 s per trial instead of ~4 s (STACK.md)
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=[TrialLines()],
+                name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=[TrialLines(), GridCallback()],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_acc",
                                                         checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=0)),
         )
-    results = tuner.fit()
+    with active(progress):
+        results = tuner.fit()
     trials, history = collect(results, cfg)
     trials.to_csv(out / "trials.csv", index=False)
     trials.to_parquet(out / "trials.parquet", index=False)

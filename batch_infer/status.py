@@ -1,0 +1,216 @@
+"""`kmnist-batch status OUT`: where a predict or tune run stands, from OUT alone (no Ray).
+
+Three records are read: OUT/.lock (batch_infer/out_lock.py), OUT/run.json (predict's own record of
+its status and reason) and OUT/_progress.json (kmnist_core/progress.py; predict and tune).
+
+Alive or not:
+- local OUT: the lock decides. A live run holds the flock on OUT/.lock; the kernel drops it when the
+  process dies, however it dies, while the holder's name stays in the file. So a record that says
+  "running" with no lock held is a run that was killed (kill -9, out of memory, a lost machine). The
+  probe takes a shared lock for an instant, as `predict` itself does before it starts.
+- object-store OUT (s3://...): there is no lock to probe. OUT/.lock is an object naming its holder
+  with a heartbeat (out_lock.hold_store), and a holder counts as alive exactly as `predict` itself
+  judges it before taking over: on this host, its pid is running; on another host, its heartbeat is
+  younger than out_lock.STALE_S. So a run killed on another machine shows as running until its
+  heartbeat goes stale (2 minutes); a judgement from the record's age, not proof of death.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+
+from batch_infer import output
+from batch_infer.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
+from kmnist_core import storage
+from kmnist_core.errors import KmnistError
+from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
+from kmnist_core.storage import Location
+
+RUN_FILE = "run.json"
+GRID_FILE = "grid.json"
+# CLI flag and default of each option worth repeating in a resume command (tests check the defaults
+# against PredictOptions and GridConfig, which cost a torch import to load here).
+PREDICT_FLAGS = {"model": ("--model", "default"), "address": ("--address", None), "executor": ("--executor", "auto"),
+                 "batch_size": ("--batch-size", 1024), "workers": ("--workers", 0),
+                 "cpus_per_worker": ("--cpus-per-worker", 1.0), "gpus_per_worker": ("--gpus-per-worker", 0.0),
+                 "review_below": ("--review-below", None), "rows_per_shard": ("--rows-per-shard", 4096),
+                 "read_retries": ("--read-retries", 2), "retry_backoff_s": ("--retry-backoff", 0.5)}
+TUNE_FLAGS = {"dataset": ("--dataset", "kmnist-dev"), "model": ("--model", "simple-cnn"),
+              "lrs": ("--lr", None), "batch_sizes": ("--batch-size", None), "epochs": ("--epochs", 5),
+              "cpus_per_trial": ("--cpus-per-trial", 1.0), "gpus_per_trial": ("--gpus-per-trial", 0.0),
+              "scheduler": ("--scheduler", "none"), "augment": ("--augment", "study"), "seed": ("--seed", 0),
+              "device": ("--device", "auto"), "data_dir": ("--data-dir", None), "address": ("--address", None),
+              "storage": ("--storage", None)}
+
+
+def probe_lock(out: Path) -> tuple[bool, dict | None]:
+    """(is the lock held by a live process, the holder named in the file)."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False, None
+    try:
+        holder = read_holder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, holder
+        return False, holder
+    finally:
+        os.close(fd)  # releases the probe's shared lock
+
+
+def read_json(out: Location, name: str) -> dict | None:
+    """OUT/name as JSON; None when it is absent or not (yet) valid JSON."""
+    try:
+        return json.loads(storage.read_bytes(out.join(name)))
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError as e:
+        raise KmnistError(f"cannot read {out.join(name).uri}: {e.strerror or e}") from None
+
+
+def option_args(options: dict, flags: dict) -> list[str]:
+    args = []
+    for name, (flag, default) in flags.items():
+        value = options.get(name)
+        if value is None or value == default:
+            continue
+        args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return args
+
+
+def predict_resume_command(out: Location, given: str, record: dict) -> str | None:
+    """The command that finishes the run, rebuilt from its record's inputs and options. An --overwrite
+    run that never committed a shard left the earlier predictions in place: it is run again as such."""
+    inputs, options = record.get("inputs"), record.get("options") or {}
+    if not inputs:
+        return None
+    mode = "--resume"
+    if options.get("overwrite"):  # did it commit a shard? Its shards carry its run id in their footers
+        runs = output.run_metadata(output.footers(out))[0]
+        if record.get("run_id") not in {r.get("run_id") for r in runs}:
+            mode = "--overwrite"
+    return shlex.join(["kmnist-batch", "predict", *inputs, "--out", given, mode, *option_args(options, PREDICT_FLAGS)])
+
+
+def tune_resume_command(out: str, record: dict) -> str | None:
+    config = (record.get("start") or {}).get("config")
+    if not config:
+        return None
+    return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *option_args(config, TUNE_FLAGS)])
+
+
+def newest(*records: dict | None) -> dict | None:
+    """The record of the latest run (run ids start with their UTC start time, so they sort)."""
+    present = [r for r in records if r]
+    return max(present, key=lambda r: r.get("run_id") or "") if present else None
+
+
+def run_status(out: str | Path, now: float | None = None) -> dict:
+    """The state of the run in `out`: running, completed, failed or interrupted, with its figures."""
+    given = str(out)  # the resume command names OUT as the user did
+    loc = storage.resolve(out)
+    now = time.time() if now is None else now
+    if loc.local:
+        alive, holder = probe_lock(Path(loc.path))
+        judged_by = "lock"
+    else:
+        holder = store_holder(loc)
+        alive, judged_by = holder_alive(holder), "heartbeat"
+    run = read_json(loc, RUN_FILE)
+    progress = read_json(loc, PROGRESS_FILE)
+    if run is None and progress is None and not alive:
+        raise KmnistError(f"{loc.uri} holds no kmnist-batch run (no {RUN_FILE} or {PROGRESS_FILE})")
+    kind = (progress or {}).get("kind") or "predict"
+    record = (newest(run, progress) if kind == "predict" else progress) or {}
+    if progress and record is not progress and progress.get("run_id") != record.get("run_id"):
+        progress = None  # an earlier run's progress
+    if alive and holder and holder.get("run_id") and holder["run_id"] != record.get("run_id"):
+        record, progress = {"run_id": holder["run_id"]}, None  # a new run that has not written its records yet
+    holder = holder or (progress or {}).get("holder")
+    age = now - progress["updated_unix"] if progress and progress.get("updated_unix") else None
+
+    recorded = record.get("status")
+    status = {"out": loc.uri, "kind": kind, "run_id": record.get("run_id"), "holder": holder, "alive_judged_by": judged_by,
+              "progress": progress, "progress_age_s": round(age, 1) if age is not None else None}
+    if alive:
+        status["state"] = "running"
+    elif recorded in ("completed", "failed", "interrupted"):
+        status["state"] = recorded
+        status["reason"] = record.get("reason")
+    else:  # recorded as running, but nobody holds OUT
+        status["state"] = "interrupted"
+        who = f" (host {holder.get('host')}, pid {holder.get('pid')})" if holder else ""
+        status["reason"] = (f"the run's process{who} ended without recording an end: killed (kill -9, out of "
+                            f"memory) or its machine was lost")
+        if judged_by == "heartbeat" and holder and holder.get("heartbeat"):
+            status["reason"] += f" (its last heartbeat was {duration(now - float(holder['heartbeat']))} ago)"
+    if kind == "predict" and run and run.get("run_id") == status["run_id"]:
+        status["summary"] = {k: run.get(k) for k in ("rows_written", "rows_replaced", "rows_committed", "elapsed_s",
+                                                     "crops_per_s", "started", "finished") if run.get(k) is not None}
+    if kind == "tune" and status["state"] == "completed":
+        grid = read_json(loc, GRID_FILE) or {}
+        status["summary"] = {"trials": grid.get("trials"), "by_status": grid.get("by_status"), "best": grid.get("best")}
+    if status["state"] in ("failed", "interrupted"):
+        if kind == "predict":
+            source = run if run and run.get("run_id") == status["run_id"] else (progress or {}).get("start") or {}
+            status["resume_command"] = predict_resume_command(loc, given, source)
+        else:
+            status["resume_command"] = tune_resume_command(given, record)
+    return status
+
+
+def progress_text(p: dict, kind: str) -> list[str]:
+    if kind == "tune":
+        best = p.get("best") or {}
+        best_text = (f"best val {best['val_acc']:.4f} (lr {best['lr']} batch {best['batch_size']})"
+                     if best.get("val_acc") is not None else "best val -")
+        return [f"trials    {p.get('done', 0)}/{p.get('trials_total', '?')} done, {p.get('running', 0)} running, "
+                f"{p.get('pending', 0)} pending, {p.get('errored', 0)} errored; {best_text}; "
+                f"ETA {duration(p.get('eta_s'))}"]
+    total = p.get("total")
+    head = f"{p.get('done', 0):,}/{total:,} ({p.get('percent') or 0:.1f}%)" if total is not None else \
+        f"{p.get('done', 0):,}/? (still listing: {p.get('listed_so_far') or 0:,} so far)"
+    rate = p.get("rate_interval")
+    rates = (f"{rate:,.0f} crops/s last interval, " if rate is not None else "") + \
+        (f"{p['rate_overall']:,.0f} overall" if p.get("rate_overall") is not None else "- overall")
+    return [f"progress  {head}; {rates}; ETA {duration(p.get('eta_s'))}",
+            f"errors    {p.get('errors', 0):,}" + (f" ({counts_text(p['errors_by_kind'])})" if p.get("errors") else ""),
+            f"review    {p.get('needs_review', 0):,}" + (f" ({counts_text(p['review_by_reason'])})" if p.get("needs_review") else "")]
+
+
+def status_text(s: dict) -> str:
+    holder = s.get("holder") or {}
+    who = f"host {holder.get('host')}, pid {holder.get('pid')}" if holder else "holder unknown"
+    lines = [f"{s['out']}: {s['kind']} run {s.get('run_id') or '?'} {s['state'].upper()}"]
+    if s["state"] == "running":
+        heard = f", updated {duration(s['progress_age_s'])} ago" if s.get("progress_age_s") is not None else ""
+        lines[0] += f" ({who}{heard})"
+    if s.get("reason"):
+        lines.append(f"reason    {s['reason']}")
+    summary = s.get("summary") or {}
+    if s["state"] == "completed" and s["kind"] == "predict":
+        speed = f", {summary['crops_per_s']:,.0f} crops/s" if summary.get("crops_per_s") else ""
+        lines.append(f"finished  {summary.get('finished', '-')}: {summary.get('rows_written', 0):,} rows written, "
+                     f"{summary.get('rows_replaced', 0):,} replaced, in {duration(summary.get('elapsed_s'))}{speed}")
+    if s["state"] == "completed" and s["kind"] == "tune" and summary.get("trials") is not None:
+        best = summary.get("best") or {}
+        lines.append(f"trials    {summary['trials']}: " + counts_text(summary.get("by_status") or {})
+                     + (f"; best (on val) lr {best['lr']} batch {best['batch_size']}: val {best['best_val_acc']:.4f}"
+                        if best else ""))
+    if s.get("progress"):
+        prefix = {"running": "", "completed": "final figures:"}.get(s["state"], f"last record ({s['progress'].get('updated')}):")
+        if prefix:
+            lines.append(prefix)
+        lines += progress_text(s["progress"], s["kind"])
+    if summary.get("rows_committed") is not None:
+        lines.append(f"committed {summary['rows_committed']:,} rows by this run")
+    if s.get("resume_command"):
+        lines.append(f"to finish {s['resume_command']}")
+    return "\n".join(lines)
