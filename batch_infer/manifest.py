@@ -204,10 +204,14 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
 
 
 def page_reading_order(pages: list[str], coords: list[pa.Array]) -> tuple[np.ndarray, np.ndarray]:
-    """kmnist_core.pages.reading_order per page; boxes with a missing coordinate get -1 (they are bad_box rows)."""
+    """kmnist_core.pages.reading_order per page; a box with a missing or negative coordinate or no area
+    gets -1 (it is a bad_box row)."""
     xywh = np.stack([c.to_numpy(zero_copy_only=False) if c.null_count == 0
                      else pc.fill_null(c, -1).to_numpy() for c in coords], axis=1).astype(np.float64)
     valid = np.all(np.stack([c.is_valid().to_numpy(zero_copy_only=False) for c in coords], axis=1), axis=1)
+    # Boxes that cannot be on any page are left out of the order; one past the page's edge is only found
+    # when the page is decoded, so it keeps its place (and reads as 〓 in the text).
+    valid &= (xywh[:, 0] >= 0) & (xywh[:, 1] >= 0) & (xywh[:, 2] >= 1) & (xywh[:, 3] >= 1)
     index, column = np.full(len(pages), -1, np.int64), np.full(len(pages), -1, np.int64)
     by_page: dict[str, list[int]] = {}
     for i, p in enumerate(pages):

@@ -1,8 +1,9 @@
 """Page outputs of a box-manifest run, from the finished OUT/predictions/ alone (`kmnist-batch report` reruns it):
 
 - `OUT/pages.parquet`: one row per page: `page`, the page-level pass-through columns (those constant
-  within every page), `n_boxes`, `n_auto_accepted`, `n_review`, `text` (every box's top-1 character in
-  reading order, kmnist_core/pages.py; 〓 for a box with no prediction: an error or a blank),
+  within every page), `n_boxes`, `n_auto_accepted`, `n_review`, `n_columns`, `text` (every box's top-1
+  character in reading order, kmnist_core/pages.py; 〓 for a box with no prediction: an error or a blank;
+  boxes with no place in the order, reading_index -1, are left out),
   `text_reviewed` (the same with 〓 wherever a box needs review), and with a `truth` column
   `n_truth`, `n_correct`, `accuracy`;
 - `OUT/pages_kaggle.csv`: the Kaggle Kuzushiji submission layout, `image_id,labels` with `Unicode X Y` of
@@ -41,7 +42,8 @@ KAGGLE_FILE = "pages_kaggle.csv"
 ALTO_DIR = "alto"
 OVERLAY_DIR = "pages"  # under summary/
 OVERLAY_PAGES = 20
-OVERLAY_MAX_SIDE = 2000  # px: larger pages are drawn scaled down
+OVERLAY_MAX_SIDE = 2000  # px: larger pages are drawn scaled down ...
+OVERLAY_MIN_SIDE = 1000  # ... and smaller ones scaled up, so the characters beside the boxes are legible
 GETA = "〓"  # the geta mark: a character that could not (or should not yet) be read
 ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
 ALTO_SCHEMA = "http://www.loc.gov/standards/alto/v4/alto-4-4.xsd"
@@ -89,12 +91,12 @@ def page_table(rows: pd.DataFrame) -> pd.DataFrame:
     constant = [c for c in extra if rows.groupby("page", sort=False)[c].nunique(dropna=False).max() <= 1]
     records = []
     for page, g in rows.groupby("page", sort=True):
-        g = g.sort_values("reading_index", kind="stable")
-        chars = g["pred_char"].where(g["pred_char"].notna(), GETA)
+        placed = g[g["reading_index"] >= 0].sort_values("reading_index", kind="stable")
+        chars = placed["pred_char"].where(placed["pred_char"].notna(), GETA)
         rec = {"page": page, **{c: g[c].iloc[0] for c in constant if c != "page"},
                "n_boxes": len(g), "n_auto_accepted": int((~g["needs_review"]).sum()),
-               "n_review": int(g["needs_review"].sum()), "n_columns": int(g["column_index"].max() + 1),
-               "text": "".join(chars), "text_reviewed": "".join(chars.where(~g["needs_review"], GETA))}
+               "n_review": int(g["needs_review"].sum()), "n_columns": int(placed["column_index"].max() + 1) if len(placed) else 0,
+               "text": "".join(chars), "text_reviewed": "".join(chars.where(~placed["needs_review"], GETA))}
         if "truth" in g.columns:
             truth = g["truth"].map(truth_char)
             known = truth.notna()
@@ -161,9 +163,9 @@ def overlay(img: Image.Image, g: pd.DataFrame) -> Image.Image:
     reading order as a faint line through the box centres."""
     from batch_infer.review_sheet import FONT
 
-    scale = min(1.0, OVERLAY_MAX_SIDE / max(img.size))
+    scale = min(OVERLAY_MAX_SIDE, max(OVERLAY_MIN_SIDE, max(img.size))) / max(img.size)
     page = img.convert("RGB")
-    if scale < 1:
+    if scale != 1:
         page = page.resize((round(page.width * scale), round(page.height * scale)), Image.Resampling.LANCZOS)
     g = g[g["box_x"].notna()].sort_values("reading_index", kind="stable")
     size = max(10, int(g["box_h"].median() * scale * 0.45)) if len(g) else 10
