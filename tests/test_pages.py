@@ -264,3 +264,34 @@ def test_page_run_resumes_to_the_same_rows(page_run):
     assert again["rows_written"] == 0 and again["already_done"] == len(rows) + 2 - again["error_rows_reread"]
     after = pd.read_parquet(out / "predictions").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(before.drop(columns=["run_id"]), after.drop(columns=["run_id"]))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path):
+    """The example pages and their Kaggle CSV in a bucket, OUT in the same bucket, through the real CLI."""
+    import subprocess
+    import sys
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
+                           allow_bucket_creation=True)
+    bucket = f"b-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(bucket)
+    examples = Path(__file__).resolve().parents[1] / "examples" / "pages"
+    for name in ("kaggle.csv", "page-1.png", "page-2.png"):
+        with fs.open_output_stream(f"{bucket}/in/{name}") as f:
+            f.write((examples / name).read_bytes())
+    cli = str(Path(sys.executable).parent / "kmnist-batch")
+    r = subprocess.run([cli, "predict", "--manifest", f"s3://{bucket}/in/kaggle.csv", "--export", "alto",
+                        "--out", f"s3://{bucket}/out"], env=s3_server, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and list(tmp_path.iterdir()) == []
+    pages = pq.read_table(f"{bucket}/out/pages.parquet", filesystem=fs).to_pandas()
+    assert sorted(pages["page"]) == [f"s3://{bucket}/in/page-1.png", f"s3://{bucket}/in/page-2.png"]
+    assert list(pages["n_boxes"]) == [48, 45] and pages["accuracy"].min() > 0.9
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out", recursive=True))}
+    assert {"page-1.xml", "page-2.xml", "page-1.png", "page-2.png", "pages_kaggle.csv", "pages.json"} <= names
