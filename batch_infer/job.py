@@ -223,7 +223,12 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         if inputs:
             raise KmnistError("give either input folders or --manifest, not both")
         manifest = read_manifest(opts.manifest, opts.pages)  # read and checked before OUT is touched
+        if opts.export and not manifest.boxes:
+            raise KmnistError("--export writes page files: the manifest lists crop files, not boxes on pages "
+                              "(x, y, width, height)")
         inputs = [manifest.source]
+    elif not inputs:
+        raise KmnistError("nothing to predict: give input folders or --manifest FILE")
     else:
         check_inputs(inputs)
     check_out(out_loc)

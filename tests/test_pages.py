@@ -295,3 +295,27 @@ def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path):
     assert list(pages["n_boxes"]) == [48, 45] and pages["accuracy"].min() > 0.9
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out", recursive=True))}
     assert {"page-1.xml", "page-2.xml", "page-1.png", "page-2.png", "pages_kaggle.csv", "pages.json"} <= names
+
+
+def test_a_manifest_of_crop_files_passes_its_columns_through(tmp_path, kmnist_dev):
+    (tmp_path / "crops").mkdir()
+    rows = []
+    for i in range(30):
+        Image.fromarray(255 - kmnist_dev.test.images[i]).save(tmp_path / "crops" / f"c{i}.png")
+        rows.append({"path": f"crops/c{i}.png", "item": f"{i:05d}", "label": kmnist_dev.classes.chars[kmnist_dev.test.labels[i]]})
+    rows.append({"path": "crops/gone.png", "item": "00099", "label": "?"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "crops.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(KmnistError, match="not boxes on pages"):
+        run_predict([], out, PredictOptions(manifest=str(tmp_path / "crops.parquet"), export=("alto",)))
+    with pytest.raises(KmnistError, match="nothing to predict"):
+        run_predict([], out, PredictOptions())
+    with pytest.raises(KmnistError, match="needs a --manifest"):
+        run_predict([tmp_path / "crops"], out, PredictOptions(export=("alto",)))
+    summary = run_predict([], out, PredictOptions(manifest=str(tmp_path / "crops.parquet"), executor="local"))
+    table = pd.read_parquet(out / "predictions").set_index("item")
+    assert len(table) == 31 and "page" not in table.columns and not (out / "pages.parquet").exists()
+    assert table.loc["00099", "error_kind"] == "unreadable"
+    assert table.loc["00003", "path"] == str(tmp_path / "crops" / "c3.png")
+    ok = table[table["error"].isna()]
+    assert (ok["pred_char"] == ok["label"]).mean() >= 0.9 and summary["rows_written"] == 31
