@@ -39,7 +39,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from batch_infer.chunks import boundary_hash
-from batch_infer.discover import IMAGE_EXTENSIONS, ListedFile, order_key
+from batch_infer.discover import ListedFile, order_key
 from batch_infer.schema import SCHEMA
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
