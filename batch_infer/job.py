@@ -303,8 +303,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
             write_run_file(out_loc, {**summary, "model_card": card})
             report_started = time.perf_counter()
             summary["report"] = write_report(out_loc)
-            if manifest is not None and manifest.boxes:
-                summary["report"]["pages"] = write_pages(out_loc, opts.export)
+            summary["report"]["pages"] = write_pages(out_loc, opts.export)  # None (and old page files gone) without boxes
             phases["report"] = time.perf_counter() - report_started
             summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
             write_run_file(out_loc, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card})

@@ -194,7 +194,10 @@ def write_pages(out: str | Location, export: tuple[str, ...] = ()) -> dict | Non
     """Write the page outputs (module doc) of a box-manifest run; None when OUT holds no box rows."""
     out = out if isinstance(out, Location) else storage.resolve(out)
     rows = box_rows(out)
-    if rows is None:
+    if rows is None:  # an --overwrite run over crops: page files of an earlier box run would be stale
+        for name in (PAGES_FILE, KAGGLE_FILE):
+            storage.delete(out.join(name))
+        storage.delete_tree(out.join(ALTO_DIR))
         return None
     pages = page_table(rows)
     buf = io.BytesIO()
@@ -206,6 +209,7 @@ def write_pages(out: str | Location, export: tuple[str, ...] = ()) -> dict | Non
     overlay_dir = out.join("summary", OVERLAY_DIR)
     storage.delete_tree(overlay_dir)
     storage.make_dirs(overlay_dir)
+    storage.delete_tree(out.join(ALTO_DIR))  # only this run's pages, and none without --export alto
     if "alto" in export:
         storage.make_dirs(out.join(ALTO_DIR))
     unreadable = 0

@@ -36,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, prepare_array, to_grayscale
 
 PAGE_MAX_PIXELS = 4 * DEFAULT_MAX_PIXELS  # a page scan is larger than any crop; still refused from its header
+PLAIN_MODES = frozenset({"1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV"})
 SLANT_LINK_HEIGHTS = 1.5
 COLUMN_GAP_WIDTHS = 0.5
 
@@ -71,7 +72,10 @@ def decode_page(data: bytes, max_pixels: int = PAGE_MAX_PIXELS) -> Page:
             raise DecodeError("too_large", f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
         img.load()
         img = ImageOps.exif_transpose(img)
-        gray = (to_grayscale(img) * 255).round().astype(np.uint8) if img.mode != "L" else np.asarray(img)
+        if img.mode in PLAIN_MODES:  # the same grey as to_grayscale gives, without a float copy of the page
+            gray = np.asarray(img.convert("L"))
+        else:  # 16-bit, palette, alpha: to_grayscale's rules (transparent = paper, ink only in alpha)
+            gray = (to_grayscale(img) * 255).round().astype(np.uint8)
     except DecodeError:
         raise
     except UnidentifiedImageError:

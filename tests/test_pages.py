@@ -312,7 +312,13 @@ def test_a_manifest_of_crop_files_passes_its_columns_through(tmp_path, kmnist_de
         run_predict([], out, PredictOptions())
     with pytest.raises(KmnistError, match="needs a --manifest"):
         run_predict([tmp_path / "crops"], out, PredictOptions(export=("alto",)))
-    summary = run_predict([], out, PredictOptions(manifest=str(tmp_path / "crops.parquet"), executor="local"))
+    examples = Path(__file__).resolve().parents[1] / "examples" / "pages" / "boxes.csv"
+    run_predict([], out, PredictOptions(manifest=str(examples), executor="local", export=("alto",)))
+    assert (out / "pages.parquet").exists() and (out / "alto" / "page-1.xml").exists()
+    # --overwrite with crops: the earlier run's page files go with its rows.
+    summary = run_predict([], out, PredictOptions(manifest=str(tmp_path / "crops.parquet"), executor="local",
+                                                  overwrite=True))
+    assert not (out / "alto").exists() and not (out / "pages_kaggle.csv").exists()
     table = pd.read_parquet(out / "predictions").set_index("item")
     assert len(table) == 31 and "page" not in table.columns and not (out / "pages.parquet").exists()
     assert table.loc["00099", "error_kind"] == "unreadable"
