@@ -137,12 +137,14 @@ def alto_xml(page: str, g: pd.DataFrame, size: tuple[int, int] | None) -> bytes:
     ET.SubElement(ET.SubElement(processing, q("processingSoftware")), q("softwareName")).text = "kmnist-batch"
     layout = ET.SubElement(root, q("Layout"))
     g = g[g["box_x"].notna() & (g["reading_index"] >= 0)].sort_values("reading_index", kind="stable")
-    x0, y0 = int(g["box_x"].min()), int(g["box_y"].min())
-    x1, y1 = int((g["box_x"] + g["box_w"]).max()), int((g["box_y"] + g["box_h"]).max())
     page_attrs = {"ID": "page_1", "PHYSICAL_IMG_NR": "1"}
     if size:
         page_attrs.update(WIDTH=str(size[0]), HEIGHT=str(size[1]))
     page_el = ET.SubElement(layout, q("Page"), page_attrs)
+    if g.empty:  # no box with a place on the page: an empty page
+        return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    x0, y0 = int(g["box_x"].min()), int(g["box_y"].min())
+    x1, y1 = int((g["box_x"] + g["box_w"]).max()), int((g["box_y"] + g["box_h"]).max())
     box = lambda a, b, c, d: {"HPOS": str(a), "VPOS": str(b), "WIDTH": str(c - a), "HEIGHT": str(d - b)}  # noqa: E731
     space = ET.SubElement(page_el, q("PrintSpace"), box(x0, y0, x1, y1))
     block = ET.SubElement(space, q("TextBlock"), {"ID": "block_1", **box(x0, y0, x1, y1)})
