@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/predict_throughput.py --sizes 2000,20000,100000
+	$(BIN)/python bench/predict_throughput.py --sizes 5000,50000
 
 clean:
 	rm -rf runs/ .pytest_cache

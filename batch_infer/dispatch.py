@@ -96,9 +96,10 @@ def run_on_ray(ray, card: dict, weights: bytes, job: JobSpec, tasks: Iterable[Ch
             if not pending and alive:
                 submit(next(iter(alive)))
             return
-        for i in sorted(alive, key=lambda i: load[i]):
-            while i in alive and load[i] < depth and submit(i):
-                pass
+        while alive:  # one task at a time to the least-loaded worker, so each has work from the start
+            i = min(alive, key=lambda i: load[i])
+            if load[i] >= depth or not submit(i):
+                return
 
     try:
         fill()

@@ -1,11 +1,12 @@
-"""Steady-state crops/s of `predict` (Ray Data) against a plain single-process loop, same model, same files.
+"""Steady-state crops/s of `predict` (chunk workers on Ray) against a plain single-process loop, same model,
+same files.
 
 Steady state = (N_large - N_small) / (t_large - t_small) over the two largest sizes: fixed costs (Ray
 start, actor start, torch import) cancel out. (A small first size makes this noisy: a second's jitter in
 start-up moves a 2k-file run's time by half.) Both are measured in this run, on this machine, and printed as a ratio; the
 figures are appended to docs/benchmarks.md with --record.
 
-    .venv/bin/python bench/predict_throughput.py [--sizes 2000,20000] [--record]
+    .venv/bin/python bench/predict_throughput.py [--sizes 5000,50000] [--executor ray] [--record]
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.record import append_row  # noqa: E402
-from batch_infer.discover import discover  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from batch_infer.discover import iter_files  # noqa: E402
 from batch_infer.job import PredictOptions, run_predict  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
 from kmnist_core.model_dir import load_model  # noqa: E402
@@ -41,7 +44,7 @@ def make_tree(root: Path, n: int) -> None:
 def plain_loop(root: Path, model: str, batch_size: int = 1024) -> int:
     """The baseline: list files, read + decode with PIL, batched torch forward, in one process."""
     predictor = load_model(model)
-    files = [f["path"] for f in discover([root]).files]
+    files = [f.path_bytes for f in iter_files([str(root)], Counter())]
     predicted = 0
     for start in range(0, len(files), batch_size):
         pixels = []
@@ -60,9 +63,10 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="2000,20000,100000", help="file counts; the two largest give the steady state")
+    parser.add_argument("--sizes", default="5000,50000", help="file counts; the two largest give the steady state")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="0: as many as the cores allow")
+    parser.add_argument("--executor", default="ray", help="ray (the pipeline measured), local or auto")
     parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -78,7 +82,7 @@ def main() -> None:
             make_tree(work / f"in-{n}", n)
             plain = timed(lambda: plain_loop(work / f"in-{n}", args.model))
             out = work / f"out-{n}"
-            opts = PredictOptions(model=args.model, workers=args.workers)
+            opts = PredictOptions(model=args.model, workers=args.workers, executor=args.executor)
             ray_t = timed(lambda: run_predict([work / f"in-{n}"], out, opts))
             rows.append((n, plain, ray_t))
             print(f"{n:>7} files: plain loop {plain:6.2f} s ({n / plain:7.0f}/s end to end), "
@@ -97,7 +101,7 @@ def main() -> None:
     print(f"steady state {n1}->{n2}: ratio predict / plain loop {ratio:.2f}x")
     if args.record:
         append_row("predict throughput", [
-            f"{args.model}, {args.workers} worker(s)", f"{n1:,}→{n2:,}", f"{plain_rate:,.0f}", f"{ray_rate:,.0f}",
+            f"{args.model}, {args.executor}, {args.workers or 'auto'} worker(s)", f"{n1:,}→{n2:,}", f"{plain_rate:,.0f}", f"{ray_rate:,.0f}",
             f"**{ratio:.2f}×**", " / ".join(f"{n:,}: {n / r:,.0f}" for n, _, r in rows)])
 
 

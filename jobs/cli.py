@@ -241,7 +241,6 @@ def predict(
         progress, on_rows = rows_progress()
         try:
             from batch_infer.job import PredictOptions, run_predict
-            from kmnist_core.ray_runtime import without_known_ray_noise
 
             opts = PredictOptions(model=model, address=address, executor=executor, batch_size=batch_size, workers=workers,
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
@@ -252,8 +251,7 @@ def predict(
             if progress:
                 progress.start()
             try:
-                with without_known_ray_noise():
-                    run = run_predict(inputs or [], out, opts, on_rows)
+                run = run_predict(inputs or [], out, opts, on_rows)
             finally:
                 if progress:
                     progress.stop()

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib_fontja  # noqa: E402,F401  (registers and selects IPAexGothic)
 import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -42,6 +41,8 @@ def confusion_matrix_plot(cm: np.ndarray, chars: Sequence[str], path: Path, titl
     n = len(chars)
     big = n > 60  # thousands of kanji: a heatmap without labels is all that can be read
     fig, ax = plt.subplots(figsize=(8, 7) if n <= 12 else (14, 12))
+    import seaborn as sns  # its import pulls in scipy.stats (~0.8 s): only for this plot
+
     sns.heatmap(cm, ax=ax, cmap="Blues", annot=n <= 12, fmt="d", square=True, cbar=True,
                 xticklabels=False if big else list(chars), yticklabels=False if big else list(chars))
     ax.set(xlabel="predicted", ylabel="true", title=title)

@@ -9,20 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import sys
-import threading
-from contextlib import contextmanager
-from typing import Iterator
 
 from kmnist_core.errors import KmnistError
-
-# Ray Data hands every actor-pool worker its map function as an object-store ref (ray.put of the
-# MapTransformer, actor_pool_map_operator.py), so Ray Core logs this at E level for every actor on every
-# healthy run (ray#53727). The ref is owned by the driver for the whole run, so the loss it warns about
-# needs the driver itself to be gone.
-RAY_53727 = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
-                       rb"object store and max_restarts > 0")
 
 
 def init_ray(address: str | None = None):
@@ -38,40 +26,3 @@ def init_ray(address: str | None = None):
         except (ConnectionError, RuntimeError) as e:
             raise KmnistError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
     return ray
-
-
-@contextmanager
-def without_known_ray_noise() -> Iterator[None]:
-    """Drop the ray#53727 line (RAY_53727) from this process's stderr; every other byte passes through.
-
-    Ray's C++ core writes to file descriptor 2, so fd 2 goes through a pipe that a thread filters.
-    Text without a newline that is not a log line (a progress bar) is passed on at once.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read_fd, write_fd = os.pipe()
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-
-    def pump() -> None:
-        pending = b""
-        while chunk := os.read(read_fd, 65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            kept = b"".join(line + b"\n" for line in lines if not RAY_53727.search(line))
-            if pending and not pending.startswith(b"["):  # Ray's log lines start with "[timestamp"
-                kept, pending = kept + pending, b""
-            if kept:
-                os.write(saved, kept)
-        if pending:
-            os.write(saved, pending)
-        os.close(read_fd)
-
-    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes this process's write end of the pipe
-        # Processes Ray started may still hold the pipe; don't wait for them to let go of it.
-        thread.join(timeout=2)

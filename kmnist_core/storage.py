@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from kmnist_core.errors import KmnistError
-from kmnist_core.files import temp_name
 
 
 def is_uri(text: str | os.PathLike) -> bool:
@@ -100,7 +99,8 @@ def read_bytes(loc: Location) -> bytes:
 def write_bytes_atomic(loc: Location, data: bytes, fsync: bool = False) -> None:
     """Publish `data` at `loc` whole or not at all (replacing what is there)."""
     if loc.local:
-        tmp = temp_name(Path(loc.path))
+        final = Path(loc.path)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")  # hidden from readers, one per writer
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
