@@ -325,3 +325,28 @@ def test_a_manifest_of_crop_files_passes_its_columns_through(tmp_path, kmnist_de
     assert table.loc["00003", "path"] == str(tmp_path / "crops" / "c3.png")
     ok = table[table["error"].isna()]
     assert (ok["pred_char"] == ok["label"]).mean() >= 0.9 and summary["rows_written"] == 31
+
+
+def test_reading_order_of_degenerate_pages():
+    assert [a.tolist() for a in reading_order([], [], [], [])] == [[], []]
+    assert [a.tolist() for a in reading_order([5], [5], [10], [10])] == [[0], [0]]
+    # One column, boxes given bottom first; then two columns of unequal length.
+    index, column = reading_order([0, 2, 1], [60, 30, 0], [20, 20, 20], [20, 20, 20])
+    assert index.tolist() == [2, 1, 0] and column.tolist() == [0, 0, 0]
+    index, column = reading_order([0, 100, 0, 100, 100], [0, 0, 30, 30, 60], [20] * 5, [20] * 5)
+    assert index.tolist() == [3, 0, 4, 1, 2] and column.tolist() == [1, 0, 1, 0, 0]
+
+
+def test_report_rebuilds_the_page_outputs(page_run):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    tmp, out, rows, _ = page_run
+    (out / "pages.parquet").unlink()
+    before = sorted(p.name for p in (out / "alto").iterdir())
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "review first" in result.output and "accuracy" in result.output
+    assert len(pd.read_parquet(out / "pages.parquet")) == 11
+    assert sorted(p.name for p in (out / "alto").iterdir()) == before  # ALTO kept: it was exported
