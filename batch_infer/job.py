@@ -245,7 +245,10 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         if previous:
             # Chunk boundaries depend on the chunk size: resume cuts the listing as the first run did,
             # so its committed chunks are recognized by id (and their error rows can be re-read).
-            opts.rows_per_shard = output.run_metadata(metas)[0][-1]["options"]["rows_per_shard"]
+            earlier_options = output.run_metadata(metas)[0][-1]["options"]
+            opts.rows_per_shard = earlier_options["rows_per_shard"]
+            # ... and writes the page exports the first run asked for (they are rebuilt from all rows).
+            opts.export = opts.export or tuple(earlier_options.get("export") or ())
         if not replacing:
             storage.make_dirs(output.predictions_dir(out_loc))
         run_meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card["model_id"],

@@ -264,6 +264,7 @@ def test_page_run_resumes_to_the_same_rows(page_run):
     assert again["rows_written"] == 0 and again["already_done"] == len(rows) + 2 - again["error_rows_reread"]
     after = pd.read_parquet(out / "predictions").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(before.drop(columns=["run_id"]), after.drop(columns=["run_id"]))
+    assert (out / "alto" / "p00.xml").exists()  # the resumed run exports what the first run asked for
 
 
 @pytest.mark.ray
