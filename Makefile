@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 demo: setup
 	$(BIN)/kmnist-batch predict examples/crops --out runs/demo --overwrite
+	$(BIN)/kmnist-batch predict --manifest examples/pages/kaggle.csv --export alto --out runs/demo-pages --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -26,6 +26,8 @@ from batch_infer import out_lock, output
 from batch_infer.chunks import chunked
 from batch_infer.discover import check_inputs, iter_files
 from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
+from batch_infer.manifest import Manifest, manifest_chunks, read_manifest
+from batch_infer.pages_out import write_pages
 from batch_infer.plan import Plan
 from batch_infer.progress import RunProgress
 from batch_infer.report import SUMMARY_DIR, write_report
@@ -43,6 +45,7 @@ RUN_FILE = "run.json"
 # workers costs seconds, which a small job never wins back (docs/benchmarks.md, "small jobs").
 LOCAL_MAX_FILES = 20_000
 EXECUTORS = ("auto", "local", "ray")
+EXPORTS = ("alto",)
 
 
 @dataclass
@@ -61,6 +64,9 @@ class PredictOptions:
     read_retries: int = 2  # extra reads of a file failing with a transient kind, inside the run
     retry_backoff_s: float = 0.5  # wait before the first extra read; doubles each time
     rows_per_shard: int = 4096  # files per listing chunk (one shard each), on average
+    manifest: str | None = None  # a CSV/Parquet manifest instead of input folders (batch_infer/manifest.py)
+    pages: str | None = None  # with a Kaggle-format manifest: the folder holding the page images
+    export: tuple[str, ...] = ()  # page exports beyond pages.parquet: "alto"
 
     def validate(self) -> None:
         if self.resume and self.overwrite:
@@ -77,6 +83,12 @@ class PredictOptions:
             raise KmnistError("--read-retries and --retry-backoff must be >= 0")
         if self.executor not in EXECUTORS:
             raise KmnistError(f"--executor must be one of {', '.join(EXECUTORS)}")
+        if set(self.export) - set(EXPORTS):
+            raise KmnistError(f"--export takes {', '.join(EXPORTS)}, got {', '.join(sorted(set(self.export) - set(EXPORTS)))}")
+        if self.export and not self.manifest:
+            raise KmnistError("--export writes page files: it needs a --manifest of boxes on pages")
+        if self.pages and not self.manifest:
+            raise KmnistError("--pages names where a Kaggle-format --manifest's page images are")
 
 
 def check_out(out: Location) -> None:
@@ -224,8 +236,9 @@ def reporting_listing(tasks: Iterator[ChunkTask], plan: Plan, skipped: Counter, 
 
 def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                 on_chunk: Callable[[dict], None] | None = None, progress: RunProgress | None = None) -> dict:
-    """Predict every image under `inputs` (folders, files or object-store prefixes) into `out`, then
-    write OUT/summary/.
+    """Predict every image under `inputs` (folders, files or object-store prefixes), or every row of
+    `opts.manifest`, into `out`, then write OUT/summary/ (and, for boxes on pages, the page outputs:
+    batch_infer/pages_out.py).
 
     Everything is checked (options, inputs, the model, OUT and its lock, earlier output) before anything
     is written; on failure or Ctrl-C, run.json says why and every committed shard stays. `progress`
@@ -236,7 +249,19 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
     started = time.perf_counter()
     inputs = [os.fspath(i) for i in inputs]
     out_loc = storage.resolve(out)
-    check_inputs(inputs)
+    manifest: Manifest | None = None
+    if opts.manifest:
+        if inputs:
+            raise KmnistError("give either input folders or --manifest, not both")
+        manifest = read_manifest(opts.manifest, opts.pages)  # read and checked before OUT is touched
+        if opts.export and not manifest.boxes:
+            raise KmnistError("--export writes page files: the manifest lists crop files, not boxes on pages "
+                              "(x, y, width, height)")
+        inputs = [manifest.source]
+    elif not inputs:
+        raise KmnistError("nothing to predict: give input folders or --manifest FILE")
+    else:
+        check_inputs(inputs)
     check_out(out_loc)
     card, weights = read_model_files(opts.model)
     build_predictor(card, weights, source=opts.model)  # fail here, before OUT or Ray, on a bad model
@@ -251,7 +276,10 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         if previous:
             # Chunk boundaries depend on the chunk size: resume cuts the listing as the first run did,
             # so its committed chunks are recognized by id (and their error rows can be re-read).
-            opts.rows_per_shard = output.run_metadata(metas)[0][-1]["options"]["rows_per_shard"]
+            earlier_options = output.run_metadata(metas)[0][-1]["options"]
+            opts.rows_per_shard = earlier_options["rows_per_shard"]
+            # ... and writes the page exports the first run asked for (they are rebuilt from all rows).
+            opts.export = opts.export or tuple(earlier_options.get("export") or ())
         if not replacing:
             storage.make_dirs(output.predictions_dir(out_loc))
         run_meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card["model_id"],
@@ -270,7 +298,9 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         after_first = None
         try:  # from here on, any end is recorded in run.json
             write_run_file(out_loc, {**run_meta, "status": "running", "model_card": card})
-            tasks = plan.tasks(chunked(iter_files(inputs, skipped), opts.rows_per_shard))
+            chunks = (manifest_chunks(manifest, opts.rows_per_shard) if manifest
+                      else chunked(iter_files(inputs, skipped), opts.rows_per_shard))
+            tasks = plan.tasks(chunks)
             executor, tasks = choose_executor(opts, tasks)
             if progress:
                 progress.start(start_info(run_meta, card, opts, executor, plan, skipped))
@@ -312,6 +342,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                 progress.finish("completed")
             report_started = time.perf_counter()
             summary["report"] = write_report(out_loc)
+            summary["report"]["pages"] = write_pages(out_loc, opts.export)  # None (and old page files gone) without boxes
             phases["report"] = time.perf_counter() - report_started
             summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
             write_run_file(out_loc, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card})

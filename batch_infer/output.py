@@ -116,9 +116,14 @@ def refuse_other_schema(out: Location, metas: dict[str, dict[bytes, bytes]], doi
                           f"schema {SCHEMA_VERSION}: use --overwrite or another --out")
 
 
+def output_schema(table: pa.Table) -> pa.Schema:
+    """SCHEMA, then any columns a manifest adds (page columns, pass-through columns) with their own types."""
+    return pa.schema([*SCHEMA, *(f for f in table.schema if f.name not in SCHEMA.names)])
+
+
 def encode_shard(table: pa.Table, metadata: dict[bytes, bytes]) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table.cast(SCHEMA).replace_schema_metadata(metadata), buf, compression="zstd")
+    pq.write_table(table.cast(output_schema(table)).replace_schema_metadata(metadata), buf, compression="zstd")
     return buf.getvalue()
 
 
@@ -129,7 +134,10 @@ def publish(folder: Location, name: str, data: bytes) -> None:
 
 def read_shard(folder: Location, name: str, columns: list[str] | None = None) -> pa.Table:
     loc = folder.join(name)
-    return pq.read_table(loc.path, filesystem=loc.fs, columns=columns, schema=SCHEMA if columns is None else None)
+    if columns is None:  # SCHEMA's types, and a manifest's columns as written
+        schema = pq.read_schema(loc.path, filesystem=loc.fs)
+        return pq.read_table(loc.path, filesystem=loc.fs, schema=pa.schema([*SCHEMA, *(f for f in schema if f.name not in SCHEMA.names)]))
+    return pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
 
 
 def iter_tables(out: Location, columns: list[str]) -> Iterator[pa.Table]:

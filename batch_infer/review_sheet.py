@@ -13,6 +13,7 @@ import base64
 import functools
 import html
 import io
+import re
 from pathlib import Path
 
 import matplotlib_fontja
@@ -23,6 +24,7 @@ from kmnist_core import storage
 from kmnist_core.review import REVIEW_REASONS
 
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"  # IPAexGothic: has the kana
+BOX_KEY = re.compile(rb"^(.*)#xywh=(\d+),(\d+),(\d+),(\d+)$", re.DOTALL)
 SHEET_LIMIT = 120  # crops per reason on the sheet
 PAGE = 30  # crops per PNG page (5 rows of 6)
 THUMB = 96  # px, longer side of a crop as shown
@@ -47,20 +49,28 @@ def thumbnail(row: pd.Series) -> Image.Image:
     placeholder = Image.new("RGB", (THUMB // 2, THUMB // 2), (235, 235, 235))
     if row["review_reason"] == "error":
         return placeholder
+    key = row["path_bytes"]
+    box = BOX_KEY.match(key)  # a box on a page (batch_infer/manifest.py): the page, cut to the box
+    if box:
+        key = box[1]
     try:
-        key = row["path_bytes"]
         source = io.BytesIO(storage.read_bytes(storage.resolve(key.decode()))) if storage.is_uri(key) else key
         with Image.open(source) as img:
             img = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return placeholder
+    left = top = 0
+    if box:
+        left, top, w, h = (int(v) for v in box.groups()[1:])
+        img = img.crop((left, top, left + w, top + h))
     scale = THUMB / max(img.size)
     if scale < 1:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
     else:
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.NEAREST)
     if pd.notna(row.get("ink_x")):
-        x, y, w, h = (float(row[k]) * scale for k in ("ink_x", "ink_y", "ink_w", "ink_h"))
+        x, y = (float(row["ink_x"]) - left) * scale, (float(row["ink_y"]) - top) * scale  # a box's ink is in page pixels
+        w, h = (float(row[k]) * scale for k in ("ink_w", "ink_h"))
         ImageDraw.Draw(img).rectangle([x, y, x + w - 1, y + h - 1], outline=(220, 30, 30))
     return img
 

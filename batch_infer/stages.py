@@ -84,11 +84,19 @@ def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX
         time.sleep(backoff_s * 2**attempt)
         for i, data in zip(again, read_files([paths[i] for i in again])):
             results[i] = decode_file(data, input_size, max_pixels)
+    return decoded_table(batch, results)
+
+
+def decoded_table(batch: pa.Table, results: list[tuple]) -> pa.Table:
+    """The listing's key columns, each row's DECODED_FIELDS, then the listing's other columns (a
+    manifest's page and pass-through columns, batch_infer/manifest.py) unchanged."""
     columns = {name: batch.column(name).cast(DECODED_SCHEMA.field(name).type)
                for name in ("path", "path_bytes", "rel_path", "input_root")}
     for name, values in zip(DECODED_FIELDS, zip(*results) if results else [[]] * len(DECODED_FIELDS)):
         columns[name] = pa.array(values, type=DECODED_SCHEMA.field(name).type)
-    return pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
+    extra = [f for f in batch.schema if f.name not in columns]
+    columns.update({f.name: batch.column(f.name) for f in extra})
+    return pa.Table.from_pydict(columns, schema=pa.schema([*DECODED_SCHEMA, *extra]))
 
 
 def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
@@ -157,4 +165,6 @@ class RowBuilder:
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "node_id": pa.array([self.node_id] * n, pa.string()),
         })
-        return pa.Table.from_pydict(columns, schema=SCHEMA)
+        extra = [f for f in batch.schema if f.name not in DECODED_SCHEMA.names]
+        columns.update({f.name: batch.column(f.name) for f in extra})  # a manifest's columns, after SCHEMA's
+        return pa.Table.from_pydict(columns, schema=pa.schema([*SCHEMA, *extra]))

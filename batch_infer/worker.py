@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch_infer import output
+from batch_infer.box_stage import decode_box_batch, page_batches
 from batch_infer.schema import SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
 from kmnist_core import storage
@@ -69,10 +70,16 @@ class ChunkWorker:
         self.out = storage.resolve(job.out)
 
     def predict(self, listing: pa.Table) -> pa.Table:
-        """Output rows for the listed files, a model batch at a time (bounds the worker's memory)."""
-        parts = [self.rows(decode_batch(listing.slice(start, self.job.batch_size), self.input_size,
-                                        retries=self.job.read_retries, backoff_s=self.job.retry_backoff_s))
-                 for start in range(0, listing.num_rows, self.job.batch_size)]
+        """Output rows for the listed files, a model batch at a time (bounds the worker's memory). Box rows
+        of a page manifest go in batches of whole pages, so each page is decoded once."""
+        if "box_x" in listing.column_names:
+            decode, slices = decode_box_batch, page_batches(listing, self.job.batch_size)
+        else:
+            decode = decode_batch
+            slices = [(start, self.job.batch_size) for start in range(0, listing.num_rows, self.job.batch_size)]
+        parts = [self.rows(decode(listing.slice(start, length), self.input_size, retries=self.job.read_retries,
+                                  backoff_s=self.job.retry_backoff_s))
+                 for start, length in slices]
         return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
 
     def run(self, task: ChunkTask) -> dict:
@@ -86,7 +93,10 @@ class ChunkWorker:
             redo = kinds.is_valid() if task.redo_all_errors else pc.is_in(kinds, value_set=pa.array(sorted(task.redo_kinds)))
             redo = pc.fill_null(redo, False)
             again = old.filter(redo)
-            new = self.predict(again.select(["path", "path_bytes", "rel_path", "input_root"]))
+            # The listing columns: the keys plus any a manifest carried (page, box, pass-through), kept as written.
+            listing = [c for c in again.column_names if c in ("path", "path_bytes", "rel_path", "input_root")
+                       or c not in SCHEMA.names]
+            new = self.predict(again.select(listing))
             table = pa.concat_tables([old.filter(pc.invert(redo)), new])
         else:
             table = new = self.predict(task.listing)

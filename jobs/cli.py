@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -154,14 +155,33 @@ def print_summary(summary: dict, out: str) -> None:
         f"summary      {out}/summary (plots, by_folder.csv, summary.json)",
         f"review queue {out}/summary/review.html (and review_sheet-<reason>-<n>.png)",
     ]))
+    if summary.get("pages"):
+        print_pages(summary["pages"], out)
+
+
+def print_pages(pages: dict, out: str) -> None:
+    """The page lines of a box-manifest run: where the text is, accuracy, the pages to review first."""
+    accuracy = pages.get("accuracy")
+    lines = [f"pages        {pages['pages']:,} pages, {pages['boxes']:,} boxes ({pages['review']:,} need review): "
+             f"{out}/pages.parquet (text in reading order), {out}/pages_kaggle.csv"
+             + (f", {out}/alto/" if pages.get("alto") else ""),
+             f"page views   {out}/summary/pages/ ({pages['overlays']} pages)"]
+    if accuracy and accuracy["accuracy"] is not None:
+        lines.append(f"accuracy     {accuracy['accuracy']:.2%} of {accuracy['boxes_with_truth']:,} boxes with a truth "
+                     f"(per page: pages.parquet)")
+    review = [p for p in pages["most_review"] if p["n_review"]][:5]
+    if review:
+        lines.append("review first " + ", ".join(f"{os.path.basename(p['page'])} ({p['n_review']}/{p['n_boxes']})"
+                                                 for p in review))
+    typer.echo("\n".join(lines))
 
 
 @app.command()
 @user_errors
 def predict(
     # Plain strings, not Path: Path("s3://b/x") would become "s3:/b/x" and hide that it is a URL.
-    inputs: List[str] = typer.Argument(..., help="folders (searched recursively), image files, or object-store "
-                                                 "prefixes such as s3://bucket/crops"),
+    inputs: Optional[List[str]] = typer.Argument(None, help="folders (searched recursively), image files, or "
+                                                            "object-store prefixes such as s3://bucket/crops"),
     out: str = typer.Option(..., help="output folder or object-store prefix: predictions/ (Parquet), summary/, run.json"),
     model: str = typer.Option("default", help="model directory, or 'default' (shipped in the package)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
@@ -184,8 +204,13 @@ def predict(
     progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
                                                     "terminal) and rewrites of OUT/_progress.json"),
     quiet: bool = typer.Option(False, help="print only errors and the final summary"),
+    manifest: Optional[str] = typer.Option(None, help="CSV or Parquet listing crops (path) or boxes on pages (path, x, "
+                                                      "y, width, height), or Kaggle image_id,labels; instead of INPUTS"),
+    pages: Optional[str] = typer.Option(None, help="with a Kaggle-format --manifest: folder of the page images "
+                                                   "(default: beside the manifest)"),
+    export: Optional[List[str]] = typer.Option(None, help="page export beyond pages.parquet: alto (one ALTO 4 XML per page)"),
 ):
-    """Predict every crop under INPUTS into Parquet, one row per image file, then write the summary."""
+    """Predict every crop under INPUTS (or every row of --manifest) into Parquet, then write the summary."""
     import signal
 
     from batch_infer.out_lock import refuse_if_busy
@@ -211,9 +236,10 @@ def predict(
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                   review_below=review_below, resume=resume, overwrite=overwrite,
                                   retry_errors=retry_errors, read_retries=read_retries,
-                                  retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard)
+                                  retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard, manifest=manifest,
+                                  pages=pages, export=tuple(export or ()))
             progress = RunProgress(out, every_s=progress_every, quiet=quiet)
-            run = run_predict(inputs, out, opts, progress=progress)
+            run = run_predict(inputs or [], out, opts, progress=progress)
             print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
             return 0
         except KmnistError as e:
@@ -240,8 +266,13 @@ def report(out: str = typer.Argument(..., help="a predict output folder or objec
     from batch_infer.report import write_report
     from kmnist_core.storage import resolve
 
+    from batch_infer.pages_out import ALTO_DIR, write_pages
+    from kmnist_core.storage import exists
+
     location = resolve(out)
-    print_summary(write_report(location), location.uri)
+    summary = write_report(location)
+    summary["pages"] = write_pages(location, ("alto",) if exists(location.join(ALTO_DIR)) else ())
+    print_summary(summary, location.uri)
 
 
 @app.command()

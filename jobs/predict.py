@@ -2,6 +2,7 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python -m jobs.predict /shared/scans --out /shared/kmnist-out --workers 4
+    ... -- python -m jobs.predict --manifest s3://archive/boxes.parquet --export alto --out s3://archive/out
 
 Inside a job Ray sets RAY_ADDRESS, so the pipeline runs on the cluster that received the job.
 """

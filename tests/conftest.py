@@ -60,7 +60,8 @@ def ray_session():
     """One real local Ray for the whole session (2 CPUs, as on CI)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh Ray, never a cluster someone else started on this machine with `ray start`.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

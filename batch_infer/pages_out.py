@@ -1,0 +1,242 @@
+"""Page outputs of a box-manifest run, from the finished OUT/predictions/ alone (`kmnist-batch report` reruns it):
+
+- `OUT/pages.parquet`: one row per page: `page`, the page-level pass-through columns (those constant
+  within every page), `n_boxes`, `n_auto_accepted`, `n_review`, `n_columns`, `text` (every box's top-1
+  character in reading order, kmnist_core/pages.py; 〓 for a box with no prediction: an error or a blank;
+  boxes with no place in the order, reading_index -1, are left out),
+  `text_reviewed` (the same with 〓 wherever a box needs review), and with a `truth` column
+  `n_truth`, `n_correct`, `accuracy`;
+- `OUT/pages_kaggle.csv`: the Kaggle Kuzushiji submission layout, `image_id,labels` with `Unicode X Y` of
+  each predicted box's centre (image_id: the manifest's `image_id` column, else the page file's stem);
+- `OUT/alto/<image_id>.xml` with `export=("alto",)`: ALTO 4, one `TextBlock` per page, one `TextLine`
+  per column (right to left), one `String` per box (`CONTENT`, `HPOS`, `VPOS`, `WIDTH`, `HEIGHT`,
+  `WC` = calibrated confidence);
+- `OUT/summary/pages/<image_id>.png`: for up to OVERLAY_PAGES pages (those with the most boxes needing
+  review first), the page with each box coloured by review reason, its character beside it, and the
+  reading order as a faint line; `OUT/summary/pages.json`: counts, accuracy overall and the pages with
+  the most boxes needing review.
+Memory: the box rows' few columns for the whole run (tens of bytes per box), one page image at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import xml.etree.ElementTree as ET
+from pathlib import PurePosixPath
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from batch_infer import output
+from batch_infer.manifest import PAGE_COLUMNS
+from batch_infer.schema import SCHEMA
+from kmnist_core import storage
+from kmnist_core.files import json_text
+from kmnist_core.storage import Location
+
+PAGES_FILE = "pages.parquet"
+KAGGLE_FILE = "pages_kaggle.csv"
+ALTO_DIR = "alto"
+OVERLAY_DIR = "pages"  # under summary/
+OVERLAY_PAGES = 20
+OVERLAY_MAX_SIDE = 2000  # px: larger pages are drawn scaled down ...
+OVERLAY_MIN_SIDE = 1000  # ... and smaller ones scaled up, so the characters beside the boxes are legible
+GETA = "〓"  # the geta mark: a character that could not (or should not yet) be read
+ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
+ALTO_SCHEMA = "http://www.loc.gov/standards/alto/v4/alto-4-4.xsd"
+COLOURS = {None: (40, 160, 60), "low_confidence": (240, 150, 0), "unknown_character": (150, 60, 200),
+           "blank": (130, 130, 130), "error": (220, 30, 30)}
+READ = ["page", "box_x", "box_y", "box_w", "box_h", "reading_index", "column_index", "pred_char", "pred_codepoint",
+        "confidence", "needs_review", "review_reason"]
+
+
+def box_rows(out: Location) -> pd.DataFrame | None:
+    """The box rows' columns the page outputs need, plus the pass-through columns; None for a run
+    without boxes."""
+    names = output.shard_names(out)
+    if not names:
+        return None
+    first = predictions_schema(out, names[0])
+    if "page" not in first.names:
+        return None
+    extra = [n for n in first.names if n not in SCHEMA.names and n not in PAGE_COLUMNS.names]
+    tables = [t for t in output.iter_tables(out, READ + extra)]
+    return pa.concat_tables(tables).to_pandas()
+
+
+def predictions_schema(out: Location, name: str) -> pa.Schema:
+    loc = output.predictions_dir(out).join(name)
+    return pq.read_schema(loc.path, filesystem=loc.fs)
+
+
+def truth_char(value) -> str | None:
+    if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
+        return None
+    value = str(value)
+    return chr(int(value[2:], 16)) if value.upper().startswith("U+") and len(value) > 2 else value
+
+
+def image_id(page: str, group: pd.DataFrame) -> str:
+    if "image_id" in group.columns and group["image_id"].nunique() == 1:
+        return str(group["image_id"].iloc[0])
+    return PurePosixPath(page.replace("\\", "/")).stem
+
+
+def page_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per page (see the module doc)."""
+    extra = [c for c in rows.columns if c not in READ]
+    constant = [c for c in extra if rows.groupby("page", sort=False)[c].nunique(dropna=False).max() <= 1]
+    records = []
+    for page, g in rows.groupby("page", sort=True):
+        placed = g[g["reading_index"] >= 0].sort_values("reading_index", kind="stable")
+        chars = placed["pred_char"].where(placed["pred_char"].notna(), GETA)
+        rec = {"page": page, **{c: g[c].iloc[0] for c in constant if c != "page"},
+               "n_boxes": len(g), "n_auto_accepted": int((~g["needs_review"]).sum()),
+               "n_review": int(g["needs_review"].sum()), "n_columns": int(placed["column_index"].max() + 1) if len(placed) else 0,
+               "text": "".join(chars), "text_reviewed": "".join(chars.where(~placed["needs_review"], GETA))}
+        if "truth" in g.columns:
+            truth = g["truth"].map(truth_char)
+            known = truth.notna()
+            rec["n_truth"] = int(known.sum())
+            rec["n_correct"] = int((truth[known] == g["pred_char"][known]).sum())
+            rec["accuracy"] = rec["n_correct"] / rec["n_truth"] if rec["n_truth"] else None
+        records.append(rec)
+    return pd.DataFrame(records)
+
+
+def kaggle_csv(rows: pd.DataFrame) -> str:
+    lines = ["image_id,labels"]
+    for page, g in rows.groupby("page", sort=True):
+        g = g[g["pred_codepoint"].notna()].sort_values("reading_index", kind="stable")
+        labels = " ".join(f"{c} {x + w // 2} {y + h // 2}" for c, x, y, w, h in
+                          zip(g["pred_codepoint"], g["box_x"], g["box_y"], g["box_w"], g["box_h"]))
+        lines.append(f"{image_id(page, rows[rows['page'] == page])},{labels}")
+    return "\n".join(lines) + "\n"
+
+
+def read_page_image(page: str) -> Image.Image:
+    key = page.encode() if storage.is_uri(page) else os.fsencode(page)
+    source = io.BytesIO(storage.read_bytes(storage.resolve(page))) if storage.is_uri(key) else key
+    img = Image.open(source)
+    return ImageOps.exif_transpose(img)
+
+
+def alto_xml(page: str, g: pd.DataFrame, size: tuple[int, int] | None) -> bytes:
+    """One page as ALTO 4 (module doc). `size`: the page's (width, height), None when unreadable."""
+    ET.register_namespace("", ALTO_NS)
+    ET.register_namespace("xsi", "http://www.w3.org/2001/XMLSchema-instance")
+    q = lambda tag: f"{{{ALTO_NS}}}{tag}"  # noqa: E731
+    root = ET.Element(q("alto"), {"{http://www.w3.org/2001/XMLSchema-instance}schemaLocation": f"{ALTO_NS} {ALTO_SCHEMA}"})
+    desc = ET.SubElement(root, q("Description"))
+    ET.SubElement(desc, q("MeasurementUnit")).text = "pixel"
+    ET.SubElement(ET.SubElement(desc, q("sourceImageInformation")), q("fileName")).text = page
+    processing = ET.SubElement(desc, q("Processing"), {"ID": "kmnist-batch"})
+    ET.SubElement(ET.SubElement(processing, q("processingSoftware")), q("softwareName")).text = "kmnist-batch"
+    layout = ET.SubElement(root, q("Layout"))
+    g = g[g["box_x"].notna() & (g["reading_index"] >= 0)].sort_values("reading_index", kind="stable")
+    page_attrs = {"ID": "page_1", "PHYSICAL_IMG_NR": "1"}
+    if size:
+        page_attrs.update(WIDTH=str(size[0]), HEIGHT=str(size[1]))
+    page_el = ET.SubElement(layout, q("Page"), page_attrs)
+    if g.empty:  # no box with a place on the page: an empty page
+        return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    x0, y0 = int(g["box_x"].min()), int(g["box_y"].min())
+    x1, y1 = int((g["box_x"] + g["box_w"]).max()), int((g["box_y"] + g["box_h"]).max())
+    box = lambda a, b, c, d: {"HPOS": str(a), "VPOS": str(b), "WIDTH": str(c - a), "HEIGHT": str(d - b)}  # noqa: E731
+    space = ET.SubElement(page_el, q("PrintSpace"), box(x0, y0, x1, y1))
+    block = ET.SubElement(space, q("TextBlock"), {"ID": "block_1", **box(x0, y0, x1, y1)})
+    for col, c in g.groupby("column_index", sort=True):
+        cx0, cy0 = int(c["box_x"].min()), int(c["box_y"].min())
+        cx1, cy1 = int((c["box_x"] + c["box_w"]).max()), int((c["box_y"] + c["box_h"]).max())
+        line = ET.SubElement(block, q("TextLine"), {"ID": f"line_{col + 1}", **box(cx0, cy0, cx1, cy1)})
+        for r in c.itertuples():
+            ET.SubElement(line, q("String"), {
+                "ID": f"string_{int(r.reading_index) + 1}", "CONTENT": r.pred_char if isinstance(r.pred_char, str) else GETA,
+                "HPOS": str(int(r.box_x)), "VPOS": str(int(r.box_y)), "WIDTH": str(int(r.box_w)), "HEIGHT": str(int(r.box_h)),
+                "WC": f"{float(r.confidence):.4f}" if pd.notna(r.confidence) else "0"})
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def overlay(img: Image.Image, g: pd.DataFrame) -> Image.Image:
+    """The page with its boxes coloured by review reason, each box's character to its left, and the
+    reading order as a faint line through the box centres."""
+    from batch_infer.review_sheet import FONT
+
+    scale = min(OVERLAY_MAX_SIDE, max(OVERLAY_MIN_SIDE, max(img.size))) / max(img.size)
+    page = img.convert("RGB")
+    if scale != 1:
+        page = page.resize((round(page.width * scale), round(page.height * scale)), Image.Resampling.LANCZOS)
+    g = g[g["box_x"].notna()].sort_values("reading_index", kind="stable")
+    size = max(10, int(g["box_h"].median() * scale * 0.45)) if len(g) else 10
+    font = ImageFont.truetype(str(FONT), size)
+    layer = Image.new("RGBA", page.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    centres = [((x + w / 2) * scale, (y + h / 2) * scale) for x, y, w, h in zip(g["box_x"], g["box_y"], g["box_w"], g["box_h"])]
+    if len(centres) > 1:
+        draw.line(centres, fill=(0, 90, 255, 70), width=max(1, size // 6))
+    for r in g.itertuples():
+        colour = COLOURS.get(r.review_reason if isinstance(r.review_reason, str) else None, COLOURS["error"])
+        x, y, w, h = (float(v) * scale for v in (r.box_x, r.box_y, r.box_w, r.box_h))
+        draw.rectangle([x, y, x + w, y + h], outline=(*colour, 255), width=2)
+        char = r.pred_char if isinstance(r.pred_char, str) else GETA
+        draw.text((x - size - 1, y), char, font=font, fill=(*colour, 255))
+    return Image.alpha_composite(page.convert("RGBA"), layer).convert("RGB")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def write_pages(out: str | Location, export: tuple[str, ...] = ()) -> dict | None:
+    """Write the page outputs (module doc) of a box-manifest run; None when OUT holds no box rows."""
+    out = out if isinstance(out, Location) else storage.resolve(out)
+    rows = box_rows(out)
+    if rows is None:  # an --overwrite run over crops: page files of an earlier box run would be stale
+        for name in (PAGES_FILE, KAGGLE_FILE):
+            storage.delete(out.join(name))
+        storage.delete_tree(out.join(ALTO_DIR))
+        return None
+    pages = page_table(rows)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(pages, preserve_index=False), buf, compression="zstd")
+    storage.write_bytes_atomic(out.join(PAGES_FILE), buf.getvalue())
+    storage.write_bytes_atomic(out.join(KAGGLE_FILE), kaggle_csv(rows).encode("utf-8"))
+    by_page = dict(tuple(rows.groupby("page", sort=True)))
+    drawn = set(pages.sort_values(["n_review", "page"], ascending=[False, True])["page"].head(OVERLAY_PAGES))
+    overlay_dir = out.join("summary", OVERLAY_DIR)
+    storage.delete_tree(overlay_dir)
+    storage.make_dirs(overlay_dir)
+    storage.delete_tree(out.join(ALTO_DIR))  # only this run's pages, and none without --export alto
+    if "alto" in export:
+        storage.make_dirs(out.join(ALTO_DIR))
+    unreadable = 0
+    for page, g in by_page.items():
+        if page not in drawn and "alto" not in export:
+            continue
+        try:
+            img = read_page_image(page)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            img = None
+            unreadable += 1
+        name = image_id(page, g)
+        if "alto" in export:
+            storage.write_bytes_atomic(out.join(ALTO_DIR, f"{name}.xml"), alto_xml(page, g, img.size if img else None))
+        if page in drawn and img is not None:
+            storage.write_bytes_atomic(overlay_dir.join(f"{name}.png"), png_bytes(overlay(img, g)))
+    most = pages.sort_values(["n_review", "page"], ascending=[False, True]).head(10)
+    summary = {"pages": len(pages), "boxes": int(pages["n_boxes"].sum()),
+               "auto_accepted": int(pages["n_auto_accepted"].sum()), "review": int(pages["n_review"].sum()),
+               "most_review": [{"page": p, "n_review": int(n), "n_boxes": int(b)}
+                               for p, n, b in zip(most["page"], most["n_review"], most["n_boxes"])],
+               "overlays": len(drawn) - unreadable if drawn else 0, "unreadable_pages": unreadable,
+               "alto": "alto" in export}
+    if "n_truth" in pages.columns:
+        n, correct = int(pages["n_truth"].sum()), int(pages["n_correct"].sum())
+        summary["accuracy"] = {"boxes_with_truth": n, "correct": correct, "accuracy": correct / n if n else None}
+    storage.write_bytes_atomic(out.join("summary", "pages.json"), json_text(summary).encode("utf-8"))
+    return summary
