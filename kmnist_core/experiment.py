@@ -23,9 +23,9 @@ from kmnist_core.evaluate import calibration_report, classification_metrics, rev
 from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
 from kmnist_core.review import REVIEW_REASONS, review_reasons
 from kmnist_core.files import write_json_atomic
-from kmnist_core.int8 import build_int8
+from kmnist_core.int8 import build_int8, compare, review_params
 from kmnist_core.models import optimize_for_inference
-from kmnist_core.model_dir import Predictor, pick_device, read_card, resolve_model_path, save_model_dir
+from kmnist_core.model_dir import Predictor, int8_calibration, pick_device, read_card, resolve_model_path, save_model_dir
 from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
@@ -190,7 +190,14 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
                                           {"ood_score": predictor.ood_method, "review_below": predictor.review_below,
                                            "ood_threshold": np.inf if predictor.ood_threshold is None
                                            else predictor.ood_threshold})}
-    metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id})
+    metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id,
+                    "precision": predictor.precision})
+    if predictor.int8 is not None:  # what int8 changes on this split, against the same model in fp32
+        card_calib = predictor.card.get("calibration", {})
+        metrics["int8_vs_fp32"] = {
+            **compare(predictor.torch_logits(part.images), logits, part.labels, float(card_calib.get("temperature", 1.0)),
+                      predictor.temperature, review_params(card_calib), review_params(int8_calibration(predictor.card))),
+            "card_check": {k: predictor.card["int8"].get(k) for k in ("gate", "enabled", "fallback")}}
     out.mkdir(parents=True, exist_ok=True)
     write_evaluation_plots(out, part, logits, predictor.temperature, data.classes, f"{data.name} {split}")
     if unknown is not None:
