@@ -214,7 +214,6 @@ def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.n
         reasons.append(f"validation accuracy drops {drop * 100:.2f} points (> {MAX_ACCURACY_DROP * 100:.1f})")
     section = {
         "file": INT8_FILE, "sha256": sha256(onnx_int8), "method": METHOD, "runtime": f"onnxruntime {onnxruntime.__version__}",
-        "opset": OPSET, "weights_model_id": card.get("model_id"),
         "calibration_data": {"dataset": dataset, "split": "train", "images": int(len(sample)), "seed": CALIBRATION_SEED},
         "calibration": int8_calib, "fitted_against": calibration_key(calib),
         "gate": {"split": "val", "min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP,

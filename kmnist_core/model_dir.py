@@ -222,6 +222,18 @@ def build_predictor(card: dict, weights: bytes, device: str = "cpu", source: str
     model.int8.onnx (checked against its sha256); without them it is rebuilt here from the weights
     (deterministic; needs the card's training dataset on disk). `threads`: ONNX Runtime intra-op
     threads (default: torch.get_num_threads() at each call)."""
+    model = load_torch_model(card, weights, source)
+    device = pick_device(device)
+    if resolve_precision(precision, device, card) == "int8":
+        if int8 is None:
+            card, int8 = rebuild_int8(model, card, source, strict=precision == "int8")
+        if int8 is not None and (precision == "int8" or card["int8"]["enabled"]):
+            check_int8_bytes(int8, card.get("int8", {}), source)
+            return Predictor(model, card, device, "int8", OrtModel(int8, threads))
+    return Predictor(model, card, device)
+
+
+def load_torch_model(card: dict, weights: bytes, source: str) -> torch.nn.Module:
     arch = card["architecture"]
     model = create_model(arch["name"], int(arch["num_classes"]), int(card["input"]["size"]))
     try:
@@ -238,21 +250,13 @@ def build_predictor(card: dict, weights: bytes, device: str = "cpu", source: str
         raise KmnistError(f"weights of {source} are not the ones its card names: {WEIGHTS_FILE} hashes to {actual}, "
                           f"{CARD_FILE} says model_id {card['model_id']} (was {WEIGHTS_FILE} replaced?); "
                           f"keep each {WEIGHTS_FILE} with the card train wrote beside it")
-    device = pick_device(device)
-    wanted = resolve_precision(precision, device, card)
-    if wanted == "int8":
-        if int8 is None:
-            card, int8 = rebuild_int8(model, card, source, strict=precision == "int8")
-        if int8 is not None:
-            check_int8_bytes(int8, card.get("int8", {}), source)
-            return Predictor(model, card, device, "int8", OrtModel(int8, threads))
-    return Predictor(model, card, device)
+    return model
 
 
 def rebuild_int8(model: torch.nn.Module, card: dict, source: str, strict: bool) -> tuple[dict, bytes | None]:
     """Quantize `model` from its card's training data. Returns the card (with a fresh int8 section when
-    the rebuilt bytes are not the ones it names) and the bytes; (card, None) when the data is not on
-    disk and `strict` is off (precision auto then runs fp32)."""
+    the rebuilt bytes are not the ones it names) and the bytes, whatever the check said; (card, None)
+    when the data is not on disk and `strict` is off (precision auto then runs fp32)."""
     from kmnist_core.datasets import load_dataset
     from kmnist_core.int8 import build_int8
 
@@ -277,7 +281,7 @@ def rebuild_int8(model: torch.nn.Module, card: dict, source: str, strict: bool) 
                                      (data.test.images, data.test.labels), fp32_logits, data.name)
     if card.get("int8", {}).get("sha256") != section["sha256"]:
         card = {**card, "int8": section}
-    return card, onnx_bytes if strict or card["int8"]["enabled"] else None
+    return card, onnx_bytes
 
 
 def read_model_files(name_or_path: str | Path = "default") -> tuple[dict, bytes]:
@@ -294,35 +298,39 @@ def read_int8_files(name_or_path: str | Path, card: dict, weights: bytes, precis
                     device: str = "cpu") -> tuple[str, dict, bytes | None]:
     """For a job's driver: the precision its workers run, the card they get and the int8 model's bytes
     (None for fp32). Builds the int8 model when the directory has none that matches its card, and caches
-    it there (model.int8.onnx and the card's int8 section) when the directory is writable."""
+    it there (model.int8.onnx and the card's int8 section, with the check's verdict) when the directory
+    is writable."""
     model_dir = resolve_model_path(name_or_path)
     if resolve_precision(precision, pick_device(device), card) == "fp32":
         return "fp32", card, None
     path = model_dir / INT8_FILE
-    if "int8" in card and path.exists():
-        data = path.read_bytes()
-        if sha256(data) == card["int8"]["sha256"]:
-            return "int8", card, data
-    predictor = build_predictor(card, weights, device, str(model_dir), precision)
-    if predictor.int8 is None:
-        return "fp32", predictor.card, None
-    cache_int8(model_dir, card, predictor.card, predictor.int8.onnx_bytes)
-    return "int8", predictor.card, predictor.int8.onnx_bytes
+    data = path.read_bytes() if "int8" in card and path.exists() else None
+    if data is None or sha256(data) != card["int8"]["sha256"]:
+        model = load_torch_model(card, weights, str(model_dir))
+        new_card, data = rebuild_int8(model, card, str(model_dir), strict=precision == "int8")
+        if data is None:
+            return "fp32", card, None
+        cache_int8(model_dir, card, new_card, data)
+        card = new_card
+    if precision == "int8" or card["int8"]["enabled"]:
+        return "int8", card, data
+    return "fp32", card, None
 
 
 def cache_int8(model_dir: Path, old_card: dict, card: dict, onnx_bytes: bytes) -> None:
     """Write a lazily built int8 model and its card section beside the weights, file before card, each
     by rename from a temp name private to this process (two processes building at once both succeed);
     a read-only directory (an installed package) keeps it in memory only."""
-    try:
-        for name, data in ((INT8_FILE, onnx_bytes), (CARD_FILE, json_text(card).encode("utf-8"))):
-            if name == CARD_FILE and card is old_card:
-                continue
-            tmp = model_dir / f".{name}.{os.getpid()}.tmp"
+    writes = [(INT8_FILE, onnx_bytes)] + ([] if card is old_card else [(CARD_FILE, json_text(card).encode("utf-8"))])
+    for name, data in writes:
+        tmp = model_dir / f".{name}.{os.getpid()}.tmp"
+        try:
             tmp.write_bytes(data)
             os.replace(tmp, model_dir / name)
-    except OSError as e:
-        log.info("int8 model of %s not cached (%s): built in memory", model_dir, e)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.info("int8 model of %s not cached (%s): built in memory", model_dir, e)
+            return
 
 
 def load_model(name_or_path: str | Path = "default", device: str = "cpu", precision: str = "auto",
