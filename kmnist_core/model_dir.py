@@ -227,9 +227,10 @@ def build_predictor(card: dict, weights: bytes, device: str = "cpu", source: str
     if resolve_precision(precision, device, card) == "int8":
         if int8 is None:
             card, int8 = rebuild_int8(model, card, source, strict=precision == "int8")
-        if int8 is not None and (precision == "int8" or card["int8"]["enabled"]):
+        if int8 is not None:
             check_int8_bytes(int8, card.get("int8", {}), source)
-            return Predictor(model, card, device, "int8", OrtModel(int8, threads))
+            if precision == "int8" or card["int8"]["enabled"]:
+                return Predictor(model, card, device, "int8", OrtModel(int8, threads))
     return Predictor(model, card, device)
 
 
