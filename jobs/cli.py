@@ -115,6 +115,8 @@ def evaluate(
     unknown: Optional[Path] = typer.Option(None, help="folder of crops that are none of the model's characters "
                                                       "(sub-folders = kinds): report the share auto-accepted"),
     out: Path = typer.Option(..., help="directory for metrics.json and plots"),
+    precision: str = typer.Option("auto", help="auto (int8 on CPU when the model passed its int8 check), fp32 or "
+                                               "int8; int8 also reports int8 against fp32"),
 ):
     """Score a model on a labelled split: accuracy, calibration, auto-accepted share and precision, plots."""
     from kmnist_core.datasets import load_dataset
@@ -125,7 +127,8 @@ def evaluate(
         raise KmnistError(f"unknown split {split!r}; choose train, val or test")
     if unknown is not None and not unknown.is_dir():
         raise KmnistError(f"--unknown {unknown} is not a folder")
-    metrics = run_evaluate(load_model(model), load_dataset(dataset, data_dir), split, out, unknown)
+    predictor = load_model(model, precision=precision)
+    metrics = run_evaluate(predictor, load_dataset(dataset, data_dir), split, out, unknown)
     review = metrics["review"]
     precision = review["auto_accepted_precision"]
     typer.echo(f"{dataset}/{split}: accuracy {metrics['accuracy']:.4f}, balanced {metrics['balanced_accuracy']:.4f} "
@@ -133,6 +136,15 @@ def evaluate(
     typer.echo(f"auto-accepted {review['auto_accepted_share']:.2%} at precision "
                + (f"{precision:.2%}" if precision is not None else "-")
                + f" ({review['auto_accepted_errors']} wrong, {review['unknown_share']:.2%} flagged unknown)")
+    fallback = predictor.card.get("int8", {}).get("fallback")
+    typer.echo(f"precision {predictor.precision}" + (f" (int8 off: {fallback})" if fallback and predictor.precision == "fp32" else ""))
+    if "int8_vs_fp32" in metrics:
+        c = metrics["int8_vs_fp32"]
+        i8, f32 = c["int8"], c["fp32"]
+        typer.echo(f"int8 vs fp32: top-1 agreement {c['agreement']:.2%}; accuracy {i8['accuracy']:.2%} vs {f32['accuracy']:.2%}; "
+                   f"ECE {i8['ece_after']:.2%} vs {f32['ece_after']:.2%}; auto-accepted "
+                   f"{i8['review']['auto_accepted_share']:.2%} vs {f32['review']['auto_accepted_share']:.2%} "
+                   f"({i8['review']['auto_accepted_errors']} vs {f32['review']['auto_accepted_errors']} wrong)")
     if unknown is not None:
         u = metrics["unknown"]
         typer.echo(f"out-of-set {unknown}: {u['auto_accepted_share']:.2%} of {u['n']} auto-accepted; "

@@ -185,16 +185,26 @@ def fit_review(val_logits: np.ndarray, val_labels: np.ndarray, neg_logits: np.nd
     """
     aurocs = {m: auroc(ood_score(val_logits, m), ood_score(neg_logits, m)) for m in OOD_SCORES}
     method = max(aurocs, key=aurocs.get)
-    s_in, s_out = ood_score(val_logits, method), ood_score(neg_logits, method)
+    fitted = fit_thresholds(val_logits, val_labels, temperature, method, target, in_set_keep, level)
+    s_out = ood_score(neg_logits, method)
+    neg_accepted = (s_out <= fitted["ood_threshold"]) & (softmax(neg_logits, temperature).max(1) >= fitted["review_below"])
+    fitted["review_promise"].update({
+        "negatives_n": int(len(neg_logits)), "negatives_accepted_share": float(neg_accepted.mean()),
+        "negatives_accepted_upper_bound": rate_upper_bound(int(neg_accepted.sum()), len(neg_logits), level)})
+    return {"ood_score": method, "ood_score_val_auroc": aurocs, **fitted}
+
+
+def fit_thresholds(val_logits: np.ndarray, val_labels: np.ndarray, temperature: float, method: str, target: float,
+                   in_set_keep: float, level: float = 0.95) -> dict:
+    """Both review thresholds for a given out-of-set score, from validation characters alone (see
+    fit_review). Also used to refit them on another runtime's logits (int8) without the negatives."""
+    s_in = ood_score(val_logits, method)
     ood_threshold = float(np.quantile(s_in, in_set_keep, method="higher"))
     known = s_in <= ood_threshold
     probs = softmax(val_logits[known], temperature)
     review = threshold_with_bound(probs.max(1), probs.argmax(1) == val_labels[known], target, level)
-    neg_accepted = (s_out <= ood_threshold) & (softmax(neg_logits, temperature).max(1) >= review["threshold"])
     in_accepted = int(review["accepted"])
     return {
-        "ood_score": method,
-        "ood_score_val_auroc": aurocs,
         "ood_threshold": ood_threshold,
         "review_below": review["threshold"],
         "review_promise": {
@@ -202,8 +212,6 @@ def fit_review(val_logits: np.ndarray, val_labels: np.ndarray, neg_logits: np.nd
             "precision_lower_bound": review["precision_lower_bound"], "precision_measured": review["precision"],
             "accepted": in_accepted, "errors": review["errors"], "n": int(len(val_labels)),
             "auto_accepted_share": in_accepted / len(val_labels), "in_set_keep": in_set_keep,
-            "negatives_n": int(len(neg_logits)), "negatives_accepted_share": float(neg_accepted.mean()),
-            "negatives_accepted_upper_bound": rate_upper_bound(int(neg_accepted.sum()), len(neg_logits), level),
         },
     }
 

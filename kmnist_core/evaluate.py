@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmnist_core import calibration, plots
+from kmnist_core import calibration
 from kmnist_core.classmap import ClassMap
 from kmnist_core.datasets import Split
 
@@ -55,6 +55,8 @@ def review_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, r
 
 def write_evaluation_plots(out: Path, split: Split, logits: np.ndarray, temperature: float, classes: ClassMap, title: str) -> list[Path]:
     """Confusion matrix, 100 sample predictions, reliability diagram and risk-coverage curve."""
+    from kmnist_core import plots  # matplotlib costs seconds to import; scoring alone (int8's check) needs none
+
     pred = logits.argmax(1)
     probs = calibration.softmax(logits, temperature)
     rc = calibration.risk_coverage(probs, split.labels)

@@ -23,7 +23,9 @@ from kmnist_core.evaluate import calibration_report, classification_metrics, rev
 from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
 from kmnist_core.review import REVIEW_REASONS, review_reasons
 from kmnist_core.files import write_json_atomic
-from kmnist_core.model_dir import Predictor, pick_device, read_card, resolve_model_path, save_model_dir
+from kmnist_core.int8 import build_int8, compare, review_params
+from kmnist_core.models import optimize_for_inference
+from kmnist_core.model_dir import Predictor, int8_calibration, pick_device, read_card, resolve_model_path, save_model_dir
 from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
@@ -111,7 +113,8 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
 
     card = build_card(cfg, data, history, status, test_metrics, calib, review)
     card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
-    card = save_model_dir(out, model, card)
+    int8_bytes, card["int8"] = make_int8(model, card, data, device, cfg.eval_batch_size)
+    card = save_model_dir(out, model, card, int8_bytes)
     write_history(out / "history.csv", history)
     write_json_atomic(out / "test_metrics.json", {**test_metrics, "calibration": calib, "split_note": data.split_note})
     if make_plots:
@@ -119,6 +122,16 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
                               f"{cfg.model} on {data.name} (lr {cfg.lr}, batch {cfg.batch_size})")
         write_evaluation_plots(out, data.test, test_logits, temperature, data.classes, f"{cfg.model} on {data.name} test")
     return card
+
+
+def make_int8(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[bytes, dict]:
+    """The model's int8 twin, calibrated on its training images and checked on val (kmnist_core/int8.py)."""
+    fp32 = optimize_for_inference(model.cpu())
+    logits = lambda images: predict_logits(fp32, images, "cpu", batch_size)  # noqa: E731
+    onnx_bytes, section = build_int8(fp32, card, data.train.images, (data.val.images, data.val.labels),
+                                     (data.test.images, data.test.labels), logits, data.name)
+    model.to(device)
+    return onnx_bytes, section
 
 
 def read_unknown_tree(root: Path, size: int) -> tuple[list[PreparedImage], list[str], int]:
@@ -177,7 +190,14 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
                                           {"ood_score": predictor.ood_method, "review_below": predictor.review_below,
                                            "ood_threshold": np.inf if predictor.ood_threshold is None
                                            else predictor.ood_threshold})}
-    metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id})
+    metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id,
+                    "precision": predictor.precision})
+    if predictor.int8 is not None:  # what int8 changes on this split, against the same model in fp32
+        card_calib = predictor.card.get("calibration", {})
+        metrics["int8_vs_fp32"] = {
+            **compare(predictor.torch_logits(part.images), logits, part.labels, float(card_calib.get("temperature", 1.0)),
+                      predictor.temperature, review_params(card_calib), review_params(int8_calibration(predictor.card))),
+            "card_check": {k: predictor.card["int8"].get(k) for k in ("gate", "enabled", "fallback")}}
     out.mkdir(parents=True, exist_ok=True)
     write_evaluation_plots(out, part, logits, predictor.temperature, data.classes, f"{data.name} {split}")
     if unknown is not None:

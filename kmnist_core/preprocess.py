@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -213,26 +214,179 @@ def prepare_array(arr: np.ndarray, size: int) -> PreparedImage:
     return PreparedImage(pixels, arr.shape[1], arr.shape[0], inverted, box, box is None)
 
 
-def decode_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
-    """Decode one file's bytes. Raises DecodeError with a kind: empty, not_image, too_large, truncated, corrupt."""
+# The lean path (decode_many, decode_bytes): 8-bit grey or RGB PNG/JPEG/TIFF without orientation or
+# XMP metadata, the common case. Such a file's grey levels are uint8, so every float step of the full
+# path (to_grayscale, normalize_polarity, fit_square's rounding) depends on a pixel's level alone:
+# it is computed once per level as a 256-entry table, with the same float32 operations in the same
+# order, and looked up, so the model input is bit for bit the full path's (tests/test_preprocess.py
+# checks it over kmnist-dev and the scan forms). Crops of one shape are processed as one array.
+LEAN_FORMATS = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}  # by magic bytes
+LEAN_FORMAT_NAMES = ("PNG", "JPEG", "TIFF")
+LEAN_MODES = ("L", "RGB")
+ORIENTATION_KEYS = ("exif", "xmp", "XML:com.adobe.xmp")  # where PIL's exif_transpose finds a rotation
+LEVELS = np.arange(256, dtype=np.float32) / 255.0  # grey level -> to_grayscale's float32 value
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Header check, then decode. Raises DecodeError with a kind: empty, not_image, too_large, truncated, corrupt."""
     if not data:
         raise DecodeError("empty", "file is empty")
     try:
-        img = Image.open(io.BytesIO(data))
+        # Naming the format from the magic bytes spares PIL probing every plugin.
+        fmt = LEAN_FORMATS.get(data[:4]) or LEAN_FORMATS.get(data[:3])
+        img = Image.open(io.BytesIO(data), formats=[fmt] if fmt else None)
         # Image.open reads only the header: refuse huge images before any pixel is allocated. The
         # limit is below PIL's own decompression-bomb threshold, so PIL's check never fires first.
         if img.width * img.height > max_pixels:
             raise DecodeError("too_large", f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
         img.load()
+        return img
+    except Exception as e:
+        raise decode_error(e) from None
+
+
+def decode_error(e: Exception) -> Exception:
+    """What PIL raises on a bad file, as a DecodeError with its kind (anything else is a bug: kept)."""
+    if isinstance(e, DecodeError):
+        return e
+    if isinstance(e, UnidentifiedImageError):
+        return DecodeError("not_image", "not a recognised image format")
+    if isinstance(e, Image.DecompressionBombError):  # e.g. an animated image whose frames add up
+        return DecodeError("too_large", str(e))
+    if isinstance(e, OSError):
+        text = str(e).lower()
+        return DecodeError("truncated" if "truncated" in text or "end of file" in text else "corrupt", str(e))
+    if isinstance(e, (ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError)):
+        return DecodeError("corrupt", f"{type(e).__name__}: {e}")
+    return e
+
+
+def lean_levels(img: Image.Image) -> np.ndarray | None:
+    """The uint8 grey levels of an image the lean path can take, else None (the full path's cases)."""
+    if img.mode not in LEAN_MODES or img.format not in LEAN_FORMAT_NAMES or not img.info.keys().isdisjoint(ORIENTATION_KEYS):
+        return None
+    if img.format == "TIFF" and img.tag_v2.get(274, 1) != 1:  # TIFF keeps its orientation in its own tags
+        return None
+    grey = img if img.mode == "L" else img.convert("L")  # the full path's conversion, so the same levels
+    return np.frombuffer(grey.tobytes(), np.uint8).reshape(grey.height, grey.width)
+
+
+def prepare_levels(levels: np.ndarray, size: int) -> list[PreparedImage]:
+    """uint8 (N, H, W) grey crops of either polarity -> what prepare_gray gives for each, bit for bit."""
+    n, h, w = levels.shape
+    flat = levels.reshape(n, -1)
+    ring = max(1, min(h, w) // 10)
+    border = np.concatenate([levels[:, :ring].reshape(n, -1), levels[:, -ring:].reshape(n, -1),
+                             levels[:, :, :ring].reshape(n, -1), levels[:, :, -ring:].reshape(n, -1)], axis=1)
+    k = border.shape[1] - 1
+    # Quartiles of uint8 levels are the levels of the float quartiles: the level -> float map is increasing.
+    q = np.partition(border, (k // 4, k // 2, 3 * k // 4), axis=1)
+    q1, background, q3 = LEVELS[q[:, k // 4]], LEVELS[q[:, k // 2]], LEVELS[q[:, 3 * k // 4]]
+    noise = np.minimum(background - q1, q3 - background).astype(np.float64) / 0.674
+    inverted = background > 0.5
+    # normalize_polarity, on the 256 levels instead of the pixels (float32 arithmetic, as there).
+    table = np.where(inverted[:, None], (1.0 - LEVELS)[None, :], LEVELS[None, :])
+    bg = np.where(inverted, 1.0 - background.astype(np.float64), background.astype(np.float64))
+    top = np.where(inverted, (1.0 - LEVELS)[flat.min(axis=1)], LEVELS[flat.max(axis=1)]).astype(np.float64)
+    contrast = top - bg
+    stretch = contrast > 1e-3
+    stretched = np.clip((table - bg.astype(np.float32)[:, None]) / contrast.astype(np.float32)[:, None], 0, 1)
+    table = np.where(stretch[:, None], stretched, table)
+    noise = noise / np.maximum(contrast, 1e-3)
+    # Each pixel's entry in its own image's table (np.take on flat indices is ~5x take_along_axis here).
+    index = flat + np.arange(0, n * 256, 256, dtype=np.intp)[:, None]
+    grey = table.ravel().take(index).reshape(n, h, w)  # the stretched image, as normalize_polarity's
+    square = (h, w) == (size, size)
+    boxes = ink_boxes(grey, noise, square)
+    boxes = [box if ok else None for box, ok in zip(boxes, contrast >= MIN_CONTRAST)]
+    if square:  # already model inputs: fit_square's rounding, looked up
+        fitted = (table * 255).round().astype(np.uint8).ravel().take(index).reshape(n, h, w)
+        fitted[[box is None for box in boxes]] = 0
+    else:
+        fitted = [np.zeros((size, size), np.uint8) if box is None
+                  else fit_square(grey[i, box[1] : box[1] + box[3], box[0] : box[0] + box[2]], size)
+                  for i, box in enumerate(boxes)]
+    return [PreparedImage(fitted[i], w, h, bool(inverted[i]), box, box is None) for i, box in enumerate(boxes)]
+
+
+def ink_boxes(grey: np.ndarray, noise: np.ndarray, square: bool) -> list[tuple[int, int, int, int] | None]:
+    """find_ink for a stack of same-shape images: its projection test as array arithmetic over the whole
+    stack, connected components (labelled_ink_box) only for the images that fail it."""
+    n, h, w = grey.shape
+    ink = grey > np.maximum(FRINGE, NOISE_SIGMAS * noise).astype(np.float32)[:, None, None]
+    rows, cols = np.count_nonzero(ink, axis=2), np.count_nonzero(ink, axis=1)
+    any_row, any_col = rows > 0, cols > 0
+    y0, x0 = any_row.argmax(1), any_col.argmax(1)
+    bh, bw = h - any_row[:, ::-1].argmax(1) - y0, w - any_col[:, ::-1].argmax(1) - x0
+    one_block = ((bh == any_row.sum(1)) & (bw == any_col.sum(1)) & (rows.max(1) < LINE_COVERAGE * w)
+                 & (cols.max(1) < LINE_COVERAGE * h))
+    simple = one_block | (square & (np.maximum(bw, bh) >= h - 1))
+    enough, has_ink = rows.sum(1) >= MIN_INK_AREA * h * w, any_row.any(1)
+    boxes: list[tuple[int, int, int, int] | None] = []
+    for i in range(n):
+        if not has_ink[i]:
+            boxes.append(None)
+        elif simple[i]:
+            boxes.append((int(x0[i]), int(y0[i]), int(bw[i]), int(bh[i])) if enough[i] else None)
+        else:
+            boxes.append(labelled_ink_box(grey[i], float(noise[i])))
+    return boxes
+
+
+MIN_STACK = 4  # below this many crops of one shape, prepare_levels' array set-up costs more than it saves
+
+
+def prepare_one(levels: np.ndarray, size: int) -> PreparedImage:
+    """One lean crop: prepare_gray on its levels' float values (to_grayscale's, without PIL's convert)."""
+    pixels, inverted, box = prepare_gray(LEVELS[levels], size)
+    return PreparedImage(pixels, levels.shape[1], levels.shape[0], inverted, box, box is None)
+
+
+def decode_many(files: Sequence[bytes], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PreparedImage | DecodeError]:
+    """decode_bytes for many files at once, each result (or its DecodeError) in input order; crops of
+    the same shape on the lean path share one pass of array arithmetic."""
+    results: list[PreparedImage | DecodeError | None] = [None] * len(files)
+    lean: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    for i, data in enumerate(files):
+        try:
+            img = open_image(data, max_pixels)
+            levels = lean_levels(img)
+            if levels is None:
+                results[i] = prepare_image(img, size)
+            else:
+                lean.setdefault(levels.shape, []).append((i, levels))
+        except Exception as e:
+            error = decode_error(e)
+            if not isinstance(error, DecodeError):
+                raise
+            results[i] = error
+    for group in lean.values():
+        if len(group) < MIN_STACK:
+            for i, levels in group:
+                results[i] = prepare_one(levels, size)
+            continue
+        for (i, _), prepared in zip(group, prepare_levels(np.stack([levels for _, levels in group]), size)):
+            results[i] = prepared
+    return results  # type: ignore[return-value]
+
+
+def decode_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """Decode one file's bytes. Raises DecodeError with a kind: empty, not_image, too_large, truncated, corrupt."""
+    img = open_image(data, max_pixels)
+    try:
+        levels = lean_levels(img)
+        if levels is None:
+            return prepare_image(img, size)
+        return prepare_one(levels, size)
+    except Exception as e:
+        raise decode_error(e) from None
+
+
+def decode_bytes_full(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """decode_bytes without the lean path: any file through to_grayscale and prepare_gray (the reference
+    the lean path is checked against)."""
+    img = open_image(data, max_pixels)
+    try:
         return prepare_image(img, size)
-    except DecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise DecodeError("not_image", "not a recognised image format") from None
-    except Image.DecompressionBombError as e:  # e.g. an animated image whose frames add up
-        raise DecodeError("too_large", str(e)) from None
-    except OSError as e:
-        kind = "truncated" if "truncated" in str(e).lower() or "end of file" in str(e).lower() else "corrupt"
-        raise DecodeError(kind, str(e)) from None
-    except (ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError) as e:
-        raise DecodeError("corrupt", f"{type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise decode_error(e) from None

@@ -233,7 +233,7 @@ def load_teachers(paths: list[str], data: Dataset, device: str) -> TeacherEnsemb
     """Trained model directories as a frozen, inference-optimized teacher ensemble for `data`."""
     members = []
     for path in paths:
-        teacher = load_model(path, device)
+        teacher = load_model(path, device, precision="fp32")  # a teacher's targets are the fp32 model's
         if len(teacher.classes) != len(data.classes) or teacher.input_size != data.input_size:
             raise KmnistError(f"teacher {path} has {len(teacher.classes)} classes at {teacher.input_size}px; "
                               f"{data.name} has {len(data.classes)} at {data.input_size}px")

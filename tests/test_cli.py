@@ -36,7 +36,10 @@ def test_train_then_evaluate_writes_model_directory_and_plots(tmp_path):
     assert r.returncode == 0, r.stderr
     metrics = json.loads((ev / "metrics.json").read_text(encoding="utf-8"))
     card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
-    assert metrics["n"] == 1000 and metrics["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+    # precision auto: int8 when the model passed its int8 check; the card holds the test accuracy of each.
+    expected = card["int8"]["test"]["int8"]["accuracy"] if metrics["precision"] == "int8" else card["metrics"]["test"]["accuracy"]
+    assert metrics["n"] == 1000 and metrics["accuracy"] == pytest.approx(expected)
+    assert metrics["precision"] == ("int8" if card["int8"]["enabled"] else "fp32")
     assert len(metrics["confusion_matrix"]) == 10 and set(metrics["per_class_accuracy"]) >= {"お", "を"}
 
 

@@ -72,7 +72,7 @@ def test_model_directory_round_trip_and_card(trained_model_dir, small_dev):
     assert "TEST split" in card["training"]["split"] and card["code_version"]
     # review_below is just above 1 when no threshold keeps the promise (a one-epoch model): review everything.
     assert card["calibration"]["temperature"] > 0 and 0 <= card["calibration"]["review_below"] <= np.nextafter(1.0, 2.0)
-    model = load_model(trained_model_dir)
+    model = load_model(trained_model_dir, precision="fp32")  # the weights themselves (int8: tests/test_int8.py)
     assert model.model_id == card["model_id"]
     test = small_dev.test
     acc = float((model.probabilities(test.images).argmax(1) == test.labels).mean())

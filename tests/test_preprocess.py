@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kmnist_core.preprocess import DecodeError, decode_bytes, fit_square, normalize_polarity, prepare_array, prepare_image
+from kmnist_core.preprocess import (DecodeError, decode_bytes, decode_bytes_full, decode_many, fit_square, lean_levels,
+                                   normalize_polarity, open_image, prepare_array, prepare_image)
 
 
 def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -149,3 +150,58 @@ def test_decompression_bomb_is_refused_before_allocation():
     with pytest.raises(DecodeError) as e:
         decode_bytes(bomb, 28)
     assert e.value.kind == "too_large"
+
+
+def same(a, b) -> bool:
+    return (np.array_equal(a.pixels, b.pixels) and a.pixels.dtype == b.pixels.dtype and a.ink_box == b.ink_box
+            and (a.inverted, a.blank, a.width, a.height) == (b.inverted, b.blank, b.width, b.height))
+
+
+def test_lean_decode_is_bit_identical_to_the_full_path_over_kmnist_dev(kmnist_dev):
+    """Every kmnist-dev image (train, val and test) as a PNG: decode_many and decode_bytes take the lean
+    path and give exactly what the full path gives."""
+    images = np.concatenate([kmnist_dev.train.images, kmnist_dev.val.images, kmnist_dev.test.images])
+    files = [encode(Image.fromarray(g)) for g in images]
+    assert all(lean_levels(open_image(f, 10**6)) is not None for f in files[:50])  # the lean path is the one tested
+    full = [decode_bytes_full(f, 28) for f in files]
+    many = decode_many(files, 28)
+    assert len(many) == len(files) and all(same(a, b) for a, b in zip(many, full))
+    assert all(same(decode_bytes(f, 28), b) for f, b in zip(files[::10], full[::10]))
+
+
+def scan_forms():
+    from bench.crop_forms import FORMS as CUT_FORMS
+    from tests.test_robustness import FORMS as SCAN_FORMS
+
+    return {**CUT_FORMS, **{k: (lambda f: lambda g, rng: f(g))(f) for k, f in SCAN_FORMS.items()}}
+
+
+@pytest.mark.parametrize("form", list(scan_forms()))
+def test_lean_decode_is_bit_identical_on_the_scan_forms(kmnist_dev, form):
+    """bench/crop_forms.py's segmenter cuts (margins, off-centre, specks, lines, strips, noisy RGB JPEG) and
+    test_robustness's scan forms (16-bit TIFF and alpha take the full path inside decode_many)."""
+    rng = np.random.default_rng(7)
+    files = [scan_forms()[form](g, rng) for g in kmnist_dev.test.images[:200]]
+    full = [decode_bytes_full(f, 28) for f in files]
+    assert all(same(a, b) for a, b in zip(decode_many(files, 28), full))
+    assert all(same(decode_bytes(f, 28), b) for f, b in zip(files[:40], full[:40]))
+
+
+def test_lean_path_skips_what_it_cannot_take(glyph):
+    """EXIF, 16-bit, palettes, alpha: the full path (lean_levels says no)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(Image.fromarray(glyph), "JPEG", exif=exif.tobytes())
+    for data in (rotated, encode(Image.fromarray(glyph.astype(np.uint16) * 257), "TIFF"),
+                 encode(Image.fromarray(glyph).convert("P")), encode(Image.fromarray(glyph).convert("RGBA"))):
+        assert lean_levels(open_image(data, 10**6)) is None
+        assert same(decode_many([data], 28)[0], decode_bytes_full(data, 28))
+
+
+def test_decode_many_keeps_order_and_errors_in_place(kmnist_dev):
+    good = [encode(Image.fromarray(g)) for g in kmnist_dev.test.images[:6]]
+    files = good[:3] + [b"", b"not an image at all"] + good[3:] + [good[0][: len(good[0]) // 2]]
+    out = decode_many(files, 28)
+    assert [type(r).__name__ for r in out] == ["PreparedImage"] * 3 + ["DecodeError"] * 2 + ["PreparedImage"] * 3 + ["DecodeError"]
+    assert [out[3].kind, out[4].kind] == ["empty", "not_image"] and out[8].kind in ("truncated", "corrupt")
+    assert all(same(a, decode_bytes_full(f, 28)) for a, f in zip(out[5:8], good[3:]))

@@ -1,0 +1,173 @@
+"""The int8 path and the lean decode, measured in one run on this machine (issue 15's figures):
+
+1. model images/s at one batch size on N threads: the torch fp32 path `predict` ran until now (batch
+   norm folded, channels-last), the same model on ONNX Runtime fp32, and the int8 twin on ONNX Runtime;
+   rounds interleaved so all three see the same load, median reported, ratios against torch;
+2. decode µs per file, full path (decode_bytes_full) against the lean path (decode_bytes one file at a
+   time, decode_many in chunks), per form: tight 28x28 PNGs and bench/crop_forms.py's scan forms;
+3. a plain single-process loop over 28x28 PNG files on disk (read, decode, model), before (full decode +
+   torch fp32) and after (decode_many + int8), crops/s;
+4. int8 against fp32 on kmnist-dev test (1,000 images, a subset of the official KMNIST test split, not the
+   official protocol): top-1 agreement, accuracy, ECE after each one's temperature.
+
+    .venv/bin/python bench/int8_figures.py [--model default] [--threads 2] [--files 10000] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.crop_forms import FORMS  # noqa: E402
+from bench.record import append_row  # noqa: E402
+from kmnist_core import calibration  # noqa: E402
+from kmnist_core.datasets import load_dataset  # noqa: E402
+from kmnist_core.int8 import OrtModel, export_onnx  # noqa: E402
+from kmnist_core.model_dir import load_model  # noqa: E402
+from kmnist_core.preprocess import decode_bytes, decode_bytes_full, decode_many  # noqa: E402
+
+
+def rate(fn, n: int, seconds: float) -> float:
+    """Calls of `fn` (each handling n items) per second, after one warm-up call: items/s."""
+    fn()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        fn()
+        done += n
+    return done / (time.perf_counter() - started)
+
+
+def model_speeds(fp32, q, images: np.ndarray, batch: int, rounds: int) -> dict[str, float]:
+    ort_fp32 = OrtModel(export_onnx(fp32.model, fp32.input_size))
+    x = images[np.arange(batch) % len(images)]
+    runs = {"torch fp32 (predict's path until now)": lambda: fp32.torch_logits(x, batch),
+            "ONNX Runtime fp32": lambda: ort_fp32.logits(x, batch),
+            "ONNX Runtime int8": lambda: q.logits(x, batch)}
+    got: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            got[name].append(rate(fn, batch, 1.0))
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
+def decode_us(methods: dict, files: list[bytes], rounds: int) -> dict[str, float]:
+    """µs per file of each decode method, best of `rounds` passes, passes interleaved (same load for all)."""
+    best = {name: float("inf") for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            started = time.perf_counter()
+            fn(files)
+            best[name] = min(best[name], (time.perf_counter() - started) / len(files) * 1e6)
+    return best
+
+
+def chunks(files: list[bytes], size: int, n: int = 1024) -> None:
+    for s in range(0, len(files), n):
+        decode_many(files[s : s + n], size)
+
+
+def plain_loop(paths: list[Path], fp32, q, lean: bool, batch: int = 1024) -> float:
+    """crops/s: read each file, decode, batched model call. lean: decode_many + int8; else full + torch."""
+    started = time.perf_counter()
+    for s in range(0, len(paths), batch):
+        data = [p.read_bytes() for p in paths[s : s + batch]]
+        if lean:
+            q.probabilities(np.stack([r.pixels for r in decode_many(data, q.input_size)]))
+        else:
+            fp32.probabilities(np.stack([decode_bytes_full(d, fp32.input_size).pixels for d in data]))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def png(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--decode-rounds", type=int, default=5)
+    parser.add_argument("--form-images", type=int, default=500, help="test images cut into each scan form")
+    parser.add_argument("--files", type=int, default=10000, help="28x28 PNGs on disk for the plain loop")
+    parser.add_argument("--machine", default="2-core shared CI-class machine", help="named in the recorded rows")
+    parser.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fp32, q = load_model(args.model, precision="fp32"), load_model(args.model, precision="int8", threads=args.threads)
+    data = load_dataset("kmnist-dev")
+    test = data.test
+
+    speeds = model_speeds(fp32, q, data.train.images, args.batch, args.rounds)
+    base = speeds["torch fp32 (predict's path until now)"]
+    print(f"model {fp32.card['architecture']['name']} `{fp32.model_id}`, batch {args.batch}, {args.threads} threads "
+          f"(median of {args.rounds} interleaved 1 s rounds):")
+    for name, v in speeds.items():
+        print(f"  {name:40s} {v:9,.0f} images/s  {v / base:5.2f}x")
+
+    rng = np.random.default_rng(0)
+    forms = {"tight 28x28 PNG (KMNIST as is)": [png(g) for g in test.images]}
+    forms.update({name: [make(g, rng) for g in test.images[: args.form_images]] for name, make in FORMS.items() if not name.startswith("tight")})
+    size = fp32.input_size
+    methods = {"full": lambda fs: [decode_bytes_full(f, size) for f in fs],
+               "lean one by one": lambda fs: [decode_bytes(f, size) for f in fs],
+               "decode_many": lambda fs: chunks(fs, size)}
+    decode_rows = []
+    print(f"decode µs per file (best of {args.decode_rounds} interleaved passes over kmnist-dev test images):")
+    for name, files in forms.items():
+        us = decode_us(methods, files, args.decode_rounds)
+        decode_rows.append((name, *us.values()))
+        print(f"  {name:36s} " + "   ".join(f"{k} {v:6.1f}" for k, v in us.items()) + f"  ({us['full'] / us['decode_many']:.2f}x)")
+
+    with tempfile.TemporaryDirectory(prefix="kmnist-int8-bench-") as tmp:
+        paths = []
+        for i in range(args.files):
+            p = Path(tmp) / f"{i // 1000:03d}" / f"{i:06d}.png"
+            p.parent.mkdir(exist_ok=True)
+            p.write_bytes(forms["tight 28x28 PNG (KMNIST as is)"][i % len(test.images)])
+            paths.append(p)
+        plain_loop(paths[:1024], fp32, q, False), plain_loop(paths[:1024], fp32, q, True)  # warm-up
+        loops = {"before": [], "after": []}
+        for _ in range(2):
+            loops["before"].append(plain_loop(paths, fp32, q, lean=False))
+            loops["after"].append(plain_loop(paths, fp32, q, lean=True))
+        before, after = max(loops["before"]), max(loops["after"])
+    print(f"plain loop over {args.files:,} 28x28 PNG files: full decode + torch fp32 {before:,.0f} crops/s, "
+          f"decode_many + int8 {after:,.0f} crops/s ({after / before:.2f}x)")
+
+    f, i = fp32.logits(test.images), q.logits(test.images)
+    agree = float((f.argmax(1) == i.argmax(1)).mean())
+    acc_f, acc_i = (float((x.argmax(1) == test.labels).mean()) for x in (f, i))
+    ece_f = calibration.expected_calibration_error(calibration.softmax(f, fp32.temperature), test.labels)
+    ece_i = calibration.expected_calibration_error(calibration.softmax(i, q.temperature), test.labels)
+    print(f"kmnist-dev test (1,000 images; a subset of the official test split): agreement {agree:.2%}, accuracy "
+          f"{acc_i:.2%} int8 vs {acc_f:.2%} fp32, ECE {ece_i:.2%} vs {ece_f:.2%}")
+
+    if args.record:
+        model = f"`{fp32.model_id}`, batch {args.batch}, {args.threads} threads"
+        append_row("int8 and lean decode", [args.machine, model,
+                                            *(f"{v:,.0f} ({v / base:.2f}×)" for v in speeds.values()),
+                                            f"{decode_rows[0][1]:.1f} / {decode_rows[0][2]:.1f} / **{decode_rows[0][3]:.1f}**",
+                                            f"{before:,.0f} → {after:,.0f} ({after / before:.2f}×)",
+                                            f"{agree:.2%}; {acc_f:.1%} → {acc_i:.1%}; {ece_f:.2%} → {ece_i:.2%}"])
+        for name, full, single, many in decode_rows:
+            append_row("decode per form", [args.machine, name, f"{full:.1f}", f"{single:.1f}", f"**{many:.1f}**",
+                                           f"{full / many:.2f}×"])
+
+
+if __name__ == "__main__":
+    main()

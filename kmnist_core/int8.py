@@ -1,0 +1,237 @@
+"""The int8 CPU path: a model exported to ONNX and statically quantized, run by ONNX Runtime.
+
+Why ONNX Runtime: on these 2 cores its int8 kernels (QDQ, per-channel int8 weights, uint8 activations)
+run the default model several times faster than the project's torch path (bench/int8_figures.py,
+docs/benchmarks.md), while PyTorch's own int8 path (torch.ao eager/FX quantization) is deprecated in
+favour of torch.export-based flows whose x86 CPU kernels come from a separate project. An ONNX file is a
+protobuf: loading it runs no pickled code.
+
+How a model gets its int8 twin (`build_int8`): the fp32 model (batch norm folded) is exported to ONNX,
+calibrated on CALIBRATION_IMAGES images of its TRAINING split (a seeded draw), quantized, and then
+measured against fp32 on validation: temperature and both review thresholds are refitted on the int8
+validation logits, and the int8 path is enabled only if its top-1 agreement with fp32 on validation is
+at least MIN_AGREEMENT and its validation accuracy at most MAX_ACCURACY_DROP below fp32's. The test split
+is scored for the card and `evaluate` (agreement, accuracy, ECE, review figures) but decides nothing.
+Every step is deterministic, so the same weights and data give the same bytes (the card holds their
+sha256) and a worker without the file can rebuild it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+import logging
+import tempfile
+import warnings
+from typing import Callable
+
+import numpy as np
+
+from kmnist_core import calibration
+from kmnist_core.errors import KmnistError
+from kmnist_core.transforms import MEAN, STD
+
+INT8_FILE = "model.int8.onnx"
+CALIBRATION_IMAGES = 2048
+CALIBRATION_SEED = 0
+MIN_AGREEMENT = 0.999  # top-1 agreement with fp32 on validation, or the model stays on fp32
+MAX_ACCURACY_DROP = 0.001  # 0.1 point
+OPSET = 17
+METHOD = "ONNX Runtime static quantization: QDQ, per-channel int8 weights, uint8 activations, MinMax calibration"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S) light-on-dark -> float32 (N, 1, S, S) in [-1, 1], as transforms.to_model_tensor."""
+    return ((pixels.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
+
+
+def export_onnx(model, input_size: int) -> bytes:
+    """fp32 ONNX of an inference-ready torch model (batch norm folded), batch dimension dynamic."""
+    import torch
+
+    # A copy: .to() changes a module in place. The exporter traces either memory layout the same.
+    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    buffer = io.BytesIO()
+    # The TorchScript exporter: deterministic bytes for the same weights, and no onnxscript needed; it
+    # warns that it is deprecated on every call.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (torch.zeros(1, 1, input_size, input_size),), buffer, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=OPSET, dynamo=False)
+    return buffer.getvalue()
+
+
+def calibration_sample(train_images: np.ndarray, n: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """A seeded draw of training images: what quantization calibrates on (never val or test)."""
+    order = np.random.default_rng(CALIBRATION_SEED).permutation(len(train_images))[:n]
+    return train_images[np.sort(order)]
+
+
+def quantize(fp32_onnx: bytes, calibration_images: np.ndarray, batch_size: int = 256) -> bytes:
+    """Static int8 quantization of an fp32 ONNX model, calibrated on uint8 model inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(normalize(calibration_images[s : s + batch_size])
+                                for s in range(0, len(calibration_images), batch_size))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch}
+
+    # quantize_static reads and writes paths; a private temp dir, never the model directory.
+    root = logging.getLogger()
+    root.addFilter(no_preprocessing_tip)
+    try:
+        with tempfile.TemporaryDirectory(prefix="kmnist-int8-") as tmp:
+            src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+            with open(src, "wb") as f:
+                f.write(fp32_onnx)
+            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+            with open(dst, "rb") as f:
+                return f.read()
+    finally:
+        root.removeFilter(no_preprocessing_tip)
+
+
+def no_preprocessing_tip(record: logging.LogRecord) -> bool:
+    """The quantizer logs a tip (shape pre-processing, which a plain conv net does not need) on the root
+    logger at every call; drop just that."""
+    return "pre-processing" not in record.getMessage()
+
+
+class OrtModel:
+    """An ONNX model on ONNX Runtime's CPU provider; uint8 pixels in, logits out.
+
+    Intra-op threads: `threads`, or torch's current setting (torch.set_num_threads, which Ray's
+    OMP_NUM_THREADS=1 also sets) read at each call, the session being rebuilt when it changes.
+    """
+
+    def __init__(self, onnx_bytes: bytes, threads: int | None = None):
+        self.onnx_bytes = onnx_bytes
+        self.fixed_threads = threads
+        self.threads = 0
+        self.session = None
+
+    def _session(self):
+        threads = self.fixed_threads or torch_threads()
+        if self.session is None or threads != self.threads:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            # Idle threads sleep instead of spinning: a model actor shares its cores with decode tasks.
+            # (2 idle threads: spinning gave ~17 % more images/s for ~25 % more CPU time, the same per core.)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
+            self.threads = threads
+        return self.session
+
+    def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        session = self._session()
+        out = [session.run(None, {"x": normalize(pixels[s : s + batch_size])})[0]
+               for s in range(0, len(pixels), batch_size)]
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray, temperature_fp32: float,
+            temperature_int8: float, review_fp32: dict, review_int8: dict) -> dict:
+    """int8 against fp32 on one labelled split: agreement, accuracy, ECE after temperature, review figures."""
+    from kmnist_core.evaluate import review_metrics
+
+    def side(logits: np.ndarray, temperature: float, review: dict) -> dict:
+        probs = calibration.softmax(logits, temperature)
+        return {"accuracy": float((logits.argmax(1) == labels).mean()), "temperature": temperature,
+                "ece_after": calibration.expected_calibration_error(probs, labels),
+                "review": review_metrics(logits, labels, temperature, review)}
+
+    return {"n": int(len(labels)), "agreement": float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean()),
+            "max_abs_logit_diff": float(np.abs(fp32_logits - int8_logits).max()) if len(labels) else 0.0,
+            "fp32": side(fp32_logits, temperature_fp32, review_fp32),
+            "int8": side(int8_logits, temperature_int8, review_int8)}
+
+
+def calibration_key(calib: dict) -> dict:
+    """The fp32 calibration an int8 refit started from: if the card's changes later, the refit is stale."""
+    return {k: calib.get(k) for k in ("temperature", "review_below", "ood_score", "ood_threshold")}
+
+
+def review_params(calib: dict) -> dict:
+    """The three things review_metrics needs from a card's (or the int8 section's) calibration."""
+    threshold = calib.get("ood_threshold")
+    return {"ood_score": calib.get("ood_score", "energy"), "review_below": float(calib.get("review_below", 0.0)),
+            "ood_threshold": np.inf if threshold is None else threshold}
+
+
+def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.ndarray, np.ndarray],
+               test: tuple[np.ndarray, np.ndarray], fp32_logits: Callable[[np.ndarray], np.ndarray],
+               dataset: str) -> tuple[bytes, dict]:
+    """Quantize an inference-ready fp32 model and measure it. Returns the ONNX bytes and the card's
+    `int8` section (calibration refitted on int8 val logits, the gate's verdict, test figures)."""
+    import onnxruntime
+
+    size = int(card["input"]["size"])
+    sample = calibration_sample(train_images)
+    onnx_int8 = quantize(export_onnx(fp32_model, size), sample)
+    runner = OrtModel(onnx_int8)
+    calib = card.get("calibration", {})
+    t_fp32 = float(calib.get("temperature", 1.0))
+    (val_x, val_y), (test_x, test_y) = val, test
+    val_fp32, val_int8 = fp32_logits(val_x), runner.logits(val_x)
+    t_int8 = calibration.fit_temperature(val_int8, val_y)
+    int8_calib = {"temperature": t_int8, "ood_score": calib.get("ood_score", "energy")}
+    if "review_below" in calib:  # refit both thresholds on the int8 logits, with the card's score and targets
+        promise = calib.get("review_promise", {})
+        int8_calib.update(calibration.fit_thresholds(
+            val_int8, val_y, t_int8, int8_calib["ood_score"], float(promise.get("target_precision", calib.get("review_precision_target", 0.995))),
+            float(promise.get("in_set_keep", 0.99)), float(promise.get("confidence_level", 0.95))))
+        if calib.get("ood_threshold") is None:
+            int8_calib["ood_threshold"] = None
+    val_report = compare(val_fp32, val_int8, val_y, t_fp32, t_int8, review_params(calib), review_params(int8_calib))
+    drop = val_report["fp32"]["accuracy"] - val_report["int8"]["accuracy"]
+    reasons = []
+    if val_report["agreement"] < MIN_AGREEMENT:
+        reasons.append(f"validation top-1 agreement {val_report['agreement']:.4f} < {MIN_AGREEMENT}")
+    if drop > MAX_ACCURACY_DROP + 1e-12:
+        reasons.append(f"validation accuracy drops {drop * 100:.2f} points (> {MAX_ACCURACY_DROP * 100:.1f})")
+    section = {
+        "file": INT8_FILE, "sha256": sha256(onnx_int8), "method": METHOD, "runtime": f"onnxruntime {onnxruntime.__version__}",
+        "calibration_data": {"dataset": dataset, "split": "train", "images": int(len(sample)), "seed": CALIBRATION_SEED},
+        "calibration": int8_calib, "fitted_against": calibration_key(calib),
+        "gate": {"split": "val", "min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP,
+                 "agreement": val_report["agreement"], "accuracy_fp32": val_report["fp32"]["accuracy"],
+                 "accuracy_int8": val_report["int8"]["accuracy"]},
+        "enabled": not reasons,
+        "fallback": "; ".join(reasons) + ": precision auto runs fp32" if reasons else None,
+        "val": val_report,
+        "test": compare(fp32_logits(test_x), runner.logits(test_x), test_y, t_fp32, t_int8,
+                        review_params(calib), review_params(int8_calib)),
+    }
+    return onnx_int8, section
+
+
+def check_int8_bytes(onnx_bytes: bytes, section: dict, source: str) -> None:
+    """Refuse an int8 file that is not the one the card names (or a card that names none)."""
+    actual = sha256(onnx_bytes)
+    if actual != section.get("sha256"):
+        raise KmnistError(f"int8 model of {source} is not the one its card names: {INT8_FILE} hashes to "
+                          f"{actual[:16]}, the card's int8.sha256 is {str(section.get('sha256'))[:16]}")
