@@ -35,13 +35,15 @@ def run_in_process(make_worker: Callable[[], ChunkWorker], tasks: Iterable[Chunk
 class RayChunkWorker:
     """The Ray actor: a ChunkWorker built on the node it runs on."""
 
-    def __init__(self, card: dict, weights_ref: list, job: JobSpec, device: str, threads: int):
+    def __init__(self, card: dict, weights_ref: list, job: JobSpec, device: str, threads: int, precision: str):
         import ray
 
         # The weights travel through the object store, so workers need no access to the model directory.
         # (Wrapped in a list so Ray does not inline them into the actor's constructor arguments.)
-        self.worker = ChunkWorker(card, ray.get(weights_ref[0]), job, device, threads,
-                                  ray.get_runtime_context().get_node_id())
+        weights, int8 = ray.get(weights_ref[0])
+        self.worker = ChunkWorker(card, weights, job, device, threads, precision=precision, int8=int8,
+                                  node_id=
+ray.get_runtime_context().get_node_id())
 
     def run(self, task: ChunkTask) -> dict:
         return self.worker.run(task)
@@ -59,7 +61,8 @@ def pool_size(ray, cpus_per_worker: float, gpus_per_worker: float) -> int:
 
 
 def run_on_ray(ray, card: dict, weights: bytes, job: JobSpec, tasks: Iterable[ChunkTask], workers: int,
-               cpus_per_worker: float, gpus_per_worker: float, depth: int = 2,
+               cpus_per_worker: float, gpus_per_worker: float, precision: str = "fp32", int8: bytes | None = None,
+               depth: int = 2,
                after_first: Callable[[], None] | None = None) -> Iterator[dict]:
     """Results in completion order. With `after_first`, the first task runs alone and `after_first`
     runs once its result is back, before any other task is sent.
@@ -73,8 +76,8 @@ def run_on_ray(ray, card: dict, weights: bytes, job: JobSpec, tasks: Iterable[Ch
     threads = max(1, int(cpus_per_worker)) if device == "cpu" else 1
     actor_class = ray.remote(RayChunkWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
                                                      max_restarts=0)
-    weights_ref = [ray.put(weights)]
-    new_actor = lambda: actor_class.remote(card, weights_ref, job, device, threads)  # noqa: E731
+    weights_ref = [ray.put((weights, int8))]
+    new_actor = lambda: actor_class.remote(card, weights_ref, job, device, threads, precision)  # noqa: E731
     alive = {i: new_actor() for i in range(workers)}
     starting: dict = {}  # ready() ref of a replacement -> its handle
     load = dict.fromkeys(alive, 0)

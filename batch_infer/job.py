@@ -36,7 +36,7 @@ from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import storage
 from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.files import json_text
-from kmnist_core.model_dir import build_predictor, read_model_files
+from kmnist_core.model_dir import build_predictor, read_int8_files, read_model_files
 from kmnist_core.ray_runtime import endpoints
 from kmnist_core.storage import Location
 
@@ -45,6 +45,7 @@ RUN_FILE = "run.json"
 # workers costs seconds, which a small job never wins back (docs/benchmarks.md, "small jobs").
 LOCAL_MAX_FILES = 20_000
 EXECUTORS = ("auto", "local", "ray")
+PRECISIONS = ("auto", "fp32", "int8")
 EXPORTS = ("alto",)
 
 
@@ -53,6 +54,7 @@ class PredictOptions:
     model: str = "default"
     address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray started for the job
     executor: str = "auto"  # auto: in this process when small and no cluster is given, else Ray
+    precision: str = "auto"  # auto: int8 (ONNX Runtime) on CPU where the model passed its int8 check, else fp32
     batch_size: int = 1024
     workers: int = 0  # Ray workers; 0 = as many as the cluster has room for
     cpus_per_worker: float = 1.0
@@ -81,6 +83,8 @@ class PredictOptions:
             raise KmnistError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
         if self.read_retries < 0 or self.retry_backoff_s < 0:
             raise KmnistError("--read-retries and --retry-backoff must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise KmnistError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.executor not in EXECUTORS:
             raise KmnistError(f"--executor must be one of {', '.join(EXECUTORS)}")
         if set(self.export) - set(EXPORTS):
@@ -105,7 +109,8 @@ def make_out(out: Location) -> None:
         raise KmnistError(f"cannot create --out {out.uri}: {e.strerror or e}") from None
 
 
-def previous_chunks(out: Location, metas: dict, opts: PredictOptions, model_id: str) -> dict[str, output.ChunkRecord]:
+def previous_chunks(out: Location, metas: dict, opts: PredictOptions, model_id: str,
+                    precision: str) -> dict[str, output.ChunkRecord]:
     """Check OUT's committed shards against --resume / --overwrite and the model; returns the chunks they
     hold, for resume to skip. Deletes nothing: --overwrite replaces the old shards at the first commit."""
     if not metas or opts.overwrite:
@@ -114,10 +119,16 @@ def previous_chunks(out: Location, metas: dict, opts: PredictOptions, model_id: 
         raise KmnistError(f"{out.uri} already holds predictions ({len(metas)} shards); "
                           f"pass --resume to finish that run or --overwrite to start again")
     output.refuse_other_schema(out, metas, "writes")
-    previous = {run.get("model_id") for run in output.run_metadata(metas)[0]}
+    runs = output.run_metadata(metas)[0]
+    previous = {run.get("model_id") for run in runs}
     if previous - {model_id}:
         raise KmnistError(f"{out.uri} was written by model {', '.join(sorted(previous))}, not {model_id}; "
                           f"resume with the same model or use --overwrite")
+    # int8 and fp32 share a model_id but not every row's figures: one OUT, one precision.
+    precisions = {run.get("precision", "fp32") for run in runs}
+    if precisions - {precision}:
+        raise KmnistError(f"{out.uri} was predicted at precision {', '.join(sorted(precisions))}, this run would use "
+                          f"{precision}; resume with --precision {sorted(precisions)[0]} or use --overwrite")
     return output.chunk_records(metas)
 
 
@@ -194,16 +205,17 @@ def staged(task: ChunkTask, folder: Location) -> ChunkTask:
 
 
 def run_tasks(executor: str, tasks: Iterable[ChunkTask], card: dict, weights: bytes, job: JobSpec,
-              opts: PredictOptions, after_first: Callable[[], None] | None) -> Iterator[dict]:
+              opts: PredictOptions, after_first: Callable[[], None] | None, precision: str,
+              int8: bytes | None) -> Iterator[dict]:
     if executor == "local":
-        make = lambda: ChunkWorker(card, weights, job, threads=os.cpu_count() or 1)  # noqa: E731
+        make = lambda: ChunkWorker(card, weights, job, threads=os.cpu_count() or 1, precision=precision, int8=int8)  # noqa: E731
         return run_in_process(make, tasks, after_first)
     from kmnist_core.ray_runtime import init_ray
 
     ray = init_ray(opts.address)
     workers = opts.workers or pool_size(ray, opts.cpus_per_worker, opts.gpus_per_worker)
     return run_on_ray(ray, card, weights, job, tasks, workers, opts.cpus_per_worker, opts.gpus_per_worker,
-                      after_first=after_first)
+                      precision, int8, after_first=after_first)
 
 
 def start_info(run_meta: dict, card: dict, opts: PredictOptions, executor: str, plan: Plan, skipped: Counter) -> dict:
@@ -212,8 +224,8 @@ def start_info(run_meta: dict, card: dict, opts: PredictOptions, executor: str, 
     listed = executor == "local"
     info = {"run_id": run_meta["run_id"], "inputs": run_meta["inputs"], "files": plan.files_listed if listed else None,
             "skipped": {k: v for k, v in skipped.items() if v}, "already_done": plan.already_done if listed else None,
-            "model_id": card["model_id"], "review_below": run_meta["review_below"],
-            "ood_threshold": card.get("calibration", {}).get("ood_threshold"), "out": run_meta["out"],
+            "model_id": card["model_id"], "precision": run_meta["precision"], "review_below": run_meta["review_below"],
+            "ood_threshold": run_meta["ood_threshold"], "out": run_meta["out"],
             "options": run_meta["options"]}
     if executor == "ray":
         from kmnist_core.ray_runtime import init_ray
@@ -264,15 +276,18 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         check_inputs(inputs)
     check_out(out_loc)
     card, weights = read_model_files(opts.model)
-    build_predictor(card, weights, source=opts.model)  # fail here, before OUT or Ray, on a bad model
+    device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
+    precision, card, int8 = read_int8_files(opts.model, card, weights, opts.precision, device)
+    # Fail here, before OUT or Ray, on a bad model; int8 brings its own calibration (refitted on its logits).
+    check = build_predictor(card, weights, source=opts.model, precision=precision, int8=int8)
     make_out(out_loc)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     with out_lock.hold(out_loc, run_id) as killed_holder:
-        review_below = opts.review_below if opts.review_below is not None else float(card.get("calibration", {}).get("review_below", 0.5))
+        review_below = opts.review_below if opts.review_below is not None else check.review_below
         output.recover(out_loc)
         metas = output.footers(out_loc)
         replacing = opts.overwrite and bool(metas or storage.exists(output.predictions_dir(out_loc)))
-        previous = previous_chunks(out_loc, metas, opts, card["model_id"])
+        previous = previous_chunks(out_loc, metas, opts, card["model_id"], precision)
         if previous:
             # Chunk boundaries depend on the chunk size: resume cuts the listing as the first run did,
             # so its committed chunks are recognized by id (and their error rows can be re-read).
@@ -282,9 +297,10 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
             opts.export = opts.export or tuple(earlier_options.get("export") or ())
         if not replacing:
             storage.make_dirs(output.predictions_dir(out_loc))
-        run_meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card["model_id"],
+        run_meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card["model_id"], "precision": precision,
                     "inputs": [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i)) for i in inputs],
                     "out": out_loc.uri, "options": asdict(opts), "review_below": review_below,
+                    "ood_threshold": check.ood_threshold,
                     "took_over_lock_from": killed_holder,
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         job = JobSpec(out=out_loc.uri, run_id=run_id, review_below=review_below, read_retries=opts.read_retries,
@@ -319,7 +335,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                     output.swap_in(out_loc, run_id, list(metas), stale=(out_loc.join(SUMMARY_DIR),))
             phases = {"prepare": time.perf_counter() - started}  # checks, model, lock, earlier output
             loop_started = time.perf_counter()
-            for stats in run_tasks(executor, tasks, card, weights, job, opts, after_first):
+            for stats in run_tasks(executor, tasks, card, weights, job, opts, after_first, precision, int8):
                 if not tally.chunks:  # Ray start-up and the first chunk (the listing streams meanwhile)
                     phases["first_chunk"] = time.perf_counter() - loop_started
                 tally.add(stats)

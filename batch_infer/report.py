@@ -174,7 +174,7 @@ def write_report(out: str | Path | Location) -> dict:
             "needs_review": sum(s.reasons.values()),
             "review_reasons": {r: s.reasons.get(r, 0) for r in REVIEW_REASONS},
             "review_below": latest.get("review_below"),
-            "ood_threshold": card.get("calibration", {}).get("ood_threshold"),
+            "ood_threshold": latest.get("ood_threshold", card.get("calibration", {}).get("ood_threshold")),
             "inverted": s.inverted,
             "mean_confidence": s.confidence_sum / s.predicted if s.predicted else None,
             "runs": sorted(r["run_id"] for r in runs),

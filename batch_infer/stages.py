@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from batch_infer.schema import SCHEMA
 from kmnist_core import storage
-from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_bytes
+from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_many
 from kmnist_core.review import review_reasons
 
 
@@ -54,20 +54,24 @@ def read_files(paths: list[bytes]) -> list[bytes | OSError]:
         return list(pool.map(read_file, paths))
 
 
-def decode_file(data: bytes | OSError, input_size: int, max_pixels: int) -> tuple:
-    """One file's DECODED_FIELDS: model-ready pixels and provenance, or an error and its kind."""
-    sha = size = None
-    try:
-        if isinstance(data, OSError):
-            raise data
-        sha, size = hashlib.sha256(data).hexdigest(), len(data)
-        img = decode_bytes(data, input_size, max_pixels)
-        ink = img.ink_box or (None,) * 4
-        return (img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, img.blank, *ink, None, None)
-    except DecodeError as e:
-        return b"", sha, size, *NO_IMAGE, str(e), e.kind
-    except OSError as e:
-        return b"", sha, size, *NO_IMAGE, f"unreadable: {e.strerror or e}", "unreadable"
+def decode_files(data: list[bytes | OSError], input_size: int, max_pixels: int) -> list[tuple]:
+    """Each file's DECODED_FIELDS: model-ready pixels and provenance, or an error and its kind. The files
+    read are decoded together (decode_many: crops of one shape share one pass of array arithmetic)."""
+    readable = [i for i, d in enumerate(data) if not isinstance(d, OSError)]
+    images = dict(zip(readable, decode_many([data[i] for i in readable], input_size, max_pixels)))
+    results = []
+    for i, d in enumerate(data):
+        if isinstance(d, OSError):
+            results.append((b"", None, None, *NO_IMAGE, f"unreadable: {d.strerror or d}", "unreadable"))
+            continue
+        sha, size, img = hashlib.sha256(d).hexdigest(), len(d), images[i]
+        if isinstance(img, DecodeError):
+            results.append((b"", sha, size, *NO_IMAGE, str(img), img.kind))
+        else:
+            ink = img.ink_box or (None,) * 4
+            results.append((img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, img.blank, *ink,
+                            None, None))
+    return results
 
 
 def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 0,
@@ -76,14 +80,14 @@ def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX
     times, after backoff_s, 2*backoff_s, ... (one wait per batch, not per file). Arrow in and out, so
     nulls stay nulls (numpy batches would turn them into NaN)."""
     paths = batch.column("path_bytes").to_pylist()
-    results = [decode_file(data, input_size, max_pixels) for data in read_files(paths)]
+    results = decode_files(read_files(paths), input_size, max_pixels)
     for attempt in range(retries):
         again = [i for i, r in enumerate(results) if r[-1] in TRANSIENT_KINDS]
         if not again:
             break
         time.sleep(backoff_s * 2**attempt)
-        for i, data in zip(again, read_files([paths[i] for i in again])):
-            results[i] = decode_file(data, input_size, max_pixels)
+        for i, result in zip(again, decode_files(read_files([paths[i] for i in again]), input_size, max_pixels)):
+            results[i] = result
     return decoded_table(batch, results)
 
 

@@ -56,7 +56,7 @@ def counts(table: pa.Table) -> dict:
 
 class ChunkWorker:
     def __init__(self, card: dict, weights: bytes, job: JobSpec, device: str = "cpu", threads: int = 0,
-                 node_id: str | None = None):
+                 node_id: str | None = None, precision: str = "fp32", int8: bytes | None = None):
         import torch
 
         from kmnist_core.model_dir import build_predictor
@@ -65,7 +65,8 @@ class ChunkWorker:
             torch.set_num_threads(threads)
         self.job = job
         self.input_size = int(card["input"]["size"])
-        self.rows = RowBuilder(build_predictor(card, weights, device), job.run_id, job.review_below, node_id)
+        model = build_predictor(card, weights, device, precision=precision, int8=int8, threads=threads or None)
+        self.rows = RowBuilder(model, job.run_id, job.review_below, node_id)
         self.metadata = {k.encode(): v.encode() for k, v in job.metadata.items()}
         self.out = storage.resolve(job.out)
 

@@ -199,6 +199,8 @@ def predict(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
     executor: str = typer.Option("auto", help="auto: small jobs with no cluster given run in this process, the "
                                               "rest on Ray; local; ray"),
+    precision: str = typer.Option("auto", help="auto: int8 (ONNX Runtime) on CPU where the model passed its int8 "
+                                               "check, fp32 on GPU; fp32; int8"),
     batch_size: int = typer.Option(1024, help="crops per model call"),
     workers: int = typer.Option(0, help="Ray workers (each reads, decodes, predicts and writes); 0 = as many as "
                                         "the cluster has room for"),
@@ -244,7 +246,8 @@ def predict(
             from batch_infer.job import PredictOptions, run_predict
             from batch_infer.progress import RunProgress
 
-            opts = PredictOptions(model=model, address=address, executor=executor, batch_size=batch_size, workers=workers,
+            opts = PredictOptions(model=model, address=address, executor=executor, precision=precision,
+                                  batch_size=batch_size, workers=workers,
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                   review_below=review_below, resume=resume, overwrite=overwrite,
                                   retry_errors=retry_errors, read_retries=read_retries,
