@@ -7,6 +7,7 @@ trial (on val accuracy, never test) becomes a model directory in OUT/best. Ray 2
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -229,7 +230,10 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
                                                         checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=0)),
         )
-    with active(progress):
+    # Under `ray job submit`, Ray may replace the job's working_dir copy while trials start (a job after
+    # another with the same package), leaving this process in a deleted folder; Tune then fails in
+    # os.getcwd(). Run the fit from OUT, which nothing replaces (every path Tune gets is absolute).
+    with active(progress), contextlib.chdir(out.resolve()):
         results = tuner.fit()
     trials, history = collect(results, cfg)
     trials.to_csv(out / "trials.csv", index=False)

@@ -1,0 +1,85 @@
+"""Steady-state `predict` crops/s of this checkout against an earlier commit, same files, same run.
+
+The earlier commit is checked out in a temporary git worktree and run with the same venv (its code
+first on PYTHONPATH), each with its own defaults (model, pipeline, precision; both on Ray), through the
+library call both share, `batch_infer.job.run_predict`. Steady state = (N2 - N1) / (t2 - t1), so start-up
+cancels out; the sizes alternate between the two checkouts so drifting load hits both alike.
+
+    .venv/bin/python bench/vs_commit.py [--baseline af6991a] [--sizes 5000,50000] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.record import append_row  # noqa: E402
+
+# Both on Ray: a steady state between a run in-process (the small job) and one on Ray would mix two paths.
+RUN = ("import sys; from batch_infer.job import PredictOptions, run_predict; "
+       "ray = {'executor': 'ray'} if 'executor' in PredictOptions.__dataclass_fields__ else {}; "
+       "run_predict([sys.argv[1]], sys.argv[2], PredictOptions(**ray))")
+
+
+def make_tree(root: Path, n: int) -> None:
+    from kmnist_core.datasets import load_dataset
+
+    images = load_dataset("kmnist-dev").test.images
+    for i in range(n):
+        p = root / f"{i // 1000:04d}" / f"{i:07d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i % len(images)]).save(p)
+
+
+def timed_run(code: Path, tree: Path, out: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    started = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", RUN, str(tree), str(out)], cwd=code, env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{code}: {r.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", default="af6991a")
+    parser.add_argument("--sizes", default="5000,50000")
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    n1, n2 = (int(s) for s in args.sizes.split(","))
+    work = Path(tempfile.mkdtemp(prefix="kmnist-vs-"))
+    old = work / "baseline"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.baseline], check=True,
+                   capture_output=True)
+    try:
+        times = {}
+        for n in (n1, n2):
+            make_tree(work / f"in-{n}", n)
+            for name, code in (("baseline", old), ("now", REPO)):
+                times[name, n] = timed_run(code, work / f"in-{n}", work / f"out-{name}-{n}")
+                print(f"{name:>8} {n:>7,} files: {times[name, n]:6.1f} s", flush=True)
+        rate = {name: (n2 - n1) / (times[name, n2] - times[name, n1]) for name in ("baseline", "now")}
+        ratio = rate["now"] / rate["baseline"]
+        print(f"steady state {n1:,}->{n2:,}: {args.baseline} {rate['baseline']:,.0f} crops/s, now {rate['now']:,.0f} "
+              f"crops/s: {ratio:.2f}x")
+        if args.record:
+            append_row("predict against an earlier commit", [
+                args.baseline, f"{n1:,}→{n2:,}", f"{rate['baseline']:,.0f}", f"{rate['now']:,.0f}", f"**{ratio:.2f}×**",
+                " / ".join(f"{name} {n:,}: {times[name, n]:.1f} s" for (name, n) in times)])
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
