@@ -28,7 +28,7 @@ from bench.record import append_row  # noqa: E402
 # Both on Ray: a steady state between a run in-process (the small job) and one on Ray would mix two paths.
 RUN = ("import sys; from batch_infer.job import PredictOptions, run_predict; "
        "ray = {'executor': 'ray'} if 'executor' in PredictOptions.__dataclass_fields__ else {}; "
-       "run_predict([sys.argv[1]], sys.argv[2], PredictOptions(**ray))")
+       "from pathlib import Path; run_predict([Path(sys.argv[1])], Path(sys.argv[2]), PredictOptions(**ray))")
 
 
 def make_tree(root: Path, n: int) -> None:
