@@ -19,26 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.predict_throughput import make_tree  # noqa: E402
 from bench.record import append_row  # noqa: E402
 
 # Both on Ray: a steady state between a run in-process (the small job) and one on Ray would mix two paths.
 RUN = ("import sys; from batch_infer.job import PredictOptions, run_predict; "
        "ray = {'executor': 'ray'} if 'executor' in PredictOptions.__dataclass_fields__ else {}; "
        "from pathlib import Path; run_predict([Path(sys.argv[1])], Path(sys.argv[2]), PredictOptions(**ray))")
-
-
-def make_tree(root: Path, n: int) -> None:
-    from kmnist_core.datasets import load_dataset
-
-    images = load_dataset("kmnist-dev").test.images
-    for i in range(n):
-        p = root / f"{i // 1000:04d}" / f"{i:07d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i % len(images)]).save(p)
 
 
 def timed_run(code: Path, tree: Path, out: Path) -> float:

@@ -7,8 +7,6 @@ import json
 import re
 import time
 
-import pytest
-
 from batch_infer.progress import RunProgress
 from kmnist_core.progress import PROGRESS_FILE
 

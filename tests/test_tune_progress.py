@@ -3,7 +3,6 @@ status` on its OUT while it runs and once it is done. Real local Ray, real kmnis
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,17 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.test_faults import wait_for
+from tests.test_follow_run import status
 from tests.test_tune import small_data_dir  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
 GRID_LINE = re.compile(r"^\d\d:\d\d:\d\d grid (\d+)/4 trials \((\d+) running, (\d+) pending, (\d+) errored")
 
-
-def status(out: Path) -> dict:
-    done = subprocess.run([CLI, "status", str(out), "--json"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def test_grid_logs_start_and_progress_lines_and_status_follows_it(tmp_path, small_data_dir):  # noqa: F811
