@@ -12,8 +12,9 @@ Local folders are walked on bytes, so a name that is not UTF-8 is found like any
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -105,6 +106,27 @@ def walk_store(loc: storage.Location, root: storage.Location, skipped: Counter) 
         else:
             uri = child.uri.encode()
             yield ListedFile(uri, uri[len(root.uri) + 1 :], root.uri.encode())
+
+
+def count_ahead(inputs: list[str], on_counted: Callable[[int], None], stop: threading.Event) -> None:
+    """Count the image files under `inputs` in a background thread and hand the count to `on_counted`,
+    unless `stop` is set first. The listing that feeds the workers streams at their pace (the driver holds
+    a chunk at a time), so its own total comes only near the end of a run; this second walk keeps only a
+    count, so a run has an estimated total and an ETA early (0.12 s per 50,000 local files here; on an
+    object store, one more LIST of the prefix). A failing input is the real listing's to report."""
+    def count() -> None:
+        n = 0
+        try:
+            for _ in iter_files(inputs, Counter()):
+                if stop.is_set():
+                    return
+                n += 1
+        except Exception:
+            return
+        if not stop.is_set():
+            on_counted(n)
+
+    threading.Thread(target=count, name="kmnist-count-ahead", daemon=True).start()
 
 
 def iter_files(inputs: list[str], skipped: Counter) -> Iterator[ListedFile]:

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 from batch_infer import out_lock, output
 from batch_infer.chunks import chunked
-from batch_infer.discover import check_inputs, iter_files
+from batch_infer.discover import check_inputs, count_ahead, iter_files
 from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
 from batch_infer.manifest import Manifest, manifest_chunks, read_manifest
 from batch_infer.pages_out import write_pages
@@ -312,6 +313,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         plan = Plan(out_loc, previous, opts.retry_errors)
         tally = Tally(on_chunk, progress.chunk_done if progress else None)
         after_first = None
+        stop_counting = threading.Event()
         try:  # from here on, any end is recorded in run.json
             write_run_file(out_loc, {**run_meta, "status": "running", "model_card": card})
             chunks = (manifest_chunks(manifest, opts.rows_per_shard) if manifest
@@ -321,6 +323,12 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
             if progress:
                 progress.start(start_info(run_meta, card, opts, executor, plan, skipped))
                 tasks = reporting_listing(tasks, plan, skipped, progress)
+                if executor == "ray":  # the listing streams: estimate the total from a count run ahead
+                    done_before = sum(r.rows - plan.rereads(r) for r in previous.values())
+                    if manifest:
+                        progress.counted(manifest.rows.num_rows, done_before)
+                    else:
+                        count_ahead(inputs, lambda n: progress.counted(n, done_before), stop_counting)
             if replacing:
                 # --overwrite: the first chunk is committed aside (locally), and only then replaces the old
                 # output; a run that fails before its first commit leaves the earlier predictions as they were.
@@ -378,3 +386,5 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                 kept = f"{committed:,} rows committed by this run are kept; run again with --resume to finish"
             error = Interrupted if interrupted else KmnistError
             raise error(f"{reason}; {kept}") from None
+        finally:
+            stop_counting.set()

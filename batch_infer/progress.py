@@ -4,6 +4,7 @@ The driver calls, in order:
     progress = RunProgress(out, every_s=30, quiet=False)
     progress.start(info)            # before the first crop; the listing may still be running
     progress.listing(so_far)        # while the listing streams: files found so far (shown as "done/? (N so far)")
+    progress.counted(files, already_done)  # a count of the inputs run ahead of the listing: "done/~N" and an ETA
     progress.listed(total, skipped, already_done)  # once it has finished: the total, from here on with an ETA
     progress.chunk_done(stats)      # for every committed chunk: {"rows", "replaced", "errors_by_kind", "review_by_reason"}
     progress.finish(status, reason) # "completed", "failed" or "interrupted" (with the one-line reason)
@@ -11,7 +12,10 @@ Lines are printed from a background thread on time even when no chunk finishes (
 
 Figures: `done` counts this run's rows (files to predict now), `total` the files this run has to
 predict (the listing minus what a resumed run already has); rates are crops/s over the last interval
-and since start(); the ETA is the remaining files at the overall rate.
+and since start(); the ETA is the remaining files at the overall rate. The listing streams at the pace
+the workers take chunks (the driver holds one chunk at a time), so on Ray its total comes only near the
+end; until then the total is estimated (`~`) from a count of the inputs that runs ahead
+(batch_infer/count_ahead.py).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class RunProgress(Reporter):
         self.skipped: dict[str, int] = {}
         self.done = 0
         self.listed_so_far = 0  # files to do among those listed so far, while the listing streams
+        self.estimate: int | None = None  # files to do, from the count ahead, until the listing's own total
         self.errors: Counter = Counter()
         self.review: Counter = Counter()
         self._done_at_last = 0
@@ -82,6 +87,12 @@ class RunProgress(Reporter):
             self.total, self.skipped = int(total), {k: v for k, v in skipped.items() if v}
             if already_done is not None:
                 self.info["already_done"] = already_done
+
+    def counted(self, files: int, already_done: int = 0) -> None:
+        """The count ahead of the listing has ended: `files` in the inputs, of which about `already_done`
+        are in an earlier run's committed chunks."""
+        with self._lock:
+            self.estimate = max(int(files) - int(already_done), 0)
 
     def listing(self, so_far: int) -> None:
         """While the listing streams: how many files to do it has found so far."""
@@ -117,13 +128,15 @@ class RunProgress(Reporter):
         since = max(now - self.last_emit, 0.0)
         rate_interval = (self.done - self._done_at_last) / since if since > 0 else None
         rate_overall = self.done / elapsed if elapsed > 0 else None
-        eta = None
-        if self.total is not None and rate_overall:
-            eta = max(self.total - self.done, 0) / rate_overall
+        expected = self.total if self.total is not None else self.estimate
+        if expected is not None:  # the estimate can fall short of what is done (files added meanwhile)
+            expected = max(expected, self.done, self.listed_so_far if self.total is None else 0)
+        eta = max(expected - self.done, 0) / rate_overall if expected is not None and rate_overall else None
         return {"done": self.done, "total": self.total, "listing_done": self.total is not None,
+                "estimated_total": expected if self.total is None else None,
                 "listed_so_far": self.listed_so_far if self.total is None else self.total,
                 "already_done": self.info.get("already_done"), "skipped": self.skipped,
-                "percent": round(100 * self.done / self.total, 1) if self.total else None,
+                "percent": round(100 * self.done / expected, 1) if expected else None,
                 "elapsed_s": round(elapsed, 1), "interval_s": round(since, 1),
                 "rate_interval": round(rate_interval, 1) if rate_interval is not None else None,
                 "rate_overall": round(rate_overall, 1) if rate_overall is not None else None,
@@ -135,7 +148,7 @@ class RunProgress(Reporter):
         self._done_at_last = self.done
 
     def bar_state(self, figures: dict) -> tuple[int, int | None]:
-        return figures["done"], figures["total"]
+        return figures["done"], figures["total"] if figures["total"] is not None else figures["estimated_total"]
 
     def _tail(self, f: dict) -> str:
         errors = f"errors {f['errors']:,}" + (f" ({counts_text(f['errors_by_kind'])})" if f["errors"] else "")
@@ -145,6 +158,8 @@ class RunProgress(Reporter):
     def line(self, f: dict) -> str:
         if f["total"] is not None:
             head = f"{f['done']:,}/{f['total']:,} ({f['percent'] if f['percent'] is not None else 100.0:.1f}%)"
+        elif f["estimated_total"] is not None:
+            head = f"{f['done']:,}/~{f['estimated_total']:,} ({f['percent'] or 0.0:.1f}%)"
         else:
             head = f"{f['done']:,}/? (still listing: {f['listed_so_far']:,} so far)"
         now = f"{f['rate_interval']:,.0f}" if f["rate_interval"] is not None else "-"

@@ -175,8 +175,13 @@ def progress_text(p: dict, kind: str) -> list[str]:
                 f"{p.get('pending', 0)} pending, {p.get('errored', 0)} errored; {best_text}; "
                 f"ETA {duration(p.get('eta_s'))}"]
     total = p.get("total")
-    head = f"{p.get('done', 0):,}/{total:,} ({p.get('percent') or 0:.1f}%)" if total is not None else \
-        f"{p.get('done', 0):,}/? (still listing: {p.get('listed_so_far') or 0:,} so far)"
+    estimate = p.get("estimated_total")
+    if total is not None:
+        head = f"{p.get('done', 0):,}/{total:,} ({p.get('percent') or 0:.1f}%)"
+    elif estimate is not None:  # the listing still streams; the total is the count ahead's
+        head = f"{p.get('done', 0):,}/~{estimate:,} ({p.get('percent') or 0:.1f}%)"
+    else:
+        head = f"{p.get('done', 0):,}/? (still listing: {p.get('listed_so_far') or 0:,} so far)"
     rate = p.get("rate_interval")
     rates = (f"{rate:,.0f} crops/s last interval, " if rate is not None else "") + \
         (f"{p['rate_overall']:,.0f} overall" if p.get("rate_overall") is not None else "- overall")

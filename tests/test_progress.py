@@ -33,6 +33,33 @@ def record(out) -> dict:
     return json.loads((out / PROGRESS_FILE).read_text(encoding="utf-8"))
 
 
+def test_a_count_ahead_of_the_streaming_listing_gives_an_estimated_total_and_an_eta(tmp_path):
+    stream, clock = io.StringIO(), FakeClock()
+    p = reporter(tmp_path, stream, clock)
+    p.start(INFO)
+    p.listing(300)
+    p.counted(1200, already_done=200)  # 1,200 files, 200 of them in an earlier run's committed chunks
+    clock.t += 1.0
+    p.chunk_done({"rows": 250, "errors_by_kind": {}, "review_by_reason": {}})
+    line = stream.getvalue().splitlines()[-1]
+    # 250 of ~1,000 after 1 s at 250/s: 750 left -> 3 s.
+    assert "progress 250/~1,000 (25.0%); 250 crops/s (last 1s), 250 overall; ETA 3s" in line, line
+    r = record(tmp_path)
+    assert (r["total"], r["estimated_total"], r["percent"], r["eta_s"]) == (None, 1000, 25.0, 3.0)
+
+    # Files added after the count: the estimate never falls below what is done or listed.
+    p.listing(1500)
+    clock.t += 1.0
+    p.chunk_done({"rows": 1250, "errors_by_kind": {}, "review_by_reason": {}})
+    assert "progress 1,500/~1,500 (100.0%)" in stream.getvalue().splitlines()[-1]
+
+    p.listed(1600, {})  # the listing's own total replaces the estimate
+    clock.t += 1.0
+    p.chunk_done({"rows": 50, "errors_by_kind": {}, "review_by_reason": {}})
+    assert "progress 1,550/1,600 (96.9%)" in stream.getvalue().splitlines()[-1]
+    assert record(tmp_path)["estimated_total"] is None
+
+
 def test_start_line_then_a_progress_line_per_interval_with_counts_rates_and_eta(tmp_path):
     stream, clock = io.StringIO(), FakeClock()
     p = reporter(tmp_path, stream, clock)

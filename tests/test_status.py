@@ -158,6 +158,18 @@ def test_the_records_written_by_run_progress_are_understood(holder):
     assert s["state"] == "interrupted" and s["resume_command"].startswith("kmnist-batch predict /data/a --out")
 
 
+def test_a_streaming_listing_shows_the_estimated_total_from_the_count_ahead(holder):
+    out, child = holder
+    clock = iter(range(1000, 2000)).__next__  # one second per reading
+    p = RunProgress(out, every_s=1.0, background=False, stream=open(os.devnull, "w"), clock=clock)
+    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": None, "options": OPTIONS})
+    p.listing(400)
+    p.counted(4000)
+    p.chunk_done({"rows": 1000, "errors_by_kind": {}, "review_by_reason": {}})
+    text = status_text(run_status(out))
+    assert "progress  1,000/~4,000 (25.0%)" in text and "ETA -" not in text, text
+
+
 def test_tune_out(tmp_path):
     config = {"dataset": "kmnist-dev", "model": "simple-cnn", "lrs": [0.01, 0.001], "batch_sizes": [32, 64],
               "epochs": 2, "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "scheduler": "none", "augment": "study",
