@@ -15,7 +15,7 @@ predict (the listing minus what a resumed run already has); rates are crops/s ov
 and since start(); the ETA is the remaining files at the overall rate. The listing streams at the pace
 the workers take chunks (the driver holds one chunk at a time), so on Ray its total comes only near the
 end; until then the total is estimated (`~`) from a count of the inputs that runs ahead
-(batch_infer/count_ahead.py).
+(batch_infer.discover.count_ahead).
 """
 
 from __future__ import annotations
@@ -52,6 +52,17 @@ def start_text(info: dict) -> str:
     if info.get("workers") is not None:
         parts.append(f"{info['workers']} worker{'s' if info['workers'] != 1 else ''}")
     return "; ".join(parts)
+
+
+def head_text(f: dict) -> str:
+    """The count part of a progress line, from figures (RunProgress.figures, or _progress.json as read
+    back): "done/total (pct%)", "done/~estimate (pct%)" while the listing streams, or "done/? (...)"."""
+    done = f.get("done") or 0
+    if f.get("total") is not None:  # an empty run (0/0) is all done
+        return f"{done:,}/{f['total']:,} ({f['percent'] if f.get('percent') is not None else 100.0:.1f}%)"
+    if f.get("estimated_total") is not None:
+        return f"{done:,}/~{f['estimated_total']:,} ({f.get('percent') or 0.0:.1f}%)"
+    return f"{done:,}/? (still listing: {f.get('listed_so_far') or 0:,} so far)"
 
 
 class RunProgress(Reporter):
@@ -156,13 +167,7 @@ class RunProgress(Reporter):
         return f"{errors}; {review}"
 
     def line(self, f: dict) -> str:
-        if f["total"] is not None:
-            head = f"{f['done']:,}/{f['total']:,} ({f['percent'] if f['percent'] is not None else 100.0:.1f}%)"
-        elif f["estimated_total"] is not None:
-            head = f"{f['done']:,}/~{f['estimated_total']:,} ({f['percent'] or 0.0:.1f}%)"
-        else:
-            head = f"{f['done']:,}/? (still listing: {f['listed_so_far']:,} so far)"
         now = f"{f['rate_interval']:,.0f}" if f["rate_interval"] is not None else "-"
         overall = f"{f['rate_overall']:,.0f}" if f["rate_overall"] is not None else "-"
-        return (f"progress {head}; {now} crops/s (last {duration(f['interval_s'])}), {overall} overall; "
+        return (f"progress {head_text(f)}; {now} crops/s (last {duration(f['interval_s'])}), {overall} overall; "
                 f"ETA {duration(f['eta_s'])}; {self._tail(f)}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from batch_infer import output
 from batch_infer.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
+from batch_infer.progress import head_text
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
@@ -174,18 +175,10 @@ def progress_text(p: dict, kind: str) -> list[str]:
         return [f"trials    {p.get('done', 0)}/{p.get('trials_total', '?')} done, {p.get('running', 0)} running, "
                 f"{p.get('pending', 0)} pending, {p.get('errored', 0)} errored; {best_text}; "
                 f"ETA {duration(p.get('eta_s'))}"]
-    total = p.get("total")
-    estimate = p.get("estimated_total")
-    if total is not None:
-        head = f"{p.get('done', 0):,}/{total:,} ({p.get('percent') or 0:.1f}%)"
-    elif estimate is not None:  # the listing still streams; the total is the count ahead's
-        head = f"{p.get('done', 0):,}/~{estimate:,} ({p.get('percent') or 0:.1f}%)"
-    else:
-        head = f"{p.get('done', 0):,}/? (still listing: {p.get('listed_so_far') or 0:,} so far)"
     rate = p.get("rate_interval")
     rates = (f"{rate:,.0f} crops/s last interval, " if rate is not None else "") + \
         (f"{p['rate_overall']:,.0f} overall" if p.get("rate_overall") is not None else "- overall")
-    return [f"progress  {head}; {rates}; ETA {duration(p.get('eta_s'))}",
+    return [f"progress  {head_text(p)}; {rates}; ETA {duration(p.get('eta_s'))}",
             f"errors    {p.get('errors', 0):,}" + (f" ({counts_text(p['errors_by_kind'])})" if p.get("errors") else ""),
             f"review    {p.get('needs_review', 0):,}" + (f" ({counts_text(p['review_by_reason'])})" if p.get("needs_review") else "")]
 
