@@ -148,8 +148,10 @@ def test_job_api_requires_the_auth_token(cluster):
 def test_predict_job_runs_on_both_nodes(cluster, tmp_path, kmnist_dev):
     files = plain_tree(tmp_path / "scans", kmnist_dev.test.images, 6000)
     out = tmp_path / "out"
+    # 500 files a chunk gives about 12 chunks; at the default 4096, 6000 files are one chunk in
+    # about one run of seven (no content-defined boundary falls in range) and only one worker has work.
     r = cluster.submit("jobs.predict", str(tmp_path / "scans"), "--out", str(out), "--workers", "2",
-                       "--cpus-per-worker", "1.5", "--batch-size", "256")
+                       "--cpus-per-worker", "1.5", "--batch-size", "256", "--rows-per-shard", "500")
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     df = pd.read_parquet(out / "predictions")
     assert len(df) == len(files) and not df.path.duplicated().any()
@@ -195,6 +197,13 @@ def test_predict_job_reads_and_writes_only_the_object_store_on_both_nodes(cluste
     assert len(set(t.column("node_id").to_pylist())) == 2
 
 
+def committed_nodes(predictions: Path) -> set[str]:
+    """The nodes that have committed a shard so far (a shard appears whole, by rename)."""
+    import pyarrow.parquet as pq
+
+    return {n for f in predictions.glob("*.parquet") for n in pq.read_table(f, columns=["node_id"]).column(0).to_pylist()}
+
+
 def test_losing_the_worker_node_mid_predict_still_gives_one_row_per_file(cluster, tmp_path, kmnist_dev):
     """Runs last: it kills the worker node."""
     files = plain_tree(tmp_path / "scans", kmnist_dev.test.images, 20000)
@@ -205,7 +214,7 @@ def test_losing_the_worker_node_mid_predict_still_gives_one_row_per_file(cluster
                             ".", "--", "python", "-m", *args], env=cluster.env, cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
-    while time.time() < deadline and len(list((out / "predictions").glob("*.parquet"))) < 2:
+    while time.time() < deadline and len(committed_nodes(out / "predictions")) < 2:
         time.sleep(0.1)
     os.kill(cluster.worker_raylet(), signal.SIGKILL)  # the worker node dies with its model actor
     log, _ = job.communicate(timeout=400)
