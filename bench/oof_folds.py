@@ -1,0 +1,139 @@
+"""Out-of-fold predictions over all 8,000 bundled kmnist-dev images, resumable per epoch and per fold.
+
+The 8,000 images are cut into K stratified folds (seeded). For fold k a model is trained, with the recipe
+below, on the other K-1 folds only, and predicts fold k: every image's out-of-fold logits come from a model
+that never saw it (no teachers, so no model trained on fold k's images reaches fold k's figures). Each fold
+also scores 2,000 synthetic negatives cut from its held-out images with held-out glyphs, for the
+out-of-set threshold.
+
+What a fold leaves, in `--results` (committed: a few hundred KB a fold, so the next session on a new
+machine picks up where this one stopped):
+    fold-K.npz      index (into the 8,000), labels, logits, neg_logits, and the wall time of the fold
+    fold-K.pt       the fold model's weights (a plain state dict)
+and in `--work` (not committed): a checkpoint every `--checkpoint-every` epochs, so a killed fold resumes
+at its last checkpoint instead of epoch 1.
+
+    nice -n 19 .venv/bin/python bench/oof_folds.py --folds 5 --threads 1
+
+Rerun the same command to resume. `--fold N` runs one fold only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kmnist_core.datasets import Dataset, Split, load_dataset
+from kmnist_core.files import write_json_atomic
+from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLD_SEED = 20261204
+AOYAGI = "/usr/share/fonts/truetype/aoyagi-kouzan-t/AoyagiKouzanT.ttf"
+# The plain recipe of ../shared/STACK.md ("Accuracy vs CPU speed"), with outlier exposure as the default
+# model has it: no teachers, so a fold's figures are honest by construction.
+RECIPES: dict[str, dict] = {
+    "plain-oe": dict(model="compact-cnn-wide", epochs=60, lr=3e-3, batch_size=128, optimizer="adamw",
+                     weight_decay=5e-4, schedule="onecycle", augment="strong", negatives="synth",
+                     outlier_weight=0.5),
+}
+
+
+def all_images() -> tuple[Split, Dataset]:
+    """The 8,000 kmnist-dev images as one split (the dataset's own train/val/test put back together)."""
+    data = load_dataset("kmnist-dev")
+    parts = (data.train, data.val, data.test)
+    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])), data
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int = FOLD_SEED) -> np.ndarray:
+    """Fold number (0..k-1) of each image: every class spread evenly over the folds, seeded."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = np.arange(len(members)) % k
+    return fold
+
+
+def fold_dataset(full: Split, base: Dataset, fold: np.ndarray, k: int) -> Dataset:
+    held = np.flatnonzero(fold == k)
+    train = np.flatnonzero(fold != k)
+    held_split = Split(full.images[held], full.labels[held])
+    # val and test are both the held-out fold: the training loop only logs them (fixed epochs, no selection).
+    return Dataset(base.name, base.classes, base.input_size, Split(full.images[train], full.labels[train]),
+                   held_split, held_split, f"kmnist-dev fold {k}: trained on the other folds", base.primary_metric)
+
+
+def run_fold(k: int, cfg: TrainConfig, data: Dataset, held: np.ndarray, work: Path, results: Path,
+             checkpoint_every: int) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / f"fold-{k}.ckpt.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
+    spent = float(state.pop("wall_s")) if state else 0.0
+    started = time.perf_counter()
+    if state:
+        print(f"fold {k}: resuming after epoch {len(state['history'])}", flush=True)
+
+    def on_epoch(metrics: dict, run: TrainRun) -> None:
+        print(f"fold {k} epoch {metrics['epoch']}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
+              f"{metrics['epoch_time_s']:.1f}s", flush=True)
+        if metrics["epoch"] % checkpoint_every == 0 or metrics["epoch"] == cfg.epochs:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({**run.state_dict(), "wall_s": spent + time.perf_counter() - started}, tmp)
+            os.replace(tmp, ckpt)
+
+    run = train_model(cfg, data, "cpu", on_epoch, resume_state=state)
+    logits = predict_logits(run.model, data.test.images, "cpu")
+    neg_images, _ = validation_negatives(cfg, data)
+    neg_logits = predict_logits(run.model, neg_images, "cpu")
+    wall = spent + time.perf_counter() - started
+    results.mkdir(parents=True, exist_ok=True)
+    torch.save({n: t.detach().cpu() for n, t in run.model.state_dict().items()}, results / f"fold-{k}.pt")
+    tmp = results / f"fold-{k}.tmp.npz"
+    np.savez_compressed(tmp, index=held, labels=data.test.labels, logits=logits, neg_logits=neg_logits,
+                        wall_s=np.float64(wall), epochs=np.int64(len(run.history)))
+    os.replace(tmp, results / f"fold-{k}.npz")
+    acc = float((logits.argmax(1) == data.test.labels).mean())
+    print(f"fold {k}: held-out accuracy {acc:.4f} on {len(held)} images, {wall / 60:.1f} min", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="plain-oe", choices=sorted(RECIPES))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--fold", type=int, help="run this fold only")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=5)
+    parser.add_argument("--results", type=Path, help="default bench/results/oof/RECIPE")
+    parser.add_argument("--work", type=Path, help="default runs/oof/RECIPE")
+    args = parser.parse_args()
+
+    results = args.results or ROOT / "bench" / "results" / "oof" / args.recipe
+    work = args.work or ROOT / "runs" / "oof" / args.recipe
+    fonts = [AOYAGI] if Path(AOYAGI).is_file() else []
+    cfg = TrainConfig(dataset="kmnist-dev", seed=args.seed, threads=args.threads, device="cpu",
+                      negative_fonts=fonts, **RECIPES[args.recipe])
+    full, base = all_images()
+    fold = stratified_folds(full.labels, args.folds)
+    results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results / "recipe.json", {
+        "recipe": args.recipe, "config": cfg.to_dict(), "folds": args.folds, "fold_seed": FOLD_SEED,
+        "images": len(full), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": args.threads})
+    for k in ([args.fold] if args.fold is not None else range(args.folds)):
+        if (results / f"fold-{k}.npz").exists():
+            print(f"fold {k}: done", flush=True)
+            continue
+        run_fold(k, cfg, fold_dataset(full, base, fold, k), np.flatnonzero(fold == k), work, results,
+                 args.checkpoint_every)
+
+
+if __name__ == "__main__":
+    main()
