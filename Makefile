@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean default-model default-model-base
+.PHONY: setup demo test test-fast bench clean default-model default-model-base
 
 setup: $(STAMP)
 
@@ -18,8 +18,13 @@ demo: setup
 	$(BIN)/kmnist-batch predict examples/crops --out runs/demo --overwrite
 	$(BIN)/kmnist-batch predict --manifest examples/pages/kaggle.csv --export alto --out runs/demo-pages --overwrite
 
+# The whole suite (what CI runs), slowest tests listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
+
+# The edit loop: tests that start no Ray and train no model (markers set in tests/conftest.py).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not ray and not training"
 
 bench: setup
 	$(BIN)/python bench/predict_throughput.py --sizes 5000,50000

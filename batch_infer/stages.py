@@ -8,6 +8,7 @@ input row leaves each stage as exactly one output row; a bad file becomes a row 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,8 +36,25 @@ TRANSIENT_KINDS = frozenset({"unreadable", "truncated"})
 NO_IMAGE = (None,) * 8  # width .. ink_h of a file that did not decode
 
 
+# Tests hold a run busy for exactly as long as they need (tests/crop_tree.py, `hold_file`): with
+# KMNIST_BATCH_TEST_HOLD=1 in the environment, a file named *.hold.png is read only once a file of the
+# same name plus ".release" exists. Unset in real runs, where it costs nothing.
+TEST_HOLD = os.environ.get("KMNIST_BATCH_TEST_HOLD") == "1"
+HOLD_SUFFIX = b".hold.png"
+
+
+def wait_for_release(path: bytes) -> None:
+    marker = path + b".release"
+    exists = (lambda: storage.exists(storage.resolve(marker.decode()))) if storage.is_uri(path) else \
+        (lambda: os.path.exists(marker))
+    while not exists():
+        time.sleep(0.02)
+
+
 def read_file(path: bytes) -> bytes | OSError:
     """A file's bytes (a local name, or an object-store URI), or the error reading it."""
+    if TEST_HOLD and path.endswith(HOLD_SUFFIX):
+        wait_for_release(path)
     try:
         if storage.is_uri(path):
             return storage.read_bytes(storage.resolve(path.decode()))

@@ -1,15 +1,84 @@
-"""Shared fixtures: a real HTTP server on 127.0.0.1 and small real KMNIST data."""
+"""Shared fixtures: a hermetic environment, a real HTTP server on 127.0.0.1, small real KMNIST data, one
+local Ray, an S3-protocol server.
+
+Hermetic: before any test runs, every variable that would make a test read or write outside its temp dirs
+points into one per-session folder (HOME, caches, matplotlib's config, Ray's temp dir and auth token), and
+what would send the suite's work elsewhere (RAY_ADDRESS, AWS_*, KMNIST_*) is cleared. Every process the
+suite starts inherits this environment. The user's environment is restored exactly at the end.
+"""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import os
+import secrets
+import shutil
+import socket
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from kmnist_core.datasets import Dataset, Split, load_dataset
+# Prefixes of variables that would point the suite at someone else's cluster, bucket, data or mirror.
+FOREIGN_PREFIXES = ("RAY_", "AWS_", "KMNIST_", "S3_", "BOTO")
+_saved_environ: dict[str, str] | None = None
+SESSION_ROOT: Path | None = None
+
+
+def pytest_configure(config) -> None:
+    global _saved_environ, SESSION_ROOT
+    _saved_environ = dict(os.environ)
+    # Short, under /tmp: Ray's unix socket paths are length-limited.
+    SESSION_ROOT = Path(tempfile.mkdtemp(prefix="kmt-", dir="/tmp"))
+    for key in [k for k in os.environ if k.startswith(FOREIGN_PREFIXES)]:
+        del os.environ[key]
+    home = SESSION_ROOT / "home"
+    for sub in ("home", "cache", "config", "mpl", "ray"):
+        (SESSION_ROOT / sub).mkdir()
+    token = SESSION_ROOT / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update({
+        "HOME": str(home), "XDG_CACHE_HOME": str(SESSION_ROOT / "cache"),
+        "XDG_CONFIG_HOME": str(SESSION_ROOT / "config"), "MPLCONFIGDIR": str(SESSION_ROOT / "mpl"),
+        # Every Ray the suite starts (ray.init, the CLI, `ray start`) reads this token and keeps its
+        # session files here, so nothing lands in ~/.ray or /tmp/ray.
+        "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(SESSION_ROOT / "ray"),
+        "RAY_USAGE_STATS_ENABLED": "0", "KMNIST_DATA_DIR": str(SESSION_ROOT / "data"),
+    })
+
+
+def pytest_unconfigure(config) -> None:
+    if _saved_environ is not None:
+        os.environ.clear()
+        os.environ.update(_saved_environ)
+    if SESSION_ROOT is not None:
+        shutil.rmtree(SESSION_ROOT, ignore_errors=True)
+
+
+# Fixtures whose use makes a test slow in a way `make test-fast` leaves out.
+TRAINING_FIXTURES = {"trained_model_dir"}
+RAY_FIXTURES = {"ray_session"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & TRAINING_FIXTURES:
+            item.add_marker(pytest.mark.training)
+        if names & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that refuses connections for the whole test: bound here but never listening,
+    so no other process can listen on it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -31,13 +100,17 @@ def http_root(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def kmnist_dev() -> Dataset:
+def kmnist_dev():
+    from kmnist_core.datasets import load_dataset
+
     return load_dataset("kmnist-dev")
 
 
 @pytest.fixture(scope="session")
-def small_dev(kmnist_dev) -> Dataset:
+def small_dev(kmnist_dev):
     """600 train / 200 val / 200 test real images: enough for a one-epoch smoke run."""
+    from kmnist_core.datasets import Dataset, Split
+
     cut = lambda s, n: Split(s.images[:n], s.labels[:n])  # noqa: E731
     d = kmnist_dev
     return Dataset(d.name, d.classes, d.input_size, cut(d.train, 600), cut(d.val, 200), cut(d.test, 200),
@@ -70,32 +143,31 @@ def ray_session():
 def s3_server():
     """A real S3-protocol server (moto's standalone server) on 127.0.0.1, as s3fs's own tests use.
     Yields the environment a client needs (endpoint and dummy credentials); pyarrow, the CLI and Ray
-    workers started with it reach the server the standard way (AWS_ENDPOINT_URL)."""
-    import os
-    import socket
+    workers started with it reach the server the standard way (AWS_ENDPOINT_URL). The server picks its
+    own port (-p 0) and says which, so no other process can take it between a probe and the bind."""
+    import re
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2)
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", "0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(server.stderr.readline, "")), daemon=True)
+    reader.start()
+    port = None
+    for _ in range(600):  # 60 s
+        found = re.search(r"Running on http://127\.0\.0\.1:(\d+)", "".join(lines))
+        if found:
+            port = int(found[1])
             break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        if server.poll() is not None:
+            break
+        threading.Event().wait(0.1)
+    if port is None:
+        server.kill()
+        raise RuntimeError("moto_server did not start: " + "".join(lines)[-2000:])
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     yield {**os.environ, **env}
     server.terminate()
     server.wait(timeout=30)

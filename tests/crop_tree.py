@@ -76,3 +76,16 @@ def plain_tree(root: Path, images: np.ndarray, n: int, per_folder: int = 500) ->
         Image.fromarray(images[i % len(images)]).save(p)
         paths.append(p)
     return paths
+
+
+def hold_file(folder: Path, image: np.ndarray, name: str = "busy.hold.png") -> Path:
+    """A crop that a run started with `HOLD_ENV` does not read until `release(path)`: the run stays busy,
+    whatever the machine's speed, until the test says so (batch_infer/stages.py, TEST_HOLD)."""
+    return save(Image.fromarray(image), folder / name)
+
+
+def release(path: Path | str) -> None:
+    Path(str(path) + ".release").write_bytes(b"")
+
+
+HOLD_ENV = {"KMNIST_BATCH_TEST_HOLD": "1"}
