@@ -72,7 +72,7 @@ def main() -> None:
     full = fit(d["logits"], d["labels"], d["neg_logits"])
     pooled = apply(full, d["logits"], d["labels"], d["neg_logits"])
     report = {"recipe": args.recipe, "folds": int(len(d["wall_s"])), "images": n,
-              "fold_wall_min": [round(s / 60, 1) for s in d["wall_s"]],
+              "fold_wall_min": [round(float(s) / 60, 1) for s in d["wall_s"]],
               "fitted": {k: full[k] for k in ("temperature", "ood_score", "ood_threshold", "review_below", "review_promise")},
               "out_of_fold": pooled, "held_out_checks": {}}
     for k in np.unique(d["fold"]):
