@@ -43,7 +43,8 @@ def start_text(info: dict) -> str:
              f"{found}, skipped: {skipped}"]
     if info.get("already_done") is not None:  # a streamed listing knows it only at its end
         parts.append(f"already done: {info['already_done']:,}")
-    model = f"model {get('model_id')}" + (f" {info['precision']}" if info.get("precision") else "")
+    model = f"model {get('model_id')}" + (f" {info['precision']}" if info.get("precision") else "") + \
+        (f" ({info['precision_note']})" if info.get("precision_note") else "")
     parts.append(model)
     review = f"review below {info['review_below']:.3f}" if info.get("review_below") is not None else "review below -"
     if info.get("ood_threshold") is not None:

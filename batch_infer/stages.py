@@ -135,10 +135,11 @@ def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
 class RowBuilder:
     """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table)."""
 
-    def __init__(self, model, run_id: str, review_below: float, node_id: str | None, topk: int = 3):
+    def __init__(self, model, run_id: str, review_below: float | None, node_id: str | None, topk: int = 3):
         self.model = model
         self.run_id = run_id
-        self.review_below = review_below
+        # None: the model's own threshold for the precision it runs at (int8 and fp32 each have theirs).
+        self.review_below = model.review_below if review_below is None else review_below
         self.topk = min(topk, len(self.model.classes))
         self.node_id = node_id
         self.chars = np.array(self.model.classes.chars, dtype=object)
@@ -184,6 +185,7 @@ class RowBuilder:
             "error": batch.column("error"),
             "error_kind": batch.column("error_kind"),
             "model_id": pa.array([self.model.model_id] * n, pa.string()),
+            "precision": pa.array([self.model.precision] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "node_id": pa.array([self.node_id] * n, pa.string()),
         })

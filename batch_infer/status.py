@@ -17,6 +17,7 @@ Alive or not:
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -25,22 +26,19 @@ import time
 from pathlib import Path
 
 from batch_infer import output
+from batch_infer.options import PredictOptions
 from batch_infer.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from batch_infer.progress import head_text
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
+from kmnist_core.options import option_args
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
 from kmnist_core.storage import Location
 
 RUN_FILE = "run.json"
 GRID_FILE = "grid.json"
-# CLI flag and default of each option worth repeating in a resume command (tests check the defaults
-# against PredictOptions and GridConfig, which cost a torch import to load here).
-PREDICT_FLAGS = {"model": ("--model", "default"), "address": ("--address", None), "executor": ("--executor", "auto"),
-                 "batch_size": ("--batch-size", 1024), "workers": ("--workers", 0),
-                 "cpus_per_worker": ("--cpus-per-worker", 1.0), "gpus_per_worker": ("--gpus-per-worker", 0.0),
-                 "review_below": ("--review-below", None), "rows_per_shard": ("--rows-per-shard", 4096),
-                 "read_retries": ("--read-retries", 2), "retry_backoff_s": ("--retry-backoff", 0.5)}
+# Tune's options live with the tune stage, which this module must not import (it loads ray and torch):
+# CLI flag and default of each worth repeating in a resume command (a test checks them against GridConfig).
 TUNE_FLAGS = {"dataset": ("--dataset", "kmnist-dev"), "model": ("--model", "simple-cnn"),
               "lrs": ("--lr", None), "batch_sizes": ("--batch-size", None), "epochs": ("--epochs", 5),
               "cpus_per_trial": ("--cpus-per-trial", 1.0), "gpus_per_trial": ("--gpus-per-trial", 0.0),
@@ -76,7 +74,7 @@ def read_json(out: Location, name: str) -> dict | None:
         raise KmnistError(f"cannot read {out.join(name).uri}: {e.strerror or e}") from None
 
 
-def option_args(options: dict, flags: dict) -> list[str]:
+def tune_option_args(options: dict, flags: dict) -> list[str]:
     args = []
     for name, (flag, default) in flags.items():
         value = options.get(name)
@@ -97,14 +95,17 @@ def predict_resume_command(out: Location, given: str, record: dict) -> str | Non
         runs = output.run_metadata(output.footers(out))[0]
         if record.get("run_id") not in {r.get("run_id") for r in runs}:
             mode = "--overwrite"
-    return shlex.join(["kmnist-batch", "predict", *inputs, "--out", given, mode, *option_args(options, PREDICT_FLAGS)])
+    known = {f.name for f in dataclasses.fields(PredictOptions)}
+    recorded = PredictOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in known})
+    positional = [] if recorded.manifest else inputs
+    return shlex.join(["kmnist-batch", "predict", *positional, "--out", given, mode, *option_args(recorded)])
 
 
 def tune_resume_command(out: str, record: dict) -> str | None:
     config = (record.get("start") or {}).get("config")
     if not config:
         return None
-    return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *option_args(config, TUNE_FLAGS)])
+    return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *tune_option_args(config, TUNE_FLAGS)])
 
 
 def newest(*records: dict | None) -> dict | None:

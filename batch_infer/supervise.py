@@ -2,9 +2,13 @@
 
 When a driver loses its Ray cluster, Ray's C++ core ends the process itself once the GCS has been
 unreachable for a while (about 60 s, measured): no Python exception, no `finally`, so run.json would
-say "running" forever. The kernel's OOM killer is the same. The parent waits; if the child dies
-without having ended its run, the parent records the run as failed in run.json and prints the one
-`error:` line.
+say "running" forever. The kernel's OOM killer is the same. The parent waits; the child tells it how it
+ended in an explicit record (a line on a pipe: completed, a user's error, interrupted, or a bug, whose
+traceback the child has printed). A child that dies without sending one was killed: the parent records
+the run as failed in run.json and prints the one `error:` line.
+
+The parent forks before it touches OUT or creates any client (an object store's, Ray's): the child does
+all of that itself, and the parent only reads and writes run.json once the child is gone.
 """
 
 from __future__ import annotations
@@ -22,23 +26,27 @@ from kmnist_core import storage
 from kmnist_core.files import json_text, write_json_atomic
 
 RUN_FILE = "run.json"
-HANDLED_EXITS = (0, 2, 130)  # the child ended the run itself: success, a user error, interrupted
+OUTCOMES = ("completed", "user_error", "interrupted", "bug")
 
 
-def run_supervised(out: str, work: Callable[[], int]) -> tuple[int, str | None]:
-    """Run `work` (returns an exit code) in a child process. Returns the exit code and, when the child
-    died without ending its run, the error to print."""
+def run_supervised(out: str, work: Callable[[], tuple[int, str]]) -> tuple[int, str | None]:
+    """Run `work` (returns an exit code and one of OUTCOMES) in a child process. Returns the exit code
+    and, when the child died without sending its outcome, the error to print."""
     sys.stdout.flush()
     sys.stderr.flush()
+    read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
-        code = 1
+        os.close(read_end)
+        code, outcome = 1, "bug"
         try:
-            code = work()
+            code, outcome = work()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            os.write(write_end, json.dumps({"outcome": outcome, "code": code}).encode() + b"\n")
             os._exit(code)
+    os.close(write_end)
     # Ctrl-C reaches the whole foreground process group; a signal sent to this pid alone is passed on.
     forward = lambda signum, frame: os.kill(child, signal.SIGINT)  # noqa: E731
     signal.signal(signal.SIGINT, forward)
@@ -50,8 +58,17 @@ def run_supervised(out: str, work: Callable[[], int]) -> tuple[int, str | None]:
         except InterruptedError:
             continue
     code = os.waitstatus_to_exitcode(status)
-    if code in HANDLED_EXITS:
-        return code, None
+    # Read once the child is gone: its record (a few bytes) waits in the pipe; processes it started (a
+    # local Ray) may still hold the pipe open, so waiting for end-of-file could wait for them.
+    os.set_blocking(read_end, False)
+    try:
+        told = os.read(read_end, 4096)
+    except BlockingIOError:
+        told = b""
+    finally:
+        os.close(read_end)
+    if told.strip():
+        return code, None  # the child ended its run itself and said how (a bug's traceback is printed)
     how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
     reason = f"the predict process {how} before ending its run (lost the Ray cluster, or out of memory?)"
     mark_failed(out, child, reason)

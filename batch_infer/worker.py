@@ -18,6 +18,7 @@ from batch_infer.box_stage import decode_box_batch, page_batches
 from batch_infer.schema import SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
 from kmnist_core import storage
+from kmnist_core.precision import ModelBundle
 from kmnist_core.review import REVIEW_REASONS
 
 
@@ -27,7 +28,7 @@ class JobSpec:
 
     out: str  # OUT, a local path or a URI
     run_id: str
-    review_below: float
+    review_below: float | None  # --review-below; None: each worker's model's own (it depends on its precision)
     read_retries: int
     retry_backoff_s: float
     batch_size: int
@@ -55,8 +56,7 @@ def counts(table: pa.Table) -> dict:
 
 
 class ChunkWorker:
-    def __init__(self, card: dict, weights: bytes, job: JobSpec, device: str = "cpu", threads: int = 0,
-                 node_id: str | None = None, precision: str = "fp32", int8: bytes | None = None):
+    def __init__(self, bundle: ModelBundle, job: JobSpec, threads: int = 0, node_id: str | None = None):
         import torch
 
         from kmnist_core.model_dir import build_predictor
@@ -64,8 +64,8 @@ class ChunkWorker:
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.input_size = int(card["input"]["size"])
-        model = build_predictor(card, weights, device, precision=precision, int8=int8, threads=threads or None)
+        self.input_size = int(bundle.card["input"]["size"])
+        model = build_predictor(bundle, threads=threads or None)
         self.rows = RowBuilder(model, job.run_id, job.review_below, node_id)
         self.metadata = {k.encode(): v.encode() for k, v in job.metadata.items()}
         self.out = storage.resolve(job.out)

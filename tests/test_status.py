@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import os
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_infer.progress import RunProgress
-from batch_infer.status import PREDICT_FLAGS, TUNE_FLAGS, run_status, status_text
+from batch_infer.status import TUNE_FLAGS, run_status, status_text
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
 
@@ -223,12 +224,32 @@ def test_not_a_run():
 
 
 def test_resume_flags_name_the_real_defaults():
-    from batch_infer.job import PredictOptions
     from tune.grid import GridConfig
 
-    for options, flags in ((PredictOptions(), PREDICT_FLAGS), (GridConfig(), TUNE_FLAGS)):
-        values = dataclasses.asdict(options)
-        assert all(values[name] == default for name, (_, default) in flags.items() if default is not None)
+    values = dataclasses.asdict(GridConfig())
+    assert all(values[name] == default for name, (_, default) in TUNE_FLAGS.items() if default is not None)
+
+
+def test_predict_resume_command_repeats_every_option_that_differs_from_its_default(tmp_path):
+    from batch_infer.options import PredictOptions
+    from batch_infer.status import predict_resume_command
+    from kmnist_core.storage import resolve
+
+    opts = PredictOptions(model="m", batch_size=64, review_below=0.9, export=("alto",), manifest="boxes.csv",
+                          resume=True, read_retries=0)
+    record = {"inputs": ["/pages"], "options": json.loads(json.dumps(dataclasses.asdict(opts)))}
+    command = shlex.split(predict_resume_command(resolve(tmp_path), "OUT", record))
+    assert command[:5] == ["kmnist-batch", "predict", "--out", "OUT", "--resume"]
+    rest = command[5:]
+    pairs = dict(zip(rest[::2], rest[1::2]))
+    assert pairs == {"--model": "m", "--batch-size": "64", "--review-below": "0.9", "--read-retries": "0",
+                     "--manifest": "boxes.csv", "--export": "alto"}
+    # The command parses with the real CLI.
+    import typer.main
+
+    from jobs.cli import app
+
+    typer.main.get_command(app).commands["predict"].make_context("predict", command[2:])
 
 
 def test_cli_json(tmp_path):

@@ -11,9 +11,7 @@ import contextlib
 import logging
 import os
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +27,7 @@ from kmnist_core.files import write_json_atomic
 from kmnist_core.model_dir import pick_device
 from kmnist_core.models import create_model
 from kmnist_core.ray_runtime import endpoints, init_ray
+from kmnist_core.run_record import new_run_id
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 from tune.plots import write_grid_plots
 from tune.progress import GridCallback, GridProgress, active
@@ -176,7 +175,7 @@ def run_grid(cfg: GridConfig, out: Path, progress: GridProgress | None = None) -
     cfg.validate()
     data = load_dataset(cfg.dataset, cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     with out_lock.hold(out, run_id):
         try:
             summary = fit_grid(cfg, out, data, run_id, progress)
