@@ -40,7 +40,6 @@ from kmnist_core.files import json_text
 from kmnist_core.run_record import new_run_id
 from kmnist_core.model_dir import build_predictor, load_bundle
 from kmnist_core.precision import ModelBundle, Precision
-from kmnist_core.ray_runtime import endpoints
 from kmnist_core.storage import Location
 
 RUN_FILE = "run.json"
@@ -162,7 +161,7 @@ def run_tasks(executor: str, tasks: Iterable[ChunkTask], bundle: ModelBundle, jo
         return run_in_process(make, tasks, after_first)
     from kmnist_core.ray_runtime import init_ray
 
-    ray = init_ray(opts.address)
+    ray, _ = init_ray(opts.address)
     workers = opts.workers or pool_size(ray, opts.cpus_per_worker, opts.gpus_per_worker)
     return run_on_ray(ray, bundle, job, tasks, workers, opts.cpus_per_worker, opts.gpus_per_worker,
                       after_first=after_first)
@@ -181,10 +180,10 @@ def start_info(run_meta: dict, card: dict, opts: PredictOptions, executor: str, 
     if executor == "ray":
         from kmnist_core.ray_runtime import init_ray
 
-        ray = init_ray(opts.address)  # run_tasks reuses this Ray
-        info.update(endpoints(), workers=opts.workers or pool_size(ray, opts.cpus_per_worker, opts.gpus_per_worker))
+        ray, where = init_ray(opts.address)  # run_tasks reuses this Ray
+        info.update(asdict(where), workers=opts.workers or pool_size(ray, opts.cpus_per_worker, opts.gpus_per_worker))
     else:
-        info.update(ray_address="not used (a small job: runs in this process)", workers=1)
+        info.update(workers=1)  # no Ray address: the start line says the run is in this process
     return info
 
 

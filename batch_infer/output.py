@@ -66,10 +66,14 @@ class ChunkRecord:
     shard: str = ""
 
 
+def value_counts(column: pa.ChunkedArray | pa.Array) -> dict:
+    """{value: rows} of a column's non-null values."""
+    return {v["values"]: v["counts"] for v in column.drop_null().value_counts().to_pylist()} if len(column) else {}
+
+
 def chunk_meta(chunk_id: str, first: bytes, last: bytes, table: pa.Table) -> bytes:
-    kinds = table.column("error_kind").drop_null().value_counts().to_pylist() if table.num_rows else []
     return json.dumps({"id": chunk_id, "first": first.hex(), "last": last.hex(), "rows": table.num_rows,
-                       "errors": {k["values"]: k["counts"] for k in kinds}}).encode()
+                       "errors": value_counts(table.column("error_kind"))}).encode()
 
 
 def footer(out: Location, name: str) -> dict[bytes, bytes]:

@@ -76,8 +76,8 @@ class Summary:
         self.histogram += np.histogram(conf, BINS)[0]
         self.inverted += int(pc.sum(ok.column("inverted")).as_py() or 0)
         for name, counter in (("error_kind", self.errors_by_kind), ("review_reason", self.reasons)):
-            counter.update({v["values"]: v["counts"] for v in t.column(name).drop_null().value_counts().to_pylist()})
-        self.chars.update({v["values"]: v["counts"] for v in ok.column("pred_char").value_counts().to_pylist()})
+            counter.update(output.value_counts(t.column(name)))
+        self.chars.update(output.value_counts(ok.column("pred_char")))
         self.models.update(pc.unique(t.column("model_id")).to_pylist())
         self.add_folders(t, predicted)
         self.add_sheet(t)

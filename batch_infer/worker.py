@@ -48,10 +48,8 @@ class ChunkTask:
 
 def counts(table: pa.Table) -> dict:
     """What the driver learns of a committed chunk."""
-    kinds = table.column("error_kind").drop_null().value_counts().to_pylist()
-    reasons = table.column("review_reason").drop_null().value_counts().to_pylist()
-    by_reason = {r["values"]: r["counts"] for r in reasons}
-    return {"errors_by_kind": {k["values"]: k["counts"] for k in kinds},
+    by_reason = output.value_counts(table.column("review_reason"))
+    return {"errors_by_kind": output.value_counts(table.column("error_kind")),
             "review_by_reason": {r: by_reason.get(r, 0) for r in REVIEW_REASONS}}
 
 

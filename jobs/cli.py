@@ -183,7 +183,7 @@ def print_summary(summary: dict, out: str) -> None:
         f"skipped      {skipped}",
         f"needs review {summary['needs_review']:,}: {reasons} (low confidence: below {summary['review_below']:.3f})",
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
-        f"throughput   {speed} this run",
+        f"throughput   {speed} end to end (checks, model load and Ray start-up included)",
         f"predictions  {out}/predictions",
         f"summary      {out}/summary (plots, by_folder.csv, summary.json)",
         f"review queue {out}/summary/review.html (and review_sheet-<reason>-<n>.png)",

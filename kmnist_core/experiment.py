@@ -25,10 +25,10 @@ from kmnist_core.review import REVIEW_REASONS, review_reasons
 from kmnist_core.files import json_text, write_json_atomic
 from kmnist_core.int8 import build_int8, compare, review_params
 from kmnist_core.precision import Int8Twin
-from kmnist_core.models import optimize_for_inference
 from kmnist_core.model_dir import (CARD_FILE, Predictor, int8_calibration, load_torch_model, pick_device, read_card,
                                    read_model_files, resolve_model_path, save_model_dir, twin_files, write_files)
-from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
+from kmnist_core.models import optimize_for_inference, predict_logits
+from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
 REVIEW_PRECISION = 0.995  # auto-accepted crops keep this precision (95 % lower bound on validation)

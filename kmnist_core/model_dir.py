@@ -26,13 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kmnist_core import transforms
 from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text, temp_name
 from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, calibration_key, check_probe, check_twin
 from kmnist_core.precision import Int8Twin, ModelBundle, resolve_precision
-from kmnist_core.models import create_model, optimize_for_inference
+from kmnist_core.models import create_model, optimize_for_inference, predict_logits
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
 
 FORMAT_VERSION = 1
@@ -150,14 +149,10 @@ class Predictor:
             return out if len(out) else np.zeros((0, len(self.classes)), np.float32)
         return self.torch_logits(pixels, batch_size)
 
-    @torch.inference_mode()
     def torch_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """The fp32 torch model's logits, whatever the precision (int8 is measured against these)."""
-        out = []
-        for start in range(0, len(pixels), batch_size):
-            x = transforms.to_model_tensor(pixels[start : start + batch_size]).to(self.device)
-            out.append(self.model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        out = predict_logits(self.model, pixels, self.device, batch_size)
+        return out if len(out) else np.zeros((0, len(self.classes)), np.float32)
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Calibrated probabilities (softmax of logits / temperature)."""

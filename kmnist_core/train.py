@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kmnist_core import transforms
 from kmnist_core.datasets import Dataset, Split
 from kmnist_core.model_dir import load_model, read_model_files
-from kmnist_core.models import create_model
+from kmnist_core.models import create_model, predict_logits
 from kmnist_core.errors import KmnistError
 
 
@@ -184,14 +184,6 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
         if not math.isfinite(loss_sum):
             break
     return loss_sum / len(split), correct / len(split)
-
-
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: np.ndarray, device: str, batch_size: int = 1024) -> np.ndarray:
-    model.eval()
-    out = [model(transforms.to_model_tensor(images[s : s + batch_size]).to(device)).float().cpu().numpy()
-           for s in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def split_scores(model: torch.nn.Module, split: Split, device: str, batch_size: int = 1024) -> tuple[float, float]:

@@ -103,7 +103,7 @@ def test_start_line_then_a_progress_line_per_interval_with_counts_rates_and_eta(
     p.chunk_done({"rows": 500, "replaced": 0, "errors_by_kind": {}, "review_by_reason": {}})
     p.finish("completed")
     last = stream.getvalue().splitlines()[-1]
-    assert re.search(r"completed 2,000/2,000 in 3s, 667 crops/s", last), last
+    assert re.search(r"completed 2,000/2,000 in 3s since the start line, 667 crops/s", last), last
     assert record(tmp_path)["status"] == "completed" and record(tmp_path)["done"] == 2000
 
 

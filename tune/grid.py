@@ -26,7 +26,7 @@ from kmnist_core.experiment import write_model_dir
 from kmnist_core.files import write_json_atomic
 from kmnist_core.model_dir import pick_device
 from kmnist_core.models import create_model
-from kmnist_core.ray_runtime import endpoints, init_ray
+from kmnist_core.ray_runtime import init_ray
 from kmnist_core.run_record import new_run_id
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 from tune.plots import write_grid_plots
@@ -73,8 +73,6 @@ def train_trial(config: dict, data: Dataset | None = None) -> None:
     or collapsed to chance) reports `diverged=True` and stops; the grid goes on.
     """
     cfg = TrainConfig(**config["train"])
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     resume_state = None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as ckpt:
@@ -197,10 +195,10 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
     # Every epoch checkpoints, so Tune snapshots its state often (that is what makes --resume exact);
     # its warning about frequent snapshots would fire on every trial.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    init_ray(cfg.address)
+    _, where = init_ray(cfg.address)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     if progress:
-        progress.start({"run_id": run_id, "config": asdict(cfg), "out": str(out), "storage": storage, **endpoints()})
+        progress.start({"run_id": run_id, "config": asdict(cfg), "out": str(out), "storage": storage, **asdict(where)})
 
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
