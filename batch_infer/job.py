@@ -35,6 +35,7 @@ from batch_infer.report import SUMMARY_DIR, write_report
 from batch_infer.schema import SCHEMA_VERSION
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import storage
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.files import json_text
 from kmnist_core.run_record import new_run_id
@@ -167,13 +168,13 @@ def run_tasks(executor: str, tasks: Iterable[ChunkTask], bundle: ModelBundle, jo
                       after_first=after_first)
 
 
-def start_info(run_meta: dict, card: dict, opts: PredictOptions, executor: str, plan: Plan, skipped: Counter) -> dict:
+def start_info(run_meta: dict, card: ModelCard, opts: PredictOptions, executor: str, plan: Plan, skipped: Counter) -> dict:
     """What the start line names. A local run has its whole listing in hand (choose_executor read it
     ahead); on Ray the listing is still streaming, so the file count comes later (RunProgress.listed)."""
     listed = executor == "local"
     info = {"run_id": run_meta["run_id"], "inputs": run_meta["inputs"], "files": plan.files_listed if listed else None,
             "skipped": {k: v for k, v in skipped.items() if v}, "already_done": plan.already_done if listed else None,
-            "model_id": card["model_id"], "precision": run_meta["precision"],
+            "model_id": card.model_id, "precision": run_meta["precision"],
             "precision_note": run_meta["precision_note"], "review_below": run_meta["review_below"],
             "ood_threshold": run_meta["ood_threshold"], "out": run_meta["out"],
             "options": run_meta["options"]}
@@ -272,12 +273,12 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
     output.recover(out)
     metas = output.footers(out)
     replacing = opts.overwrite and bool(metas or storage.exists(output.predictions_dir(out)))
-    previous = previous_chunks(out, metas, opts, card["model_id"], checked.bundle.precision.used)
+    previous = previous_chunks(out, metas, opts, card.model_id, checked.bundle.precision.used)
     if previous:
         opts = resumed_options(opts, metas)
     if not replacing:
         storage.make_dirs(output.predictions_dir(out))
-    meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card["model_id"],
+    meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card.model_id,
             "precision": checked.bundle.precision.used, "precision_note": checked.bundle.precision.note,
             "inputs": [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i))
                        for i in checked.inputs],
@@ -288,7 +289,7 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
                   retry_backoff_s=opts.retry_backoff_s, batch_size=opts.batch_size, metadata={
                       "kmnist_batch.schema_version": SCHEMA_VERSION,
                       "kmnist_batch.run": json.dumps(meta, ensure_ascii=False),
-                      "kmnist_batch.model_card": json.dumps(card, ensure_ascii=False)})
+                      "kmnist_batch.model_card": json.dumps(card.raw, ensure_ascii=False)})
     return Run(checked, opts, meta, job, Plan(out, previous, opts.retry_errors), previous, metas, replacing,
                Tally(on_chunk, progress.chunk_done if progress else None), Counter())
 
@@ -329,7 +330,7 @@ def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]
 def execute(run: Run, progress: RunProgress | None, stop_counting: threading.Event) -> dict:
     """Predict and commit every chunk still to do; returns the run's summary."""
     checked, plan, tally = run.checked, run.plan, run.tally
-    write_run_file(checked.out, {**run.meta, "status": "running", "model_card": checked.bundle.card})
+    write_run_file(checked.out, {**run.meta, "status": "running", "model_card": checked.bundle.card.raw})
     executor, tasks = listing_tasks(run, progress, stop_counting)
     if run.replacing:
         tasks = stage_overwrite(run, tasks)
@@ -359,7 +360,7 @@ def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
     out, card = run.checked.out, run.checked.bundle.card
     phases = summary.pop("phases_s")
     output.write_run_record(out, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
-    write_run_file(out, {**summary, "model_card": card})
+    write_run_file(out, {**summary, "model_card": card.raw})
     if progress:
         progress.finish("completed")
     report_started = time.perf_counter()
@@ -367,7 +368,7 @@ def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
     summary["report"]["pages"] = write_pages(out, run.opts.export)  # None (and old page files gone) without boxes
     phases["report"] = time.perf_counter() - report_started
     summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
-    write_run_file(out, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card})
+    write_run_file(out, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card.raw})
     return summary
 
 
@@ -399,7 +400,7 @@ def record_failure(run: Run, error: BaseException, progress: RunProgress | None,
     end_run(run.checked.out, {**run.meta, "status": "interrupted" if interrupted else "failed", "reason": reason,
                               "rows_committed": committed, "detail": traceback.format_exc(),
                               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              "model_card": run.checked.bundle.card})
+                              "model_card": run.checked.bundle.card.raw})
     if bug:
         raise error
     if completed:

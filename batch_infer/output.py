@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from batch_infer.schema import SCHEMA, SCHEMA_VERSION
 from kmnist_core import storage
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
 from kmnist_core.storage import Location
@@ -98,15 +99,15 @@ def chunk_records(metas: dict[str, dict[bytes, bytes]]) -> dict[str, ChunkRecord
     return records
 
 
-def run_metadata(metas: dict[str, dict[bytes, bytes]]) -> tuple[list[dict], dict]:
+def run_metadata(metas: dict[str, dict[bytes, bytes]]) -> tuple[list[dict], ModelCard | None]:
     """Each distinct run (oldest first) and the latest model card, from shard footers."""
-    runs, card = {}, {}
+    runs, card = {}, None
     for meta in metas.values():
         if b"kmnist_batch.run" in meta:
             run = json.loads(meta[b"kmnist_batch.run"])
             runs[run["run_id"]] = run
-            card = json.loads(meta[b"kmnist_batch.model_card"])
-    return sorted(runs.values(), key=lambda r: r["run_id"]), card
+            card = json.loads(meta[b"kmnist_batch.model_card"]) or None
+    return sorted(runs.values(), key=lambda r: r["run_id"]), ModelCard.from_json(card, "a shard's model card") if card else None
 
 
 def schema_versions(metas: dict[str, dict[bytes, bytes]]) -> set[str]:

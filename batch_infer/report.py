@@ -155,7 +155,7 @@ def write_report(out: str | Path | Location) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         summary_dir = Path(out.path, SUMMARY_DIR) if out.local else Path(tmp)
         summary_dir.mkdir(parents=True, exist_ok=True)
-        chars = [c["char"] for c in card.get("classes", [])] or sorted(s.chars)
+        chars = list(card.classes.chars) if card else sorted(s.chars)
         if len(chars) > 60:
             chars = [c for c, _ in s.chars.most_common(60)]
         plots.bar_chart(chars, np.array([s.chars.get(c, 0) for c in chars]), summary_dir / "class_distribution.png",
@@ -174,7 +174,7 @@ def write_report(out: str | Path | Location) -> dict:
             "needs_review": sum(s.reasons.values()),
             "review_reasons": {r: s.reasons.get(r, 0) for r in REVIEW_REASONS},
             "review_below": latest.get("review_below"),
-            "ood_threshold": latest.get("ood_threshold", card.get("calibration", {}).get("ood_threshold")),
+            "ood_threshold": latest.get("ood_threshold", card.calibration.ood_threshold if card else None),
             "inverted": s.inverted,
             "mean_confidence": s.confidence_sum / s.predicted if s.predicted else None,
             "runs": sorted(r["run_id"] for r in runs),

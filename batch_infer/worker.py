@@ -62,7 +62,7 @@ class ChunkWorker:
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.input_size = int(bundle.card["input"]["size"])
+        self.input_size = bundle.card.input_size
         model = build_predictor(bundle, threads=threads or None)
         self.rows = RowBuilder(model, job.run_id, job.review_below, node_id)
         self.metadata = {k.encode(): v.encode() for k, v in job.metadata.items()}

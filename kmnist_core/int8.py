@@ -46,6 +46,7 @@ import numpy as np
 
 from kmnist_core import calibration
 from kmnist_core.errors import KmnistError
+from kmnist_core.card import Calibration, calibration_key
 from kmnist_core.precision import Int8Twin
 from kmnist_core.transforms import MEAN, STD
 
@@ -232,18 +233,6 @@ def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray
             "int8": side(int8_logits, temperature_int8, review_int8)}
 
 
-def calibration_key(calib: dict) -> dict:
-    """The fp32 calibration an int8 refit started from: if the card's changes later, the refit is stale."""
-    return {k: calib.get(k) for k in ("temperature", "review_below", "ood_score", "ood_threshold")}
-
-
-def review_params(calib: dict) -> dict:
-    """The three things review_metrics needs from a card's (or the int8 section's) calibration."""
-    threshold = calib.get("ood_threshold")
-    return {"ood_score": calib.get("ood_score", "energy"), "review_below": float(calib.get("review_below", 0.0)),
-            "ood_threshold": np.inf if threshold is None else threshold}
-
-
 def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], fp32_logits: Callable[[np.ndarray], np.ndarray],
                dataset: str) -> tuple[Int8Twin, dict]:
@@ -269,7 +258,8 @@ def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.n
             float(promise.get("in_set_keep", 0.99)), float(promise.get("confidence_level", 0.95))))
         if calib.get("ood_threshold") is None:
             int8_calib["ood_threshold"] = None
-    val_report = compare(val_fp32, val_int8, val_y, t_fp32, t_int8, review_params(calib), review_params(int8_calib))
+    reviews = Calibration.from_json(calib).review_params(), Calibration.from_json(int8_calib).review_params()
+    val_report = compare(val_fp32, val_int8, val_y, t_fp32, t_int8, *reviews)
     probe_x = probe_sample(val_x)
     probe = make_probe(probe_x, fp32_logits(probe_x), runner.logits(probe_x))
     drop = val_report["fp32"]["accuracy"] - val_report["int8"]["accuracy"]
@@ -291,7 +281,7 @@ def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.n
         "fallback": "; ".join(reasons) + ": precision auto runs fp32" if reasons else None,
         "val": val_report,
         "test": compare(fp32_logits(test_x), runner.logits(test_x), test_y, t_fp32, t_int8,
-                        review_params(calib), review_params(int8_calib)),
+                        *reviews),
     }
     return Int8Twin(onnx_int8, probe), section
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text, temp_name
-from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, calibration_key, check_probe, check_twin
+from kmnist_core.card import CARD_FILE, FORMAT_VERSION, ModelCard, read_card
+from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_probe, check_twin
 from kmnist_core.precision import Int8Twin, ModelBundle, resolve_precision
 from kmnist_core.models import create_model, optimize_for_inference, predict_logits
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
 
-FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.pt"
-CARD_FILE = "model_card.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
@@ -78,24 +75,6 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     return Path(name_or_path)
 
 
-def read_card(model_dir: Path) -> dict:
-    card_path = model_dir / CARD_FILE
-    if not model_dir.is_dir():
-        raise KmnistError(f"model directory {model_dir} does not exist")
-    if not card_path.exists():
-        raise KmnistError(f"{model_dir} is not a model directory: {CARD_FILE} is missing")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KmnistError(f"{card_path} is not valid JSON: {e}") from None
-    missing = [k for k in ("architecture", "classes", "input", "format_version") if k not in card]
-    if missing:
-        raise KmnistError(f"{card_path} lacks {', '.join(missing)}: not a kmnist-batch model card")
-    if card["format_version"] > FORMAT_VERSION:
-        raise KmnistError(f"{card_path} has format {card['format_version']}; this kmnist-batch reads up to {FORMAT_VERSION}")
-    return card
-
-
 @dataclass(frozen=True)
 class Prediction:
     index: int
@@ -118,11 +97,11 @@ class Predictor:
     """A loaded model plus everything needed to turn crops into calibrated class probabilities.
 
     `precision` "fp32" runs the torch model; "int8" runs `int8` (an OrtModel) and takes the temperature
-    and review thresholds refitted on int8 logits (see int8_calibration). `precision_note` says why a
+    and review thresholds refitted on int8 logits (ModelCard.calibration_for). `precision_note` says why a
     model runs fp32 where int8 was possible (or why an explicit int8 is doubtful); `probe` is the int8
     twin's probe result on this CPU (kmnist_core/int8.py check_probe)."""
 
-    def __init__(self, model: torch.nn.Module, card: dict, device: str = "cpu", precision: str = "fp32",
+    def __init__(self, model: torch.nn.Module, card: ModelCard, device: str = "cpu", precision: str = "fp32",
                  int8: OrtModel | None = None, note: str | None = None, probe: dict | None = None):
         if (precision == "int8") != (int8 is not None):
             raise ValueError("an int8 Predictor needs its OrtModel, and only it")
@@ -133,14 +112,14 @@ class Predictor:
         self.precision_note = note
         self.probe = probe
         self.int8 = int8
-        self.classes = ClassMap.from_records(card["classes"])
-        self.input_size = int(card["input"]["size"])
-        calibration = int8_calibration(card) if int8 is not None else card.get("calibration", {})
-        self.temperature = float(calibration.get("temperature", 1.0))
-        self.review_below = float(calibration.get("review_below", 0.0))
-        self.ood_method = calibration.get("ood_score", "energy")
-        self.ood_threshold = calibration.get("ood_threshold")  # None: the card has no out-of-set threshold
-        self.model_id = card.get("model_id", "unknown")
+        self.classes = card.classes
+        self.input_size = card.input_size
+        self.calibration = card.calibration_for(precision)
+        self.temperature = self.calibration.temperature
+        self.review_below = self.calibration.review_below
+        self.ood_method = self.calibration.ood_score
+        self.ood_threshold = self.calibration.ood_threshold  # None: the card has no out-of-set threshold
+        self.model_id = card.model_id
 
     def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """uint8 (N, S, S) light-on-dark -> raw logits (N, C)."""
@@ -198,23 +177,13 @@ def pick_device(device: str) -> str:
     return device
 
 
-def int8_calibration(card: dict) -> dict:
-    """Temperature and review thresholds for int8 logits: those refitted on them at quantization time,
-    unless the card's own calibration was changed since (a hand-tuned card is then honoured as is)."""
-    calibration = card.get("calibration", {})
-    section = card.get("int8", {})
-    if section.get("fitted_against") == calibration_key(calibration):
-        return {**calibration, **section["calibration"]}
-    return calibration
-
-
-def read_twin(model_dir: Path, card: dict) -> Int8Twin | None:
+def read_twin(model_dir: Path, card: ModelCard) -> Int8Twin | None:
     """The directory's int8 files when its card names them; refused when they are not the ones it names."""
-    if "int8" not in card or not (model_dir / INT8_FILE).exists():
+    if card.int8 is None or not (model_dir / INT8_FILE).exists():
         return None
     probe = model_dir / PROBE_FILE
     twin = Int8Twin((model_dir / INT8_FILE).read_bytes(), probe.read_bytes() if probe.exists() else b"")
-    check_twin(twin, card["int8"], str(model_dir))
+    check_twin(twin, card.int8, str(model_dir))
     return twin
 
 
@@ -251,9 +220,8 @@ def build_predictor(bundle: ModelBundle, threads: int | None = None, device: str
     return Predictor(model, bundle.card, device, note=note + ": running fp32", probe=probe)
 
 
-def load_torch_model(card: dict, weights: bytes, source: str) -> torch.nn.Module:
-    arch = card["architecture"]
-    model = create_model(arch["name"], int(arch["num_classes"]), int(card["input"]["size"]))
+def load_torch_model(card: ModelCard, weights: bytes, source: str) -> torch.nn.Module:
+    model = create_model(card.architecture, card.num_classes, card.input_size)
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
@@ -261,21 +229,21 @@ def load_torch_model(card: dict, weights: bytes, source: str) -> torch.nn.Module
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise KmnistError(f"weights of {source} do not match architecture {arch['name']!r} "
-                          f"({arch['num_classes']} classes) named in its card: {str(e).splitlines()[0]}") from None
+        raise KmnistError(f"weights of {source} do not match architecture {card.architecture!r} "
+                          f"({card.num_classes} classes) named in its card: {str(e).splitlines()[0]}") from None
     check_weights_id(card, weights, source)
     return model
 
 
-def check_weights_id(card: dict, weights: bytes, source: str) -> None:
+def check_weights_id(card: ModelCard, weights: bytes, source: str) -> None:
     actual = weights_id(weights)
-    if card.get("model_id", actual) != actual:
+    if card.raw.get("model_id", actual) != actual:
         raise KmnistError(f"weights of {source} are not the ones its card names: {WEIGHTS_FILE} hashes to {actual}, "
-                          f"{CARD_FILE} says model_id {card['model_id']} (was {WEIGHTS_FILE} replaced?); "
+                          f"{CARD_FILE} says model_id {card.model_id} (was {WEIGHTS_FILE} replaced?); "
                           f"keep each {WEIGHTS_FILE} with the card train wrote beside it")
 
 
-def read_model_files(name_or_path: str | Path = "default") -> tuple[dict, bytes]:
+def read_model_files(name_or_path: str | Path = "default") -> tuple[ModelCard, bytes]:
     """The validated card and the raw weights of a model directory."""
     model_dir = resolve_model_path(name_or_path)
     card = read_card(model_dir)

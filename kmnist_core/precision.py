@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 
 PRECISIONS = ("auto", "fp32", "int8")
@@ -35,7 +36,7 @@ class ModelBundle:
     """A checked model ready for any process: the card, the weights, the int8 twin when it is to run, the
     precision decided for it and the device. Sent by value to workers (plain bytes and dicts)."""
 
-    card: dict
+    card: ModelCard
     weights: bytes
     twin: Int8Twin | None  # set exactly when precision.used is "int8"
     precision: Precision
@@ -47,7 +48,7 @@ def twin_command(source: str) -> str:
     return f"kmnist-batch model int8 {source}"
 
 
-def resolve_precision(requested: str, device: str, card: dict, twin: Int8Twin | None, source: str) -> Precision:
+def resolve_precision(requested: str, device: str, card: ModelCard, twin: Int8Twin | None, source: str) -> Precision:
     """auto: int8 (ONNX Runtime) on CPU when the directory has the twin its card names and the twin passed
     its gate where it was built, else fp32 with a note saying why; int8: the twin, or an error."""
     if requested not in PRECISIONS:
@@ -60,7 +61,7 @@ def resolve_precision(requested: str, device: str, card: dict, twin: Int8Twin | 
         if twin is None:
             raise KmnistError(f"{source} has no int8 twin (model.int8.onnx); build it with `{twin_command(source)}`")
         return Precision("int8", "int8")
-    section = card.get("int8") or {}
+    section = card.int8 or {}
     if device != "cpu":
         return Precision("auto", "fp32", f"int8 is a CPU path; device {device} runs fp32")
     if twin is None:

@@ -261,13 +261,13 @@ def validation_negatives(cfg: TrainConfig, data: Dataset, n: int = 2000) -> tupl
 def load_init_weights(model: torch.nn.Module, architecture: str, init: str) -> None:
     """Start from a model directory's weights (same architecture and classes)."""
     card, weights = read_model_files(init)
-    if card["architecture"]["name"] != architecture:
-        raise KmnistError(f"--init {init} is a {card['architecture']['name']}, not a {architecture}")
+    if card.architecture != architecture:
+        raise KmnistError(f"--init {init} is a {card.architecture}, not a {architecture}")
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise KmnistError(f"--init {init} ({card['architecture']['name']}) does not fit this model: "
+        raise KmnistError(f"--init {init} ({card.architecture}) does not fit this model: "
                           f"{str(e).splitlines()[0]}") from None
 
 

@@ -25,7 +25,7 @@ CLI = str(Path(sys.executable).parent / "kmnist-batch")
 
 def test_default_model_ships_its_int8_twin_with_unchanged_accuracy(kmnist_dev):
     card, weights = read_model_files("default")
-    section = card["int8"]
+    section = card.int8
     assert sha256((DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()) == section["sha256"]
     assert section["enabled"] and section["fallback"] is None
     assert section["calibration_data"] == {"dataset": "kmnist-dev", "split": "train", "images": 2048, "seed": 0}
@@ -62,7 +62,7 @@ def test_int8_predictor_from_a_bundle_in_another_process_shape(kmnist_dev):
     assert preds[0].char == p.classes.chars[int(p.logits(images[:1]).argmax())]
     onnx = bundle.twin.onnx
     with pytest.raises(KmnistError, match="model.int8.onnx hashes to"):
-        check_twin(Int8Twin(onnx[:-1] + bytes([onnx[-1] ^ 1]), bundle.twin.probe), bundle.card["int8"], "model")
+        check_twin(Int8Twin(onnx[:-1] + bytes([onnx[-1] ^ 1]), bundle.twin.probe), bundle.card.int8, "model")
     assert build_predictor(load_bundle("default", precision="fp32")).precision == "fp32"
 
 
