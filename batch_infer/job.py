@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from batch_infer import out_lock, output
+from batch_infer import output
 from batch_infer.chunks import chunked
 from batch_infer.discover import check_inputs, count_ahead, iter_files
 from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
@@ -34,7 +34,7 @@ from batch_infer.progress import RunProgress
 from batch_infer.report import SUMMARY_DIR, write_report
 from batch_infer.schema import SCHEMA_VERSION
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
-from kmnist_core import storage
+from kmnist_core import out_lock, storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.files import json_text

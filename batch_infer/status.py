@@ -1,6 +1,6 @@
 """`kmnist-batch status OUT`: where a predict or tune run stands, from OUT alone (no Ray).
 
-Three records are read: OUT/.lock (batch_infer/out_lock.py), OUT/run.json (predict's own record of
+Three records are read: OUT/.lock (kmnist_core/out_lock.py), OUT/run.json (predict's own record of
 its status and reason) and OUT/_progress.json (kmnist_core/progress.py; predict and tune).
 
 Alive or not:
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from batch_infer import output
 from batch_infer.options import PredictOptions
-from batch_infer.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
+from kmnist_core.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from batch_infer.progress import head_text
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError

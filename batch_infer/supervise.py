@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from batch_infer.out_lock import LOCK_FILE, read_holder, store_holder
+from kmnist_core.out_lock import LOCK_FILE, read_holder, store_holder
 from kmnist_core import storage
 from kmnist_core.files import json_text, write_json_atomic
 

@@ -258,7 +258,7 @@ def predict(
         # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
         logging.raiseExceptions = False
         try:
-            from batch_infer.out_lock import refuse_if_busy
+            from kmnist_core.out_lock import refuse_if_busy
             from batch_infer.options import PredictOptions
             from kmnist_core.storage import resolve
 

@@ -66,7 +66,7 @@ def holder(tmp_path):
     script = textwrap.dedent(f"""
         import contextlib, sys, time
         from pathlib import Path
-        from batch_infer import out_lock
+        from kmnist_core import out_lock
         with out_lock.hold(Path({str(out)!r}), {RUN_ID!r}):
             print("locked", flush=True)
             time.sleep(120)

@@ -19,7 +19,7 @@ import ray
 import torch
 from ray import tune
 
-from batch_infer import out_lock
+from kmnist_core import out_lock
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import write_model_dir
@@ -167,7 +167,7 @@ class TrialLines(tune.Callback):
 def run_grid(cfg: GridConfig, out: Path, progress: GridProgress | None = None) -> dict:
     """Run (or resume) the grid; write trials, history, plots and best/ into `out`.
 
-    OUT is locked for the whole run (batch_infer/out_lock.py: one grid per OUT, and `status` tells a
+    OUT is locked for the whole run (kmnist_core/out_lock.py: one grid per OUT, and `status` tells a
     live grid from a killed one); `progress` prints the start and progress lines and keeps
     OUT/_progress.json."""
     cfg.validate()
