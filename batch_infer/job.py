@@ -37,13 +37,11 @@ from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import Interrupted, KmnistError
-from kmnist_core.files import json_text
-from kmnist_core.run_record import new_run_id
+from kmnist_core.run_record import end_run, new_run_id, write_run
 from kmnist_core.model_dir import build_predictor, load_bundle
 from kmnist_core.precision import ModelBundle, Precision
 from kmnist_core.storage import Location
 
-RUN_FILE = "run.json"
 # Up to this many files, a job with no Ray cluster to join runs in this process: starting Ray and its
 # workers costs seconds, which a small job never wins back (docs/benchmarks.md, "small jobs").
 LOCAL_MAX_FILES = 20_000
@@ -116,18 +114,6 @@ def failure_reason(error: BaseException, out: Location) -> str:
         where = f" {error.filename if isinstance(error.filename, str) else os.fsdecode(error.filename)}" if error.filename else f" to {out.uri}"
         return f"cannot write{where}: {error.strerror or error}"
     return str(error)
-
-
-def write_run_file(out: Location, record: dict) -> None:
-    storage.write_bytes_atomic(out.join(RUN_FILE), json_text(record).encode("utf-8"))
-
-
-def end_run(out: Location, record: dict) -> None:
-    """Best effort: on a full disk even run.json may not be writable, and the error line still tells."""
-    try:
-        write_run_file(out, record)
-    except OSError:
-        pass
 
 
 class Tally:
@@ -330,7 +316,7 @@ def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]
 def execute(run: Run, progress: RunProgress | None, stop_counting: threading.Event) -> dict:
     """Predict and commit every chunk still to do; returns the run's summary."""
     checked, plan, tally = run.checked, run.plan, run.tally
-    write_run_file(checked.out, {**run.meta, "status": "running", "model_card": checked.bundle.card.raw})
+    write_run(checked.out, {**run.meta, "status": "running", "model_card": checked.bundle.card.raw})
     executor, tasks = listing_tasks(run, progress, stop_counting)
     if run.replacing:
         tasks = stage_overwrite(run, tasks)
@@ -360,7 +346,7 @@ def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
     out, card = run.checked.out, run.checked.bundle.card
     phases = summary.pop("phases_s")
     output.write_run_record(out, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
-    write_run_file(out, {**summary, "model_card": card.raw})
+    write_run(out, {**summary, "model_card": card.raw})
     if progress:
         progress.finish("completed")
     report_started = time.perf_counter()
@@ -368,7 +354,7 @@ def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
     summary["report"]["pages"] = write_pages(out, run.opts.export)  # None (and old page files gone) without boxes
     phases["report"] = time.perf_counter() - report_started
     summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
-    write_run_file(out, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card.raw})
+    write_run(out, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card.raw})
     return summary
 
 

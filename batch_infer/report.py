@@ -11,7 +11,6 @@ rows keeps 8 bytes per row (a 64-bit hash of each key).
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow.compute as pc
 
 from batch_infer import output
 from batch_infer.review_sheet import SHEET_LIMIT, sheet_order, write_review_sheet
+from kmnist_core.run_record import read_run
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
@@ -145,8 +145,7 @@ def write_report(out: str | Path | Location) -> dict:
     runs, card = output.run_metadata(metas)
     latest = runs[-1] if runs else {}
     record = output.latest_run_record(out)
-    run_loc = out.join("run.json")
-    run = json.loads(storage.read_bytes(run_loc)) if storage.exists(run_loc) else {}
+    run = read_run(out) or {}
 
     s = Summary()
     for table in output.iter_tables(out, COLUMNS):

@@ -27,15 +27,15 @@ from pathlib import Path
 
 from batch_infer import output
 from batch_infer.options import PredictOptions
-from kmnist_core.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from batch_infer.progress import head_text
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.options import option_args
+from kmnist_core.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
+from kmnist_core.run_record import RUN_FILE
 from kmnist_core.storage import Location
 
-RUN_FILE = "run.json"
 GRID_FILE = "grid.json"
 # Tune's options live with the tune stage, which this module must not import (it loads ray and torch):
 # CLI flag and default of each worth repeating in a resume command (a test checks them against GridConfig).
@@ -125,7 +125,7 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
     else:
         holder = store_holder(loc)
         alive, judged_by = holder_alive(holder), "heartbeat"
-    run = read_json(loc, RUN_FILE)
+    run = read_json(loc, RUN_FILE)  # not read_run: an unreadable OUT is an error line here
     progress = read_json(loc, PROGRESS_FILE)
     if run is None and progress is None and not alive:
         raise KmnistError(f"{loc.uri} holds no kmnist-batch run (no {RUN_FILE} or {PROGRESS_FILE})")

@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from kmnist_core.out_lock import LOCK_FILE, read_holder, store_holder
 from kmnist_core import storage
-from kmnist_core.files import json_text, write_json_atomic
+from kmnist_core.out_lock import LOCK_FILE, read_holder, store_holder
+from kmnist_core.run_record import read_run, write_run
 
-RUN_FILE = "run.json"
 OUTCOMES = ("completed", "user_error", "interrupted", "bug")
 
 
@@ -88,11 +87,7 @@ def mark_failed(out: str, child: int, reason: str) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else may have started on OUT meanwhile
         holder = read_holder(fd)
-        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
-            return False
-        write_json_atomic(out / RUN_FILE, {**run, "status": "failed", "reason": reason})
-        return True
+        return mark_run(location, holder, child, reason)
     except (OSError, ValueError):
         return False
     finally:
@@ -102,11 +97,16 @@ def mark_failed(out: str, child: int, reason: str) -> bool:
 def mark_failed_in_store(out: storage.Location, child: int, reason: str) -> bool:
     """The same on an object store, where the lock is an object naming its holder."""
     try:
-        holder = store_holder(out)
-        run = json.loads(storage.read_bytes(out.join(RUN_FILE)))
-        if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
-            return False
-        storage.write_bytes_atomic(out.join(RUN_FILE), json_text({**run, "status": "failed", "reason": reason}).encode())
-        return True
+        return mark_run(out, store_holder(out), child, reason)
     except (OSError, ValueError):
         return False
+
+
+def mark_run(out: storage.Location, holder: dict | None, child: int, reason: str) -> bool:
+    """Mark the child's run failed in run.json, if the lock and the record both say it is the child's and
+    still running."""
+    run = read_run(out) or {}
+    if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
+        return False
+    write_run(out, {**run, "status": "failed", "reason": reason})
+    return True
