@@ -37,6 +37,7 @@ from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import Interrupted, KmnistError
+from kmnist_core.options import option_args
 from kmnist_core.run_record import end_run, new_run_id, write_run
 from kmnist_core.model_dir import build_predictor, load_bundle
 from kmnist_core.precision import ModelBundle, Precision
@@ -163,7 +164,7 @@ def start_info(run_meta: dict, card: ModelCard, opts: PredictOptions, executor: 
             "model_id": card.model_id, "precision": run_meta["precision"],
             "precision_note": run_meta["precision_note"], "review_below": run_meta["review_below"],
             "ood_threshold": run_meta["ood_threshold"], "out": run_meta["out"],
-            "options": run_meta["options"]}
+            "options": run_meta["options"], "resume_args": run_meta["resume_args"]}
     if executor == "ray":
         from kmnist_core.ray_runtime import init_ray
 
@@ -268,7 +269,7 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
             "precision": checked.bundle.precision.used, "precision_note": checked.bundle.precision.note,
             "inputs": [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i))
                        for i in checked.inputs],
-            "out": out.uri, "options": asdict(opts), "review_below": checked.review_below,
+            "out": out.uri, "options": asdict(opts), "resume_args": option_args(opts), "review_below": checked.review_below,
             "ood_threshold": checked.ood_threshold, "took_over_lock_from": killed_holder,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     job = JobSpec(out=out.uri, run_id=run_id, review_below=opts.review_below, read_retries=opts.read_retries,

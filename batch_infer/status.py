@@ -17,7 +17,6 @@ Alive or not:
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -26,25 +25,15 @@ import time
 from pathlib import Path
 
 from batch_infer import output
-from batch_infer.options import PredictOptions
 from batch_infer.progress import head_text
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
-from kmnist_core.options import option_args
 from kmnist_core.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
 from kmnist_core.run_record import RUN_FILE
 from kmnist_core.storage import Location
 
 GRID_FILE = "grid.json"
-# Tune's options live with the tune stage, which this module must not import (it loads ray and torch):
-# CLI flag and default of each worth repeating in a resume command (a test checks them against GridConfig).
-TUNE_FLAGS = {"dataset": ("--dataset", "kmnist-dev"), "model": ("--model", "simple-cnn"),
-              "lrs": ("--lr", None), "batch_sizes": ("--batch-size", None), "epochs": ("--epochs", 5),
-              "cpus_per_trial": ("--cpus-per-trial", 1.0), "gpus_per_trial": ("--gpus-per-trial", 0.0),
-              "scheduler": ("--scheduler", "none"), "augment": ("--augment", "study"), "seed": ("--seed", 0),
-              "device": ("--device", "auto"), "data_dir": ("--data-dir", None), "address": ("--address", None),
-              "storage": ("--storage", None)}
 
 
 def probe_lock(out: Path) -> tuple[bool, dict | None]:
@@ -74,38 +63,27 @@ def read_json(out: Location, name: str) -> dict | None:
         raise KmnistError(f"cannot read {out.join(name).uri}: {e.strerror or e}") from None
 
 
-def tune_option_args(options: dict, flags: dict) -> list[str]:
-    args = []
-    for name, (flag, default) in flags.items():
-        value = options.get(name)
-        if value is None or value == default:
-            continue
-        args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return args
-
-
 def predict_resume_command(out: Location, given: str, record: dict) -> str | None:
-    """The command that finishes the run, rebuilt from its record's inputs and options. An --overwrite
-    run that never committed a shard left the earlier predictions in place: it is run again as such."""
-    inputs, options = record.get("inputs"), record.get("options") or {}
-    if not inputs:
+    """The command that finishes the run: its inputs and the arguments it recorded for a resume. An
+    --overwrite run that never committed a shard left the earlier predictions in place: it is run again
+    as such."""
+    inputs, options, args = record.get("inputs"), record.get("options") or {}, record.get("resume_args")
+    if not inputs or args is None:
         return None
     mode = "--resume"
     if options.get("overwrite"):  # did it commit a shard? Its shards carry its run id in their footers
         runs = output.run_metadata(output.footers(out))[0]
         if record.get("run_id") not in {r.get("run_id") for r in runs}:
             mode = "--overwrite"
-    known = {f.name for f in dataclasses.fields(PredictOptions)}
-    recorded = PredictOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in known})
-    positional = [] if recorded.manifest else inputs
-    return shlex.join(["kmnist-batch", "predict", *positional, "--out", given, mode, *option_args(recorded)])
+    positional = [] if options.get("manifest") else inputs
+    return shlex.join(["kmnist-batch", "predict", *positional, "--out", given, mode, *args])
 
 
 def tune_resume_command(out: str, record: dict) -> str | None:
-    config = (record.get("start") or {}).get("config")
-    if not config:
+    args = (record.get("start") or {}).get("resume_args")
+    if args is None:
         return None
-    return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *tune_option_args(config, TUNE_FLAGS)])
+    return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *args])
 
 
 def newest(*records: dict | None) -> dict | None:

@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from kmnist_core.errors import Interrupted, KmnistError
+from tune.options import STUDY_BATCH_SIZES, STUDY_LRS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Recognize handwritten Kuzushiji character crops (KMNIST models, Ray Tune, Ray Data).")
@@ -332,25 +333,33 @@ def parse_list(text: str, kind, option: str) -> list:
         raise KmnistError(f"{option} takes a comma-separated list, got {text!r}") from None
 
 
+def grid_flag(name: str, **overrides):
+    """tune's option `name` as a typer Option: default, flag and help from GridConfig."""
+    from kmnist_core.options import cli_option
+    from tune.options import GridConfig
+
+    return cli_option(GridConfig, name, **overrides)
+
+
 @app.command()
 @user_errors
 def tune(
     out: Path = typer.Option(..., help="output directory: trials, history, plots, best/"),
-    dataset: str = typer.Option("kmnist-dev"),
-    model: str = typer.Option("simple-cnn"),
-    lr: str = typer.Option("0.1,0.01,0.001,0.0001", help="learning rates (the study's by default)"),
-    batch_size: str = typer.Option("8,16,32,64,128", help="batch sizes (the study's by default)"),
-    epochs: int = typer.Option(5),
-    cpus_per_trial: float = typer.Option(1.0),
-    gpus_per_trial: float = typer.Option(0.0, help="fractions allowed, e.g. 0.25 = four trials per GPU"),
-    scheduler: str = typer.Option("none", help="none, or asha to stop trailing trials early"),
-    augment: str = typer.Option("study"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto: cuda when the trial has a GPU"),
-    data_dir: Optional[Path] = typer.Option(None),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
-    storage: Optional[str] = typer.Option(None, help="Tune storage (default OUT/ray_results); shared storage on multi-node clusters"),
-    resume: bool = typer.Option(False, help="continue an interrupted grid without rerunning finished trials"),
+    dataset: str = grid_flag("dataset"),
+    model: str = grid_flag("model"),
+    lr: str = grid_flag("lrs", default=",".join(map(str, STUDY_LRS))),
+    batch_size: str = grid_flag("batch_sizes", default=",".join(map(str, STUDY_BATCH_SIZES))),
+    epochs: int = grid_flag("epochs"),
+    cpus_per_trial: float = grid_flag("cpus_per_trial"),
+    gpus_per_trial: float = grid_flag("gpus_per_trial"),
+    scheduler: str = grid_flag("scheduler"),
+    augment: str = grid_flag("augment"),
+    seed: int = grid_flag("seed"),
+    device: str = grid_flag("device"),
+    data_dir: Optional[Path] = grid_flag("data_dir"),
+    address: Optional[str] = grid_flag("address"),
+    storage: Optional[str] = grid_flag("storage"),
+    resume: bool = grid_flag("resume"),
     progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
                                                     "terminal) and rewrites of OUT/_progress.json"),
     quiet: bool = typer.Option(False, help="print only errors and the final summary"),
@@ -358,11 +367,12 @@ def tune(
     """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
     if progress_every <= 0:
         raise KmnistError("--progress-every must be > 0 seconds")
-    from tune.grid import GridConfig, run_grid
+    from tune.grid import run_grid
+    from tune.options import GridConfig
     from tune.progress import GridProgress
 
-    cfg = GridConfig(dataset=dataset, model=model, lrs=parse_list(lr, float, "--lr"),
-                     batch_sizes=parse_list(batch_size, int, "--batch-size"), epochs=epochs,
+    cfg = GridConfig(dataset=dataset, model=model, lrs=tuple(parse_list(lr, float, "--lr")),
+                     batch_sizes=tuple(parse_list(batch_size, int, "--batch-size")), epochs=epochs,
                      cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, scheduler=scheduler,
                      augment=augment, seed=seed, device=device, data_dir=str(data_dir) if data_dir else None,
                      address=address, storage=storage, resume=resume)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_infer.progress import RunProgress
-from batch_infer.status import TUNE_FLAGS, run_status, status_text
+from batch_infer.status import run_status, status_text
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
 
@@ -30,6 +30,7 @@ RUN_ID = "20261202T180000-abcdef"
 OPTIONS = {"model": "runs/study", "address": None, "executor": "auto", "batch_size": 1024, "workers": 2,
            "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "review_below": 0.95, "resume": False, "overwrite": False,
            "retry_errors": False, "read_retries": 2, "retry_backoff_s": 0.5, "rows_per_shard": 4096}
+RESUME_ARGS = ["--model", "runs/study", "--workers", "2", "--review-below", "0.95"]  # what predict records
 
 
 def write(path: Path, payload: dict) -> None:
@@ -37,7 +38,8 @@ def write(path: Path, payload: dict) -> None:
 
 
 def run_json(out: Path, status: str, **extra) -> dict:
-    record = {"run_id": RUN_ID, "inputs": ["/data/scans a", "/data/b"], "options": OPTIONS, "status": status,
+    record = {"run_id": RUN_ID, "inputs": ["/data/scans a", "/data/b"], "options": OPTIONS, "resume_args": RESUME_ARGS,
+              "status": status,
               "started": "2026-12-02T18:00:00+00:00", **extra}
     write(out / "run.json", record)
     return record
@@ -150,7 +152,7 @@ def test_a_new_run_holding_the_lock_before_writing_records_is_running(holder):
 def test_the_records_written_by_run_progress_are_understood(holder):
     out, child = holder
     p = RunProgress(out, every_s=1.0, background=False, stream=open(os.devnull, "w"))
-    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": 10, "options": OPTIONS})
+    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": 10, "options": OPTIONS, "resume_args": RESUME_ARGS})
     p.chunk_done({"rows": 4, "errors_by_kind": {}, "review_by_reason": {}})
     assert run_status(out)["progress"]["done"] == 0  # the record is rewritten once per interval, not per chunk
     child.kill()
@@ -163,7 +165,7 @@ def test_a_streaming_listing_shows_the_estimated_total_from_the_count_ahead(hold
     out, child = holder
     clock = iter(range(1000, 2000)).__next__  # one second per reading
     p = RunProgress(out, every_s=1.0, background=False, stream=open(os.devnull, "w"), clock=clock)
-    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": None, "options": OPTIONS})
+    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": None, "options": OPTIONS, "resume_args": RESUME_ARGS})
     p.listing(400)
     p.counted(4000)
     p.chunk_done({"rows": 1000, "errors_by_kind": {}, "review_by_reason": {}})
@@ -172,11 +174,13 @@ def test_a_streaming_listing_shows_the_estimated_total_from_the_count_ahead(hold
 
 
 def test_tune_out(tmp_path):
-    config = {"dataset": "kmnist-dev", "model": "simple-cnn", "lrs": [0.01, 0.001], "batch_sizes": [32, 64],
-              "epochs": 2, "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "scheduler": "none", "augment": "study",
-              "seed": 0, "device": "auto", "data_dir": "/d", "address": None, "storage": None, "resume": False}
+    from kmnist_core.options import option_args
+    from tune.options import GridConfig
+
+    cfg = GridConfig(lrs=(0.01, 0.001), batch_sizes=(32, 64), epochs=2, data_dir="/d")
+    start = {"config": dataclasses.asdict(cfg), "resume_args": option_args(cfg)}  # as run_grid records them
     write(tmp_path / PROGRESS_FILE, {"kind": "tune", "status": "running", "run_id": RUN_ID, "every_s": 1.0,
-                                     "updated_unix": time.time(), "start": {"config": config}, "trials_total": 4,
+                                     "updated_unix": time.time(), "start": start, "trials_total": 4,
                                      "done": 1, "running": 2, "pending": 1, "errored": 0,
                                      "best": {"val_acc": 0.8123, "lr": 0.001, "batch_size": 32}, "eta_s": 30})
     killed_lock(tmp_path)
@@ -185,6 +189,12 @@ def test_tune_out(tmp_path):
     assert s["resume_command"] == (f"kmnist-batch tune --out {tmp_path} --resume --lr 0.01,0.001 --batch-size 32,64 "
                                    "--epochs 2 --data-dir /d")
     assert "trials    1/4 done, 2 running, 1 pending, 0 errored; best val 0.8123 (lr 0.001 batch 32)" in status_text(s)
+    import typer.main
+
+    from jobs.cli import app
+
+    parsed = typer.main.get_command(app).commands["tune"].make_context("tune", shlex.split(s["resume_command"])[2:]).params
+    assert (parsed["lr"], parsed["batch_size"], parsed["epochs"], str(parsed["data_dir"])) == ("0.01,0.001", "32,64", 2, "/d")
 
 
 def put(fs: pafs.FileSystem, key: str, payload: dict) -> None:
@@ -202,9 +212,9 @@ def test_object_store_out_is_alive_while_its_holder_beats(s3_server, monkeypatch
     with pytest.raises(KmnistError, match="holds no kmnist-batch run"):
         run_status(uri)  # nothing there yet: a missing object reads as absent, not as an error
     p = RunProgress(uri, every_s=1.0, background=False, stream=open(os.devnull, "w"))
-    p.start({"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "files": 10, "options": OPTIONS})
+    p.start({"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "files": 10, "options": OPTIONS, "resume_args": RESUME_ARGS})
     put(fs, "status-test/run1/run.json", {"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "options": OPTIONS,
-                                          "status": "running"})
+                                          "resume_args": RESUME_ARGS, "status": "running"})
     holder = {"run_id": RUN_ID, "host": "another-host", "pid": 4242, "since": "2026-12-02T18:00:00+00:00"}
     put(fs, "status-test/run1/.lock", {**holder, "heartbeat": time.time()})
     s = run_status(uri)
@@ -223,21 +233,16 @@ def test_not_a_run():
         run_status("/nonexistent/out")
 
 
-def test_resume_flags_name_the_real_defaults():
-    from tune.grid import GridConfig
-
-    values = dataclasses.asdict(GridConfig())
-    assert all(values[name] == default for name, (_, default) in TUNE_FLAGS.items() if default is not None)
-
-
 def test_predict_resume_command_repeats_every_option_that_differs_from_its_default(tmp_path):
     from batch_infer.options import PredictOptions
     from batch_infer.status import predict_resume_command
+    from kmnist_core.options import option_args
     from kmnist_core.storage import resolve
 
     opts = PredictOptions(model="m", batch_size=64, review_below=0.9, export=("alto",), manifest="boxes.csv",
                           resume=True, read_retries=0)
-    record = {"inputs": ["/pages"], "options": json.loads(json.dumps(dataclasses.asdict(opts)))}
+    record = json.loads(json.dumps({"inputs": ["/pages"], "options": dataclasses.asdict(opts),
+                                    "resume_args": option_args(opts)}))  # as predict records them
     command = shlex.split(predict_resume_command(resolve(tmp_path), "OUT", record))
     assert command[:5] == ["kmnist-batch", "predict", "--out", "OUT", "--resume"]
     rest = command[5:]

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -25,47 +25,18 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import write_model_dir
 from kmnist_core.files import write_json_atomic
 from kmnist_core.model_dir import pick_device
+from kmnist_core.options import option_args
 from kmnist_core.models import create_model
 from kmnist_core.ray_runtime import init_ray
 from kmnist_core.run_record import new_run_id
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 from tune.plots import write_grid_plots
+from tune.options import GridConfig
 from tune.progress import GridCallback, GridProgress, active
 from tune.progress import quiet as progress_quiet
 
 EXPERIMENT = "grid"
 STATE_FILE = "train_state.pt"  # TrainRun.state_dict(): model, optimizer, scheduler, RNG, history
-STUDY_LRS = [0.1, 0.01, 0.001, 0.0001]
-STUDY_BATCH_SIZES = [8, 16, 32, 64, 128]
-
-
-@dataclass
-class GridConfig:
-    dataset: str = "kmnist-dev"
-    model: str = "simple-cnn"
-    lrs: list[float] = field(default_factory=lambda: list(STUDY_LRS))
-    batch_sizes: list[int] = field(default_factory=lambda: list(STUDY_BATCH_SIZES))
-    epochs: int = 5
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    scheduler: str = "none"  # or "asha": stop trials early that trail the others
-    seed: int = 0
-    augment: str = "study"
-    device: str = "auto"  # auto: cuda when the trial has a GPU
-    data_dir: str | None = None
-    address: str | None = None
-    storage: str | None = None  # default OUT/ray_results; a shared path or s3:// URI on multi-node clusters
-    resume: bool = False
-
-    def validate(self) -> None:
-        if self.scheduler not in ("none", "asha"):
-            raise KmnistError(f"unknown scheduler {self.scheduler!r}; choose none or asha")
-        if not self.lrs or not self.batch_sizes or any(lr <= 0 for lr in self.lrs) or any(b < 1 for b in self.batch_sizes):
-            raise KmnistError("--lr and --batch-size need positive values")
-        if self.epochs < 1 or self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise KmnistError("--epochs and --cpus-per-trial must be positive, --gpus-per-trial >= 0")
-
-
 def train_trial(config: dict, data: Dataset | None = None) -> None:
     """One Tune trial: the library's training loop, checkpointed and reported after every epoch.
 
@@ -198,7 +169,8 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
     _, where = init_ray(cfg.address)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     if progress:
-        progress.start({"run_id": run_id, "config": asdict(cfg), "out": str(out), "storage": storage, **asdict(where)})
+        progress.start({"run_id": run_id, "config": asdict(cfg), "out": str(out), "storage": storage, **asdict(where),
+                        "resume_args": option_args(cfg)})
 
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
@@ -212,7 +184,7 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
         threads = max(1, int(cfg.cpus_per_trial))
         train_space = {"dataset": cfg.dataset, "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
                        "augment": cfg.augment, "device": cfg.device, "threads": threads, "data_dir": cfg.data_dir,
-                       "lr": tune.grid_search(cfg.lrs), "batch_size": tune.grid_search(cfg.batch_sizes)}
+                       "lr": tune.grid_search(list(cfg.lrs)), "batch_size": tune.grid_search(list(cfg.batch_sizes))}
         scheduler = None
         if cfg.scheduler == "asha":
             scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1)
