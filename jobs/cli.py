@@ -367,6 +367,9 @@ def tune(
     """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
     if progress_every <= 0:
         raise KmnistError("--progress-every must be > 0 seconds")
+    from kmnist_core.ray_runtime import prepare_auth
+
+    prepare_auth(address)  # before tune.grid imports Ray
     from tune.grid import run_grid
     from tune.options import GridConfig
     from tune.progress import GridProgress
