@@ -161,6 +161,8 @@ def threshold_with_bound(confidence: np.ndarray, correct: np.ndarray, target: fl
         if end < 0:
             continue
         n, e = end + 1, int(errors_so_far[end])
+        if 1 - e / n < target or n <= best["accepted"]:
+            continue  # a lower bound never exceeds the measured precision: this set cannot qualify or win
         bound = precision_lower_bound(e, n, level)
         if bound >= target and n > best["accepted"]:
             best = {"threshold": float(conf[end]), "coverage": float(n / len(conf)), "accepted": int(n), "errors": e,

@@ -1,26 +1,28 @@
 """The int8 CPU path (kmnist_core/int8.py): the shipped int8 model keeps the default model's accuracy,
 every trained model directory gets a checked int8 twin, precision auto falls back to fp32 when the check
-fails. Building a twin explicitly and the probe: tests/test_int8_twin.py."""
+fails or there is no twin, and `predict --precision` reaches the rows. Building a twin explicitly and
+the probe: tests/test_int8_twin.py."""
 
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
+from batch_infer.output import read_predictions
 from kmnist_core import calibration, int8
 from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import build_twin
-from kmnist_core.int8 import INT8_FILE, OrtModel, check_twin, sha256
+from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_twin, sha256
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, build_predictor, load_bundle, load_model, read_model_files
-from kmnist_core.precision import Int8Twin, Precision
-
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
+from kmnist_core.precision import Int8Twin, Precision, resolve_precision
+from tests.test_cli import invoke
 
 
 def test_default_model_ships_its_int8_twin_with_unchanged_accuracy(kmnist_dev):
@@ -51,7 +53,7 @@ def test_default_model_ships_its_int8_twin_with_unchanged_accuracy(kmnist_dev):
     assert q.review_below == section["calibration"]["review_below"]
 
 
-def test_int8_predictor_from_a_bundle_in_another_process_shape(kmnist_dev):
+def test_int8_predictor_from_a_bundle_as_a_worker_receives_it(kmnist_dev):
     bundle = load_bundle("default", precision="int8")
     assert bundle.precision == Precision("int8", "int8") and bundle.twin is not None
     p = build_predictor(pickle.loads(pickle.dumps(bundle)), threads=1)  # what a Ray worker receives
@@ -82,6 +84,17 @@ def test_ort_threads_follow_torch_or_an_explicit_count(kmnist_dev):
         torch.set_num_threads(before)
 
 
+def bare_copy(model_dir: Path, dest: Path) -> Path:
+    """A model directory as written before int8 existed: no int8 files, no int8 card section."""
+    shutil.copytree(model_dir, dest)
+    for name in (INT8_FILE, PROBE_FILE):
+        (dest / name).unlink()
+    card = json.loads((dest / CARD_FILE).read_text(encoding="utf-8"))
+    del card["int8"]
+    (dest / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
+    return dest
+
+
 def test_trained_directory_has_its_int8_twin(trained_model_dir):
     card = json.loads((trained_model_dir / CARD_FILE).read_text(encoding="utf-8"))
     section = card["int8"]
@@ -96,8 +109,7 @@ def test_trained_directory_has_its_int8_twin(trained_model_dir):
 
 def test_failed_check_falls_back_to_fp32_and_the_card_says_why(tmp_path, trained_model_dir, monkeypatch):
     monkeypatch.setattr(int8, "MIN_AGREEMENT", 1.01)  # no int8 model can pass: the fallback must engage
-    model_dir = tmp_path / "strict"
-    shutil.copytree(trained_model_dir, model_dir)
+    model_dir = bare_copy(trained_model_dir, tmp_path / "strict")
     build_twin(str(model_dir))
     auto = load_model(model_dir)
     section = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))["int8"]
@@ -110,12 +122,98 @@ def test_failed_check_falls_back_to_fp32_and_the_card_says_why(tmp_path, trained
 
 def test_evaluate_reports_int8_against_fp32(tmp_path):
     out = tmp_path / "eval"
-    r = subprocess.run([CLI, "evaluate", "--model", "default", "--split", "test", "--precision", "int8", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    r = invoke("evaluate", "--model", "default", "--split", "test", "--precision", "int8", "--out", out)
+    assert r.exit_code == 0, r.output
     assert "precision int8" in r.stdout and "int8 vs fp32: top-1 agreement" in r.stdout
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     c = metrics["int8_vs_fp32"]
     assert metrics["precision"] == "int8" and c["n"] == 1000 and c["agreement"] >= 0.999
     assert metrics["accuracy"] == pytest.approx(c["int8"]["accuracy"])
     assert c["card_check"]["enabled"] is True
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory, kmnist_dev) -> Path:
+    """Twelve real test characters as 28x28 crop files."""
+    root = tmp_path_factory.mktemp("crops")
+    for i, img in enumerate(kmnist_dev.test.images[:12]):
+        Image.fromarray(img).save(root / f"{i:02d}.png")
+    return root
+
+
+def predicted(out: Path) -> tuple[dict, dict, pd.DataFrame]:
+    """run.json, the run record in the first shard's footer, and the rows by file name."""
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    shard = sorted((out / "predictions").glob("*.parquet"))[0]
+    footer = json.loads(pq.read_schema(shard).metadata[b"kmnist_batch.run"])
+    return run, footer, read_predictions(out).to_pandas().set_index("rel_path").sort_index()
+
+
+@pytest.mark.parametrize("asked,runs", [("fp32", "fp32"), ("int8", "int8"), ("auto", "int8")])
+def test_predict_precision_reaches_the_rows_and_run_json(tmp_path, crops, asked, runs):
+    """Each row's confidence is the one the model gives at that precision (int8 and fp32 differ), and
+    run.json and the shard footers name it; auto is int8 on CPU for a model that passed its check."""
+    out = tmp_path / "out"
+    r = invoke("predict", crops, "--out", out, "--precision", asked, "--executor", "local")
+    assert r.exit_code == 0, r.output
+    run, footer, rows = predicted(out)
+    assert run["precision"] == footer["precision"] == runs and run["options"]["precision"] == asked
+    assert (rows["precision"] == runs).all()  # every row names the runtime that produced it
+    model = load_model("default", precision=runs)
+    other = load_model("default", precision="fp32" if runs == "int8" else "int8")
+    pixels = np.stack([model.prepare(Image.open(crops / name)).pixels for name in rows.index])
+    expected = model.assess(pixels).probabilities.max(1)
+    np.testing.assert_allclose(rows["confidence"].to_numpy(), expected, rtol=0, atol=1e-6)
+    # ... which the other precision's rows would not be.
+    assert np.abs(other.assess(pixels).probabilities.max(1) - expected).max() > 1e-4
+
+
+def test_auto_precision_is_fp32_on_cuda_and_follows_the_check():
+    """The decision alone (a pure function): on CUDA auto runs fp32, int8 is CPU only."""
+    card, _ = read_model_files("default")
+    twin = load_bundle("default", precision="int8").twin
+    decide = lambda requested, device, card=card, twin=twin: resolve_precision(requested, device, card, twin, "m").used  # noqa: E731
+    assert decide("auto", "cpu") == "int8"
+    assert decide("auto", "cuda") == decide("auto", "cuda:1") == "fp32"
+    assert "CPU path" in resolve_precision("auto", "cuda", card, twin, "m").note
+    assert decide("fp32", "cpu") == "fp32"
+    with pytest.raises(KmnistError, match="CPU only"):
+        decide("int8", "cuda")
+    assert decide("auto", "cpu", card=card.with_int8({**card.int8, "enabled": False})) == "fp32"
+    assert decide("auto", "cpu", twin=None) == "fp32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the decision alone is tested without)")
+def test_auto_precision_runs_fp32_on_a_gpu():
+    assert load_bundle("default", "auto", "cuda").precision.used == "fp32"
+    assert load_model("default", device="cuda").precision == "fp32"
+
+
+def test_without_a_twin_or_its_training_data_auto_runs_fp32_and_int8_is_refused(tmp_path, trained_model_dir, crops):
+    """A model directory from before int8, trained on data this machine does not have: auto runs fp32 and
+    says why, asking for int8 is a clear error given before OUT is created, `kmnist-batch model int8`
+    says what data is missing, and nothing is written into the directory."""
+    model_dir = bare_copy(trained_model_dir, tmp_path / "m")
+    card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
+    card["training"]["dataset"] = "kmnist"  # the official set, trained on elsewhere
+    card["training"]["config"]["data_dir"] = str(tmp_path / "no-data")
+    (model_dir / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+
+    auto = load_model(model_dir)
+    assert auto.precision == "fp32" and "no int8 twin" in auto.precision_note
+    with pytest.raises(KmnistError, match="has no int8 twin"):
+        load_model(model_dir, precision="int8")
+
+    out = tmp_path / "out"
+    r = invoke("predict", crops, "--out", out, "--model", model_dir, "--executor", "local")
+    assert r.exit_code == 0, r.output
+    run, footer, rows = predicted(out)
+    assert run["precision"] == footer["precision"] == "fp32" and len(rows) == 12 and "no int8 twin" in run["precision_note"]
+    refused = tmp_path / "refused"
+    r = invoke("predict", crops, "--out", refused, "--model", model_dir, "--precision", "int8", "--executor", "local")
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "has no int8 twin" in r.stderr, r.output
+    assert not refused.exists()
+    r = invoke("model", "int8", model_dir)
+    assert r.exit_code == 2 and "missing data file" in r.stderr, r.output
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before

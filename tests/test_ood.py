@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
@@ -95,24 +94,46 @@ def oe_model_dir(tmp_path_factory, small_dev, trained_model_dir):
 
 
 def test_outlier_exposure_run_writes_thresholds_and_the_promise(oe_model_dir, small_dev):
+    from kmnist_core.experiment import IN_SET_KEEP
     from kmnist_core.model_dir import load_model
 
     card = json.loads((oe_model_dir / "model_card.json").read_text())
     cal = card["calibration"]
     assert cal["ood_score"] in calibration.OOD_SCORES and math.isfinite(cal["ood_threshold"])
     assert cal["ood_score_val_auroc"][cal["ood_score"]] == max(cal["ood_score_val_auroc"].values())
-    promise = cal["review_promise"]
-    assert promise["target_precision"] == 0.995 and promise["confidence_level"] == 0.95
-    assert promise["accepted"] == 0 or promise["precision_lower_bound"] >= 0.995
     assert card["training"]["config"]["negatives"] == "synth"
+    # The thresholds and the promise are the ones the validation characters give (fitted again here from
+    # the saved weights' logits), and the promise keeps its word on them.
+    fp32 = load_model(oe_model_dir, precision="fp32")
+    val = small_dev.val
+    logits = fp32.logits(val.images)
+    refit = calibration.fit_thresholds(logits, val.labels, cal["temperature"], cal["ood_score"], 0.995, IN_SET_KEEP)
+    assert cal["ood_threshold"] == pytest.approx(refit["ood_threshold"], rel=1e-4)
+    assert cal["review_below"] == pytest.approx(refit["review_below"], rel=1e-4)
+    promise = cal["review_promise"]
+    assert promise["target_precision"] == 0.995 and promise["confidence_level"] == 0.95 and promise["n"] == len(val)
+    for key in ("accepted", "errors"):
+        assert promise[key] == refit["review_promise"][key], key
+    a = fp32.assess(val.images)
+    accepted = ~a.unknown & (a.probabilities.max(1) >= fp32.review_below)
+    assert int(accepted.sum()) == promise["accepted"]
+    assert int((accepted & (a.probabilities.argmax(1) != val.labels)).sum()) == promise["errors"]
+    bound = calibration.precision_lower_bound(promise["errors"], promise["accepted"])
+    assert promise["precision_lower_bound"] == pytest.approx(bound)
+    # 200 validation images cannot bound a precision at 99.5 % (0 errors in 200 bound it to 98.5 %):
+    # nothing is accepted, and the threshold sits above every confidence.
+    assert promise["accepted"] == 0 and cal["review_below"] > 1.0
+    assert 0.97 <= 1 - a.unknown.mean() <= 1.0  # the out-of-set threshold keeps ~99 % of its validation characters
+
     model = load_model(oe_model_dir)
-    a = model.assess(small_dev.val.images)
-    assert a.probabilities.shape == (200, 10) and a.ood_score.dtype == np.float32
-    # The threshold keeps ~99 % of the validation characters it was fitted on.
-    assert 0.97 <= 1 - a.unknown.mean() <= 1.0
-    preds = model.predict([small_dev.val.images[0]])
-    assert preds[0].ood_score == pytest.approx(float(a.ood_score[0]), abs=1e-4)
-    assert preds[0].review_reason in (None, "unknown_character", "low_confidence")
+    b = model.assess(val.images)
+    assert b.probabilities.shape == (200, 10) and b.ood_score.dtype == np.float32
+    preds = model.predict(list(val.images[:20]))
+    conf = b.probabilities[:20].max(1)
+    expected = ["unknown_character" if u else "low_confidence" if c < model.review_below else None
+                for u, c in zip(b.unknown[:20], conf)]
+    assert [p.review_reason for p in preds] == expected
+    assert [p.ood_score for p in preds] == pytest.approx(b.ood_score[:20].tolist(), abs=1e-4)
 
 
 def test_init_refuses_another_architecture(trained_model_dir, small_dev):
@@ -123,7 +144,24 @@ def test_init_refuses_another_architecture(trained_model_dir, small_dev):
         train_model(TrainConfig(model="compact-cnn", epochs=1, init=str(trained_model_dir)), small_dev, "cpu")
 
 
-def test_evaluate_reports_auto_accepted_share_and_out_of_set_kinds(oe_model_dir, small_dev, tmp_path):
+def test_evaluate_reports_auto_accepted_share_and_out_of_set_kinds(oe_model_dir, small_dev, kmnist_dev, tmp_path):
+    """Thresholds pinned in a copy of the card (review below the median confidence), so the share
+    evaluate reports is neither all nor nothing and must be the one the model's thresholds give."""
+    from kmnist_core.model_dir import CARD_FILE, load_model
+    from tests.test_cli import invoke
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(oe_model_dir, model_dir)
+    card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
+    conf = load_model(oe_model_dir).probabilities(small_dev.val.images).max(1)
+    card["calibration"]["review_below"] = float(np.median(conf))  # an edited card: its own thresholds hold
+    (model_dir / CARD_FILE).write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
+    model = load_model(model_dir)
+    val = kmnist_dev.val  # what `evaluate --split val` scores
+    a = model.assess(val.images)
+    accepted = ~a.unknown & (a.probabilities.max(1) >= model.review_below)
+    assert 0.2 < accepted.mean() < 0.8
+
     unknown = tmp_path / "unknown"
     glyphs, _ = make_negatives(small_dev.test.images, small_dev.test.labels, 12, 1, glyph_pool("held_out")[:30],
                                [IPAEX_GOTHIC], mix={"glyph": 1.0})
@@ -133,15 +171,17 @@ def test_evaluate_reports_auto_accepted_share_and_out_of_set_kinds(oe_model_dir,
             Image.fromarray(img if kind == "blanks" else 255 - img).save(unknown / kind / f"{i}.png")
     (unknown / "blanks" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--model", str(oe_model_dir),
-                           "--split", "val", "--unknown", str(unknown), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "auto-accepted" in proc.stdout and "other_characters" in proc.stdout
+    r = invoke("evaluate", "--model", model_dir, "--split", "val", "--unknown", unknown, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "auto-accepted" in r.stdout and "other_characters" in r.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["review"]["auto_accepted_share"] <= 1
+    review = metrics["review"]
+    assert review["review_below"] == pytest.approx(model.review_below)
+    assert review["auto_accepted_share"] == pytest.approx(accepted.mean())
+    assert review["auto_accepted"] == accepted.sum()
+    assert review["auto_accepted_errors"] == (accepted & (a.probabilities.argmax(1) != val.labels)).sum()
     u = metrics["unknown"]
     assert u["n"] == 17 and u["undecodable"] == 1
     assert u["by_kind"]["other_characters"]["n"] == 12 and u["by_kind"]["blanks"]["n"] == 5
-    assert sum(u["by_kind"]["blanks"]["reasons"].values()) == 5
+    assert u["by_kind"]["blanks"]["reasons"] == {"blank": 5, "unknown_character": 0, "low_confidence": 0, "accepted": 0}
     assert (out / "ood_scores.png").stat().st_size > 0 and (out / "unknown_accepted.png").stat().st_size > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image
 from batch_infer.job import PredictOptions, run_predict
 from batch_infer.manifest import manifest_chunks, read_manifest
 from batch_infer.pages_out import ALTO_NS, GETA
-from bench.compose_pages import compose_page
+from bench.compose_pages import PAPER, compose_page
 from kmnist_core.errors import KmnistError
 from kmnist_core.pages import decode_page, page_from_gray, prepare_box, reading_order
 from kmnist_core.preprocess import DecodeError, decode_bytes
@@ -189,10 +190,11 @@ def page_run(tmp_path_factory, kmnist_dev, ray_session):
     write_csv(tmp / "boxes.csv", shuffled)
     out = tmp / "out"
     summary = run_predict([], out, PredictOptions(manifest=str(tmp / "boxes.csv"), export=("alto",), batch_size=256,
-                                                  rows_per_shard=200, workers=1))
+                                                  rows_per_shard=200, workers=1, executor="ray"))
     return tmp, out, rows, summary
 
 
+@pytest.mark.timeout(300)
 def test_page_run_rows(page_run, kmnist_dev):
     from kmnist_core.model_dir import load_model
 
@@ -217,6 +219,7 @@ def test_page_run_rows(page_run, kmnist_dev):
     assert abs(box_acc - (tight == labels).mean()) <= 0.005, (box_acc, (tight == labels).mean())
 
 
+@pytest.mark.timeout(300)
 def test_page_run_pages_text_kaggle_alto_and_overlays(page_run, kmnist_dev):
     tmp, out, rows, summary = page_run
     pages = pd.read_parquet(out / "pages.parquet").set_index("page")
@@ -230,6 +233,7 @@ def test_page_run_pages_text_kaggle_alto_and_overlays(page_run, kmnist_dev):
         expected = "".join(predicted.loc[r["box_id"], "pred_char"] for r in mine)
         assert page["text"] == expected
         assert page["n_boxes"] == len(mine) + (p == 0)  # the off-page box is on p00
+        assert page["n_columns"] == 8  # write_pages composes 8 columns of 10
         assert page["n_auto_accepted"] + page["n_review"] == page["n_boxes"]
         # Every box needing review is 〓 in text_reviewed (the off-page box has no place in the text).
         assert len(page["text_reviewed"]) == len(page["text"]) and page["text_reviewed"].count(GETA) == page["n_review"] - (p == 0)
@@ -237,45 +241,59 @@ def test_page_run_pages_text_kaggle_alto_and_overlays(page_run, kmnist_dev):
         assert 0.9 <= page["accuracy"] <= 1
     assert "box_id" not in pages.columns  # differs within a page: not page-level
     assert summary["report"]["pages"]["accuracy"]["boxes_with_truth"] == len(rows) + 2
-    kaggle = pd.read_csv(out / "pages_kaggle.csv")
-    first = kaggle.set_index("image_id").loc["p00", "labels"].split()
-    assert len(first) == 3 * 80 and first[0].startswith("U+")
+
+    # Kaggle: p00's boxes in reading order, each as its predicted codepoint and the centre of its true box.
+    p00 = sorted((r for r in rows if r["path"] == "pages/p00.png"), key=lambda r: r["position"])
+    by_id = boxes.set_index("box_id")
+    kaggle = pd.read_csv(out / "pages_kaggle.csv", dtype=str).set_index("image_id")
+    labels = kaggle.loc["p00", "labels"].split()
+    centres = [(str(r["x"] + r["width"] // 2), str(r["y"] + r["height"] // 2)) for r in p00]
+    assert [tuple(labels[i : i + 3]) for i in range(0, len(labels), 3)] == [
+        (by_id.loc[r["box_id"], "pred_codepoint"], *c) for r, c in zip(p00, centres)]
     overlays = sorted(p.name for p in (out / "summary" / "pages").iterdir())
     assert overlays == [f"p{p:02d}.png" for p in range(10)]  # the missing page has no picture
     with Image.open(out / "summary" / "pages" / "p00.png") as img:
         assert img.mode == "RGB" and max(img.size) >= 1000
-    # ALTO parses back: one TextLine per column, right to left, one String per box in reading order.
+    # ALTO parses back: one TextLine per column, right to left, one String per box in reading order, at
+    # the box's true place on the page.
     root = ET.parse(out / "alto" / "p00.xml").getroot()
     ns = {"a": ALTO_NS}
     assert root.tag == f"{{{ALTO_NS}}}alto" and root.find("a:Description/a:MeasurementUnit", ns).text == "pixel"
     page_el = root.find("a:Layout/a:Page", ns)
-    assert page_el.get("WIDTH") and page_el.get("HEIGHT")
+    with Image.open(tmp / "pages" / "p00.png") as img:
+        assert (int(page_el.get("WIDTH")), int(page_el.get("HEIGHT"))) == img.size
     lines = page_el.findall("a:PrintSpace/a:TextBlock/a:TextLine", ns)
     assert len(lines) == 8 and [int(l.get("HPOS")) for l in lines] == sorted((int(l.get("HPOS")) for l in lines), reverse=True)
     strings = [s for line in lines for s in line.findall("a:String", ns)]
-    assert "".join(s.get("CONTENT") for s in strings) == pages.loc[str(tmp / "pages" / "p00.png"), "text"]
-    assert all(0 <= float(s.get("WC")) <= 1 and int(s.get("WIDTH")) > 0 for s in strings)
+    assert [(s.get("CONTENT"), *(int(s.get(k)) for k in ("HPOS", "VPOS", "WIDTH", "HEIGHT"))) for s in strings] == [
+        (by_id.loc[r["box_id"], "pred_char"], r["x"], r["y"], r["width"], r["height"]) for r in p00]
+    wc = [by_id.loc[r["box_id"], "confidence"] for r in p00]
+    assert [float(s.get("WC")) for s in strings] == pytest.approx(wc, abs=1e-4)
 
 
+@pytest.mark.timeout(300)
 def test_page_run_resumes_to_the_same_rows(page_run):
     tmp, out, rows, _ = page_run
     before = pd.read_parquet(out / "predictions").sort_values("path").reset_index(drop=True)
-    again = run_predict([], out, PredictOptions(manifest=str(tmp / "boxes.csv"), resume=True, read_retries=0, workers=1))
+    alto = {p.name: p.read_bytes() for p in (out / "alto").iterdir()}
+    shutil.rmtree(out / "alto")  # so only the resumed run can have written what is there next
+    again = run_predict([], out, PredictOptions(manifest=str(tmp / "boxes.csv"), resume=True, read_retries=0, workers=1,
+                                                executor="ray"))
     assert again["rows_written"] == 0 and again["already_done"] == len(rows) + 2 - again["error_rows_reread"]
     after = pd.read_parquet(out / "predictions").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(before.drop(columns=["run_id"]), after.drop(columns=["run_id"]))
-    assert (out / "alto" / "p00.xml").exists()  # the resumed run exports what the first run asked for
+    # The resumed run, not asked for --export, exports what the first run asked for, from the same rows.
+    assert {p.name: p.read_bytes() for p in (out / "alto").iterdir()} == alto
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path):
-    """The example pages and their Kaggle CSV in a bucket, OUT in the same bucket, through the real CLI."""
-    import subprocess
-    import sys
+@pytest.mark.timeout(300)
+def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path, monkeypatch):
+    """The example pages and their Kaggle CSV in a bucket, OUT in the same bucket, through the CLI's predict."""
     import uuid
 
     import pyarrow.fs as pafs
+
+    from tests.test_cli import invoke
 
     fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
                            allow_bucket_creation=True)
@@ -285,17 +303,89 @@ def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path):
     for name in ("kaggle.csv", "page-1.png", "page-2.png"):
         with fs.open_output_stream(f"{bucket}/in/{name}") as f:
             f.write((examples / name).read_bytes())
-    cli = str(Path(sys.executable).parent / "kmnist-batch")
-    r = subprocess.run([cli, "predict", "--manifest", f"s3://{bucket}/in/kaggle.csv", "--export", "alto",
-                        "--out", f"s3://{bucket}/out"], env=s3_server, capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "accuracy" in r.stdout and list(tmp_path.iterdir()) == []
+    for key, value in s3_server.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    r = invoke("predict", "--manifest", f"s3://{bucket}/in/kaggle.csv", "--export", "alto",
+               "--out", f"s3://{bucket}/out", "--executor", "local")
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.stdout and list(tmp_path.iterdir()) == []  # nothing written locally
     pages = pq.read_table(f"{bucket}/out/pages.parquet", filesystem=fs).to_pandas()
     assert sorted(pages["page"]) == [f"s3://{bucket}/in/page-1.png", f"s3://{bucket}/in/page-2.png"]
     assert list(pages["n_boxes"]) == [48, 45] and pages["accuracy"].min() > 0.9
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out", recursive=True))}
     assert {"page-1.xml", "page-2.xml", "page-1.png", "page-2.png", "pages_kaggle.csv", "pages.json"} <= names
+
+
+def blank_and_bad_boxes(tmp: Path, images: np.ndarray, rng) -> list[dict]:
+    """Two pages of 3 columns x 4 real characters, each with a fourth (leftmost, last) column holding a box on
+    blank paper and, below it, a box running past the page's bottom edge; in tmp/pages/."""
+    (tmp / "pages").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in range(2):
+        page, boxes = compose_page(images, rng, 3, 4, start=p * 12)
+        page = np.pad(page, ((0, 0), (60, 0)), constant_values=PAPER)  # paper for a fourth column
+        Image.fromarray(page).save(tmp / "pages" / f"q{p}.png")
+        xywh = [(b.x + 60, b.y, b.width, b.height, b.image) for b in boxes]
+        xywh += [(16, boxes[0].y, 28, 28, -1), (16, page.shape[0] - 14, 28, 28, -1)]  # blank, then off the edge
+        rows += [{"path": f"pages/q{p}.png", "x": x, "y": y, "width": w, "height": h, "box_id": f"{p:03d}{i:03d}",
+                  "image": image} for i, (x, y, w, h, image) in enumerate(xywh)]
+    return rows
+
+
+def write_tsv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_tsv_manifest_blank_boxes_a_resorted_resume_and_the_overlay_cap(tmp_path, kmnist_dev, monkeypatch):
+    """A TSV manifest; a run cut off after its first page, resumed with the manifest re-sorted: each box one
+    row, the first page's rows kept. 〓 stands in the text for a blank box and for a box off its page's
+    edge; n_columns counts the columns. Overlays are capped (README: up to 20 pages, most review first)."""
+    from batch_infer import pages_out
+
+    rows = blank_and_bad_boxes(tmp_path, kmnist_dev.test.images, np.random.default_rng(5))
+    manifest = tmp_path / "boxes.tsv"
+    write_tsv(manifest, rows)
+    out = tmp_path / "out"
+
+    def cut_off(stats: dict) -> None:
+        raise RuntimeError("cut off after the first page")
+
+    opts = dict(manifest=str(manifest), executor="local", rows_per_shard=10)
+    with pytest.raises(KmnistError, match="cut off after the first page"):
+        run_predict([], out, PredictOptions(**opts, export=("alto",)), on_chunk=cut_off)
+    first = pd.read_parquet(out / "predictions")
+    assert len(first) == 14 and first["page"].nunique() == 1  # one page of two committed
+
+    write_tsv(manifest, rows[::-1])  # the same boxes, re-sorted
+    again = run_predict([], out, PredictOptions(**opts, resume=True))
+    assert (again["already_done"], again["rows_written"], again["error_rows_reread"]) == (14, 14, 0)
+    table = pd.read_parquet(out / "predictions")
+    assert len(table) == 28 and table["path_bytes"].is_unique
+    assert sorted(table["box_id"]) == sorted(r["box_id"] for r in rows)  # TSV text kept: "000001", not 1
+    assert (table["run_id"] == first["run_id"].iloc[0]).sum() == 14  # the first page was not predicted again
+    by_id = table.set_index("box_id")
+
+    pages = pd.read_parquet(out / "pages.parquet").set_index("page")
+    for p in range(2):
+        mine = [r for r in rows if r["path"] == f"pages/q{p}.png"]
+        page = pages.loc[str(tmp_path / "pages" / f"q{p}.png")]
+        blank, off_edge = by_id.loc[mine[12]["box_id"]], by_id.loc[mine[13]["box_id"]]
+        assert blank["review_reason"] == "blank" and pd.isna(blank["error"])
+        assert off_edge["error_kind"] == "bad_box" and off_edge["reading_index"] == 13
+        assert page["text"] == "".join(by_id.loc[r["box_id"], "pred_char"] for r in mine[:12]) + GETA * 2
+        assert page["text_reviewed"].endswith(GETA * 2) and page["n_columns"] == 4 and page["n_boxes"] == 14
+    assert sorted(p.name for p in (out / "alto").iterdir()) == ["q0.xml", "q1.xml"]  # resume kept --export alto
+
+    assert pages_out.OVERLAY_PAGES == 20
+    monkeypatch.setattr(pages_out, "OVERLAY_PAGES", 1)
+    summary = pages_out.write_pages(str(out))
+    most = pages.reset_index().sort_values(["n_review", "page"], ascending=[False, True])["page"].iloc[0]
+    assert [p.name for p in (out / "summary" / "pages").iterdir()] == [Path(most).name] and summary["overlays"] == 1
 
 
 def test_a_manifest_of_crop_files_passes_its_columns_through(tmp_path, kmnist_dev):
@@ -338,6 +428,7 @@ def test_reading_order_of_degenerate_pages():
     assert index.tolist() == [3, 0, 4, 1, 2] and column.tolist() == [1, 0, 1, 0, 0]
 
 
+@pytest.mark.timeout(300)
 def test_report_rebuilds_the_page_outputs(page_run):
     from typer.testing import CliRunner
 

@@ -1,7 +1,9 @@
 """`predict` against a real local Ray: real files, real Parquet, read back without Ray."""
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +14,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from batch_infer.dispatch import pool_size
 from batch_infer.job import PredictOptions, run_predict
+from batch_infer.out_lock import LOCK_FILE
 from batch_infer.output import read_predictions
 from batch_infer.report import write_report
 from kmnist_core.errors import KmnistError
-from tests.crop_tree import mixed_tree, plain_tree
+from tests.crop_tree import HOLD_ENV, hold_file, mixed_tree, plain_tree, release
+from tests.test_cli import invoke
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
@@ -34,7 +39,8 @@ def mixed(tmp_path_factory, kmnist_dev):
 def mixed_run(mixed, ray_session, tmp_path_factory):
     root, expected = mixed
     out = tmp_path_factory.mktemp("out")
-    summary = run_predict([root], out, PredictOptions(batch_size=8))
+    summary = run_predict([root], out, PredictOptions(batch_size=8, executor="ray"))
+    assert summary["executor"] == "ray"
     return out, summary, expected
 
 
@@ -119,15 +125,13 @@ def test_run_json_and_summary(mixed_run):
 
 def test_report_regenerates_from_parquet_alone(mixed_run, tmp_path):
     out, _, _ = mixed_run
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(out / "predictions", copy / "predictions")
     s = write_report(copy)  # no run.json, no summary/
     assert s["files_seen"] == len(read_predictions(out)) and s["skipped"]["hidden"] == 2
     assert (copy / "summary" / "review.html").exists()
-    r = subprocess.run([CLI, "report", str(copy)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "needs review" in r.stdout, r.stderr
+    r = invoke("report", copy)
+    assert r.exit_code == 0 and "needs review" in r.stdout, r.output
 
 
 def test_non_empty_out_is_refused_without_resume_or_overwrite(mixed, mixed_run, ray_session):
@@ -145,65 +149,94 @@ def test_resume_of_finished_run_rereads_only_transient_error_rows(mixed, mixed_r
     before = read_predictions(out).to_pandas()
     transient = before.error_kind.isin(["truncated", "unreadable"]).sum()
     assert transient == 1  # the truncated PNG; empty, not_image and too_large are permanent
-    again = run_predict([root], out, PredictOptions(resume=True, read_retries=0))
+    again = run_predict([root], out, PredictOptions(resume=True, read_retries=0, executor="local"))
     assert again["rows_written"] == 0 and again["rows_replaced"] == transient
     assert again["already_done"] == first["rows_written"] - transient
     after = read_predictions(out).to_pandas()
     assert len(after) == len(before) and not after.path_bytes.duplicated().any()
 
 
+def chunk_workers(ray) -> dict[str, dict]:
+    """This driver's prediction actors (any state) from Ray's GCS actor table, by actor id. (The public
+    state API needs the dashboard, which the session's Ray runs without.)"""
+    from ray._private import state
+
+    job = ray.get_runtime_context().get_job_id()
+    return {k: v for k, v in state.actors().items() if v["ActorClassName"] == "RayChunkWorker" and v["JobID"] == job}
+
+
 def test_killed_model_worker_is_retried_and_output_is_exact(tmp_path, kmnist_dev, ray_session):
     files = plain_tree(tmp_path / "in", kmnist_dev.test.images, 3000)
-    killed = []
+    earlier = set(chunk_workers(ray_session))  # actors of earlier runs in this session: not ours to kill
+    killed, done = [], []
 
-    done = []
-
-    def kill_model_actor_once(stats):
+    def kill_a_model_actor_once(stats):
+        """At the first committed chunk (others are still queued on both workers), SIGKILL a worker of this run."""
         done.append(stats["rows"])
         if killed:
             return
-        # Ray titles each actor process 'ray::RayChunkWorker...'.
-        for proc in Path("/proc").iterdir():
-            try:
-                title = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if proc.name.isdigit() and title.startswith(b"ray::") and b"RayChunkWorker" in title:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append((int(proc.name), sum(done)))
-                return
+        ours = [a for k, a in chunk_workers(ray_session).items() if k not in earlier and a["State"] == "ALIVE"]
+        os.kill(ours[0]["Pid"], signal.SIGKILL)
+        killed.append((ours[0]["ActorID"], sum(done)))
 
     out = tmp_path / "out"
-    summary = run_predict([tmp_path / "in"], out, PredictOptions(batch_size=64, rows_per_shard=256), kill_model_actor_once)
-    assert killed and killed[0][1] < len(files)  # the kill happened mid-job
+    summary = run_predict([tmp_path / "in"], out, PredictOptions(batch_size=64, rows_per_shard=256, executor="ray"),
+                          kill_a_model_actor_once)
+    assert summary["executor"] == "ray" and killed and killed[0][1] < len(files)  # the kill happened mid-job
+    ours = {k: a for k, a in chunk_workers(ray_session).items() if k not in earlier}
+    assert ours[killed[0][0]]["State"] == "DEAD"
+    assert len(ours) == pool_size(ray_session, 1.0, 0.0) + 1  # the pool, and one replacement for the killed worker
     df = read_predictions(out).to_pandas()
     assert len(df) == len(files) and not df.path.duplicated().any() and df.error.isna().all()
     assert summary["rows_written"] == len(files)
 
 
+def wait_until_unlocked(out: Path) -> None:
+    """SIGKILL returns before the killed job's process has exited: the kernel drops its lock on OUT when it has."""
+    deadline = time.monotonic() + 60
+    with open(out / LOCK_FILE, "rb") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the killed run still holds OUT's lock"
+                time.sleep(0.02)
+
+
 def test_resume_after_kill_9_gives_exactly_one_row_per_file(tmp_path, kmnist_dev):
-    files = plain_tree(tmp_path / "in", kmnist_dev.test.images, 6000)
+    """The run is held busy on its last chunk (a hold file, listed last) while the test kills it."""
+    files = plain_tree(tmp_path / "in", kmnist_dev.test.images, 1200, per_folder=400)
+    held = hold_file(tmp_path / "in" / "zz", kmnist_dev.test.images[0])
+    files.append(held)
     out = tmp_path / "out"
     args = [CLI, "predict", str(tmp_path / "in"), "--out", str(out), "--batch-size", "64", "--rows-per-shard", "200"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "predictions").glob("*.parquet")):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
+    proc = subprocess.Popen(args, env={**os.environ, **HOLD_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "predictions").glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended although its last chunk is held"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the child running the job
+        proc.wait()
+    wait_until_unlocked(out)
     first = read_predictions(out).to_pandas()
     assert 0 < len(first) < len(files), "the run was not interrupted mid-way"
 
-    r = subprocess.run(args[:-2] + ["--rows-per-shard", "2000"], capture_output=True, text=True, timeout=240)
-    assert r.returncode != 0 and "--resume" in r.stderr  # refuses to clobber without --resume
-    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
+    with pytest.raises(KmnistError, match="--resume"):  # refuses to clobber without --resume
+        run_predict([tmp_path / "in"], out, PredictOptions(executor="local"))
+    release(held)
+    again = run_predict([tmp_path / "in"], out, PredictOptions(resume=True, executor="local"))
+    assert again["already_done"] == len(first) and again["rows_written"] == len(files) - len(first)
     df = read_predictions(out).to_pandas()
     assert len(df) == len(files) and not df.path.duplicated().any()
     assert set(df.path) == {str(p) for p in files}
     # What the killed run committed was kept, not recomputed.
     assert (df.run_id == first.run_id.iloc[0]).sum() == len(first)
-    assert not list((out / "predictions").glob("*.tmp"))
+    assert not list((out / "predictions").glob("*.tmp")) and not list((out / "predictions").glob(".*"))
 
 
 def test_cli_predict_missing_input_is_one_line(tmp_path):

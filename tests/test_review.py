@@ -1,6 +1,6 @@
-"""Every review reason through `kmnist-batch predict` on a real local Ray: the row's reason and
-precedence, needs_review, the counts in summary.json / by_folder.csv / the printed summary, and the
-review sheet that names the files.
+"""Every review reason through `kmnist-batch predict` (in this process; a job this small runs without Ray):
+the row's reason and precedence, needs_review, the counts in summary.json / by_folder.csv / the printed
+summary, the review sheet that names the files, and `--review-below`.
 
 The model is the shipped default with its thresholds pinned in a copy of its card (the weights are
 the same), so the test checks the pipeline's wiring, not where a particular model's thresholds fall.
@@ -8,8 +8,6 @@ the same), so the test checks the pipeline's wiring, not where a particular mode
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib_fontja
@@ -21,9 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 from batch_infer.output import read_predictions
 from kmnist_core import load_model
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR
+from tests.test_cli import invoke
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"
 
 
@@ -71,9 +68,8 @@ def reviewed(tmp_path_factory, kmnist_dev):
     (tree / "book" / "page 1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
 
     out = tmp / "out"
-    r = subprocess.run([CLI, "predict", str(tree), "--out", str(out), "--model", str(model_dir)],
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
+    r = invoke("predict", tree, "--out", out, "--model", model_dir, "--executor", "local")
+    assert r.exit_code == 0, r.output
     df = read_predictions(out).to_pandas()
     df["name"] = df.rel_path.str.rsplit("/", n=1).str[-1]
     return out, df.set_index("name"), r.stdout, review_below
@@ -117,3 +113,28 @@ def test_review_sheet_names_the_files(reviewed):
         assert f"book/page 1/{name}" in page
     assert "accepted.png" not in page
     assert page.count("<img src=\"data:image/png;base64,") == 4
+
+
+def test_review_below_sets_the_low_confidence_line(tmp_path, kmnist_dev):
+    """`--review-below P`: the crops under P (and only those) are low_confidence; the run records P."""
+    model = load_model("default")
+    images = kmnist_dev.test.images[:40]
+    a = model.assess(images)
+    conf = a.probabilities.max(1)
+    known = ~a.unknown
+    p = float(np.median(conf[known]))
+    assert (known & (conf >= model.review_below) & (conf < p)).any()  # crops the card's own threshold accepts
+    (tmp_path / "crops").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / "crops" / f"{i:02d}.png")
+    out = tmp_path / "out"
+    r = invoke("predict", tmp_path / "crops", "--out", out, "--review-below", p, "--executor", "local")
+    assert r.exit_code == 0, r.output
+    df = read_predictions(out).to_pandas().sort_values("rel_path")
+    assert df.confidence.to_numpy() == pytest.approx(conf, abs=1e-6)
+    expected = np.where(~known, "unknown_character", np.where(conf < p, "low_confidence", "accepted"))
+    assert df.review_reason.fillna("accepted").tolist() == expected.tolist()
+    assert 5 < (expected == "low_confidence").sum() and 5 < (expected == "accepted").sum()
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    summary = json.loads((out / "summary" / "summary.json").read_text(encoding="utf-8"))
+    assert run["review_below"] == summary["review_below"] == p
