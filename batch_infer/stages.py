@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from batch_infer.schema import SCHEMA
 from kmnist_core import storage
-from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_many
+from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, decode_many
 from kmnist_core.review import review_reasons
 
 
@@ -81,15 +81,17 @@ def decode_files(data: list[bytes | OSError], input_size: int, max_pixels: int) 
     for i, d in enumerate(data):
         if isinstance(d, OSError):
             results.append((b"", None, None, *NO_IMAGE, f"unreadable: {d.strerror or d}", "unreadable"))
-            continue
-        sha, size, img = hashlib.sha256(d).hexdigest(), len(d), images[i]
-        if isinstance(img, DecodeError):
-            results.append((b"", sha, size, *NO_IMAGE, str(img), img.kind))
         else:
-            ink = img.ink_box or (None,) * 4
-            results.append((img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, img.blank, *ink,
-                            None, None))
+            results.append(decoded_fields(images[i], hashlib.sha256(d).hexdigest(), len(d)))
     return results
+
+
+def decoded_fields(img: PreparedImage | DecodeError, sha: str | None, size: int | None) -> tuple:
+    """One row's DECODED_FIELDS from its prepared image or decode error (and its file's hash and size)."""
+    if isinstance(img, DecodeError):
+        return (b"", sha, size, *NO_IMAGE, str(img), img.kind)
+    ink = img.ink_box or (None,) * 4
+    return (img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, img.blank, *ink, None, None)
 
 
 def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 0,
