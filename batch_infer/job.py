@@ -213,6 +213,7 @@ class Run:
     tally: Tally
     skipped: Counter
     after_first: Callable[[], None] | None = None  # --overwrite: swaps the new output in after the first commit
+    old_output_kept: bool = False  # --overwrite before its swap: what a failure's message may promise
 
 
 def prepare(inputs: list[str | Path], out: str | Path, opts: PredictOptions) -> Checked:
@@ -278,7 +279,7 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
                       "kmnist_batch.run": json.dumps(meta, ensure_ascii=False),
                       "kmnist_batch.model_card": json.dumps(card.raw, ensure_ascii=False)})
     return Run(checked, opts, meta, job, Plan(out, previous, opts.retry_errors), previous, metas, replacing,
-               Tally(on_chunk, progress.chunk_done if progress else None), Counter())
+               Tally(on_chunk, progress.chunk_done if progress else None), Counter(), old_output_kept=replacing)
 
 
 def listing_tasks(run: Run, progress: RunProgress | None, stop_counting: threading.Event) -> tuple[str, Iterator[ChunkTask]]:
@@ -306,6 +307,7 @@ def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]
     first = next(tasks, None)
     if first is None:  # nothing to predict: the old output still goes
         output.swap_in(out, run.meta["run_id"], list(run.metas), stale=stale)
+        run.old_output_kept = False
         return iter(())
     if out.local:
         first = staged(first, output.staging_dir(out, run.meta["run_id"]))
@@ -392,7 +394,7 @@ def record_failure(run: Run, error: BaseException, progress: RunProgress | None,
         raise error
     if completed:
         kept = "every row is in OUT; `kmnist-batch report OUT` writes the summary again"
-    elif run.replacing and run.after_first is not None and not run.tally.chunks:
+    elif run.old_output_kept and not run.tally.chunks:  # stopped before the swap, even before the first listing
         kept = "the earlier predictions in OUT are untouched; run again with --overwrite"
     else:
         kept = f"{committed:,} rows committed by this run are kept; run again with --resume to finish"

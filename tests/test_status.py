@@ -25,7 +25,6 @@ from batch_infer.status import run_status, status_text
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
 
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 RUN_ID = "20261202T180000-abcdef"
 OPTIONS = {"model": "runs/study", "address": None, "executor": "auto", "batch_size": 1024, "workers": 2,
            "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "review_below": 0.95, "resume": False, "overwrite": False,
@@ -66,18 +65,19 @@ def holder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     script = textwrap.dedent(f"""
-        import contextlib, sys, time
+        import sys
         from pathlib import Path
         from kmnist_core import out_lock
         with out_lock.hold(Path({str(out)!r}), {RUN_ID!r}):
             print("locked", flush=True)
-            time.sleep(120)
+            sys.stdin.read()  # until the test kills it (or ends: its stdin closes)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"
     yield out, child
     child.kill()
     child.wait()
+    child.stdin.close()
 
 
 def test_running_reports_progress_and_the_holder_then_killed_reports_interrupted(holder):
@@ -221,8 +221,9 @@ def test_object_store_out_is_alive_while_its_holder_beats(s3_server, monkeypatch
     assert s["state"] == "running" and s["alive_judged_by"] == "heartbeat" and s["holder"]["host"] == "another-host"
     assert s["progress"]["total"] == 10 and s["out"] == uri
 
-    put(fs, "status-test/run1/.lock", {**holder, "heartbeat": time.time() - 600})  # the other host went silent
-    s = run_status(uri)
+    beat = time.time() - 600
+    put(fs, "status-test/run1/.lock", {**holder, "heartbeat": beat})  # the other host went silent
+    s = run_status(uri, now=beat + 600)
     assert s["state"] == "interrupted" and "last heartbeat was 10m00s ago" in s["reason"]
     assert s["resume_command"] == (f"kmnist-batch predict s3://status-test/crops --out {uri} --resume "
                                    "--model runs/study --workers 2 --review-below 0.95")
@@ -258,10 +259,14 @@ def test_predict_resume_command_repeats_every_option_that_differs_from_its_defau
 
 
 def test_cli_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
     run_json(tmp_path, "running")
     killed_lock(tmp_path)
-    done = subprocess.run([CLI, "status", str(tmp_path), "--json"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(app, ["status", str(tmp_path), "--json"])
+    assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["state"] == "interrupted"
-    done = subprocess.run([CLI, "status", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    done = CliRunner().invoke(app, ["status", str(tmp_path / "nothing")])
+    assert done.exit_code == 2 and done.stderr.startswith("error: ") and "holds no kmnist-batch run" in done.stderr

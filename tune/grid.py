@@ -11,8 +11,10 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import ray
@@ -37,6 +39,26 @@ from tune.progress import quiet as progress_quiet
 
 EXPERIMENT = "grid"
 STATE_FILE = "train_state.pt"  # TrainRun.state_dict(): model, optimizer, scheduler, RNG, history
+
+# Tests hold a trial busy for exactly as long as they need (tests/test_tune.py): with
+# KMNIST_BATCH_TEST_HOLD=1 in the driver's environment, a trial waits before training epoch E while
+# OUT/lr{lr}-batch{batch_size}-epoch{E}.hold exists and that name plus ".release" does not. The driver
+# puts OUT in the trials' config, so trials follow it on any worker of any Ray. Unset in real runs.
+TEST_HOLD_ENV = "KMNIST_BATCH_TEST_HOLD"
+
+
+def hold_name(lr: float, batch_size: int, epoch: int) -> str:
+    return f"lr{lr}-batch{batch_size}-epoch{epoch}.hold"
+
+
+def wait_while_held(hold_dir: str | None, train: dict, epoch: int) -> None:
+    if not hold_dir:
+        return
+    hold = Path(hold_dir) / hold_name(train["lr"], train["batch_size"], epoch)
+    while hold.exists() and not Path(str(hold) + ".release").exists():
+        time.sleep(0.02)
+
+
 def train_trial(config: dict, data: Dataset | None = None) -> None:
     """One Tune trial: the library's training loop, checkpointed and reported after every epoch.
 
@@ -50,12 +72,16 @@ def train_trial(config: dict, data: Dataset | None = None) -> None:
             resume_state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
 
     node_id = ray.get_runtime_context().get_node_id()
+    hold_dir = config.get("test_hold")
 
     def report(metrics: dict, run: TrainRun) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(run.state_dict(), Path(tmp) / STATE_FILE)
             tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        if metrics["epoch"] < cfg.epochs and not metrics["diverged"]:
+            wait_while_held(hold_dir, config["train"], metrics["epoch"] + 1)
 
+    wait_while_held(hold_dir, config["train"], len(resume_state["history"]) + 1 if resume_state else 1)
     train_model(cfg, data, pick_device(cfg.device), on_epoch=report, resume_state=resume_state)
 
 
@@ -115,6 +141,25 @@ def write_best(results, trials: pd.DataFrame, history: pd.DataFrame, data: Datas
     return {"trial": best_trial.trial, "lr": float(best_trial.lr), "batch_size": int(best_trial.batch_size),
             "best_val_acc": float(best_trial.best_val_acc), "test_acc": card["metrics"]["test"]["accuracy"],
             "model_id": card["model_id"]}
+
+
+@contextlib.contextmanager
+def working_in(path: Path) -> Iterator[None]:
+    """Run the fit from OUT, which nothing replaces (every path Tune gets is absolute). Under `ray job
+    submit`, Ray may delete the job's working_dir copy (a job after another with the same package),
+    leaving this process in a deleted folder: Tune would fail in os.getcwd(), and so would
+    contextlib.chdir, which asks for the folder to return to. There is then nothing to return to."""
+    try:
+        previous = os.getcwd()
+    except FileNotFoundError:
+        previous = None
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(previous)
 
 
 class TrialLines(tune.Callback):
@@ -188,9 +233,10 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
         scheduler = None
         if cfg.scheduler == "asha":
             scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1)
+        test_hold = {"test_hold": str(out.resolve())} if os.environ.get(TEST_HOLD_ENV) == "1" else {}
         tuner = tune.Tuner(
             trainable,
-            param_space={"train": train_space},
+            param_space={"train": train_space, **test_hold},
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                         reuse_actors=True),  # ~0.5 s per trial instead of ~4 s (STACK.md)
             run_config=tune.RunConfig(
@@ -199,10 +245,7 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
                                                         checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=0)),
         )
-    # Under `ray job submit`, Ray may replace the job's working_dir copy while trials start (a job after
-    # another with the same package), leaving this process in a deleted folder; Tune then fails in
-    # os.getcwd(). Run the fit from OUT, which nothing replaces (every path Tune gets is absolute).
-    with active(progress), contextlib.chdir(out.resolve()):
+    with active(progress), working_in(out.resolve()):
         results = tuner.fit()
     trials, history = collect(results, cfg)
     trials.to_csv(out / "trials.csv", index=False)
