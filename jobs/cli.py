@@ -250,6 +250,11 @@ def predict(
     """Predict every crop under INPUTS (or every row of --manifest) into Parquet, then write the summary."""
     if progress_every <= 0:
         raise KmnistError("--progress-every must be > 0 seconds")
+    from kmnist_core.out_lock import refuse_if_busy
+    from kmnist_core.storage import is_uri, resolve
+
+    if not is_uri(out):  # a busy local OUT is refused at once, before the fork; an object store's lock is
+        refuse_if_busy(resolve(out))  # read by the child: no client exists before the fork
     from batch_infer.supervise import run_supervised
 
     def work() -> tuple[int, str]:  # runs in a child process (batch_infer/supervise.py); torch is imported only here
@@ -259,9 +264,7 @@ def predict(
         # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
         logging.raiseExceptions = False
         try:
-            from kmnist_core.out_lock import refuse_if_busy
             from batch_infer.options import PredictOptions
-            from kmnist_core.storage import resolve
 
             refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
             from batch_infer.job import run_predict

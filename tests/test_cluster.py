@@ -228,6 +228,7 @@ def test_predict_job_reads_and_writes_only_the_object_store_on_both_nodes(cluste
 
     plain_tree(tmp_path / "crops", kmnist_dev.test.images, 500)
     bucket = f"b-{uuid.uuid4().hex[:8]}"
+    s3(s3_server).create_dir(bucket)
     objects = upload_tree(s3_server, tmp_path / "crops", bucket, "crops")
     aws = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
     local = [Path(cluster.temp), tmp_path, Path(os.environ["HOME"])]

@@ -45,7 +45,7 @@ def invoke(*args: object):
 
     from jobs.cli import app
 
-    with mock.patch("batch_infer.supervise.run_supervised", lambda out, work: (work(), None)):
+    with mock.patch("batch_infer.supervise.run_supervised", lambda out, work: (work()[0], None)):
         return CliRunner().invoke(app, [str(a) for a in args])
 
 
