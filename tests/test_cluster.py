@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -224,12 +225,19 @@ def test_predict_job_reads_and_writes_only_the_object_store_on_both_nodes(cluste
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
 
-    from tests.test_object_store import s3, upload_tree
-
-    plain_tree(tmp_path / "crops", kmnist_dev.test.images, 500)
+    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
+                           allow_bucket_creation=True)
     bucket = f"b-{uuid.uuid4().hex[:8]}"
-    s3(s3_server).create_dir(bucket)
-    objects = upload_tree(s3_server, tmp_path / "crops", bucket, "crops")
+    fs.create_dir(bucket)
+
+    def upload(path: Path) -> str:
+        key = f"{bucket}/crops/{path.name}"
+        with fs.open_output_stream(key) as f:
+            f.write(path.read_bytes())
+        return f"s3://{key}"
+
+    with ThreadPoolExecutor(16) as pool:
+        objects = set(pool.map(upload, plain_tree(tmp_path / "crops", kmnist_dev.test.images, 500)))
     aws = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
     local = [Path(cluster.temp), tmp_path, Path(os.environ["HOME"])]
     before = output_like(local)
@@ -239,7 +247,6 @@ def test_predict_job_reads_and_writes_only_the_object_store_on_both_nodes(cluste
                        runtime_env={"env_vars": aws})
     assert succeeded(r), r.stdout[-3000:] + r.stderr[-3000:]
     assert output_like(local) == before
-    fs = s3(s3_server)
     assert {"run.json", "predictions"} <= {Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out"))}
     t = ds.dataset(f"{bucket}/out/predictions", format="parquet", filesystem=fs).to_table(columns=["path", "node_id"])
     assert sorted(t.column("path").to_pylist()) == sorted(objects)

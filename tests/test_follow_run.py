@@ -15,38 +15,19 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
+from tests.test_tune import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
 PROGRESS = re.compile(r"^\d\d:\d\d:\d\d progress ([\d,]+)/([~\d,?]+)")
 PREDICT = ["--batch-size", "64", "--rows-per-shard", "100", "--progress-every", "0.2", "--read-retries", "0"]
-
-
-def wait_for(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
-
-
-def invoke(*args: object):
-    """`kmnist-batch ARGS` in this process; `predict` does its work inline instead of in a forked child."""
-    from typer.testing import CliRunner
-
-    from jobs.cli import app
-
-    with mock.patch("batch_infer.supervise.run_supervised", lambda out, work: (work()[0], None)):
-        return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def start(log: Path, *args: object) -> subprocess.Popen:
@@ -58,7 +39,12 @@ def start(log: Path, *args: object) -> subprocess.Popen:
 
 
 def status(out: Path) -> dict:
-    done = invoke("status", out, "--json")
+    """`kmnist-batch status OUT --json`, in this process."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    done = CliRunner().invoke(app, ["status", str(out), "--json"])
     assert done.exit_code == 0, done.output
     return json.loads(done.stdout)
 
@@ -155,8 +141,9 @@ def test_status_while_running_after_kill_9_and_after_the_resume_command(tmp_path
     assert 0 < done_before < len(files)  # the kill cut the run off
 
     release(held)
-    done = invoke(*command[1:])
-    assert done.exit_code == 0, done.output
+    # As a user runs it: a new process (in this one, a session Ray already running would make `auto` use it).
+    done = subprocess.run([CLI, *command[1:]], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
     s = status(out)
     assert s["state"] == "completed" and "resume_command" not in s
     keys = pq.read_table(out / "predictions", columns=["path_bytes"]).column("path_bytes").to_pylist()

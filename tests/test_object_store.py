@@ -87,9 +87,10 @@ def shard_runs(env: dict, bucket: str) -> dict[str, str]:
             for i in shard_infos(env, bucket)}
 
 
-def run_record(env: dict, bucket: str) -> dict:
+def read_json(env: dict, key: str) -> dict:
+    """An object's JSON ({} while it does not exist)."""
     try:
-        with s3(env).open_input_stream(f"{bucket}/out/run.json") as f:
+        with s3(env).open_input_stream(key) as f:
             return json.loads(f.read())
     except OSError:
         return {}
@@ -178,7 +179,7 @@ def test_kill_9_then_resume_against_s3_is_exactly_once(s3_env, bucket, tmp_path,
     out = f"s3://{bucket}/out"
     proc = start(f"s3://{bucket}/crops", "--out", out, "--rows-per-shard", "50")
     wait_for(lambda: len(shard_infos(s3_env, bucket)) >= 2, proc)
-    holder = json.loads(s3(s3_env).open_input_stream(f"{bucket}/out/.lock").read())
+    holder = read_json(s3_env, f"{bucket}/out/.lock")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     t = pq.read_table(f"{bucket}/out/predictions", filesystem=s3(s3_env), columns=["path"])
@@ -209,8 +210,8 @@ def test_overwrite_on_s3_deletes_old_shards_after_its_first_commit_and_refuses_a
     hold_file(tmp_path / "new" / "zz", kmnist_dev.test.images[1])  # in the last chunk
     new = upload_tree(s3_env, tmp_path / "new", bucket, "new")
     proc = start(f"s3://{bucket}/new", "--out", out, "--overwrite", "--rows-per-shard", "50")
-    wait_for(lambda: run_record(s3_env, bucket).get("status") == "running", proc)
-    holder = json.loads(s3(s3_env).open_input_stream(f"{bucket}/out/.lock").read())
+    wait_for(lambda: read_json(s3_env, f"{bucket}/out/run.json").get("status") == "running", proc)
+    holder = read_json(s3_env, f"{bucket}/out/.lock")
     for opts in (PredictOptions(resume=True, executor="local"), PredictOptions(overwrite=True, executor="local")):
         with pytest.raises(KmnistError, match=f"is in use by run {holder['run_id']}"):
             run_predict([f"s3://{bucket}/old"], out, opts)
@@ -220,7 +221,7 @@ def test_overwrite_on_s3_deletes_old_shards_after_its_first_commit_and_refuses_a
     wait_for(lambda: not {i.base_name for i in shard_infos(s3_env, bucket)} & set(old), proc)
     now = shard_runs(s3_env, bucket)
     assert now and set(now.values()) == {holder["run_id"]}  # the first new shard is there, no old one
-    assert run_record(s3_env, bucket)["status"] == "running"  # held in its last chunk: the run goes on
+    assert read_json(s3_env, f"{bucket}/out/run.json")["status"] == "running"  # held in its last chunk: the run goes on
 
     release_object(s3_env, f"s3://{bucket}/new/zz/busy.hold.png")
     _, stderr = proc.communicate(timeout=120)
@@ -245,8 +246,8 @@ def test_tune_storage_on_s3(s3_env, bucket, tmp_path, small_dev, ray_session):
     np.savez_compressed(data / "kmnist-dev-labels.npz",
                         arr_0=np.concatenate([d.train.labels, d.val.labels, d.test.labels]).astype(np.uint8))
     shutil.copy(BUNDLED_DIR / "kmnist_classmap.csv", data)
-    r = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "grid"), "--storage", f"s3://{bucket}/tune", "--lr", "0.001",
-                                 "--batch-size", "64", "--epochs", "1", "--data-dir", str(data)])
+    r = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "grid"), "--storage", f"s3://{bucket}/tune",
+                                 "--lr", "0.001", "--batch-size", "64", "--epochs", "1", "--data-dir", str(data)])
     assert r.exit_code == 0, r.output[-3000:]
     stored = s3(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/tune", recursive=True))
     assert any(i.base_name.startswith("checkpoint") for i in stored), [i.path for i in stored][:20]
