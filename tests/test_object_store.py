@@ -88,12 +88,20 @@ def shard_runs(env: dict, bucket: str) -> dict[str, str]:
 
 
 def read_json(env: dict, key: str) -> dict:
-    """An object's JSON ({} while it does not exist)."""
+    """An object's JSON; {} while it does not exist, or when it was replaced while being read (pyarrow
+    reads in ranged GETs, which may then mix two versions)."""
     try:
         with s3(env).open_input_stream(key) as f:
             return json.loads(f.read())
-    except OSError:
+    except (OSError, ValueError):
         return {}
+
+
+def lock_holder(env: dict, bucket: str) -> dict:
+    """The holder named by OUT/.lock (read again if a heartbeat replaced it while it was being read)."""
+    holder: dict = {}
+    wait_for(lambda: bool(holder.update(read_json(env, f"{bucket}/out/.lock")) or holder))
+    return holder
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
@@ -179,7 +187,7 @@ def test_kill_9_then_resume_against_s3_is_exactly_once(s3_env, bucket, tmp_path,
     out = f"s3://{bucket}/out"
     proc = start(f"s3://{bucket}/crops", "--out", out, "--rows-per-shard", "50")
     wait_for(lambda: len(shard_infos(s3_env, bucket)) >= 2, proc)
-    holder = read_json(s3_env, f"{bucket}/out/.lock")
+    holder = lock_holder(s3_env, bucket)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     t = pq.read_table(f"{bucket}/out/predictions", filesystem=s3(s3_env), columns=["path"])
@@ -211,7 +219,7 @@ def test_overwrite_on_s3_deletes_old_shards_after_its_first_commit_and_refuses_a
     new = upload_tree(s3_env, tmp_path / "new", bucket, "new")
     proc = start(f"s3://{bucket}/new", "--out", out, "--overwrite", "--rows-per-shard", "50")
     wait_for(lambda: read_json(s3_env, f"{bucket}/out/run.json").get("status") == "running", proc)
-    holder = read_json(s3_env, f"{bucket}/out/.lock")
+    holder = lock_holder(s3_env, bucket)
     for opts in (PredictOptions(resume=True, executor="local"), PredictOptions(overwrite=True, executor="local")):
         with pytest.raises(KmnistError, match=f"is in use by run {holder['run_id']}"):
             run_predict([f"s3://{bucket}/old"], out, opts)

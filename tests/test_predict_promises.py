@@ -124,7 +124,8 @@ def test_resume_after_files_were_added_predicts_only_files_without_a_row(tmp_pat
     assert set(mine.path_bytes) == keys - set(first_rows.path_bytes) and added <= set(mine.path_bytes)
     assert resumed["already_done"] == len(first_rows) and resumed["rows_written"] == 603 - len(first_rows)
 
-    # The first run's chunk size, not the 37 given: every new shard is a chunk of the listing cut at 100.
+    # The first run's chunk size, not the 37 given: every new shard is a chunk of the listing cut at 100
+    # (a chunk or two may come out the same in both cuts; not all of them).
     assert resumed["options"]["rows_per_shard"] == 100
     new_shards = {p.name for p in (out / "predictions").glob("*.parquet")} - set(first)
-    assert new_shards and new_shards <= shards_if_cut(root, 100) and not new_shards & shards_if_cut(root, 37)
+    assert new_shards and new_shards <= shards_if_cut(root, 100) and not new_shards <= shards_if_cut(root, 37)
