@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core.errors import KmnistError
+from kmnist_core.precision import ModelBundle
 
 MAX_ATTEMPTS = 3  # a chunk whose worker died is sent again, to another worker, this many times
 REPLACEMENT_WAIT_S = 120.0
@@ -35,15 +36,12 @@ def run_in_process(make_worker: Callable[[], ChunkWorker], tasks: Iterable[Chunk
 class RayChunkWorker:
     """The Ray actor: a ChunkWorker built on the node it runs on."""
 
-    def __init__(self, card: dict, weights_ref: list, job: JobSpec, device: str, threads: int, precision: str):
+    def __init__(self, bundle_ref: list, job: JobSpec, threads: int):
         import ray
 
-        # The weights travel through the object store, so workers need no access to the model directory.
-        # (Wrapped in a list so Ray does not inline them into the actor's constructor arguments.)
-        weights, int8 = ray.get(weights_ref[0])
-        self.worker = ChunkWorker(card, weights, job, device, threads, precision=precision, int8=int8,
-                                  node_id=
-ray.get_runtime_context().get_node_id())
+        # The model travels through the object store, so workers need no access to the model directory.
+        # (Wrapped in a list so Ray does not inline it into the actor's constructor arguments.)
+        self.worker = ChunkWorker(ray.get(bundle_ref[0]), job, threads, node_id=ray.get_runtime_context().get_node_id())
 
     def run(self, task: ChunkTask) -> dict:
         return self.worker.run(task)
@@ -60,9 +58,8 @@ def pool_size(ray, cpus_per_worker: float, gpus_per_worker: float) -> int:
     return max(1, int(resources.get("CPU", 1) // cpus_per_worker))
 
 
-def run_on_ray(ray, card: dict, weights: bytes, job: JobSpec, tasks: Iterable[ChunkTask], workers: int,
-               cpus_per_worker: float, gpus_per_worker: float, precision: str = "fp32", int8: bytes | None = None,
-               depth: int = 2,
+def run_on_ray(ray, bundle: ModelBundle, job: JobSpec, tasks: Iterable[ChunkTask], workers: int,
+               cpus_per_worker: float, gpus_per_worker: float, depth: int = 2,
                after_first: Callable[[], None] | None = None) -> Iterator[dict]:
     """Results in completion order. With `after_first`, the first task runs alone and `after_first`
     runs once its result is back, before any other task is sent.
@@ -72,12 +69,11 @@ def run_on_ray(ray, card: dict, weights: bytes, job: JobSpec, tasks: Iterable[Ch
     may never do when its node is gone and no other node has room. Only when no worker is left and
     none could be started within REPLACEMENT_WAIT_S does the run fail (committed shards stay).
     """
-    device = "cuda" if gpus_per_worker > 0 else "cpu"
-    threads = max(1, int(cpus_per_worker)) if device == "cpu" else 1
+    threads = max(1, int(cpus_per_worker)) if bundle.device == "cpu" else 1
     actor_class = ray.remote(RayChunkWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
                                                      max_restarts=0)
-    weights_ref = [ray.put((weights, int8))]
-    new_actor = lambda: actor_class.remote(card, weights_ref, job, device, threads, precision)  # noqa: E731
+    bundle_ref = [ray.put(bundle)]
+    new_actor = lambda: actor_class.remote(bundle_ref, job, threads)  # noqa: E731
     alive = {i: new_actor() for i in range(workers)}
     starting: dict = {}  # ready() ref of a replacement -> its handle
     load = dict.fromkeys(alive, 0)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from batch_infer.schema import SCHEMA, SCHEMA_VERSION
 from kmnist_core import storage
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
 from kmnist_core.storage import Location
@@ -66,10 +67,14 @@ class ChunkRecord:
     shard: str = ""
 
 
+def value_counts(column: pa.ChunkedArray | pa.Array) -> dict:
+    """{value: rows} of a column's non-null values."""
+    return {v["values"]: v["counts"] for v in column.drop_null().value_counts().to_pylist()} if len(column) else {}
+
+
 def chunk_meta(chunk_id: str, first: bytes, last: bytes, table: pa.Table) -> bytes:
-    kinds = table.column("error_kind").drop_null().value_counts().to_pylist() if table.num_rows else []
     return json.dumps({"id": chunk_id, "first": first.hex(), "last": last.hex(), "rows": table.num_rows,
-                       "errors": {k["values"]: k["counts"] for k in kinds}}).encode()
+                       "errors": value_counts(table.column("error_kind"))}).encode()
 
 
 def footer(out: Location, name: str) -> dict[bytes, bytes]:
@@ -94,15 +99,15 @@ def chunk_records(metas: dict[str, dict[bytes, bytes]]) -> dict[str, ChunkRecord
     return records
 
 
-def run_metadata(metas: dict[str, dict[bytes, bytes]]) -> tuple[list[dict], dict]:
+def run_metadata(metas: dict[str, dict[bytes, bytes]]) -> tuple[list[dict], ModelCard | None]:
     """Each distinct run (oldest first) and the latest model card, from shard footers."""
-    runs, card = {}, {}
+    runs, card = {}, None
     for meta in metas.values():
         if b"kmnist_batch.run" in meta:
             run = json.loads(meta[b"kmnist_batch.run"])
             runs[run["run_id"]] = run
-            card = json.loads(meta[b"kmnist_batch.model_card"])
-    return sorted(runs.values(), key=lambda r: r["run_id"]), card
+            card = json.loads(meta[b"kmnist_batch.model_card"]) or None
+    return sorted(runs.values(), key=lambda r: r["run_id"]), ModelCard.from_json(card, "a shard's model card") if card else None
 
 
 def schema_versions(metas: dict[str, dict[bytes, bytes]]) -> set[str]:

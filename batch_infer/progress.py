@@ -43,12 +43,15 @@ def start_text(info: dict) -> str:
              f"{found}, skipped: {skipped}"]
     if info.get("already_done") is not None:  # a streamed listing knows it only at its end
         parts.append(f"already done: {info['already_done']:,}")
-    model = f"model {get('model_id')}" + (f" {info['precision']}" if info.get("precision") else "")
+    model = f"model {get('model_id')}" + (f" {info['precision']}" if info.get("precision") else "") + \
+        (f" ({info['precision_note']})" if info.get("precision_note") else "")
     parts.append(model)
     review = f"review below {info['review_below']:.3f}" if info.get("review_below") is not None else "review below -"
     if info.get("ood_threshold") is not None:
         review += f", unknown above out-of-set score {info['ood_threshold']:.3f}"
-    parts += [review, f"out {get('out')}", f"Ray {get('ray_address', 'local')} (dashboard {get('dashboard_url')})"]
+    where = (f"Ray {info['ray_address']} (dashboard {get('dashboard_url')})" if info.get("ray_address")
+             else "in this process (a small job: no Ray)")
+    parts += [review, f"out {get('out')}", where]
     if info.get("workers") is not None:
         parts.append(f"{info['workers']} worker{'s' if info['workers'] != 1 else ''}")
     return "; ".join(parts)
@@ -124,7 +127,8 @@ class RunProgress(Reporter):
         final = None
         if figures is not None:
             speed = f", {figures['rate_overall']:,.0f} crops/s" if figures["rate_overall"] else ""
-            final = (f"{status} {figures['done']:,}/{self._total_text()} in {duration(figures['elapsed_s'])}{speed}; "
+            final = (f"{status} {figures['done']:,}/{self._total_text()} in {duration(figures['elapsed_s'])} since the "
+                     f"start line{speed}; "
                      + self._tail(figures))
         self._close(status, final, reason)
 

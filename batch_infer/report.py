@@ -11,7 +11,6 @@ rows keeps 8 bytes per row (a 64-bit hash of each key).
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow.compute as pc
 
 from batch_infer import output
 from batch_infer.review_sheet import SHEET_LIMIT, sheet_order, write_review_sheet
+from kmnist_core.run_record import read_run
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
@@ -76,8 +76,8 @@ class Summary:
         self.histogram += np.histogram(conf, BINS)[0]
         self.inverted += int(pc.sum(ok.column("inverted")).as_py() or 0)
         for name, counter in (("error_kind", self.errors_by_kind), ("review_reason", self.reasons)):
-            counter.update({v["values"]: v["counts"] for v in t.column(name).drop_null().value_counts().to_pylist()})
-        self.chars.update({v["values"]: v["counts"] for v in ok.column("pred_char").value_counts().to_pylist()})
+            counter.update(output.value_counts(t.column(name)))
+        self.chars.update(output.value_counts(ok.column("pred_char")))
         self.models.update(pc.unique(t.column("model_id")).to_pylist())
         self.add_folders(t, predicted)
         self.add_sheet(t)
@@ -145,8 +145,7 @@ def write_report(out: str | Path | Location) -> dict:
     runs, card = output.run_metadata(metas)
     latest = runs[-1] if runs else {}
     record = output.latest_run_record(out)
-    run_loc = out.join("run.json")
-    run = json.loads(storage.read_bytes(run_loc)) if storage.exists(run_loc) else {}
+    run = read_run(out) or {}
 
     s = Summary()
     for table in output.iter_tables(out, COLUMNS):
@@ -155,7 +154,7 @@ def write_report(out: str | Path | Location) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         summary_dir = Path(out.path, SUMMARY_DIR) if out.local else Path(tmp)
         summary_dir.mkdir(parents=True, exist_ok=True)
-        chars = [c["char"] for c in card.get("classes", [])] or sorted(s.chars)
+        chars = list(card.classes.chars) if card else sorted(s.chars)
         if len(chars) > 60:
             chars = [c for c, _ in s.chars.most_common(60)]
         plots.bar_chart(chars, np.array([s.chars.get(c, 0) for c in chars]), summary_dir / "class_distribution.png",
@@ -174,7 +173,7 @@ def write_report(out: str | Path | Location) -> dict:
             "needs_review": sum(s.reasons.values()),
             "review_reasons": {r: s.reasons.get(r, 0) for r in REVIEW_REASONS},
             "review_below": latest.get("review_below"),
-            "ood_threshold": latest.get("ood_threshold", card.get("calibration", {}).get("ood_threshold")),
+            "ood_threshold": latest.get("ood_threshold", card.calibration.ood_threshold if card else None),
             "inverted": s.inverted,
             "mean_confidence": s.confidence_sum / s.predicted if s.predicted else None,
             "runs": sorted(r["run_id"] for r in runs),

@@ -6,7 +6,8 @@ import pyarrow as pa
 
 # 2: ink box, ood_score, review_reason; prediction fields null on blank crops too.
 # 3: rows unchanged; one shard per listing chunk (chunk-<id>.parquet) with its chunk record in the footer.
-SCHEMA_VERSION = "3"
+# 4: precision (int8 or fp32: the runtime that produced the row; a worker whose CPU fails the int8 probe runs fp32).
+SCHEMA_VERSION = "4"
 
 SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),  # absolute path as discovered, as text (batch_infer/paths.py)
@@ -36,6 +37,7 @@ SCHEMA = pa.schema([
     pa.field("error", pa.string()),  # null when the file was predicted
     pa.field("error_kind", pa.string()),  # empty, not_image, truncated, too_large, corrupt, unreadable
     pa.field("model_id", pa.string(), nullable=False),
+    pa.field("precision", pa.string(), nullable=False),  # int8 or fp32
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("node_id", pa.string()),  # Ray node that ran the model
 ])

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from batch_infer.schema import SCHEMA
 from kmnist_core import storage
-from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, decode_many
+from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, decode_many
 from kmnist_core.review import review_reasons
 
 
@@ -81,15 +81,17 @@ def decode_files(data: list[bytes | OSError], input_size: int, max_pixels: int) 
     for i, d in enumerate(data):
         if isinstance(d, OSError):
             results.append((b"", None, None, *NO_IMAGE, f"unreadable: {d.strerror or d}", "unreadable"))
-            continue
-        sha, size, img = hashlib.sha256(d).hexdigest(), len(d), images[i]
-        if isinstance(img, DecodeError):
-            results.append((b"", sha, size, *NO_IMAGE, str(img), img.kind))
         else:
-            ink = img.ink_box or (None,) * 4
-            results.append((img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, img.blank, *ink,
-                            None, None))
+            results.append(decoded_fields(images[i], hashlib.sha256(d).hexdigest(), len(d)))
     return results
+
+
+def decoded_fields(img: PreparedImage | DecodeError, sha: str | None, size: int | None) -> tuple:
+    """One row's DECODED_FIELDS from its prepared image or decode error (and its file's hash and size)."""
+    if isinstance(img, DecodeError):
+        return (b"", sha, size, *NO_IMAGE, str(img), img.kind)
+    ink = img.ink_box or (None,) * 4
+    return (img.pixels.tobytes(), sha, size, img.width, img.height, img.inverted, img.blank, *ink, None, None)
 
 
 def decode_batch(batch: pa.Table, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, retries: int = 0,
@@ -135,10 +137,11 @@ def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
 class RowBuilder:
     """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table)."""
 
-    def __init__(self, model, run_id: str, review_below: float, node_id: str | None, topk: int = 3):
+    def __init__(self, model, run_id: str, review_below: float | None, node_id: str | None, topk: int = 3):
         self.model = model
         self.run_id = run_id
-        self.review_below = review_below
+        # None: the model's own threshold for the precision it runs at (int8 and fp32 each have theirs).
+        self.review_below = model.review_below if review_below is None else review_below
         self.topk = min(topk, len(self.model.classes))
         self.node_id = node_id
         self.chars = np.array(self.model.classes.chars, dtype=object)
@@ -184,6 +187,7 @@ class RowBuilder:
             "error": batch.column("error"),
             "error_kind": batch.column("error_kind"),
             "model_id": pa.array([self.model.model_id] * n, pa.string()),
+            "precision": pa.array([self.model.precision] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "node_id": pa.array([self.node_id] * n, pa.string()),
         })

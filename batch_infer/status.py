@@ -1,6 +1,6 @@
 """`kmnist-batch status OUT`: where a predict or tune run stands, from OUT alone (no Ray).
 
-Three records are read: OUT/.lock (batch_infer/out_lock.py), OUT/run.json (predict's own record of
+Three records are read: OUT/.lock (kmnist_core/out_lock.py), OUT/run.json (predict's own record of
 its status and reason) and OUT/_progress.json (kmnist_core/progress.py; predict and tune).
 
 Alive or not:
@@ -25,28 +25,15 @@ import time
 from pathlib import Path
 
 from batch_infer import output
-from batch_infer.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from batch_infer.progress import head_text
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
+from kmnist_core.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
+from kmnist_core.run_record import RUN_FILE
 from kmnist_core.storage import Location
 
-RUN_FILE = "run.json"
 GRID_FILE = "grid.json"
-# CLI flag and default of each option worth repeating in a resume command (tests check the defaults
-# against PredictOptions and GridConfig, which cost a torch import to load here).
-PREDICT_FLAGS = {"model": ("--model", "default"), "address": ("--address", None), "executor": ("--executor", "auto"),
-                 "batch_size": ("--batch-size", 1024), "workers": ("--workers", 0),
-                 "cpus_per_worker": ("--cpus-per-worker", 1.0), "gpus_per_worker": ("--gpus-per-worker", 0.0),
-                 "review_below": ("--review-below", None), "rows_per_shard": ("--rows-per-shard", 4096),
-                 "read_retries": ("--read-retries", 2), "retry_backoff_s": ("--retry-backoff", 0.5)}
-TUNE_FLAGS = {"dataset": ("--dataset", "kmnist-dev"), "model": ("--model", "simple-cnn"),
-              "lrs": ("--lr", None), "batch_sizes": ("--batch-size", None), "epochs": ("--epochs", 5),
-              "cpus_per_trial": ("--cpus-per-trial", 1.0), "gpus_per_trial": ("--gpus-per-trial", 0.0),
-              "scheduler": ("--scheduler", "none"), "augment": ("--augment", "study"), "seed": ("--seed", 0),
-              "device": ("--device", "auto"), "data_dir": ("--data-dir", None), "address": ("--address", None),
-              "storage": ("--storage", None)}
 
 
 def probe_lock(out: Path) -> tuple[bool, dict | None]:
@@ -76,35 +63,27 @@ def read_json(out: Location, name: str) -> dict | None:
         raise KmnistError(f"cannot read {out.join(name).uri}: {e.strerror or e}") from None
 
 
-def option_args(options: dict, flags: dict) -> list[str]:
-    args = []
-    for name, (flag, default) in flags.items():
-        value = options.get(name)
-        if value is None or value == default:
-            continue
-        args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return args
-
-
 def predict_resume_command(out: Location, given: str, record: dict) -> str | None:
-    """The command that finishes the run, rebuilt from its record's inputs and options. An --overwrite
-    run that never committed a shard left the earlier predictions in place: it is run again as such."""
-    inputs, options = record.get("inputs"), record.get("options") or {}
-    if not inputs:
+    """The command that finishes the run: its inputs and the arguments it recorded for a resume. An
+    --overwrite run that never committed a shard left the earlier predictions in place: it is run again
+    as such."""
+    inputs, options, args = record.get("inputs"), record.get("options") or {}, record.get("resume_args")
+    if not inputs or args is None:
         return None
     mode = "--resume"
     if options.get("overwrite"):  # did it commit a shard? Its shards carry its run id in their footers
         runs = output.run_metadata(output.footers(out))[0]
         if record.get("run_id") not in {r.get("run_id") for r in runs}:
             mode = "--overwrite"
-    return shlex.join(["kmnist-batch", "predict", *inputs, "--out", given, mode, *option_args(options, PREDICT_FLAGS)])
+    positional = [] if options.get("manifest") else inputs
+    return shlex.join(["kmnist-batch", "predict", *positional, "--out", given, mode, *args])
 
 
 def tune_resume_command(out: str, record: dict) -> str | None:
-    config = (record.get("start") or {}).get("config")
-    if not config:
+    args = (record.get("start") or {}).get("resume_args")
+    if args is None:
         return None
-    return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *option_args(config, TUNE_FLAGS)])
+    return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *args])
 
 
 def newest(*records: dict | None) -> dict | None:
@@ -124,7 +103,7 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
     else:
         holder = store_holder(loc)
         alive, judged_by = holder_alive(holder), "heartbeat"
-    run = read_json(loc, RUN_FILE)
+    run = read_json(loc, RUN_FILE)  # not read_run: an unreadable OUT is an error line here
     progress = read_json(loc, PROGRESS_FILE)
     if run is None and progress is None and not alive:
         raise KmnistError(f"{loc.uri} holds no kmnist-batch run (no {RUN_FILE} or {PROGRESS_FILE})")

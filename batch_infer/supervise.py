@@ -2,9 +2,13 @@
 
 When a driver loses its Ray cluster, Ray's C++ core ends the process itself once the GCS has been
 unreachable for a while (about 60 s, measured): no Python exception, no `finally`, so run.json would
-say "running" forever. The kernel's OOM killer is the same. The parent waits; if the child dies
-without having ended its run, the parent records the run as failed in run.json and prints the one
-`error:` line.
+say "running" forever. The kernel's OOM killer is the same. The parent waits; the child tells it how it
+ended in an explicit record (a line on a pipe: completed, a user's error, interrupted, or a bug, whose
+traceback the child has printed). A child that dies without sending one was killed: the parent records
+the run as failed in run.json and prints the one `error:` line.
+
+The parent forks before it touches OUT or creates any client (an object store's, Ray's): the child does
+all of that itself, and the parent only reads and writes run.json once the child is gone.
 """
 
 from __future__ import annotations
@@ -17,28 +21,31 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from batch_infer.out_lock import LOCK_FILE, read_holder, store_holder
 from kmnist_core import storage
-from kmnist_core.files import json_text, write_json_atomic
+from kmnist_core.out_lock import LOCK_FILE, read_holder, store_holder
+from kmnist_core.run_record import read_run, write_run
 
-RUN_FILE = "run.json"
-HANDLED_EXITS = (0, 2, 130)  # the child ended the run itself: success, a user error, interrupted
+OUTCOMES = ("completed", "user_error", "interrupted", "bug")
 
 
-def run_supervised(out: str, work: Callable[[], int]) -> tuple[int, str | None]:
-    """Run `work` (returns an exit code) in a child process. Returns the exit code and, when the child
-    died without ending its run, the error to print."""
+def run_supervised(out: str, work: Callable[[], tuple[int, str]]) -> tuple[int, str | None]:
+    """Run `work` (returns an exit code and one of OUTCOMES) in a child process. Returns the exit code
+    and, when the child died without sending its outcome, the error to print."""
     sys.stdout.flush()
     sys.stderr.flush()
+    read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
-        code = 1
+        os.close(read_end)
+        code, outcome = 1, "bug"
         try:
-            code = work()
+            code, outcome = work()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            os.write(write_end, json.dumps({"outcome": outcome, "code": code}).encode() + b"\n")
             os._exit(code)
+    os.close(write_end)
     # Ctrl-C reaches the whole foreground process group; a signal sent to this pid alone is passed on.
     forward = lambda signum, frame: os.kill(child, signal.SIGINT)  # noqa: E731
     signal.signal(signal.SIGINT, forward)
@@ -50,8 +57,17 @@ def run_supervised(out: str, work: Callable[[], int]) -> tuple[int, str | None]:
         except InterruptedError:
             continue
     code = os.waitstatus_to_exitcode(status)
-    if code in HANDLED_EXITS:
-        return code, None
+    # Read once the child is gone: its record (a few bytes) waits in the pipe; processes it started (a
+    # local Ray) may still hold the pipe open, so waiting for end-of-file could wait for them.
+    os.set_blocking(read_end, False)
+    try:
+        told = os.read(read_end, 4096)
+    except BlockingIOError:
+        told = b""
+    finally:
+        os.close(read_end)
+    if told.strip():
+        return code, None  # the child ended its run itself and said how (a bug's traceback is printed)
     how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
     reason = f"the predict process {how} before ending its run (lost the Ray cluster, or out of memory?)"
     mark_failed(out, child, reason)
@@ -71,11 +87,7 @@ def mark_failed(out: str, child: int, reason: str) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else may have started on OUT meanwhile
         holder = read_holder(fd)
-        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
-            return False
-        write_json_atomic(out / RUN_FILE, {**run, "status": "failed", "reason": reason})
-        return True
+        return mark_run(location, holder, child, reason)
     except (OSError, ValueError):
         return False
     finally:
@@ -85,11 +97,16 @@ def mark_failed(out: str, child: int, reason: str) -> bool:
 def mark_failed_in_store(out: storage.Location, child: int, reason: str) -> bool:
     """The same on an object store, where the lock is an object naming its holder."""
     try:
-        holder = store_holder(out)
-        run = json.loads(storage.read_bytes(out.join(RUN_FILE)))
-        if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
-            return False
-        storage.write_bytes_atomic(out.join(RUN_FILE), json_text({**run, "status": "failed", "reason": reason}).encode())
-        return True
+        return mark_run(out, store_holder(out), child, reason)
     except (OSError, ValueError):
         return False
+
+
+def mark_run(out: storage.Location, holder: dict | None, child: int, reason: str) -> bool:
+    """Mark the child's run failed in run.json, if the lock and the record both say it is the child's and
+    still running."""
+    run = read_run(out) or {}
+    if not holder or holder.get("pid") != child or run.get("run_id") != holder.get("run_id") or run.get("status") != "running":
+        return False
+    write_run(out, {**run, "status": "failed", "reason": reason})
+    return True

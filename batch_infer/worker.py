@@ -18,6 +18,7 @@ from batch_infer.box_stage import decode_box_batch, page_batches
 from batch_infer.schema import SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
 from kmnist_core import storage
+from kmnist_core.precision import ModelBundle
 from kmnist_core.review import REVIEW_REASONS
 
 
@@ -27,7 +28,7 @@ class JobSpec:
 
     out: str  # OUT, a local path or a URI
     run_id: str
-    review_below: float
+    review_below: float | None  # --review-below; None: each worker's model's own (it depends on its precision)
     read_retries: int
     retry_backoff_s: float
     batch_size: int
@@ -47,16 +48,13 @@ class ChunkTask:
 
 def counts(table: pa.Table) -> dict:
     """What the driver learns of a committed chunk."""
-    kinds = table.column("error_kind").drop_null().value_counts().to_pylist()
-    reasons = table.column("review_reason").drop_null().value_counts().to_pylist()
-    by_reason = {r["values"]: r["counts"] for r in reasons}
-    return {"errors_by_kind": {k["values"]: k["counts"] for k in kinds},
+    by_reason = output.value_counts(table.column("review_reason"))
+    return {"errors_by_kind": output.value_counts(table.column("error_kind")),
             "review_by_reason": {r: by_reason.get(r, 0) for r in REVIEW_REASONS}}
 
 
 class ChunkWorker:
-    def __init__(self, card: dict, weights: bytes, job: JobSpec, device: str = "cpu", threads: int = 0,
-                 node_id: str | None = None, precision: str = "fp32", int8: bytes | None = None):
+    def __init__(self, bundle: ModelBundle, job: JobSpec, threads: int = 0, node_id: str | None = None):
         import torch
 
         from kmnist_core.model_dir import build_predictor
@@ -64,8 +62,8 @@ class ChunkWorker:
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.input_size = int(card["input"]["size"])
-        model = build_predictor(card, weights, device, precision=precision, int8=int8, threads=threads or None)
+        self.input_size = bundle.card.input_size
+        model = build_predictor(bundle, threads=threads or None)
         self.rows = RowBuilder(model, job.run_id, job.review_below, node_id)
         self.metadata = {k.encode(): v.encode() for k, v in job.metadata.items()}
         self.out = storage.resolve(job.out)

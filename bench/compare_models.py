@@ -52,7 +52,7 @@ def main() -> None:
         for key, split in (("val", data.val), ("test", data.test)):
             probs[key].append(calibration.softmax(predictor.logits(split.images), predictor.temperature))
             cells += split_figures(probs[key][-1], split.labels)
-        print(f"| {Path(name).name} ({predictor.card['architecture']['name']}) | " + " | ".join(cells) + " |")
+        print(f"| {Path(name).name} ({predictor.card.architecture}) | " + " | ".join(cells) + " |")
     if args.ensemble:
         cells = (split_figures(np.mean(probs["val"], 0), data.val.labels)
                  + split_figures(np.mean(probs["test"], 0), data.test.labels))

@@ -114,7 +114,7 @@ def main() -> None:
 
     speeds = model_speeds(fp32, q, data.train.images, args.batch, args.rounds)
     base = speeds["torch fp32 (predict's path until now)"]
-    print(f"model {fp32.card['architecture']['name']} `{fp32.model_id}`, batch {args.batch}, {args.threads} threads "
+    print(f"model {fp32.card.architecture} `{fp32.model_id}`, batch {args.batch}, {args.threads} threads "
           f"(median of {args.rounds} interleaved 1 s rounds):")
     for name, v in speeds.items():
         print(f"  {name:40s} {v:9,.0f} images/s  {v / base:5.2f}x")

@@ -58,7 +58,7 @@ def main() -> None:
     ece_raw = calibration.expected_calibration_error(calibration.softmax(logits), data.test.labels)
     ece = calibration.expected_calibration_error(probs, data.test.labels)
     table = calibration.risk_coverage_table(probs, data.test.labels)
-    threshold = predictor.card["calibration"]["review_below"]
+    threshold = predictor.card.calibration.review_below
     accepted = probs.max(1) >= threshold
     precision = float((probs.argmax(1) == data.test.labels)[accepted].mean()) if accepted.any() else float("nan")
 
@@ -72,7 +72,7 @@ def main() -> None:
         theirs_fast.append(images_per_s(study_fast, batch))
     speed, base, base_fast = (float(np.median(v)) for v in (ours, theirs, theirs_fast))
 
-    arch = predictor.card["architecture"]
+    arch = predictor.card.raw["architecture"]
     print(f"model {arch['name']} ({arch['parameters']:,} parameters), id {predictor.model_id}")
     print(f"kmnist-dev test (1,000 held-out images): accuracy {acc:.2%}; ECE {ece_raw:.2%} raw, {ece:.2%} at T={predictor.temperature:.2f}")
     for row in table:

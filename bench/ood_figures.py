@@ -44,7 +44,7 @@ def main() -> None:
     data = load_dataset("kmnist-dev")
     for name in args.models:
         model = load_model(name)
-        fonts = model.card["training"]["config"].get("negative_fonts", [])
+        fonts = model.card.raw["training"]["config"].get("negative_fonts", [])
         with tempfile.TemporaryDirectory() as tmp:
             m = run_evaluate(model, data, "test", Path(tmp), args.tree)
         r, u = m["review"], m["unknown"]

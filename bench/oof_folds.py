@@ -31,7 +31,8 @@ import torch
 
 from kmnist_core.datasets import Dataset, Split, load_dataset
 from kmnist_core.files import write_json_atomic
-from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
+from kmnist_core.models import predict_logits
+from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLD_SEED = 20261204

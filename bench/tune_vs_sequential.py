@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.record import append_row  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
 from kmnist_core.train import TrainConfig, train_model  # noqa: E402
-from tune.grid import STUDY_BATCH_SIZES, STUDY_LRS, GridConfig, run_grid  # noqa: E402
+from tune.grid import run_grid  # noqa: E402
+from tune.options import STUDY_BATCH_SIZES, STUDY_LRS, GridConfig  # noqa: E402
 
 
 def sequential(lrs, batch_sizes, epochs: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from kmnist_core.errors import Interrupted, KmnistError
+from tune.options import STUDY_BATCH_SIZES, STUDY_LRS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Recognize handwritten Kuzushiji character crops (KMNIST models, Ray Tune, Ray Data).")
@@ -136,8 +138,7 @@ def evaluate(
     typer.echo(f"auto-accepted {review['auto_accepted_share']:.2%} at precision "
                + (f"{precision:.2%}" if precision is not None else "-")
                + f" ({review['auto_accepted_errors']} wrong, {review['unknown_share']:.2%} flagged unknown)")
-    fallback = predictor.card.get("int8", {}).get("fallback")
-    typer.echo(f"precision {predictor.precision}" + (f" (int8 off: {fallback})" if fallback and predictor.precision == "fp32" else ""))
+    typer.echo(f"precision {predictor.precision}" + (f" ({predictor.precision_note})" if predictor.precision_note else ""))
     if "int8_vs_fp32" in metrics:
         c = metrics["int8_vs_fp32"]
         i8, f32 = c["int8"], c["fp32"]
@@ -152,6 +153,27 @@ def evaluate(
     typer.echo(f"metrics and plots: {out}")
 
 
+model_app = typer.Typer(help="Maintain a model directory.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("int8")
+@user_errors
+def model_int8(
+    model: str = typer.Argument(..., help="model directory"),
+    data_dir: Optional[str] = typer.Option(None, help="where the card's training dataset is (default: as trained)"),
+):
+    """Build the model's int8 twin (model.int8.onnx and its probe) from its card's training data, check it
+    against fp32 on validation, and write it and the card's int8 section into the directory."""
+    from kmnist_core.experiment import build_twin
+
+    card = build_twin(model, data_dir)
+    gate = card.int8["gate"]
+    typer.echo(f"int8 twin of {model}: validation top-1 agreement {gate['agreement']:.2%}, accuracy "
+               f"{gate['accuracy_int8']:.2%} vs {gate['accuracy_fp32']:.2%} fp32; "
+               + ("enabled" if card.int8["enabled"] else f"not enabled ({card.int8['fallback']})"))
+
+
 def print_summary(summary: dict, out: str) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
@@ -162,7 +184,7 @@ def print_summary(summary: dict, out: str) -> None:
         f"skipped      {skipped}",
         f"needs review {summary['needs_review']:,}: {reasons} (low confidence: below {summary['review_below']:.3f})",
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
-        f"throughput   {speed} this run",
+        f"throughput   {speed} end to end (checks, model load and Ray start-up included)",
         f"predictions  {out}/predictions",
         f"summary      {out}/summary (plots, by_folder.csv, summary.json)",
         f"review queue {out}/summary/review.html (and review_sheet-<reason>-<n>.png)",
@@ -188,6 +210,14 @@ def print_pages(pages: dict, out: str) -> None:
     typer.echo("\n".join(lines))
 
 
+def flag(name: str, **overrides):
+    """predict's option `name` as a typer Option: default, flag and help from PredictOptions."""
+    from batch_infer.options import PredictOptions
+    from kmnist_core.options import cli_option
+
+    return cli_option(PredictOptions, name, **overrides)
+
+
 @app.command()
 @user_errors
 def predict(
@@ -195,55 +225,49 @@ def predict(
     inputs: Optional[List[str]] = typer.Argument(None, help="folders (searched recursively), image files, or "
                                                             "object-store prefixes such as s3://bucket/crops"),
     out: str = typer.Option(..., help="output folder or object-store prefix: predictions/ (Parquet), summary/, run.json"),
-    model: str = typer.Option("default", help="model directory, or 'default' (shipped in the package)"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
-    executor: str = typer.Option("auto", help="auto: small jobs with no cluster given run in this process, the "
-                                              "rest on Ray; local; ray"),
-    precision: str = typer.Option("auto", help="auto: int8 (ONNX Runtime) on CPU where the model passed its int8 "
-                                               "check, fp32 on GPU; fp32; int8"),
-    batch_size: int = typer.Option(1024, help="crops per model call"),
-    workers: int = typer.Option(0, help="Ray workers (each reads, decodes, predicts and writes); 0 = as many as "
-                                        "the cluster has room for"),
-    cpus_per_worker: float = typer.Option(1.0),
-    gpus_per_worker: float = typer.Option(0.0, help="GPUs per model actor (fractions allowed)"),
-    review_below: Optional[float] = typer.Option(None, help="low_confidence review below this confidence; default from the model card"),
-    resume: bool = typer.Option(False, help="finish an interrupted run into the same OUT (also re-reads "
-                                            "unreadable and truncated files)"),
-    retry_errors: bool = typer.Option(False, help="with --resume: re-read every error row; each new row replaces the old"),
-    overwrite: bool = typer.Option(False, help="replace earlier predictions in OUT (kept until this run commits its first shard)"),
-    rows_per_shard: int = typer.Option(4096, help="files per listing chunk, one Parquet file each (on average); "
-                                                  "also what a killed run can lose"),
-    read_retries: int = typer.Option(2, help="extra reads of an unreadable or truncated file within the run"),
-    retry_backoff: float = typer.Option(0.5, help="seconds before the first extra read; doubles each time"),
+    model: str = flag("model"),
+    address: Optional[str] = flag("address"),
+    executor: str = flag("executor"),
+    precision: str = flag("precision"),
+    batch_size: int = flag("batch_size"),
+    workers: int = flag("workers"),
+    cpus_per_worker: float = flag("cpus_per_worker"),
+    gpus_per_worker: float = flag("gpus_per_worker"),
+    review_below: Optional[float] = flag("review_below"),
+    resume: bool = flag("resume"),
+    retry_errors: bool = flag("retry_errors"),
+    overwrite: bool = flag("overwrite"),
+    rows_per_shard: int = flag("rows_per_shard"),
+    read_retries: int = flag("read_retries"),
+    retry_backoff: float = flag("retry_backoff_s"),
     progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
                                                     "terminal) and rewrites of OUT/_progress.json"),
     quiet: bool = typer.Option(False, help="print only errors and the final summary"),
-    manifest: Optional[str] = typer.Option(None, help="CSV or Parquet listing crops (path) or boxes on pages (path, x, "
-                                                      "y, width, height), or Kaggle image_id,labels; instead of INPUTS"),
-    pages: Optional[str] = typer.Option(None, help="with a Kaggle-format --manifest: folder of the page images "
-                                                   "(default: beside the manifest)"),
-    export: Optional[List[str]] = typer.Option(None, help="page export beyond pages.parquet: alto (one ALTO 4 XML per page)"),
+    manifest: Optional[str] = flag("manifest"),
+    pages: Optional[str] = flag("pages"),
+    export: Optional[List[str]] = flag("export"),
 ):
     """Predict every crop under INPUTS (or every row of --manifest) into Parquet, then write the summary."""
-    import signal
-
-    from batch_infer.out_lock import refuse_if_busy
-    from kmnist_core.storage import resolve
-
     if progress_every <= 0:
         raise KmnistError("--progress-every must be > 0 seconds")
-    refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
+    from kmnist_core.out_lock import refuse_if_busy
+    from kmnist_core.storage import is_uri, resolve
 
+    if not is_uri(out):  # a busy local OUT is refused at once, before the fork; an object store's lock is
+        refuse_if_busy(resolve(out))  # read by the child: no client exists before the fork
     from batch_infer.supervise import run_supervised
 
-    def work() -> int:  # runs in a child process (batch_infer/supervise.py); torch is imported only here
+    def work() -> tuple[int, str]:  # runs in a child process (batch_infer/supervise.py); torch is imported only here
         # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C ("interrupted").
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         # A full disk also fails Ray's own log files; the one error line says what happened, without the
         # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
         logging.raiseExceptions = False
         try:
-            from batch_infer.job import PredictOptions, run_predict
+            from batch_infer.options import PredictOptions
+
+            refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
+            from batch_infer.job import run_predict
             from batch_infer.progress import RunProgress
 
             opts = PredictOptions(model=model, address=address, executor=executor, precision=precision,
@@ -256,16 +280,16 @@ def predict(
             progress = RunProgress(out, every_s=progress_every, quiet=quiet)
             run = run_predict(inputs or [], out, opts, progress=progress)
             print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
-            return 0
+            return 0, "completed"
         except KmnistError as e:
             typer.echo(f"error: {e}", err=True)
-            return e.exit_code
+            return e.exit_code, "user_error"
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
-            return Interrupted.exit_code
-        except BaseException:  # a bug, not a user error: show it
+            return Interrupted.exit_code, "interrupted"
+        except BaseException:  # a bug, not a user error: show it (run.json records it too)
             traceback.print_exc()
-            return 1
+            return 1, "bug"
 
     code, error = run_supervised(out, work)
     if error:
@@ -312,25 +336,33 @@ def parse_list(text: str, kind, option: str) -> list:
         raise KmnistError(f"{option} takes a comma-separated list, got {text!r}") from None
 
 
+def grid_flag(name: str, **overrides):
+    """tune's option `name` as a typer Option: default, flag and help from GridConfig."""
+    from kmnist_core.options import cli_option
+    from tune.options import GridConfig
+
+    return cli_option(GridConfig, name, **overrides)
+
+
 @app.command()
 @user_errors
 def tune(
     out: Path = typer.Option(..., help="output directory: trials, history, plots, best/"),
-    dataset: str = typer.Option("kmnist-dev"),
-    model: str = typer.Option("simple-cnn"),
-    lr: str = typer.Option("0.1,0.01,0.001,0.0001", help="learning rates (the study's by default)"),
-    batch_size: str = typer.Option("8,16,32,64,128", help="batch sizes (the study's by default)"),
-    epochs: int = typer.Option(5),
-    cpus_per_trial: float = typer.Option(1.0),
-    gpus_per_trial: float = typer.Option(0.0, help="fractions allowed, e.g. 0.25 = four trials per GPU"),
-    scheduler: str = typer.Option("none", help="none, or asha to stop trailing trials early"),
-    augment: str = typer.Option("study"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto: cuda when the trial has a GPU"),
-    data_dir: Optional[Path] = typer.Option(None),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default RAY_ADDRESS or a local Ray"),
-    storage: Optional[str] = typer.Option(None, help="Tune storage (default OUT/ray_results); shared storage on multi-node clusters"),
-    resume: bool = typer.Option(False, help="continue an interrupted grid without rerunning finished trials"),
+    dataset: str = grid_flag("dataset"),
+    model: str = grid_flag("model"),
+    lr: str = grid_flag("lrs", default=",".join(map(str, STUDY_LRS))),
+    batch_size: str = grid_flag("batch_sizes", default=",".join(map(str, STUDY_BATCH_SIZES))),
+    epochs: int = grid_flag("epochs"),
+    cpus_per_trial: float = grid_flag("cpus_per_trial"),
+    gpus_per_trial: float = grid_flag("gpus_per_trial"),
+    scheduler: str = grid_flag("scheduler"),
+    augment: str = grid_flag("augment"),
+    seed: int = grid_flag("seed"),
+    device: str = grid_flag("device"),
+    data_dir: Optional[Path] = grid_flag("data_dir"),
+    address: Optional[str] = grid_flag("address"),
+    storage: Optional[str] = grid_flag("storage"),
+    resume: bool = grid_flag("resume"),
     progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
                                                     "terminal) and rewrites of OUT/_progress.json"),
     quiet: bool = typer.Option(False, help="print only errors and the final summary"),
@@ -338,11 +370,15 @@ def tune(
     """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
     if progress_every <= 0:
         raise KmnistError("--progress-every must be > 0 seconds")
-    from tune.grid import GridConfig, run_grid
+    from kmnist_core.ray_runtime import prepare_auth
+
+    prepare_auth(address)  # before tune.grid imports Ray
+    from tune.grid import run_grid
+    from tune.options import GridConfig
     from tune.progress import GridProgress
 
-    cfg = GridConfig(dataset=dataset, model=model, lrs=parse_list(lr, float, "--lr"),
-                     batch_sizes=parse_list(batch_size, int, "--batch-size"), epochs=epochs,
+    cfg = GridConfig(dataset=dataset, model=model, lrs=tuple(parse_list(lr, float, "--lr")),
+                     batch_sizes=tuple(parse_list(batch_size, int, "--batch-size")), epochs=epochs,
                      cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, scheduler=scheduler,
                      augment=augment, seed=seed, device=device, data_dir=str(data_dir) if data_dir else None,
                      address=address, storage=storage, resume=resume)

@@ -22,11 +22,14 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics, review_metrics, write_evaluation_plots
 from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
 from kmnist_core.review import REVIEW_REASONS, review_reasons
-from kmnist_core.files import write_json_atomic
-from kmnist_core.int8 import build_int8, compare, review_params
-from kmnist_core.models import optimize_for_inference
-from kmnist_core.model_dir import Predictor, int8_calibration, pick_device, read_card, resolve_model_path, save_model_dir
-from kmnist_core.train import TrainConfig, TrainRun, predict_logits, train_model, validation_negatives
+from kmnist_core.files import json_text, write_json_atomic
+from kmnist_core.card import CARD_FILE, ModelCard, read_card
+from kmnist_core.int8 import build_int8, compare
+from kmnist_core.precision import Int8Twin
+from kmnist_core.model_dir import (Predictor, load_torch_model, pick_device, read_model_files, resolve_model_path,
+                                   save_model_dir, twin_files, write_files)
+from kmnist_core.models import optimize_for_inference, predict_logits
+from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
 REVIEW_PRECISION = 0.995  # auto-accepted crops keep this precision (95 % lower bound on validation)
@@ -72,8 +75,8 @@ def build_card(cfg: TrainConfig, data: Dataset, history: list[dict], status: str
 def teacher_summary(teacher: str) -> dict:
     """Which model a distilled student learnt from, so its card stays traceable."""
     card = read_card(resolve_model_path(teacher))
-    return {"path": str(teacher), "model_id": card.get("model_id"), "architecture": card["architecture"]["name"],
-            "test_accuracy": card.get("metrics", {}).get("test", {}).get("accuracy")}
+    return {"path": str(teacher), "model_id": card.raw.get("model_id"), "architecture": card.architecture,
+            "test_accuracy": card.raw.get("metrics", {}).get("test", {}).get("accuracy")}
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -113,8 +116,8 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
 
     card = build_card(cfg, data, history, status, test_metrics, calib, review)
     card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
-    int8_bytes, card["int8"] = make_int8(model, card, data, device, cfg.eval_batch_size)
-    card = save_model_dir(out, model, card, int8_bytes)
+    twin, card["int8"] = make_int8(model, card, data, device, cfg.eval_batch_size)
+    card = save_model_dir(out, model, card, twin)
     write_history(out / "history.csv", history)
     write_json_atomic(out / "test_metrics.json", {**test_metrics, "calibration": calib, "split_note": data.split_note})
     if make_plots:
@@ -124,14 +127,32 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
     return card
 
 
-def make_int8(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[bytes, dict]:
+def make_int8(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[Int8Twin, dict]:
     """The model's int8 twin, calibrated on its training images and checked on val (kmnist_core/int8.py)."""
     fp32 = optimize_for_inference(model.cpu())
     logits = lambda images: predict_logits(fp32, images, "cpu", batch_size)  # noqa: E731
-    onnx_bytes, section = build_int8(fp32, card, data.train.images, (data.val.images, data.val.labels),
-                                     (data.test.images, data.test.labels), logits, data.name)
+    twin, section = build_int8(fp32, card, data.train.images, (data.val.images, data.val.labels),
+                               (data.test.images, data.test.labels), logits, data.name)
     model.to(device)
-    return onnx_bytes, section
+    return twin, section
+
+
+def build_twin(name_or_path: str, data_dir: str | None = None) -> ModelCard:
+    """`kmnist-batch model int8 DIR`: (re)build a model directory's int8 twin from its card's training data
+    and write it with the card's new int8 section. The one place, besides `train`, that writes int8 files."""
+    model_dir = resolve_model_path(name_or_path)
+    card, weights = read_model_files(model_dir)
+    model = load_torch_model(card, weights, str(model_dir))
+    if not card.training_dataset:
+        raise KmnistError(f"{model_dir}'s card names no training dataset: its int8 twin cannot be calibrated")
+    data = load_dataset(card.training_dataset, data_dir or card.training_data_dir, allow_download=False)
+    twin, section = make_int8(model, card.raw, data, "cpu", 1024)
+    card = card.with_int8(section)
+    try:
+        write_files(model_dir, [*twin_files(twin), (CARD_FILE, json_text(card.raw).encode("utf-8"))])
+    except OSError as e:
+        raise KmnistError(f"cannot write the int8 twin into {model_dir}: {e.strerror or e}") from None
+    return card
 
 
 def read_unknown_tree(root: Path, size: int) -> tuple[list[PreparedImage], list[str], int]:
@@ -191,13 +212,14 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
                                            "ood_threshold": np.inf if predictor.ood_threshold is None
                                            else predictor.ood_threshold})}
     metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id,
-                    "precision": predictor.precision})
+                    "precision": predictor.precision, "precision_note": predictor.precision_note,
+                    "int8_probe": predictor.probe})
     if predictor.int8 is not None:  # what int8 changes on this split, against the same model in fp32
-        card_calib = predictor.card.get("calibration", {})
+        fp32 = predictor.card.calibration
         metrics["int8_vs_fp32"] = {
-            **compare(predictor.torch_logits(part.images), logits, part.labels, float(card_calib.get("temperature", 1.0)),
-                      predictor.temperature, review_params(card_calib), review_params(int8_calibration(predictor.card))),
-            "card_check": {k: predictor.card["int8"].get(k) for k in ("gate", "enabled", "fallback")}}
+            **compare(predictor.torch_logits(part.images), logits, part.labels, fp32.temperature,
+                      predictor.temperature, fp32.review_params(), predictor.calibration.review_params()),
+            "card_check": {k: predictor.card.int8.get(k) for k in ("gate", "enabled", "fallback")}}
     out.mkdir(parents=True, exist_ok=True)
     write_evaluation_plots(out, part, logits, predictor.temperature, data.classes, f"{data.name} {split}")
     if unknown is not None:

@@ -6,14 +6,28 @@ docs/benchmarks.md), while PyTorch's own int8 path (torch.ao eager/FX quantizati
 favour of torch.export-based flows whose x86 CPU kernels come from a separate project. An ONNX file is a
 protobuf: loading it runs no pickled code.
 
-How a model gets its int8 twin (`build_int8`): the fp32 model (batch norm folded) is exported to ONNX,
+Why uint8 weights (U8U8) and not ONNX Runtime's default int8 weights (U8S8): on x86-64 CPUs without
+AVX-512 VNNI / AVX-VNNI, ORT's U8S8 kernels multiply with VPMADDUBSW, whose int16 sums of two products
+saturate (255 * 127 * 2 > 32,767); the same model then gives other outputs there (measured on an AVX2-only
+AMD EPYC: 99.65 % top-1 agreement with fp32 against 99.90 % on a VNNI CPU). ORT's U8U8 kernels widen to
+int16 before multiplying, so nothing saturates on any x86-64 CPU (ORT's quantization guide names U8U8 and
+reduce_range as the remedies; reduce_range would throw away a bit of every weight).
+
+How a model gets its int8 twin (`build_int8`, run by `train` and by `kmnist-batch model int8`; loading a
+model never builds one): the fp32 model (batch norm folded) is exported to ONNX,
 calibrated on CALIBRATION_IMAGES images of its TRAINING split (a seeded draw), quantized, and then
 measured against fp32 on validation: temperature and both review thresholds are refitted on the int8
 validation logits, and the int8 path is enabled only if its top-1 agreement with fp32 on validation is
 at least MIN_AGREEMENT and its validation accuracy at most MAX_ACCURACY_DROP below fp32's. The test split
 is scored for the card and `evaluate` (agreement, accuracy, ECE, review figures) but decides nothing.
 Every step is deterministic, so the same weights and data give the same bytes (the card holds their
-sha256) and a worker without the file can rebuild it.
+sha256).
+
+The probe: PROBE_IMAGES validation crops with the fp32 and int8 logits measured where the gate ran, shipped
+beside the twin (PROBE_FILE, plain arrays). Before a process runs int8 it runs the twin on the probe on its
+own CPU (`check_probe`, milliseconds): the same top-1 as the fp32 logits on every crop where they agreed at
+build time, and int8 logits within PROBE_TOLERANCE of the build machine's. A CPU whose kernels compute
+something else fails it, and precision auto runs fp32 there, saying so.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import hashlib
 import io
 import os
 import logging
+import platform
 import tempfile
 import warnings
 from typing import Callable
@@ -31,15 +46,21 @@ import numpy as np
 
 from kmnist_core import calibration
 from kmnist_core.errors import KmnistError
+from kmnist_core.card import Calibration, calibration_key
+from kmnist_core.precision import Int8Twin
 from kmnist_core.transforms import MEAN, STD
 
 INT8_FILE = "model.int8.onnx"
+PROBE_FILE = "model.int8.probe.npz"
+PROBE_IMAGES = 256
+PROBE_TOLERANCE = 0.02  # max |int8 logit here - int8 logit at build|; saturation moves logits by far more
 CALIBRATION_IMAGES = 2048
 CALIBRATION_SEED = 0
 MIN_AGREEMENT = 0.999  # top-1 agreement with fp32 on validation, or the model stays on fp32
 MAX_ACCURACY_DROP = 0.001  # 0.1 point
 OPSET = 17
-METHOD = "ONNX Runtime static quantization: QDQ, per-channel int8 weights, uint8 activations, MinMax calibration"
+METHOD = "ONNX Runtime static quantization: QDQ, per-channel uint8 weights and uint8 activations (U8U8), MinMax calibration"
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 
 
 def sha256(data: bytes) -> str:
@@ -96,7 +117,7 @@ def quantize(fp32_onnx: bytes, calibration_images: np.ndarray, batch_size: int =
             with open(src, "wb") as f:
                 f.write(fp32_onnx)
             quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
                             calibrate_method=CalibrationMethod.MinMax)
             with open(dst, "rb") as f:
                 return f.read()
@@ -153,6 +174,48 @@ def torch_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def cpu_features() -> dict:
+    """The CPU the int8 kernels ran on: ORT picks them by these flags."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+                elif key.strip() == "model name":
+                    model = value.strip()
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def make_probe(pixels: np.ndarray, fp32_logits: np.ndarray, int8_logits: np.ndarray) -> bytes:
+    """The probe file: crops and both logits as plain arrays (np.load with allow_pickle=False reads it)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, pixels=pixels, fp32_logits=fp32_logits.astype(np.float32), int8_logits=int8_logits.astype(np.float32))
+    return buffer.getvalue()
+
+
+def probe_sample(val_images: np.ndarray, n: int = PROBE_IMAGES) -> np.ndarray:
+    order = np.random.default_rng(CALIBRATION_SEED).permutation(len(val_images))[:n]
+    return val_images[np.sort(order)]
+
+
+def check_probe(runner: "OrtModel", probe: bytes) -> dict:
+    """Run the twin on the probe on this CPU: does it compute what it computed where the gate ran?"""
+    with np.load(io.BytesIO(probe), allow_pickle=False) as f:
+        pixels, fp32, built = f["pixels"], f["fp32_logits"], f["int8_logits"]
+    here = runner.logits(pixels)
+    agreed_at_build = fp32.argmax(1) == built.argmax(1)
+    flips = int((here.argmax(1) != fp32.argmax(1))[agreed_at_build].sum())
+    deviation = float(np.abs(here - built).max()) if len(pixels) else 0.0
+    passed = flips == 0 and deviation <= PROBE_TOLERANCE
+    return {"n": int(len(pixels)), "new_disagreements_with_fp32": flips, "max_abs_logit_deviation": deviation,
+            "tolerance": PROBE_TOLERANCE, "passed": passed, "cpu": cpu_features()}
+
+
 def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray, temperature_fp32: float,
             temperature_int8: float, review_fp32: dict, review_int8: dict) -> dict:
     """int8 against fp32 on one labelled split: agreement, accuracy, ECE after temperature, review figures."""
@@ -170,23 +233,12 @@ def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray
             "int8": side(int8_logits, temperature_int8, review_int8)}
 
 
-def calibration_key(calib: dict) -> dict:
-    """The fp32 calibration an int8 refit started from: if the card's changes later, the refit is stale."""
-    return {k: calib.get(k) for k in ("temperature", "review_below", "ood_score", "ood_threshold")}
-
-
-def review_params(calib: dict) -> dict:
-    """The three things review_metrics needs from a card's (or the int8 section's) calibration."""
-    threshold = calib.get("ood_threshold")
-    return {"ood_score": calib.get("ood_score", "energy"), "review_below": float(calib.get("review_below", 0.0)),
-            "ood_threshold": np.inf if threshold is None else threshold}
-
-
 def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], fp32_logits: Callable[[np.ndarray], np.ndarray],
-               dataset: str) -> tuple[bytes, dict]:
-    """Quantize an inference-ready fp32 model and measure it. Returns the ONNX bytes and the card's
-    `int8` section (calibration refitted on int8 val logits, the gate's verdict, test figures)."""
+               dataset: str) -> tuple[Int8Twin, dict]:
+    """Quantize an inference-ready fp32 model and measure it. Returns the twin's files and the card's
+    `int8` section (calibration refitted on int8 val logits, the gate's verdict and the CPU it ran on,
+    test figures, the probe)."""
     import onnxruntime
 
     size = int(card["input"]["size"])
@@ -206,7 +258,10 @@ def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.n
             float(promise.get("in_set_keep", 0.99)), float(promise.get("confidence_level", 0.95))))
         if calib.get("ood_threshold") is None:
             int8_calib["ood_threshold"] = None
-    val_report = compare(val_fp32, val_int8, val_y, t_fp32, t_int8, review_params(calib), review_params(int8_calib))
+    reviews = Calibration.from_json(calib).review_params(), Calibration.from_json(int8_calib).review_params()
+    val_report = compare(val_fp32, val_int8, val_y, t_fp32, t_int8, *reviews)
+    probe_x = probe_sample(val_x)
+    probe = make_probe(probe_x, fp32_logits(probe_x), runner.logits(probe_x))
     drop = val_report["fp32"]["accuracy"] - val_report["int8"]["accuracy"]
     reasons = []
     if val_report["agreement"] < MIN_AGREEMENT:
@@ -219,19 +274,23 @@ def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.n
         "calibration": int8_calib, "fitted_against": calibration_key(calib),
         "gate": {"split": "val", "min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP,
                  "agreement": val_report["agreement"], "accuracy_fp32": val_report["fp32"]["accuracy"],
-                 "accuracy_int8": val_report["int8"]["accuracy"]},
+                 "accuracy_int8": val_report["int8"]["accuracy"], "cpu": cpu_features()},
+        "probe": {"file": PROBE_FILE, "sha256": sha256(probe), "images": int(len(probe_x)), "split": "val",
+                  "tolerance": PROBE_TOLERANCE},
         "enabled": not reasons,
         "fallback": "; ".join(reasons) + ": precision auto runs fp32" if reasons else None,
         "val": val_report,
         "test": compare(fp32_logits(test_x), runner.logits(test_x), test_y, t_fp32, t_int8,
-                        review_params(calib), review_params(int8_calib)),
+                        *reviews),
     }
-    return onnx_int8, section
+    return Int8Twin(onnx_int8, probe), section
 
 
-def check_int8_bytes(onnx_bytes: bytes, section: dict, source: str) -> None:
-    """Refuse an int8 file that is not the one the card names (or a card that names none)."""
-    actual = sha256(onnx_bytes)
-    if actual != section.get("sha256"):
-        raise KmnistError(f"int8 model of {source} is not the one its card names: {INT8_FILE} hashes to "
-                          f"{actual[:16]}, the card's int8.sha256 is {str(section.get('sha256'))[:16]}")
+def check_twin(twin: Int8Twin, section: dict, source: str) -> None:
+    """Refuse int8 files that are not the ones the card names (or a card that names none)."""
+    for name, data, expected in ((INT8_FILE, twin.onnx, section.get("sha256")),
+                                 (PROBE_FILE, twin.probe, (section.get("probe") or {}).get("sha256"))):
+        actual = sha256(data)
+        if actual != expected:
+            raise KmnistError(f"int8 model of {source} is not the one its card names: {name} hashes to "
+                              f"{actual[:16]}, the card says {str(expected)[:16]}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from kmnist_core import transforms
 from kmnist_core.errors import KmnistError
 
 
@@ -96,3 +98,14 @@ def create_model(name: str, num_classes: int, input_size: int) -> nn.Module:
     if name not in MODELS:
         raise KmnistError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     return MODELS[name](num_classes, input_size)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: np.ndarray, device: str, batch_size: int = 1024) -> np.ndarray:
+    """A torch model's logits for uint8 (N, S, S) light-on-dark images, a batch at a time, in eval mode.
+    Inputs go in channels-last, which an inference-optimized model runs about twice as fast on CPU."""
+    model.eval()
+    out = [model(transforms.to_model_tensor(images[s : s + batch_size]).to(device)
+                 .contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+           for s in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

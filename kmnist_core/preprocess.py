@@ -59,16 +59,22 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
-def border_stats(gray: np.ndarray) -> tuple[float, float]:
-    """Background level and noise (robust sigma) of the image border, where a crop is paper."""
-    h, w = gray.shape
+def border_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Background level and noise (robust sigma) of the border of each of a stack of images, where a crop
+    is paper: (N, H, W) grey floats in [0, 1], or uint8 levels (their quartiles are read in LEVELS, which
+    is increasing, so they are the quartiles of the levels' float values)."""
+    n, h, w = images.shape
     ring = max(1, min(h, w) // 10)
-    border = np.concatenate([gray[:ring].ravel(), gray[-ring:].ravel(), gray[:, :ring].ravel(), gray[:, -ring:].ravel()])
-    n = len(border) - 1
-    q1, background, q3 = np.partition(border, (n // 4, n // 2, 3 * n // 4))[[n // 4, n // 2, 3 * n // 4]]
+    border = np.concatenate([images[:, :ring].reshape(n, -1), images[:, -ring:].reshape(n, -1),
+                             images[:, :, :ring].reshape(n, -1), images[:, :, -ring:].reshape(n, -1)], axis=1)
+    k = border.shape[1] - 1
+    q = np.partition(border, (k // 4, k // 2, 3 * k // 4), axis=1)
+    q1, background, q3 = q[:, k // 4], q[:, k // 2], q[:, 3 * k // 4]
+    if images.dtype == np.uint8:
+        q1, background, q3 = LEVELS[q1], LEVELS[background], LEVELS[q3]
     # Noise from the quartile on the side away from the ink (ink touching the border of a tight crop
     # lies on one side only); 0.674 sigma is a normal distribution's quartile distance.
-    return float(background), float(min(background - q1, q3 - background)) / 0.674
+    return background, np.minimum(background - q1, q3 - background).astype(np.float64) / 0.674
 
 
 def normalize_polarity(gray: np.ndarray) -> tuple[np.ndarray, bool, float, float]:
@@ -77,7 +83,8 @@ def normalize_polarity(gray: np.ndarray) -> tuple[np.ndarray, bool, float, float
     Returns the stretched image (background 0, strongest ink 1, as in KMNIST), whether it was inverted,
     the ink's contrast over the background before stretching and the border's noise in stretched units.
     """
-    background, noise = border_stats(gray)
+    stats = border_stats(gray[None])
+    background, noise = float(stats[0][0]), float(stats[1][0])
     inverted = background > 0.5
     if inverted:
         gray, background = 1.0 - gray, 1.0 - background
@@ -124,19 +131,7 @@ def find_ink(gray: np.ndarray, noise: float = 0.0, square: bool = False) -> tupl
 
     `square`: the image is already the model's size, so ink spanning it edge to edge is taken as a
     fitted character (KMNIST's touch their box), whatever else it holds."""
-    h, w = gray.shape
-    ink = gray > max(FRINGE, NOISE_SIGMAS * noise)
-    rows, cols = np.count_nonzero(ink, axis=1), np.count_nonzero(ink, axis=0)
-    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
-    if not len(ys):
-        return None
-    box = int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)
-    one_block = box[3] == len(ys) and box[2] == len(xs) and rows.max() < LINE_COVERAGE * w and cols.max() < LINE_COVERAGE * h
-    if one_block or (square and max(box[2], box[3]) >= h - 1):
-        # No gap in either projection and no full row or column: nothing beside the character to leave
-        # out (most clean crops), so no labelling.
-        return box if rows.sum() >= MIN_INK_AREA * h * w else None
-    return labelled_ink_box(gray, noise)
+    return ink_boxes(gray[None], np.array([noise]), square)[0]
 
 
 def labelled_ink_box(gray: np.ndarray, noise: float) -> tuple[int, int, int, int] | None:
@@ -275,14 +270,7 @@ def prepare_levels(levels: np.ndarray, size: int) -> list[PreparedImage]:
     """uint8 (N, H, W) grey crops of either polarity -> what prepare_gray gives for each, bit for bit."""
     n, h, w = levels.shape
     flat = levels.reshape(n, -1)
-    ring = max(1, min(h, w) // 10)
-    border = np.concatenate([levels[:, :ring].reshape(n, -1), levels[:, -ring:].reshape(n, -1),
-                             levels[:, :, :ring].reshape(n, -1), levels[:, :, -ring:].reshape(n, -1)], axis=1)
-    k = border.shape[1] - 1
-    # Quartiles of uint8 levels are the levels of the float quartiles: the level -> float map is increasing.
-    q = np.partition(border, (k // 4, k // 2, 3 * k // 4), axis=1)
-    q1, background, q3 = LEVELS[q[:, k // 4]], LEVELS[q[:, k // 2]], LEVELS[q[:, 3 * k // 4]]
-    noise = np.minimum(background - q1, q3 - background).astype(np.float64) / 0.674
+    background, noise = border_stats(levels)
     inverted = background > 0.5
     # normalize_polarity, on the 256 levels instead of the pixels (float32 arithmetic, as there).
     table = np.where(inverted[:, None], (1.0 - LEVELS)[None, :], LEVELS[None, :])
@@ -310,8 +298,10 @@ def prepare_levels(levels: np.ndarray, size: int) -> list[PreparedImage]:
 
 
 def ink_boxes(grey: np.ndarray, noise: np.ndarray, square: bool) -> list[tuple[int, int, int, int] | None]:
-    """find_ink for a stack of same-shape images: its projection test as array arithmetic over the whole
-    stack, connected components (labelled_ink_box) only for the images that fail it."""
+    """find_ink for a stack of same-shape images. A projection test as array arithmetic over the whole
+    stack: one block of ink with no gap in either projection and no full row or column has nothing beside
+    the character to leave out (most clean crops), so its box is the ink's; connected components
+    (labelled_ink_box) only for the images that fail it."""
     n, h, w = grey.shape
     ink = grey > np.maximum(FRINGE, NOISE_SIGMAS * noise).astype(np.float32)[:, None, None]
     rows, cols = np.count_nonzero(ink, axis=2), np.count_nonzero(ink, axis=1)

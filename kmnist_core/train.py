@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kmnist_core import transforms
 from kmnist_core.datasets import Dataset, Split
 from kmnist_core.model_dir import load_model, read_model_files
-from kmnist_core.models import create_model
+from kmnist_core.models import create_model, predict_logits
 from kmnist_core.errors import KmnistError
 
 
@@ -186,14 +186,6 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
     return loss_sum / len(split), correct / len(split)
 
 
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: np.ndarray, device: str, batch_size: int = 1024) -> np.ndarray:
-    model.eval()
-    out = [model(transforms.to_model_tensor(images[s : s + batch_size]).to(device)).float().cpu().numpy()
-           for s in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def split_scores(model: torch.nn.Module, split: Split, device: str, batch_size: int = 1024) -> tuple[float, float]:
     """(loss, accuracy) of `model` on `split`."""
     logits = predict_logits(model, split.images, device, batch_size)
@@ -269,13 +261,13 @@ def validation_negatives(cfg: TrainConfig, data: Dataset, n: int = 2000) -> tupl
 def load_init_weights(model: torch.nn.Module, architecture: str, init: str) -> None:
     """Start from a model directory's weights (same architecture and classes)."""
     card, weights = read_model_files(init)
-    if card["architecture"]["name"] != architecture:
-        raise KmnistError(f"--init {init} is a {card['architecture']['name']}, not a {architecture}")
+    if card.architecture != architecture:
+        raise KmnistError(f"--init {init} is a {card.architecture}, not a {architecture}")
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise KmnistError(f"--init {init} ({card['architecture']['name']}) does not fit this model: "
+        raise KmnistError(f"--init {init} ({card.architecture}) does not fit this model: "
                           f"{str(e).splitlines()[0]}") from None
 
 

@@ -27,7 +27,7 @@ def invoke(*args: object) -> Result:
 
     handler, raise_exceptions = signal.getsignal(signal.SIGTERM), logging.raiseExceptions
     try:
-        with mock.patch("batch_infer.supervise.run_supervised", lambda out, work: (work(), None)):
+        with mock.patch("batch_infer.supervise.run_supervised", lambda out, work: (work()[0], None)):
             return CliRunner().invoke(app, [str(a) for a in args])
     finally:
         signal.signal(signal.SIGTERM, handler)
@@ -92,8 +92,16 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, monkeypatch, closed_port, a
 def test_corrupt_model_file_is_a_clear_error(tmp_path, trained_model_dir):
     broken = tmp_path / "m"
     broken.mkdir()
-    (broken / "model_card.json").write_bytes((trained_model_dir / "model_card.json").read_bytes())
+    card = json.loads((trained_model_dir / "model_card.json").read_text(encoding="utf-8"))
     (broken / "model.pt").write_bytes(b"\x00garbage")
+    # A file other than the card names is refused before torch reads a byte of it ...
+    (broken / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+    assert_one_line_error(invoke("evaluate", "--model", broken, "--out", tmp_path / "e"), "not the ones its card names")
+    # ... and one the card names but torch cannot read (a card rewritten to match) is a clear error too.
+    from kmnist_core.model_dir import weights_id
+
+    card["model_id"] = weights_id(b"\x00garbage")
+    (broken / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     assert_one_line_error(invoke("evaluate", "--model", broken, "--out", tmp_path / "e"), "cannot load weights")
 
 

@@ -1,28 +1,35 @@
 """A real multi-node Ray on this machine: a head and a worker node started with `ray start`, jobs sent
 with `ray job submit` exactly as the README's "Run on a cluster" section does. Only the processes this
-module started are stopped (found by a marker in their environment)."""
+module started are stopped (found by a marker in their environment).
+
+Every node runs with KMNIST_BATCH_TEST_HOLD=1, so a job's driver and workers honour hold files
+(tests/crop_tree.py, tune/grid.py): a test that needs a job busy while it acts holds it busy."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from tests.crop_tree import plain_tree
+from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
+from tests.test_tune import hold, small_data_dir, trial_epochs, wait_for  # noqa: F401 (small_data_dir: a fixture)
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -54,33 +61,34 @@ def test_aws_config_has_cpu_and_gpu_worker_types():
     assert all("min_workers" in t and "max_workers" in t for k, t in types.items() if k != config["head_node_type"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_with(marker: str) -> list[int]:
+def processes_with(*markers: str) -> list[int]:
+    """Processes whose environment holds every marker: those this module started carry one."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if marker.encode() in (proc / "environ").read_bytes():
-                    pids.append(int(proc.name))
+                environ = (proc / "environ").read_bytes()
             except OSError:
-                pass
+                continue
+            if all(marker.encode() in environ for marker in markers):
+                pids.append(int(proc.name))
     return pids
+
+
+WORKER_NODE = "KMNIST_TEST_NODE=worker"  # in the environment of the worker node's processes
 
 
 class Cluster:
     def __init__(self):
         self.marker = f"KMNIST_TEST_CLUSTER={uuid.uuid4().hex}"
         self.temp = tempfile.mkdtemp(prefix="kmray-", dir="/tmp")  # short: Ray's socket paths are length-limited
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
+        (Path(self.temp) / "tmp").mkdir()
+        # Both nodes keep their session files here, and every process's temporary files go here too, so a
+        # test can see what a job wrote on this machine. The token comes from the session (conftest).
+        self.env = {**os.environ, **HOLD_ENV, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
+                    "RAY_TMPDIR": self.temp, "TMPDIR": str(Path(self.temp) / "tmp"),
                     self.marker.split("=")[0]: self.marker.split("=")[1]}
-        self.env.pop("RAY_ADDRESS", None)
+        self.gcs = self.dashboard = ""
 
     def ray(self, *args, env=None, timeout=120, check=True):
         r = subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True, text=True,
@@ -90,32 +98,50 @@ class Cluster:
         return r
 
     def start(self):
-        self.ray("start", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
-                 "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                 f"--temp-dir={self.temp}", "--disable-usage-stats")
-        worker_env = {**self.env, "KMNIST_TEST_NODE": "worker"}
-        self.ray("start", f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=2", "--disable-usage-stats",
-                 f"--dashboard-agent-listen-port={free_port()}", env=worker_env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            status = self.ray("status", f"--address=127.0.0.1:{self.gcs_port}", check=False).stdout
-            if status.split("Pending:")[0].count(" node_") >= 2:
-                return self
-            time.sleep(1)
-        raise AssertionError("the worker node never joined")
+        # Port 0: Ray binds the GCS, the dashboard and the agents to ports of the kernel's choosing and
+        # says which; no port is probed first and taken by someone else in between.
+        head = self.ray("start", "--head", "--port=0", "--dashboard-port=0", "--dashboard-host=127.0.0.1",
+                        "--include-dashboard=true", "--dashboard-agent-listen-port=0", "--num-cpus=2",
+                        f"--temp-dir={self.temp}", "--disable-usage-stats")
+        self.gcs = re.search(r"ray start --address='([^']+)'", head.stdout)[1]
+        self.dashboard = re.search(r"RAY_API_SERVER_ADDRESS='([^']+)'", head.stdout)[1]
+        self.ray("start", f"--address={self.gcs}", "--num-cpus=2", "--disable-usage-stats",
+                 "--dashboard-agent-listen-port=0", env={**self.env, "KMNIST_TEST_NODE": "worker"})
+        wait_for(lambda: len(self.alive_nodes()) == 2, timeout=60)
+        return self
 
-    def submit(self, *entrypoint, timeout=300):
-        return self.ray("job", "submit", f"--address={self.dashboard}", "--working-dir", ".", "--",
-                        "python", "-m", *entrypoint, timeout=timeout, check=False)
+    def alive_nodes(self) -> list[dict]:
+        r = self.ray("list", "nodes", f"--address={self.dashboard}", "--format", "json", check=False, timeout=60)
+        try:
+            return [n for n in json.loads(r.stdout) if n["state"] == "ALIVE"]
+        except ValueError:
+            return []
 
-    def worker_raylet(self) -> int:
-        for pid in processes_with("KMNIST_TEST_NODE=worker"):
-            try:
-                if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes() and self.marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                    return pid
-            except OSError:
-                pass
-        raise AssertionError("no worker raylet found")
+    def job_args(self, *entrypoint, runtime_env: dict | None = None) -> list[str]:
+        args = [str(BIN / "ray"), "job", "submit", f"--address={self.dashboard}", "--working-dir", "."]
+        if runtime_env:
+            args += ["--runtime-env-json", json.dumps(runtime_env)]
+        return [*args, "--", "python", "-m", *entrypoint]
+
+    def submit(self, *entrypoint, runtime_env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.job_args(*entrypoint, runtime_env=runtime_env), env=self.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    def start_job(self, *entrypoint, log: Path) -> subprocess.Popen:
+        """Submit without waiting; what `ray job submit` prints (the job's logs) goes to `log`."""
+        with open(log, "w") as f:
+            return subprocess.Popen(self.job_args(*entrypoint), env=self.env, cwd=REPO, stdout=f,
+                                    stderr=subprocess.STDOUT)
+
+    def lose_worker_node(self) -> None:
+        """Kill -9 every process of the worker node at once, as when its machine is lost, and return once
+        they are gone (a worker killed only through its raylet could still commit what it was doing)."""
+        node = processes_with(self.marker, WORKER_NODE)
+        assert node, "no worker node process found"
+        for pid in node:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not processes_with(self.marker, WORKER_NODE), timeout=60)
 
     def stop(self):
         for _ in range(3):
@@ -138,6 +164,11 @@ def cluster():
     assert not processes_with(c.marker)
 
 
+def succeeded(r: subprocess.CompletedProcess) -> bool:
+    return r.returncode == 0 and "succeeded" in r.stdout
+
+
+@pytest.mark.ray
 def test_job_api_requires_the_auth_token(cluster):
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
     r = cluster.ray("job", "list", f"--address={cluster.dashboard}", env=env, check=False, timeout=60)
@@ -145,82 +176,118 @@ def test_job_api_requires_the_auth_token(cluster):
     assert cluster.ray("job", "list", f"--address={cluster.dashboard}", timeout=60).returncode == 0
 
 
-def test_predict_job_runs_on_both_nodes(cluster, tmp_path, kmnist_dev):
-    files = plain_tree(tmp_path / "scans", kmnist_dev.test.images, 6000)
-    out = tmp_path / "out"
-    # 500 files a chunk gives about 12 chunks; at the default 4096, 6000 files are one chunk in
-    # about one run of seven (no content-defined boundary falls in range) and only one worker has work.
-    r = cluster.submit("jobs.predict", str(tmp_path / "scans"), "--out", str(out), "--workers", "2",
-                       "--cpus-per-worker", "1.5", "--batch-size", "256", "--rows-per-shard", "500")
-    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    df = pd.read_parquet(out / "predictions")
-    assert len(df) == len(files) and not df.path.duplicated().any()
-    assert df.node_id.nunique() == 2  # one model actor per node (1.5 CPUs each do not fit twice on a node)
-
-
-def test_tune_job_runs_trials_on_both_nodes(cluster, tmp_path):
+@pytest.mark.ray
+@pytest.mark.training
+def test_tune_job_runs_trials_on_both_nodes(cluster, tmp_path, small_data_dir):
+    """Trial lr 0.001 waits before its first epoch until trial lr 0.0003 has trained one: the two run at
+    the same time, and 1.5 CPUs each fit once per node, so they run on different nodes."""
     out = tmp_path / "grid"
-    r = cluster.submit("jobs.tune_grid", "--out", str(out), "--lr", "0.001,0.0003", "--batch-size", "128",
-                       "--epochs", "1", "--cpus-per-trial", "1.5")
-    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    out.mkdir()
+    held = hold(out, 0.001, 128, 1)
+    job = cluster.start_job("jobs.tune_grid", "--out", str(out), "--lr", "0.001,0.0003", "--batch-size", "128",
+                            "--epochs", "1", "--cpus-per-trial", "1.5", "--data-dir", str(small_data_dir),
+                            log=tmp_path / "job.log")
+    try:
+        wait_for(lambda: trial_epochs(out / "ray_results" / "grid").get(0.0003, 0) >= 1 or job.poll() is not None)
+    finally:
+        release(held)
+        job.wait(timeout=300)
+    log = (tmp_path / "job.log").read_text()
+    assert job.returncode == 0 and "succeeded" in log, log[-3000:]
+    params = [json.loads(p.read_text()) for p in (out / "ray_results" / "grid").glob("*/params.json")]
+    assert len(params) == 2 and all(p.get("test_hold") for p in params)  # the job's driver had the hold on
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 2 and (trials.status == "completed").all()
-    assert trials.node_id.nunique() == 2
+    assert set(trials.node_id) == {n["node_id"] for n in cluster.alive_nodes()}
     assert (out / "best" / "model.pt").exists()
 
 
+OUTPUT_NAMES = {"run.json", "_progress.json", ".lock", "predictions", "summary"}
+
+
+def output_like(roots: list[Path]) -> set[Path]:
+    """Files and folders under `roots` named like a predict OUT's, or like an object-store URI taken
+    for a local path ("s3:")."""
+    found = set()
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                if name in OUTPUT_NAMES or name.startswith("_run-") or name.endswith(".parquet") or "s3:" in name:
+                    found.add(Path(folder) / name)
+    return found
+
+
+@pytest.mark.ray
 def test_predict_job_reads_and_writes_only_the_object_store_on_both_nodes(cluster, s3_server, tmp_path, kmnist_dev):
-    """Inputs and OUT on S3: the workers on both nodes read their crops and write their shards there."""
-    import json
-
+    """Inputs and OUT on S3: the workers on both nodes read their crops and write their shards there, and
+    nothing of the output lands on this machine (the nodes' session folders, where the job runs, and
+    every process's temporary folder are under the cluster's folder)."""
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
-    from tests.test_object_store import upload_tree
-
-    plain_tree(tmp_path / "crops", kmnist_dev.test.images, 3000)
+    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
+                           allow_bucket_creation=True)
     bucket = f"b-{uuid.uuid4().hex[:8]}"
-    objects = upload_tree(s3_server, tmp_path / "crops", bucket, "crops")
+    fs.create_dir(bucket)
+
+    def upload(path: Path) -> str:
+        key = f"{bucket}/crops/{path.name}"
+        with fs.open_output_stream(key) as f:
+            f.write(path.read_bytes())
+        return f"s3://{key}"
+
+    with ThreadPoolExecutor(16) as pool:
+        objects = set(pool.map(upload, plain_tree(tmp_path / "crops", kmnist_dev.test.images, 500)))
     aws = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
+    local = [Path(cluster.temp), tmp_path, Path(os.environ["HOME"])]
+    before = output_like(local)
     # The standard way to hand a job its credentials and endpoint: the job's runtime environment.
-    r = cluster.ray("job", "submit", f"--address={cluster.dashboard}", "--working-dir", ".",
-                    "--runtime-env-json", json.dumps({"env_vars": aws}), "--", "python", "-m", "jobs.predict",
-                    f"s3://{bucket}/crops", "--out", f"s3://{bucket}/out", "--workers", "2", "--cpus-per-worker", "1.5",
-                    "--batch-size", "256", "--rows-per-shard", "500", timeout=300, check=False)
-    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    os.environ.update(aws)
-    try:
-        t = ds.dataset(f"s3://{bucket}/out/predictions", format="parquet").to_table(columns=["path", "node_id"])
-    finally:
-        for k in aws:
-            os.environ.pop(k)
+    r = cluster.submit("jobs.predict", f"s3://{bucket}/crops", "--out", f"s3://{bucket}/out", "--executor", "ray",
+                       "--workers", "2", "--cpus-per-worker", "1.5", "--batch-size", "256", "--rows-per-shard", "100",
+                       runtime_env={"env_vars": aws})
+    assert succeeded(r), r.stdout[-3000:] + r.stderr[-3000:]
+    assert output_like(local) == before
+    assert {"run.json", "predictions"} <= {Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out"))}
+    t = ds.dataset(f"{bucket}/out/predictions", format="parquet", filesystem=fs).to_table(columns=["path", "node_id"])
     assert sorted(t.column("path").to_pylist()) == sorted(objects)
-    assert len(set(t.column("node_id").to_pylist())) == 2
+    assert set(t.column("node_id").to_pylist()) == {n["node_id"] for n in cluster.alive_nodes()}
 
 
-def committed_nodes(predictions: Path) -> set[str]:
-    """The nodes that have committed a shard so far (a shard appears whole, by rename)."""
-    import pyarrow.parquet as pq
+def committed(predictions: Path) -> pd.DataFrame:
+    """The rows committed so far (a shard appears whole, by rename)."""
+    shards = sorted(predictions.glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f, columns=["path", "node_id"]) for f in shards]) if shards else \
+        pd.DataFrame(columns=["path", "node_id"])
 
-    return {n for f in predictions.glob("*.parquet") for n in pq.read_table(f, columns=["node_id"]).column(0).to_pylist()}
 
-
-def test_losing_the_worker_node_mid_predict_still_gives_one_row_per_file(cluster, tmp_path, kmnist_dev):
-    """Runs last: it kills the worker node."""
-    files = plain_tree(tmp_path / "scans", kmnist_dev.test.images, 20000)
+@pytest.mark.ray
+def test_predict_job_runs_on_both_nodes_and_losing_one_mid_run_still_gives_one_row_per_file(cluster, tmp_path,
+                                                                                          kmnist_dev):
+    """Runs last: it kills the worker node. One model worker per node (1.5 CPUs each do not fit twice on a
+    node); 50 files a chunk gives at least 6 chunks, and the driver queues two on each worker before any
+    result is back, so both nodes commit shards. The last crop is a hold file (its chunk cannot finish
+    before the test releases it), so the worker node dies mid-run, after both nodes have committed."""
+    files = plain_tree(tmp_path / "scans", kmnist_dev.test.images, 600)
+    held = hold_file(tmp_path / "scans" / "zz", kmnist_dev.test.images[0])  # sorted last: in the last chunk
     out = tmp_path / "out"
-    args = ["jobs.predict", str(tmp_path / "scans"), "--out", str(out), "--workers", "2",
-            "--cpus-per-worker", "1.5", "--batch-size", "64", "--rows-per-shard", "500"]
-    job = subprocess.Popen([str(BIN / "ray"), "job", "submit", f"--address={cluster.dashboard}", "--working-dir",
-                            ".", "--", "python", "-m", *args], env=cluster.env, cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(committed_nodes(out / "predictions")) < 2:
-        time.sleep(0.1)
-    os.kill(cluster.worker_raylet(), signal.SIGKILL)  # the worker node dies with its model actor
-    log, _ = job.communicate(timeout=400)
+    args = ["jobs.predict", str(tmp_path / "scans"), "--out", str(out), "--executor", "ray", "--workers", "2",
+            "--cpus-per-worker", "1.5", "--batch-size", "64", "--rows-per-shard", "50"]
+    nodes = {n["node_id"]: n["is_head_node"] for n in cluster.alive_nodes()}
+    job = cluster.start_job(*args, log=tmp_path / "job.log")
+    try:
+        wait_for(lambda: committed(out / "predictions").node_id.nunique() == 2 or job.poll() is not None)
+        at_loss = committed(out / "predictions")
+        cluster.lose_worker_node()  # with its model actor
+    finally:
+        release(held)
+        job.wait(timeout=300)
+    assert set(at_loss.node_id) == set(nodes) and str(held) not in set(at_loss.path)  # cut off mid-run
     if job.returncode != 0:  # the documented fallback: the job failed clearly, --resume completes it
+        assert len(committed(out / "predictions")) < len(files) + 1  # it left work for --resume
         r = cluster.submit(*args, "--resume")
-        assert r.returncode == 0, r.stdout[-3000:]
+        assert succeeded(r), r.stdout[-3000:]
     df = pd.read_parquet(out / "predictions")
-    assert len(df) == len(files) and not df.path.duplicated().any() and df.error.isna().all()
-    assert df.node_id.nunique() == 2  # rows from before the loss came from the lost node too
+    assert len(df) == len(files) + 1 and not df.path.duplicated().any() and df.error.isna().all()
+    assert set(df.node_id) == set(nodes)  # rows from before the loss came from the lost node too
+    head = next(node for node, is_head in nodes.items() if is_head)
+    assert df.node_id[df.path == str(held)].tolist() == [head]  # finished by the node that survived

@@ -1,22 +1,33 @@
-"""Fault injection against a real local Ray and the real CLI: one test per way an archive run used to
-lose or corrupt data (issue 12). Each checks exactly one row per file and that committed shards survive.
-Parquet is read back with pyarrow only; the concurrent reader runs in a process that never imports Ray."""
+"""Fault injection against real runs: one test per way an archive run used to lose or corrupt data
+(issue 12). Each checks exactly one row per file and that committed shards survive.
+
+Runs that are killed, interrupted or starved of disk are real CLI processes on Ray (`--executor ray`,
+drivers joining the session's Ray), kept busy by a hold file (tests/crop_tree.py) until the test has
+acted, so nothing depends on the machine's speed; what needs no process of its own (resumes, refusals,
+in-run re-reads) runs in-process.
+Parquet is read back with pyarrow only; the concurrent reader runs in a process that never imports Ray.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import hashlib
 import io
 import json
 import os
 import re
-import resource
+import select
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,15 +35,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from batch_infer.chunks import chunked
+from batch_infer.discover import iter_files
 from batch_infer.job import PredictOptions, run_predict
 from batch_infer.output import read_predictions
 from batch_infer.paths import unescape_name
 from kmnist_core.errors import KmnistError
-from tests.crop_tree import plain_tree
+from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(180)
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
 SJIS_NAMES = ["日本語の文字.png", "くずし字/あ.png", "ｶﾀｶﾅ.png"]  # encoded as CP932 on disk, as Japanese Windows zips do
+ROWS_PER_SHARD = 100
+# A driver that joins a running Ray passes this job config's environment to its workers (it is how
+# `ray job submit` hands over a runtime_env): the session Ray's workers hold hold files for these runs.
+HOLD_JOB = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": HOLD_ENV}})}
+RESUME = PredictOptions(resume=True, batch_size=64, rows_per_shard=ROWS_PER_SHARD, read_retries=0, executor="local")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -41,9 +59,24 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sjis_tree(root: Path, images: np.ndarray, n_plain: int) -> set[bytes]:
-    """`n_plain` ordinary crops plus crops whose names (and one folder) are Shift-JIS bytes."""
-    files = {os.fsencode(p) for p in plain_tree(root, images, n_plain)}
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory, kmnist_dev) -> Path:
+    """600 crops in 3 folders, written once for the module; tests hard-link them (`linked_tree`) and
+    add their own files to the copy, never to this tree."""
+    root = tmp_path_factory.mktemp("crops")
+    plain_tree(root, kmnist_dev.test.images, 600, per_folder=200)
+    return root
+
+
+def linked_tree(crops: Path, root: Path) -> set[bytes]:
+    """A copy of `crops` at `root` made of hard links; returns the keys of its files."""
+    shutil.copytree(crops, root, copy_function=os.link)
+    return {os.fsencode(p) for p in root.rglob("*.png")}
+
+
+def add_sjis_names(root: Path, images: np.ndarray) -> set[bytes]:
+    """Crops whose names (and one folder) are Shift-JIS bytes."""
+    files = set()
     for i, name in enumerate(SJIS_NAMES):
         raw = os.fsencode(root) + b"/sjis/" + name.encode("cp932")
         os.makedirs(os.path.dirname(raw), exist_ok=True)
@@ -53,27 +86,68 @@ def sjis_tree(root: Path, images: np.ndarray, n_plain: int) -> set[bytes]:
     return files
 
 
-def slow_tree(root: Path, images: np.ndarray, n: int) -> set[bytes]:
-    """`n` crops plus a truncated PNG per folder of 500. With SLOW, each decode batch holding one
-    waits 1 + 2 s re-reading it, so a run lasts long enough to be interrupted while using no CPU."""
-    files = {os.fsencode(p) for p in plain_tree(root, images, n)}
-    whole = png_bytes(np.tile(images[0], (8, 8)))
-    for folder in sorted(root.iterdir()):
-        (folder / "stall.png").write_bytes(whole[: len(whole) // 2])
-        files.add(os.fsencode(folder / "stall.png"))
-    return files
+def held_last(root: Path, image: np.ndarray) -> Path:
+    """A hold file in a folder that sorts last: every chunk before the last one can commit, the last
+    cannot until the test releases it."""
+    return hold_file(root / "zz", image)
 
 
-SLOW = ["--read-retries", "2", "--retry-backoff", "1"]
+def wait_unlocked(out: Path) -> None:
+    """Wait until a killed run's processes are gone: the kernel drops their lock on OUT/.lock."""
+    def free() -> bool:
+        with open(out / ".lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+
+    wait_for(free)
 
 
-def cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, "predict", *map(str, args)], capture_output=True, text=True, timeout=240, **kw)
+def settle(root: Path, out: Path, proc: subprocess.Popen) -> None:
+    """Wait until a run over `root` (held by `held_last`) has committed every chunk but the last and its
+    driver has counted them all: from then on nothing moves until the test releases the hold."""
+    chunks = sum(1 for _ in chunked(iter_files([str(root)], Counter()), ROWS_PER_SHARD))
+
+    def counted() -> int:
+        try:
+            return json.loads((out / "_progress.json").read_text())["done"]
+        except (OSError, ValueError):
+            return -1
+
+    wait_for(lambda: len(shards(out)) == chunks - 1 and counted() == sum(committed_rows(out).values()), proc)
 
 
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([CLI, "predict", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+@pytest.fixture
+def ray_run(ray_session) -> list[str]:
+    """CLI options for a run on the session's Ray, as a driver joining a cluster (one worker, small
+    model batches, no re-reads: a truncated file is an error row at once). OUT/_progress.json is
+    rewritten every 0.1 s, so a test can see what the driver has counted (`settle`)."""
+    return ["--executor", "ray", "--address", ray_session.get_runtime_context().gcs_address, "--workers", "1",
+            "--batch-size", "64", "--rows-per-shard", str(ROWS_PER_SHARD), "--read-retries", "0", "--quiet",
+            "--progress-every", "0.1"]
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Starts held CLI predict runs, each in a process group of its own (the CLI and its worker
+    process, the driver); whatever is left of them at the end is killed."""
+    started: list[subprocess.Popen] = []
+
+    def run(*args) -> subprocess.Popen:
+        started.append(subprocess.Popen([CLI, "predict", *map(str, args)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                        env={**os.environ, **HOLD_ENV, **HOLD_JOB}))
+        return started[-1]
+
+    yield run
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def one_error_line(stderr: str, needle: str) -> str:
@@ -85,25 +159,15 @@ def one_error_line(stderr: str, needle: str) -> str:
     return errors[0]
 
 
-def wait_for(condition, timeout=120.0, every=0.02):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
-def start_slow_run(tmp_path: Path, images: np.ndarray, n: int,
-                   rows_per_shard: int) -> tuple[set[bytes], Path, list, subprocess.Popen]:
-    """A slow tree of `n` crops and a predict run into tmp_path/out, returned once its first shard is
-    committed (files, out, the run's arguments for a later --resume, the running process)."""
-    files = slow_tree(tmp_path / "in", images, n)
-    out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", str(rows_per_shard), *SLOW]
-    proc = start(*args)
-    wait_for(lambda: len(shards(out)) >= 1)
-    return files, out, args, proc
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    """Poll until `condition` holds; fail at once if `proc` ended meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) first: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
 
 
 def shards(out: Path) -> list[Path]:
@@ -114,38 +178,71 @@ def run_json(out: Path) -> dict:
     return json.loads((out / "run.json").read_text(encoding="utf-8"))
 
 
+def lock_holder(out: Path) -> dict:
+    return json.loads((out / ".lock").read_text())
+
+
 def assert_exactly_once(out: Path, files: set[bytes]) -> None:
-    t = pq.read_table(out / "predictions")
-    keys = t.column("path_bytes").to_pylist()
+    keys = pq.read_table(out / "predictions").column("path_bytes").to_pylist()
     assert len(keys) == len(files) and set(keys) == files
-
-
-def parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def committed_rows(out: Path) -> dict[str, int]:
     return {p.name: pq.read_metadata(p).num_rows for p in shards(out)}
 
 
-# Row 1 of the issue's table, and item 9's kill -9 + --resume.
-def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, kmnist_dev):
-    files = sjis_tree(tmp_path / "in", kmnist_dev.test.images, 2000) | slow_tree(tmp_path / "in", kmnist_dev.test.images, 0)
-    out = tmp_path / "out"
-    args = [tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "200", *SLOW]
-    proc = start(*args)
-    wait_for(lambda: len(shards(out)) >= 2)
-    killed_run = json.loads((out / ".lock").read_text())["run_id"]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    first = committed_rows(out)
-    assert 0 < sum(first.values()) < len(files), "the run was not interrupted mid-way"
+def assert_cut_off_on_ray(out: Path, files: set[bytes], held: Path) -> dict[str, int]:
+    """The run stopped mid-way: some shards, not all rows, none for the held file; and Ray actors
+    wrote them (a local run leaves node_id null). Returns the committed rows by shard."""
+    committed = committed_rows(out)
+    t = pq.read_table(out / "predictions", columns=["path_bytes", "node_id"])
+    assert 0 < sum(committed.values()) < len(files) and os.fsencode(held) not in t.column("path_bytes").to_pylist()
+    assert t.column("node_id").null_count == 0
+    return committed
 
-    r = cli(*args, "--resume", "--read-retries", "0")
-    assert r.returncode == 0, r.stderr
+
+@contextlib.contextmanager
+def small_fs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at `where`: a disk that really fills up (ENOSPC) or really is read-only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+# Row 1 of the issue's table, and item 9's kill -9 + --resume.
+def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, crops, kmnist_dev, start, ray_run):
+    root, out = tmp_path / "in", tmp_path / "out"
+    files = linked_tree(crops, root) | add_sjis_names(root, kmnist_dev.test.images)
+    late = root / "f000" / "late.png"  # still truncated at the end: --resume reads it again each time
+    whole = png_bytes(np.tile(kmnist_dev.test.images[0], (8, 8)))
+    late.write_bytes(whole[: len(whole) // 2])
+    held = held_last(root, kmnist_dev.test.images[5])
+    files |= {os.fsencode(late), os.fsencode(held)}
+    proc = start(root, "--out", out, *ray_run)
+    settle(root, out, proc)  # late.png's chunk included
+    killed_run = lock_holder(out)["run_id"]  # the run cannot have ended: its last chunk is held
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the driver; the driver's actors die with it
+    wait_unlocked(out)
+    first = assert_cut_off_on_ray(out, files, held)
+
+    again = run_predict([root], out, RESUME)
     assert_exactly_once(out, files)
     assert {k: v for k, v in committed_rows(out).items() if k in first} == first  # kept, not recomputed
-    assert run_json(out)["took_over_lock_from"]["run_id"] == killed_run  # the killed run's lock, taken over
+    assert again["took_over_lock_from"]["run_id"] == killed_run  # the killed run's lock, taken over
+    assert again["already_done"] == sum(first.values()) - 1 and again["rows_replaced"] == 1  # late.png, read again
 
     df = pq.read_table(out / "predictions").to_pandas()
     sjis = df[[p.encode() != b for p, b in zip(df.path, df.path_bytes)]]  # the escaped names
@@ -154,158 +251,226 @@ def test_shift_jis_names_get_rows_and_survive_kill_9_and_resume(tmp_path, kmnist
         assert "\\x" in path and unescape_name(path) == raw  # readable text, reversible to the exact bytes
         assert Path(os.fsdecode(raw)).read_bytes()[:4] == b"\x89PNG"
 
-    r = cli(*args, "--resume", "--read-retries", "0")  # a finished job: every file, Shift-JIS ones included, is recognised as done
-    assert r.returncode == 0, r.stderr
-    stalls = sum(k.endswith(b"/stall.png") for k in files)  # truncated: --resume reads those again
-    assert run_json(out)["already_done"] == len(files) - stalls and run_json(out)["rows_replaced"] == stalls
+    # A finished job: every file, Shift-JIS ones included, is recognised as done.
+    done = run_predict([root], out, RESUME)
+    assert done["already_done"] == len(files) - 1 and done["rows_replaced"] == 1 and done["rows_written"] == 0
     assert_exactly_once(out, files)
 
 
-# Row 2: a mistyped input with --overwrite, and an --overwrite run that fails before its first commit.
-def test_overwrite_keeps_earlier_results_until_the_new_run_commits(tmp_path, kmnist_dev, ray_session):
-    plain_tree(tmp_path / "in", kmnist_dev.test.images, 300)
-    out = tmp_path / "out"
-    run_predict([tmp_path / "in"], out, PredictOptions(rows_per_shard=100))
+# Row 2: a mistyped input with --overwrite, and an --overwrite run stopped (SIGTERM, as `ray job stop`
+# and service managers send) before its first commit.
+def test_overwrite_keeps_earlier_results_until_the_new_run_commits(tmp_path, crops, kmnist_dev, start):
+    root, out = tmp_path / "in", tmp_path / "out"
+    linked_tree(crops, root)
+    run_predict([root], out, PredictOptions(rows_per_shard=ROWS_PER_SHARD, executor="local"))
     before, run_before = committed_rows(out), (out / "run.json").read_bytes()
 
-    r = cli(tmp_path / "wrong-folder", "--out", out, "--overwrite")
-    assert r.returncode == 2
-    one_error_line(r.stderr, "wrong-folder does not exist")
+    with pytest.raises(KmnistError, match="wrong-folder does not exist"):
+        run_predict([tmp_path / "wrong-folder"], out, PredictOptions(overwrite=True))
     assert committed_rows(out) == before and (out / "run.json").read_bytes() == run_before
     assert (out / "summary" / "summary.json").exists()
 
-    # Interrupted after it started but before its first shard: the earlier results are all still there.
-    proc = start(tmp_path / "in", "--out", out, "--overwrite", "--rows-per-shard", "100000")
-    wait_for(lambda: run_json(out)["status"] == "running")
-    proc.send_signal(signal.SIGINT)
+    # The first chunk (which an --overwrite run commits alone) holds a file the run cannot read yet.
+    hold_file(root / "a", kmnist_dev.test.images[0])
+    proc = start(root, "--out", out, "--overwrite", "--rows-per-shard", ROWS_PER_SHARD)
+    wait_for(lambda: run_json(out)["status"] == "running", proc)
+    proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    one_error_line(stderr, "earlier predictions in OUT are untouched")
+    assert one_error_line(stderr, "earlier predictions in OUT are untouched").startswith("error: interrupted")
     assert committed_rows(out) == before
     assert run_json(out)["status"] == "interrupted"
 
     # A successful --overwrite replaces them: only its own rows remain.
     plain_tree(tmp_path / "other", kmnist_dev.test.images, 50)
-    summary = run_predict([tmp_path / "other"], out, PredictOptions(overwrite=True))
+    summary = run_predict([tmp_path / "other"], out, PredictOptions(overwrite=True, executor="local"))
     df = read_predictions(out).to_pandas()
     assert len(df) == 50 and set(df.run_id) == {summary["run_id"]} and not (out / "_staging").exists()
 
 
-# Row 3 (and the issue's "second run is refused within seconds"), row 4 (readers during the run), and
-# item 8 (a healthy run prints no E-level line from Ray).
-def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, kmnist_dev):
-    files = slow_tree(tmp_path / "in", kmnist_dev.test.images, 2000)
-    out = tmp_path / "out"
-    reader = textwrap.dedent(f"""
-        import sys, time
-        import duckdb, pandas as pd, pyarrow.parquet as pq
-        out, reads, most = {str(out)!r}, 0, 0
-        while True:
-            done = open(out + "/run.json").read().find('"status": "running"') < 0
-            t = pq.read_table(out + "/predictions")
-            df = pd.read_parquet(out + "/predictions")
-            n = duckdb.sql(f"select count(*) from read_parquet('{{out}}/predictions/*.parquet')").fetchall()[0][0]
-            if done:  # while running, a commit may land between two reads
-                assert len(t) == len(df) == n
-            keys = t.column("path_bytes").to_pylist()
-            assert len(keys) == len(set(keys)), "a file has two rows"
-            reads, most = reads + 1, max(most, len(keys))
-            if done:
-                break
-            time.sleep(0.05)
-        assert "ray" not in sys.modules
-        print(reads, most)
-    """)
-    first = start(tmp_path / "in", "--out", out, "--batch-size", "64", "--rows-per-shard", "300", *SLOW)
-    wait_for(lambda: len(shards(out)) >= 1)
-    watcher = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    holder = json.loads((out / ".lock").read_text())
+READER = """
+import sys, time
+import duckdb, pandas as pd, pyarrow.parquet as pq
+out = sys.argv[1]
+while True:
+    done = open(out + "/run.json").read().find('"status": "running"') < 0
+    t = pq.read_table(out + "/predictions")
+    df = pd.read_parquet(out + "/predictions")
+    n = duckdb.sql(f"select count(*) from read_parquet('{out}/predictions/*.parquet')").fetchall()[0][0]
+    if done:  # while running, a commit may land between two reads
+        assert len(t) == len(df) == n
+    keys = t.column("path_bytes").to_pylist()
+    assert len(keys) == len(set(keys)), "a file has two rows"
+    print(len(keys), flush=True)
+    if done:
+        break
+    time.sleep(0.05)
+assert "ray" not in sys.modules
+"""
 
-    t0 = time.time()
-    second = cli(tmp_path / "in", "--out", out, "--resume")
-    refused_after = time.time() - t0
-    assert second.returncode == 2 and refused_after < 30
+# A second `predict` into a busy OUT, run in a fresh interpreter as the CLI would: it must be refused
+# before the worker process that loads torch is forked.
+REFUSE = """
+import os, sys
+from jobs.cli import app
+os.fork = lambda: sys.exit("forked a worker before refusing")
+try:
+    app(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+assert "torch" not in sys.modules and "ray" not in sys.modules, "loaded torch or Ray before refusing"
+sys.exit(code)
+"""
+
+
+# Row 3 (a second run is refused at once), row 4 (readers during the run), and item 8 (a healthy run
+# on Ray prints no E-level line from Ray).
+def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, crops, kmnist_dev, start, ray_run):
+    root, out = tmp_path / "in", tmp_path / "out"
+    files = linked_tree(crops, root)
+    held = held_last(root, kmnist_dev.test.images[0])
+    files.add(os.fsencode(held))
+    first = start(root, "--out", out, *ray_run)
+    wait_for(lambda: len(shards(out)) >= 1, first)
+    watcher = subprocess.Popen([sys.executable, "-c", READER, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    seen_running = [int(watcher.stdout.readline() or -1) for _ in range(3)]  # the run is held meanwhile
+    assert all(0 < n < len(files) for n in seen_running), (seen_running, watcher.stderr.read())
+
+    holder = lock_holder(out)
+    second = subprocess.run([sys.executable, "-c", REFUSE, "predict", str(root), "--out", str(out), "--resume"],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second.stderr
     line = one_error_line(second.stderr, "is in use by run")
     assert all(str(v) in line for v in (holder["run_id"], holder["pid"], holder["host"], holder["since"]))
-    assert parent_pid(holder["pid"]) == first.pid  # the CLI's worker process (batch_infer/supervise.py)
+    ppid = int(Path(f"/proc/{holder['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert ppid == first.pid  # the lock is the CLI's worker process's (batch_infer/supervise.py)
 
-    _, stderr = first.communicate(timeout=240)
+    release(held)
+    _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
     assert_exactly_once(out, files)
-    reads, most = map(int, watcher.communicate(timeout=120)[0].split() or [0, 0])
-    assert watcher.returncode == 0 and reads >= 3 and most > 0, watcher.stderr
+    assert run_json(out)["executor"] == "ray"
+    rest, errors = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, errors
+    assert int(rest.split()[-1]) == len(files)  # its last read, after the run ended, saw every row
     assert not re.search(r"^\[[^\]]* E \d+ \d+\]", stderr, re.M) and "core_worker.cc" not in stderr, stderr
     assert "Traceback" not in stderr and not (out / "_staging").exists()
 
 
-# Row 5: the disk fills up mid-run (RLIMIT_FSIZE set on the running driver: writes fail with EFBIG,
-# the same path as ENOSPC, without root).
-def test_full_disk_mid_run_fails_clearly_and_resume_finishes(tmp_path, kmnist_dev):
-    files, out, args, proc = start_slow_run(tmp_path, kmnist_dev.test.images, 3000, 1200)
-    shard_size = shards(out)[0].stat().st_size
-    limit = shard_size // 2  # below a shard, well above run.json
-    assert limit > 3 * (out / "run.json").stat().st_size, shard_size
-    driver = json.loads((out / ".lock").read_text())["pid"]  # the CLI's worker process, which writes OUT
-    resource.prlimit(driver, resource.RLIMIT_FSIZE, (limit, limit))
-    kept = committed_rows(out)
-    _, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 2
-    one_error_line(stderr, "File too large")
-    run = run_json(out)
-    assert run["status"] == "failed" and "File too large" in run["reason"]
-    now = committed_rows(out)
-    assert {k: now[k] for k in kept} == kept and sum(now.values()) < len(files)
-    assert run["rows_committed"] == sum(now.values())
+# Row 5: the disk fills up mid-run. A real ENOSPC: OUT on a small tmpfs, filled once every chunk but
+# the held last one has committed, leaving room for run.json but not for a shard.
+def test_full_disk_mid_run_fails_clearly_and_resume_finishes(tmp_path, crops, kmnist_dev, start, ray_run):
+    root = tmp_path / "in"
+    files = linked_tree(crops, root)
+    held = held_last(root, kmnist_dev.test.images[0])
+    files.add(os.fsencode(held))
+    with small_fs(tmp_path / "disk", "16m") as disk:
+        out = disk / "out"
+        proc = start(root, "--out", out, *ray_run)
+        settle(root, out, proc)
+        kept = assert_cut_off_on_ray(out, files, held)
+        room = 20 * 1024  # a failed run.json fits (about 12 KB); no shard does (its footer alone is about 25 KB)
+        assert min(p.stat().st_size for p in shards(out)) > room
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * (free_bytes(disk) - room))
+        assert free_bytes(disk) == room
+        release(held)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2
+        one_error_line(stderr, "No space left on device")
+        run = run_json(out)
+        assert run["status"] == "failed" and "No space left on device" in run["reason"]
+        assert committed_rows(out) == kept and run["rows_committed"] == sum(kept.values())
+        assert not list((out / "predictions").glob(".*.tmp"))  # the failed write's space was given back
 
-    r = cli(*args, "--resume", "--read-retries", "0")
-    assert r.returncode == 0, r.stderr
-    assert_exactly_once(out, files)
+        (disk / "filler").unlink()
+        run_predict([root], out, RESUME)
+        assert_exactly_once(out, files)
 
 
-# Row 6: a file still being copied when the run reads it is read again, whole, within the run; and
-# --resume re-reads transient error rows, --retry-errors every error row, each replaced exactly once.
-def test_file_still_being_copied_is_read_again_within_the_run(tmp_path, kmnist_dev, ray_session):
-    plain_tree(tmp_path / "in", kmnist_dev.test.images, 100)
+# A read-only OUT: refused with one clear reason, the earlier output untouched.
+def test_read_only_out_is_refused_and_left_as_it_was(tmp_path, crops):
+    root = tmp_path / "in"
+    shutil.copytree(crops / "f000", root, copy_function=os.link)
+    with small_fs(tmp_path / "disk", "16m") as disk:
+        run_predict([root], disk / "out", PredictOptions(executor="local"))
+        before = {p: p.read_bytes() for p in (disk / "out").rglob("*") if p.is_file()}
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(KmnistError, match=r"cannot write to .*out: Read-only file system"):
+            run_predict([root], disk / "out", PredictOptions(resume=True, executor="local"))
+        with pytest.raises(KmnistError, match=r"cannot create --out .*new: Read-only file system"):
+            run_predict([root], disk / "new", PredictOptions(executor="local"))
+        assert {p: p.read_bytes() for p in (disk / "out").rglob("*") if p.is_file()} == before
+
+
+def wait_for_read(path: Path) -> Callable[[], bool]:
+    """Watch `path` with inotify; the returned call blocks until a reader has opened and closed it
+    (True), or 120 s pass (False). Access times would need a filesystem that keeps them (not noatime)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    in_close_nowrite = 0x10
+    assert fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(path), in_close_nowrite) >= 0, os.strerror(ctypes.get_errno())
+
+    def wait() -> bool:
+        try:
+            return bool(select.select([fd], [], [], 120)[0])
+        finally:
+            os.close(fd)
+
+    return wait
+
+
+# Row 6: a file still being copied when the run reads it is read again, whole, within the run.
+def test_file_still_being_copied_is_read_again_within_the_run(tmp_path, kmnist_dev, monkeypatch):
+    root = tmp_path / "in"
+    plain_tree(root, kmnist_dev.test.images, 100)
     whole = png_bytes(np.tile(kmnist_dev.test.images[0], (4, 4)))
-    copying = tmp_path / "in" / "f000" / "copying.png"
+    copying = root / "f000" / "copying.png"
     copying.write_bytes(whole[: len(whole) // 2])
-    os.utime(copying, (0, time.time()))  # atime before mtime: the first read updates it (relatime)
+    # Read right after copying.png, in the same batch: the batch's re-reads wait for its release.
+    held = hold_file(root / "f000", kmnist_dev.test.images[1], "copying2.hold.png")
+    monkeypatch.setattr("batch_infer.stages.TEST_HOLD", True)
+    read_once = wait_for_read(copying)
     completed = []
 
-    def finish_copy_after_first_read():
-        wait_for(lambda: copying.stat().st_atime > 0, timeout=120, every=0.01)
-        copying.write_bytes(whole)
-        completed.append(time.time())
+    def finish_copy_after_first_read() -> None:
+        if read_once():
+            (root / "whole.tmp").write_bytes(whole)
+            os.replace(root / "whole.tmp", copying)  # a copy tool's final rename: whole at once
+            completed.append(True)
+        release(held)
 
     copier = threading.Thread(target=finish_copy_after_first_read, daemon=True)
     copier.start()
     out = tmp_path / "out"
-    run_predict([tmp_path / "in"], out, PredictOptions(read_retries=4, retry_backoff_s=0.5))
+    run_predict([root], out, PredictOptions(read_retries=1, retry_backoff_s=0.01, executor="local"))
     copier.join(5)
     assert completed, "the file was never read while incomplete"
     row = read_predictions(out).to_pandas().set_index("rel_path").loc["f000/copying.png"]
-    assert pd.isna(row.error) and row.width == 112 and len(row.sha256) == 64
+    assert pd.isna(row.error) and row.width == 112 and row.sha256 == hashlib.sha256(whole).hexdigest()
 
 
-def test_resume_rereads_error_rows_exactly_once(tmp_path, kmnist_dev, ray_session):
+# ... and --resume re-reads transient error rows, --retry-errors every error row, each replaced exactly once.
+def test_resume_rereads_error_rows_exactly_once(tmp_path, kmnist_dev):
     plain_tree(tmp_path / "in", kmnist_dev.test.images, 200)
     good = png_bytes(np.tile(kmnist_dev.test.images[1], (8, 8)))
     truncated, not_image = tmp_path / "in" / "late.png", tmp_path / "in" / "was-text.png"
     truncated.write_bytes(good[: len(good) // 2])
     not_image.write_text("not yet an image")
     out = tmp_path / "out"
-    run_predict([tmp_path / "in"], out, PredictOptions(read_retries=0, rows_per_shard=50))
+    run_predict([tmp_path / "in"], out, PredictOptions(read_retries=0, rows_per_shard=50, executor="local"))
     kinds = lambda: read_predictions(out).to_pandas().set_index("rel_path").error_kind  # noqa: E731
     assert kinds()["late.png"] == "truncated" and kinds()["was-text.png"] == "not_image"
     truncated.write_bytes(good)  # both files are whole now
     not_image.write_bytes(good)
 
-    again = run_predict([tmp_path / "in"], out, PredictOptions(resume=True))
+    again = run_predict([tmp_path / "in"], out, PredictOptions(resume=True, executor="local"))
     assert again["rows_replaced"] == 1 and again["rows_written"] == 0
     assert pd.isna(kinds()["late.png"]) and kinds()["was-text.png"] == "not_image"  # permanent: not retried
     assert len(read_predictions(out)) == 202
 
-    again = run_predict([tmp_path / "in"], out, PredictOptions(resume=True, retry_errors=True))
+    again = run_predict([tmp_path / "in"], out, PredictOptions(resume=True, retry_errors=True, executor="local"))
     assert again["rows_replaced"] == 1
     df = read_predictions(out).to_pandas()
     assert len(df) == 202 and not df.path_bytes.duplicated().any() and df.error.isna().all()
@@ -325,42 +490,46 @@ def test_weights_that_do_not_match_their_card_are_refused(tmp_path, trained_mode
     state[first] = state[first] + 0.01  # same architecture, different weights: torch loads them fine
     torch.save(state, swapped / "model.pt")
     (tmp_path / "in").mkdir()
-    r = cli(tmp_path / "in", "--out", tmp_path / "out", "--model", swapped)
-    assert r.returncode == 2
-    one_error_line(r.stderr, "not the ones its card names")
+    with pytest.raises(KmnistError, match="not the ones its card names"):
+        run_predict([tmp_path / "in"], tmp_path / "out", PredictOptions(model=str(swapped), executor="local"))
     assert not (tmp_path / "out").exists()  # refused before OUT was created
 
 
 # Item 5: Ctrl-C mid-run.
-def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, kmnist_dev):
-    files, out, args, proc = start_slow_run(tmp_path, kmnist_dev.test.images, 2000, 300)
+def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, crops, kmnist_dev, start, ray_run):
+    root, out = tmp_path / "in", tmp_path / "out"
+    files = linked_tree(crops, root)
+    held = held_last(root, kmnist_dev.test.images[0])
+    files.add(os.fsencode(held))
+    proc = start(root, "--out", out, *ray_run)
+    settle(root, out, proc)  # so the driver knows of every committed row (Ray actors commit on their own)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
     one_error_line(stderr, "interrupted")
     run = run_json(out)
-    assert run["status"] == "interrupted" and run["rows_committed"] == sum(committed_rows(out).values())
-    assert 0 < run["rows_committed"] < len(files)
-    r = cli(*args, "--resume", "--read-retries", "0")
-    assert r.returncode == 0, r.stderr
+    committed = assert_cut_off_on_ray(out, files, held)
+    assert run["status"] == "interrupted" and run["rows_committed"] == sum(committed.values())
+    run_predict([root], out, RESUME)
     assert_exactly_once(out, files)
 
 
 # Item 5, a lost Ray cluster: Ray's C++ core ends the driver itself about 60 s after losing the GCS
 # (measured with `ray start --head` stopped mid-run: exit status 1, no Python exception). Any such
 # death is the same to the CLI; here the worker process is killed outright, as the OOM killer would.
-def test_driver_death_python_cannot_catch_is_recorded_as_failed(tmp_path, kmnist_dev):
-    files, out, args, proc = start_slow_run(tmp_path, kmnist_dev.test.images, 2000, 300)
-    os.kill(json.loads((out / ".lock").read_text())["pid"], signal.SIGKILL)
+def test_driver_death_python_cannot_catch_is_recorded_as_failed(tmp_path, crops, kmnist_dev, start, ray_run):
+    root, out = tmp_path / "in", tmp_path / "out"
+    files = linked_tree(crops, root)
+    held = held_last(root, kmnist_dev.test.images[0])
+    files.add(os.fsencode(held))
+    proc = start(root, "--out", out, *ray_run)
+    wait_for(lambda: len(shards(out)) >= 1, proc)
+    os.kill(lock_holder(out)["pid"], signal.SIGKILL)  # the CLI's worker process: held, so still there
     _, stderr = proc.communicate(timeout=120)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the local Ray the killed process started
-    except ProcessLookupError:
-        pass
     assert proc.returncode == 1
     one_error_line(stderr, "killed by signal 9 before ending its run")
     run = run_json(out)
     assert run["status"] == "failed" and "signal 9" in run["reason"]
-    r = cli(*args, "--resume", "--read-retries", "0")
-    assert r.returncode == 0, r.stderr
+    assert_cut_off_on_ray(out, files, held)
+    run_predict([root], out, RESUME)
     assert_exactly_once(out, files)

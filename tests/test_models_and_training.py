@@ -12,6 +12,7 @@ from PIL import Image
 from kmnist_core import load_model
 from kmnist_core.datasets import Split
 from kmnist_core.errors import KmnistError
+from kmnist_core.model_dir import weights_id
 from kmnist_core.models import MODELS, SimpleCNN, create_model, optimize_for_inference
 from kmnist_core.train import TeacherEnsemble, TrainConfig, batch_loss, diverged, train_model
 from kmnist_core.transforms import AUGMENTATIONS, augment_batch, to_model_tensor
@@ -132,8 +133,11 @@ def test_load_model_refuses_broken_directories(tmp_path, trained_model_dir):
 def test_weights_that_need_unpickling_are_refused(tmp_path, trained_model_dir):
     evil = tmp_path / "evil"
     evil.mkdir()
-    (evil / "model_card.json").write_bytes((trained_model_dir / "model_card.json").read_bytes())
     torch.save({"payload": Image.new("L", (2, 2))}, evil / "model.pt")  # an arbitrary pickled object
+    card = json.loads((trained_model_dir / "model_card.json").read_text(encoding="utf-8"))
+    # A card that names these bytes, so what refuses them is the loader itself (weights_only), not the hash.
+    card["model_id"] = weights_id((evil / "model.pt").read_bytes())
+    (evil / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(KmnistError, match="cannot load weights"):
         load_model(evil)
 

@@ -1,4 +1,4 @@
-"""The output as README's "Output schema (version 3)" promises it to downstream pipelines: every column,
+"""The output as docs/predict.md's "Output schema (version 4)" promises it to downstream pipelines: every column,
 in order, with its type; page columns before the manifest's pass-through columns; prediction fields null
 exactly on error and blank rows; each shard's `kmnist_batch.*` footer; `predictions/_run-<run_id>.json`
 and `run.json`. Read back with pyarrow in a process that never imports Ray (Ray's extension types
@@ -23,7 +23,7 @@ from batch_infer.discover import order_key
 from batch_infer.job import PredictOptions, run_predict
 from bench.compose_pages import compose_page
 
-# README's table, row by row (the contract: a change here is a new schema version).
+# docs/predict.md's table, row by row (the contract: a change here is a new schema version).
 README_COLUMNS = [
     ("path", pa.string()), ("path_bytes", pa.binary()), ("rel_path", pa.string()), ("input_root", pa.string()),
     ("sha256", pa.string()), ("size_bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
@@ -33,7 +33,7 @@ README_COLUMNS = [
     ("confidence", pa.float32()), ("topk_indices", pa.list_(pa.int32())), ("topk_chars", pa.list_(pa.string())),
     ("topk_confidences", pa.list_(pa.float32())), ("margin", pa.float32()), ("ood_score", pa.float32()),
     ("needs_review", pa.bool_()), ("review_reason", pa.string()), ("error", pa.string()), ("error_kind", pa.string()),
-    ("model_id", pa.string()), ("run_id", pa.string()), ("node_id", pa.string()),
+    ("model_id", pa.string()), ("precision", pa.string()), ("run_id", pa.string()), ("node_id", pa.string()),
 ]
 README_PAGE_COLUMNS = [("page", pa.string()), ("box_x", pa.int32()), ("box_y", pa.int32()), ("box_w", pa.int32()),
                        ("box_h", pa.int32()), ("reading_index", pa.int32()), ("column_index", pa.int32())]
@@ -106,7 +106,7 @@ def test_every_shard_carries_its_footer(crop_out, crop_shards):
     run = json.loads((crop_out / "run.json").read_text(encoding="utf-8"))
     for shard in crop_shards["shards"]:
         meta = shard["metadata"]
-        assert meta["kmnist_batch.schema_version"] == "3"
+        assert meta["kmnist_batch.schema_version"] == "4"
         record = json.loads(meta["kmnist_batch.run"])
         assert record["run_id"] == run["run_id"] and record["options"]["rows_per_shard"] == 4
         assert record["inputs"] == run["inputs"] and record["review_below"] == run["review_below"]

@@ -352,8 +352,8 @@ def test_tsv_manifest_blank_boxes_a_resorted_resume_and_the_overlay_cap(tmp_path
     write_tsv(manifest, rows)
     out = tmp_path / "out"
 
-    def cut_off(stats: dict) -> None:
-        raise RuntimeError("cut off after the first page")
+    def cut_off(stats: dict) -> None:  # an end the user sees as one line (a full disk, a lost cluster)
+        raise KmnistError("cut off after the first page")
 
     opts = dict(manifest=str(manifest), executor="local", rows_per_shard=10)
     with pytest.raises(KmnistError, match="cut off after the first page"):

@@ -90,7 +90,7 @@ def test_parquet_is_plain_arrow_readable_without_ray(mixed_run):
         assert pa.types.is_list(t.schema.field("topk_chars").type), t.schema
         assert pa.types.is_list(t.schema.field("topk_confidences").type)
         meta = pq.read_schema(sorted(__import__("glob").glob({str(out / 'predictions' / '*.parquet')!r}))[0]).metadata
-        assert meta[b"kmnist_batch.schema_version"] == b"3"
+        assert meta[b"kmnist_batch.schema_version"] == b"4"
         assert t.schema.field("ink_x").type == pa.int32() and t.schema.field("review_reason").type == pa.string()
         assert json.loads(meta[b"kmnist_batch.model_card"])["classes"][0]["char"] == "お"
         df = pd.read_parquet({str(out / 'predictions')!r})

@@ -103,7 +103,7 @@ def test_start_line_then_a_progress_line_per_interval_with_counts_rates_and_eta(
     p.chunk_done({"rows": 500, "replaced": 0, "errors_by_kind": {}, "review_by_reason": {}})
     p.finish("completed")
     last = stream.getvalue().splitlines()[-1]
-    assert re.search(r"completed 2,000/2,000 in 3s, 667 crops/s", last), last
+    assert re.search(r"completed 2,000/2,000 in 3s since the start line, 667 crops/s", last), last
     assert record(tmp_path)["status"] == "completed" and record(tmp_path)["done"] == 2000
 
 
@@ -118,14 +118,20 @@ def test_a_line_is_due_even_when_no_chunk_finishes(tmp_path):
     assert len(lines) == 4 and all("progress 0/100 (0.0%); 0 crops/s" in line for line in lines[1:])
 
 
-def test_background_thread_prints_on_time_with_the_real_clock(tmp_path):
-    stream = io.StringIO()
-    p = RunProgress(tmp_path, every_s=0.2, stream=stream)
+def test_background_thread_prints_each_line_when_due_though_no_chunk_finishes(tmp_path):
+    """A stalled run still reports: the thread, not a chunk, emits a line once the clock says it is due."""
+    stream, clock = io.StringIO(), FakeClock()
+    p = RunProgress(tmp_path, every_s=0.2, stream=stream, clock=clock)
     p.start({**INFO, "files": 10})
-    time.sleep(1.0)  # no chunk at all: a stalled run must still report
+    for due in (2, 3):
+        clock.t += 0.2
+        deadline = time.monotonic() + 30
+        while len(stream.getvalue().splitlines()) < due:
+            assert time.monotonic() < deadline, stream.getvalue()
+            time.sleep(0.01)
     p.finish("interrupted")
     lines = stream.getvalue().splitlines()
-    assert sum("progress 0/10" in line for line in lines) >= 2, lines
+    assert len(lines) == 4 and all("progress 0/10" in line for line in lines[1:3]), lines
     assert lines[-1].split(" ", 1)[1].startswith("interrupted 0/10")
     assert record(tmp_path)["status"] == "interrupted"
 

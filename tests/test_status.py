@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import os
 import socket
 import subprocess
@@ -20,15 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_infer.progress import RunProgress
-from batch_infer.status import PREDICT_FLAGS, TUNE_FLAGS, run_status, status_text
+from batch_infer.status import run_status, status_text
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
 
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 RUN_ID = "20261202T180000-abcdef"
 OPTIONS = {"model": "runs/study", "address": None, "executor": "auto", "batch_size": 1024, "workers": 2,
            "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "review_below": 0.95, "resume": False, "overwrite": False,
            "retry_errors": False, "read_retries": 2, "retry_backoff_s": 0.5, "rows_per_shard": 4096}
+RESUME_ARGS = ["--model", "runs/study", "--workers", "2", "--review-below", "0.95"]  # what predict records
 
 
 def write(path: Path, payload: dict) -> None:
@@ -36,7 +37,8 @@ def write(path: Path, payload: dict) -> None:
 
 
 def run_json(out: Path, status: str, **extra) -> dict:
-    record = {"run_id": RUN_ID, "inputs": ["/data/scans a", "/data/b"], "options": OPTIONS, "status": status,
+    record = {"run_id": RUN_ID, "inputs": ["/data/scans a", "/data/b"], "options": OPTIONS, "resume_args": RESUME_ARGS,
+              "status": status,
               "started": "2026-12-02T18:00:00+00:00", **extra}
     write(out / "run.json", record)
     return record
@@ -63,18 +65,19 @@ def holder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     script = textwrap.dedent(f"""
-        import contextlib, sys, time
+        import sys
         from pathlib import Path
-        from batch_infer import out_lock
+        from kmnist_core import out_lock
         with out_lock.hold(Path({str(out)!r}), {RUN_ID!r}):
             print("locked", flush=True)
-            time.sleep(120)
+            sys.stdin.read()  # until the test kills it (or ends: its stdin closes)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"
     yield out, child
     child.kill()
     child.wait()
+    child.stdin.close()
 
 
 def test_running_reports_progress_and_the_holder_then_killed_reports_interrupted(holder):
@@ -149,7 +152,7 @@ def test_a_new_run_holding_the_lock_before_writing_records_is_running(holder):
 def test_the_records_written_by_run_progress_are_understood(holder):
     out, child = holder
     p = RunProgress(out, every_s=1.0, background=False, stream=open(os.devnull, "w"))
-    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": 10, "options": OPTIONS})
+    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": 10, "options": OPTIONS, "resume_args": RESUME_ARGS})
     p.chunk_done({"rows": 4, "errors_by_kind": {}, "review_by_reason": {}})
     assert run_status(out)["progress"]["done"] == 0  # the record is rewritten once per interval, not per chunk
     child.kill()
@@ -162,7 +165,7 @@ def test_a_streaming_listing_shows_the_estimated_total_from_the_count_ahead(hold
     out, child = holder
     clock = iter(range(1000, 2000)).__next__  # one second per reading
     p = RunProgress(out, every_s=1.0, background=False, stream=open(os.devnull, "w"), clock=clock)
-    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": None, "options": OPTIONS})
+    p.start({"run_id": RUN_ID, "inputs": ["/data/a"], "files": None, "options": OPTIONS, "resume_args": RESUME_ARGS})
     p.listing(400)
     p.counted(4000)
     p.chunk_done({"rows": 1000, "errors_by_kind": {}, "review_by_reason": {}})
@@ -171,11 +174,13 @@ def test_a_streaming_listing_shows_the_estimated_total_from_the_count_ahead(hold
 
 
 def test_tune_out(tmp_path):
-    config = {"dataset": "kmnist-dev", "model": "simple-cnn", "lrs": [0.01, 0.001], "batch_sizes": [32, 64],
-              "epochs": 2, "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "scheduler": "none", "augment": "study",
-              "seed": 0, "device": "auto", "data_dir": "/d", "address": None, "storage": None, "resume": False}
+    from kmnist_core.options import option_args
+    from tune.options import GridConfig
+
+    cfg = GridConfig(lrs=(0.01, 0.001), batch_sizes=(32, 64), epochs=2, data_dir="/d")
+    start = {"config": dataclasses.asdict(cfg), "resume_args": option_args(cfg)}  # as run_grid records them
     write(tmp_path / PROGRESS_FILE, {"kind": "tune", "status": "running", "run_id": RUN_ID, "every_s": 1.0,
-                                     "updated_unix": time.time(), "start": {"config": config}, "trials_total": 4,
+                                     "updated_unix": time.time(), "start": start, "trials_total": 4,
                                      "done": 1, "running": 2, "pending": 1, "errored": 0,
                                      "best": {"val_acc": 0.8123, "lr": 0.001, "batch_size": 32}, "eta_s": 30})
     killed_lock(tmp_path)
@@ -184,6 +189,12 @@ def test_tune_out(tmp_path):
     assert s["resume_command"] == (f"kmnist-batch tune --out {tmp_path} --resume --lr 0.01,0.001 --batch-size 32,64 "
                                    "--epochs 2 --data-dir /d")
     assert "trials    1/4 done, 2 running, 1 pending, 0 errored; best val 0.8123 (lr 0.001 batch 32)" in status_text(s)
+    import typer.main
+
+    from jobs.cli import app
+
+    parsed = typer.main.get_command(app).commands["tune"].make_context("tune", shlex.split(s["resume_command"])[2:]).params
+    assert (parsed["lr"], parsed["batch_size"], parsed["epochs"], str(parsed["data_dir"])) == ("0.01,0.001", "32,64", 2, "/d")
 
 
 def put(fs: pafs.FileSystem, key: str, payload: dict) -> None:
@@ -201,17 +212,18 @@ def test_object_store_out_is_alive_while_its_holder_beats(s3_server, monkeypatch
     with pytest.raises(KmnistError, match="holds no kmnist-batch run"):
         run_status(uri)  # nothing there yet: a missing object reads as absent, not as an error
     p = RunProgress(uri, every_s=1.0, background=False, stream=open(os.devnull, "w"))
-    p.start({"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "files": 10, "options": OPTIONS})
+    p.start({"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "files": 10, "options": OPTIONS, "resume_args": RESUME_ARGS})
     put(fs, "status-test/run1/run.json", {"run_id": RUN_ID, "inputs": ["s3://status-test/crops"], "options": OPTIONS,
-                                          "status": "running"})
+                                          "resume_args": RESUME_ARGS, "status": "running"})
     holder = {"run_id": RUN_ID, "host": "another-host", "pid": 4242, "since": "2026-12-02T18:00:00+00:00"}
     put(fs, "status-test/run1/.lock", {**holder, "heartbeat": time.time()})
     s = run_status(uri)
     assert s["state"] == "running" and s["alive_judged_by"] == "heartbeat" and s["holder"]["host"] == "another-host"
     assert s["progress"]["total"] == 10 and s["out"] == uri
 
-    put(fs, "status-test/run1/.lock", {**holder, "heartbeat": time.time() - 600})  # the other host went silent
-    s = run_status(uri)
+    beat = time.time() - 600
+    put(fs, "status-test/run1/.lock", {**holder, "heartbeat": beat})  # the other host went silent
+    s = run_status(uri, now=beat + 600)
     assert s["state"] == "interrupted" and "last heartbeat was 10m00s ago" in s["reason"]
     assert s["resume_command"] == (f"kmnist-batch predict s3://status-test/crops --out {uri} --resume "
                                    "--model runs/study --workers 2 --review-below 0.95")
@@ -222,20 +234,39 @@ def test_not_a_run():
         run_status("/nonexistent/out")
 
 
-def test_resume_flags_name_the_real_defaults():
-    from batch_infer.job import PredictOptions
-    from tune.grid import GridConfig
+def test_predict_resume_command_repeats_every_option_that_differs_from_its_default(tmp_path):
+    from batch_infer.options import PredictOptions
+    from batch_infer.status import predict_resume_command
+    from kmnist_core.options import option_args
+    from kmnist_core.storage import resolve
 
-    for options, flags in ((PredictOptions(), PREDICT_FLAGS), (GridConfig(), TUNE_FLAGS)):
-        values = dataclasses.asdict(options)
-        assert all(values[name] == default for name, (_, default) in flags.items() if default is not None)
+    opts = PredictOptions(model="m", batch_size=64, review_below=0.9, export=("alto",), manifest="boxes.csv",
+                          resume=True, read_retries=0)
+    record = json.loads(json.dumps({"inputs": ["/pages"], "options": dataclasses.asdict(opts),
+                                    "resume_args": option_args(opts)}))  # as predict records them
+    command = shlex.split(predict_resume_command(resolve(tmp_path), "OUT", record))
+    assert command[:5] == ["kmnist-batch", "predict", "--out", "OUT", "--resume"]
+    rest = command[5:]
+    pairs = dict(zip(rest[::2], rest[1::2]))
+    assert pairs == {"--model": "m", "--batch-size": "64", "--review-below": "0.9", "--read-retries": "0",
+                     "--manifest": "boxes.csv", "--export": "alto"}
+    # The command parses with the real CLI.
+    import typer.main
+
+    from jobs.cli import app
+
+    typer.main.get_command(app).commands["predict"].make_context("predict", command[2:])
 
 
 def test_cli_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
     run_json(tmp_path, "running")
     killed_lock(tmp_path)
-    done = subprocess.run([CLI, "status", str(tmp_path), "--json"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(app, ["status", str(tmp_path), "--json"])
+    assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["state"] == "interrupted"
-    done = subprocess.run([CLI, "status", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    done = CliRunner().invoke(app, ["status", str(tmp_path / "nothing")])
+    assert done.exit_code == 2 and done.stderr.startswith("error: ") and "holds no kmnist-batch run" in done.stderr

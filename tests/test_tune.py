@@ -1,22 +1,63 @@
-"""The Tune grid against a real local Ray, on real kmnist-dev images (small: 600 train, 1-2 epochs)."""
+"""The Tune grid on the session's real local Ray, on real kmnist-dev images (small: 600 train, 1-2 epochs):
+the grid's tables, plots and best model, divergence, errors, ASHA, resume after the driver is killed,
+and following a grid (issue 16): its start and progress lines in a log file and `status` while it runs.
+
+Trials run on the one Ray of the session: in this process where nothing is killed, and through the CLI
+joining it (`--address`) where a test follows or kills the driver. With KMNIST_BATCH_TEST_HOLD=1 in the
+driver's environment a trial waits before an epoch while a hold file says so (tune/grid.py): every
+"while it runs" below is a state the test brought about and waited for, on any machine."""
+
+from __future__ import annotations
 
 import json
 import os
-import signal
+import re
+import shlex
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from batch_infer.status import run_status
 from kmnist_core import load_model
 from kmnist_core.errors import KmnistError
-from tune.grid import GridConfig, run_grid
+from kmnist_core.progress import PROGRESS_FILE
+from tests.crop_tree import HOLD_ENV, release
+from tune.grid import TEST_HOLD_ENV, GridConfig, hold_name, run_grid
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ray, pytest.mark.training, pytest.mark.timeout(400)]
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
+GRID_LINE = re.compile(r"^\d\d:\d\d:\d\d grid (\d+)/4 trials \((\d+) running, (\d+) pending, (\d+) errored")
+BEST_LR = re.compile(r"best val 0\.\d{4} \(lr 0\.001 batch \d+\)")
+
+
+def wait_for(condition, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def hold(out: Path, lr: float, batch_size: int, epoch: int) -> Path:
+    """Make the trial (lr, batch_size) of a grid into `out` wait before `epoch` until `release(path)`."""
+    path = out / hold_name(lr, batch_size, epoch)
+    path.write_bytes(b"")
+    return path
+
+
+def invoke(*args: object):
+    """`kmnist-batch ARGS` in this process (tune runs no child process): it reuses the session's Ray."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +79,89 @@ def small_data_dir(tmp_path_factory, small_dev):
 
 
 @pytest.fixture(scope="module")
-def tiny_grid(tmp_path_factory, small_data_dir, ray_session):
-    out = tmp_path_factory.mktemp("grid")
-    cfg = GridConfig(lrs=[0.1, 0.001], batch_sizes=[32, 64], epochs=2, data_dir=str(small_data_dir))
-    return out, run_grid(cfg, out)
+def ray_address(ray_session) -> str:
+    """The session's Ray, for CLI processes to join instead of starting their own."""
+    return ray_session.get_runtime_context().gcs_address
 
 
-def test_grid_writes_tables_history_plots_and_best(tiny_grid):
-    out, summary = tiny_grid
+@pytest.fixture
+def best_not_written(monkeypatch):
+    """The best trial is chosen and its checkpoint loaded, but best/ is not written: its calibration, int8
+    twin and plots take seconds, and grid_run checks a written one. For tests where only the choice matters."""
+    import tune.grid
+
+    def card_only(out, model, cfg, *args, **kw) -> dict:
+        return {"metrics": {"test": {"accuracy": 0.0}}, "model_id": "not-written"}
+
+    monkeypatch.setattr(tune.grid, "write_model_dir", card_only)
+
+
+@dataclass
+class GridRun:
+    out: Path
+    lines: list[str]  # its stdout, sent to a file
+    stderr: str
+    returncode: int
+    running: dict  # `status` of OUT while the grid ran
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory, small_data_dir, ray_address) -> GridRun:
+    """The tiny grid (lr 0.1 and 0.001 x batch 32 and 64, 2 epochs), run once by the CLI with stdout sent to
+    a file. Trial lr 0.001 batch 32 waits before its second epoch until the log holds two progress lines,
+    one naming it best, and `status` has been read: both are seen while the grid runs, whatever the speed."""
+    root = tmp_path_factory.mktemp("grid")
+    out, log, errors = root / "out", root / "tune.log", root / "stderr.log"
+    out.mkdir()
+    held = hold(out, 0.001, 32, 2)
+    with open(log, "w") as stdout, open(errors, "w") as stderr:
+        proc = subprocess.Popen([CLI, "tune", "--out", str(out), "--lr", "0.1,0.001", "--batch-size", "32,64",
+                                 "--epochs", "2", "--data-dir", str(small_data_dir), "--progress-every", "0.5",
+                                 "--address", ray_address],
+                                stdout=stdout, stderr=stderr, env={**os.environ, **HOLD_ENV})
+    try:
+        def mid_run() -> bool:  # the line is printed, then the record rewritten: wait for both
+            grid = [line for line in log.read_text(encoding="utf-8").splitlines() if GRID_LINE.match(line)]
+            try:
+                record = json.loads((out / PROGRESS_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return False
+            best_recorded = (record.get("best") or {}).get("lr") == 0.001
+            return len(grid) >= 2 and any(BEST_LR.search(line) for line in grid) and best_recorded
+
+        wait_for(mid_run)
+        running = run_status(out)
+    finally:
+        release(held)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            proc.kill()
+    return GridRun(out, log.read_text(encoding="utf-8").splitlines(), errors.read_text(), proc.returncode, running)
+
+
+def test_grid_logs_start_and_progress_lines_and_status_follows_it(grid_run):
+    assert grid_run.returncode == 0, grid_run.stderr
+    s = grid_run.running
+    assert s["kind"] == "tune" and s["state"] == "running" and s["alive_judged_by"] == "lock", s
+    assert s["progress"]["done"] < 4 and s["progress"]["running"] >= 1 and s["progress"]["best"]["lr"] == 0.001
+    lines = grid_run.lines
+    assert "start tune run" in lines[0] and "grid lr 0.1, 0.001 x batch 32, 64 = 4 trials x 2 epochs" in lines[0]
+    grid = [m for m in map(GRID_LINE.match, lines) if m]
+    assert len(grid) >= 2, lines
+    assert all(sum(map(int, (m[1], m[2], m[3]))) == 4 for m in grid)  # done + running + pending = the grid
+    assert any(m[1] != "4" for m in grid)  # lines came while trials were still to finish
+    assert any(BEST_LR.search(line) for line in lines if GRID_LINE.match(line))
+    assert sum(line.startswith("trial lr=") for line in lines) == 4  # the per-trial lines are still there
+    assert any(re.match(r"^\d\d:\d\d:\d\d completed 4/4 trials", line) for line in lines), lines
+
+    s = run_status(grid_run.out)
+    assert s["state"] == "completed" and s["summary"]["trials"] == 4 and s["summary"]["best"]["lr"] == 0.001
+    assert s["progress"]["best"]["val_acc"] == pytest.approx(s["summary"]["best"]["best_val_acc"])
+
+
+def test_grid_writes_tables_history_plots_and_best(grid_run):
+    out = grid_run.out
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 4 and set(trials.lr) == {0.1, 0.001} and set(trials.batch_size) == {32, 64}
     assert (pd.read_csv(out / "trials.csv").shape[0]) == 4
@@ -56,77 +172,159 @@ def test_grid_writes_tables_history_plots_and_best(tiny_grid):
     ok = trials[trials.lr == 0.001]
     assert (ok.status == "completed").all() and (ok.epochs_run == 2).all()
     # best/ is chosen on val and is a model directory predict and evaluate accept.
+    summary = json.loads((out / "grid.json").read_text(encoding="utf-8"))
     best = summary["best"]
     assert best["best_val_acc"] == pytest.approx(trials.best_val_acc[trials.status == "completed"].max())
     model = load_model(out / "best")
     card = json.loads((out / "best" / "model_card.json").read_text(encoding="utf-8"))
     assert card["training"]["config"]["lr"] == best["lr"] and model.model_id == best["model_id"]
-    assert json.loads((out / "grid.json").read_text(encoding="utf-8"))["trials"] == 4
+    assert summary["trials"] == 4
 
 
-def test_too_high_learning_rate_is_recorded_as_diverged_and_grid_goes_on(tiny_grid):
-    out, summary = tiny_grid
-    trials = pd.read_parquet(out / "trials.parquet")
+def test_too_high_learning_rate_is_recorded_as_diverged_and_grid_goes_on(grid_run):
+    trials = pd.read_parquet(grid_run.out / "trials.parquet")
     high = trials[trials.lr == 0.1]
     assert (high.status == "diverged").all(), high[["lr", "batch_size", "status", "final_val_acc"]]
+    summary = json.loads((grid_run.out / "grid.json").read_text(encoding="utf-8"))
     assert summary["errors"] == [] and summary["best"]["lr"] == 0.001
 
 
-def test_existing_grid_is_not_overwritten(tiny_grid, small_data_dir):
-    out, _ = tiny_grid
+def test_existing_grid_is_not_overwritten(grid_run, small_data_dir):
     with pytest.raises(KmnistError, match="--resume"):
-        run_grid(GridConfig(lrs=[0.001], batch_sizes=[64], epochs=1, data_dir=str(small_data_dir)), out)
+        run_grid(GridConfig(lrs=[0.001], batch_sizes=[64], epochs=1, data_dir=str(small_data_dir)), grid_run.out)
 
 
-def test_failing_trial_is_reported_and_the_command_fails(tmp_path, small_data_dir):
-    # Asking trials for CUDA on a machine without a GPU makes them raise inside Ray.
-    r = subprocess.run([CLI, "tune", "--out", str(tmp_path / "g"), "--lr", "0.001", "--batch-size", "64",
-                        "--epochs", "1", "--device", "cuda", "--data-dir", str(small_data_dir)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "error: trial lr=0.001 batch=64 failed" in r.stderr and "CUDA" in r.stderr
-    trials = pd.read_csv(tmp_path / "g" / "trials.csv")
-    assert trials.status.tolist() == ["error"]
+def saved_trials(experiment: Path) -> dict[tuple[float, int], tuple[str, int]]:
+    """What `--resume` reads: each trial's status and last reported epoch in Tune's newest saved experiment
+    state, by (lr, batch size); {} while none is saved or one is being rewritten."""
+    try:
+        state = json.loads(sorted(experiment.glob("experiment_state-*.json"))[-1].read_text())
+    except (IndexError, OSError, ValueError):
+        return {}
+    saved = {}
+    for trial_json, meta_json in state["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        train = trial["config"]["train"]
+        saved[(train["lr"], train["batch_size"])] = (trial["status"], (meta.get("last_result") or {}).get("epoch", 0))
+    return saved
 
 
-def test_resume_after_driver_kill_skips_finished_trials(tmp_path, small_data_dir):
-    out = tmp_path / "g"
-    args = [CLI, "tune", "--out", str(out), "--lr", "0.003,0.001,0.0003", "--batch-size", "32,64",
-            "--epochs", "2", "--data-dir", str(small_data_dir)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    finished = 0
-    deadline = time.time() + 240
-    while time.time() < deadline and finished < 3:
-        finished += proc.stdout.readline().startswith("trial ")
-    time.sleep(2.0)  # let Tune persist its experiment state
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    assert 3 <= finished < 6, "the grid was not interrupted mid-way"
-
-    reported = {}  # (trial, epoch) -> epoch time, for every epoch reported before the kill
-    for result_file in (out / "ray_results" / "grid").glob("*/result.json"):
+def reported(experiment: Path) -> dict[tuple[str, int], float]:
+    """(trial, epoch) -> epoch time, for every epoch the driver has recorded in a trial's result.json."""
+    times = {}
+    for result_file in experiment.glob("*/result.json"):
         for line in result_file.read_text().splitlines():
             row = json.loads(line)
-            reported[(result_file.parent.name, row["epoch"])] = row["epoch_time_s"]
-    assert reported, "no epoch was reported before the kill"
+            times[(result_file.parent.name, row["epoch"])] = row["epoch_time_s"]
+    return times
 
-    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+
+def test_resume_after_driver_kill_skips_finished_trials(tmp_path, small_data_dir, ray_address):
+    """Every trial waits before its second epoch; one is let through. The driver is killed once Tune has
+    saved one trial finished, two half-way (epoch 1 checkpointed) and one not started (2 CPUs, so two
+    trials at a time): --resume must train exactly the missing epochs."""
+    out = tmp_path / "g"
+    out.mkdir()
+    holds = {(lr, b): hold(out, lr, b, 2) for lr in (0.003, 0.001) for b in (32, 64)}
+    args = ["tune", "--out", str(out), "--lr", "0.003,0.001", "--batch-size", "32,64", "--epochs", "2",
+            "--data-dir", str(small_data_dir)]
+    # TUNE_GLOBAL_CHECKPOINT_S: Tune saves its state every 0.5 s instead of every 10 s; the waits end sooner.
+    proc = subprocess.Popen([CLI, *args, "--address", ray_address], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **HOLD_ENV, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"})
+    experiment = out / "ray_results" / "grid"
+    try:
+        wait_for(lambda: sorted(saved_trials(experiment).values()) == [("PENDING", 0)] * 2 + [("RUNNING", 1)] * 2)
+        first = next(key for key, (_, epoch) in saved_trials(experiment).items() if epoch == 1)
+        release(holds[first])
+        cut_off = [("PENDING", 0), ("RUNNING", 1), ("RUNNING", 1), ("TERMINATED", 2)]
+        wait_for(lambda: sorted(saved_trials(experiment).values()) == cut_off)
+    finally:
+        proc.kill()  # kill -9 of the driver; the session's Ray ends its trials with it
+        proc.wait()
+    saved = saved_trials(experiment)
+    assert saved[first] == ("TERMINATED", 2) and sorted(saved.values()) == cut_off  # the grid was cut off
+    before = reported(experiment)
+    assert len(before) == 4  # the finished trial's two epochs and the half-way trials' first
+
+    s = run_status(out)  # what a user finds: a killed grid, and the command that finishes it
+    assert s["kind"] == "tune" and s["state"] == "interrupted" and "killed" in s["reason"], s
+    assert s["resume_command"] == shlex.join(["kmnist-batch", "tune", "--out", str(out), "--resume", *args[3:],
+                                              "--address", ray_address])
+
+    for path in holds.values():
+        release(path)
+    r = invoke(*shlex.split(s["resume_command"])[1:])  # the session's Ray, as that address names
+    assert r.exit_code == 0, r.output
+    assert "(resumed: finished trials are not rerun)" in r.stdout
+    assert sum(line.startswith("trial lr=") for line in r.stdout.splitlines()) == 3  # not the finished one
     trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == 6 and (trials.status == "completed").all()
+    assert len(trials) == 4 and (trials.status == "completed").all()
     history = pd.read_parquet(out / "history.parquet")
     # Interrupted trials continued from their checkpoint: each has epochs 1 and 2 exactly once.
-    assert sorted(history.groupby("trial").epoch.apply(list).map(sorted).map(tuple)) == [(1, 2)] * 6
+    assert sorted(history.groupby("trial").epoch.apply(list).map(sorted).map(tuple)) == [(1, 2)] * 4
     # No epoch reported before the kill was trained again (its recorded time is unchanged).
     final = {(t, e): v for t, e, v in zip(history.trial, history.epoch, history.epoch_time_s)}
-    assert all(final[key] == value for key, value in reported.items())
+    assert all(final[key] == value for key, value in before.items())
     assert (out / "best" / "model.pt").exists()
 
 
-def test_asha_scheduler_runs_the_grid(tmp_path, small_data_dir, ray_session):
-    out = tmp_path / "asha"
-    summary = run_grid(GridConfig(lrs=[0.003, 0.001, 0.0003, 0.0001], batch_sizes=[64], epochs=3, scheduler="asha",
-                                  data_dir=str(small_data_dir)), out)
-    trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == 4 and set(trials.status) <= {"completed", "stopped_early", "diverged"}
-    assert summary["errors"] == [] and summary["best"] is not None
+def trial_epochs(experiment: Path) -> dict[float, int]:
+    """lr -> the last epoch the driver has recorded for that trial (after the scheduler saw it)."""
+    epochs = {}
+    for trial_dir in experiment.glob("*/"):
+        try:
+            lr = json.loads((trial_dir / "params.json").read_text())["train"]["lr"]
+            epochs[lr] = max(json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines())
+        except (OSError, ValueError, KeyError):
+            continue
+    return epochs
+
+
+def test_asha_stops_a_trailing_trial_early_and_a_failing_trial_fails_the_command(tmp_path, small_data_dir, ray_session,
+                                                                                 monkeypatch, best_not_written):
+    """One grid of three trials, through the CLI in this process.
+
+    ASHA with at most 2 epochs has one rung, at epoch 1: a trial reaching it below the trials recorded
+    there is stopped. The weak trial (lr 1e-5) waits before its first epoch until the strong one (lr 0.003)
+    has been recorded at the rung, so it always arrives second and trailing; without ASHA it would run on.
+
+    Trial lr 0.001 raises inside Ray (on purpose, the same on any machine): it is listed with its error and
+    the command exits 1, while the other trials still finish and the strong one becomes best."""
+    import tune.grid
+
+    real = tune.grid.train_trial
+
+    def failing_at_lr_0_001(config, **kw):  # a closure: sent to the trials by value
+        if config["train"]["lr"] == 0.001:
+            raise RuntimeError("trial broke on purpose")
+        return real(config, **kw)
+
+    monkeypatch.setattr(tune.grid, "train_trial", failing_at_lr_0_001)
+    out = tmp_path / "g"
+    out.mkdir()
+    held = hold(out, 1e-05, 64, 1)
+    monkeypatch.setenv(TEST_HOLD_ENV, "1")
+
+    def release_once_the_strong_trial_is_recorded() -> None:
+        try:
+            wait_for(lambda: trial_epochs(out / "ray_results" / "grid").get(0.003, 0) >= 1)
+        finally:
+            release(held)
+
+    watcher = threading.Thread(target=release_once_the_strong_trial_is_recorded, daemon=True)
+    watcher.start()
+    r = invoke("tune", "--out", out, "--lr", "0.003,0.001,1e-05", "--batch-size", "64", "--epochs", "2",
+               "--scheduler", "asha", "--data-dir", small_data_dir)
+    watcher.join()
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: trial lr=0.001 batch=64 failed: ")
+    assert "trial broke on purpose" in errors[0], r.stderr
+    trials = pd.read_csv(out / "trials.csv").set_index("lr")
+    assert trials.status.to_dict() == {0.003: "completed", 0.001: "error", 1e-05: "stopped_early"}
+    assert "trial broke on purpose" in trials.error[0.001]
+    history = pd.read_parquet(out / "history.parquet")
+    strong_at_rung = history[(history.lr == 0.003) & (history.epoch == 1)].val_acc.iloc[0]
+    assert trials.epochs_run[0.003] == 2 and trials.epochs_run[1e-05] == 1
+    assert trials.final_val_acc[1e-05] < strong_at_rung  # why ASHA stopped it
+    assert json.loads((out / "grid.json").read_text(encoding="utf-8"))["best"]["lr"] == 0.003

@@ -11,60 +11,52 @@ import contextlib
 import logging
 import os
 import tempfile
-import uuid
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import ray
 import torch
 from ray import tune
 
-from batch_infer import out_lock
+from kmnist_core import out_lock
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import write_model_dir
 from kmnist_core.files import write_json_atomic
 from kmnist_core.model_dir import pick_device
+from kmnist_core.options import option_args
 from kmnist_core.models import create_model
-from kmnist_core.ray_runtime import endpoints, init_ray
+from kmnist_core.ray_runtime import init_ray
+from kmnist_core.run_record import new_run_id
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 from tune.plots import write_grid_plots
+from tune.options import GridConfig
 from tune.progress import GridCallback, GridProgress, active
 from tune.progress import quiet as progress_quiet
 
 EXPERIMENT = "grid"
 STATE_FILE = "train_state.pt"  # TrainRun.state_dict(): model, optimizer, scheduler, RNG, history
-STUDY_LRS = [0.1, 0.01, 0.001, 0.0001]
-STUDY_BATCH_SIZES = [8, 16, 32, 64, 128]
+
+# Tests hold a trial busy for exactly as long as they need (tests/test_tune.py): with
+# KMNIST_BATCH_TEST_HOLD=1 in the driver's environment, a trial waits before training epoch E while
+# OUT/lr{lr}-batch{batch_size}-epoch{E}.hold exists and that name plus ".release" does not. The driver
+# puts OUT in the trials' config, so trials follow it on any worker of any Ray. Unset in real runs.
+TEST_HOLD_ENV = "KMNIST_BATCH_TEST_HOLD"
 
 
-@dataclass
-class GridConfig:
-    dataset: str = "kmnist-dev"
-    model: str = "simple-cnn"
-    lrs: list[float] = field(default_factory=lambda: list(STUDY_LRS))
-    batch_sizes: list[int] = field(default_factory=lambda: list(STUDY_BATCH_SIZES))
-    epochs: int = 5
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    scheduler: str = "none"  # or "asha": stop trials early that trail the others
-    seed: int = 0
-    augment: str = "study"
-    device: str = "auto"  # auto: cuda when the trial has a GPU
-    data_dir: str | None = None
-    address: str | None = None
-    storage: str | None = None  # default OUT/ray_results; a shared path or s3:// URI on multi-node clusters
-    resume: bool = False
+def hold_name(lr: float, batch_size: int, epoch: int) -> str:
+    return f"lr{lr}-batch{batch_size}-epoch{epoch}.hold"
 
-    def validate(self) -> None:
-        if self.scheduler not in ("none", "asha"):
-            raise KmnistError(f"unknown scheduler {self.scheduler!r}; choose none or asha")
-        if not self.lrs or not self.batch_sizes or any(lr <= 0 for lr in self.lrs) or any(b < 1 for b in self.batch_sizes):
-            raise KmnistError("--lr and --batch-size need positive values")
-        if self.epochs < 1 or self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise KmnistError("--epochs and --cpus-per-trial must be positive, --gpus-per-trial >= 0")
+
+def wait_while_held(hold_dir: str | None, train: dict, epoch: int) -> None:
+    if not hold_dir:
+        return
+    hold = Path(hold_dir) / hold_name(train["lr"], train["batch_size"], epoch)
+    while hold.exists() and not Path(str(hold) + ".release").exists():
+        time.sleep(0.02)
 
 
 def train_trial(config: dict, data: Dataset | None = None) -> None:
@@ -74,20 +66,22 @@ def train_trial(config: dict, data: Dataset | None = None) -> None:
     or collapsed to chance) reports `diverged=True` and stops; the grid goes on.
     """
     cfg = TrainConfig(**config["train"])
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     resume_state = None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as ckpt:
             resume_state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
 
     node_id = ray.get_runtime_context().get_node_id()
+    hold_dir = config.get("test_hold")
 
     def report(metrics: dict, run: TrainRun) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(run.state_dict(), Path(tmp) / STATE_FILE)
             tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        if metrics["epoch"] < cfg.epochs and not metrics["diverged"]:
+            wait_while_held(hold_dir, config["train"], metrics["epoch"] + 1)
 
+    wait_while_held(hold_dir, config["train"], len(resume_state["history"]) + 1 if resume_state else 1)
     train_model(cfg, data, pick_device(cfg.device), on_epoch=report, resume_state=resume_state)
 
 
@@ -149,6 +143,25 @@ def write_best(results, trials: pd.DataFrame, history: pd.DataFrame, data: Datas
             "model_id": card["model_id"]}
 
 
+@contextlib.contextmanager
+def working_in(path: Path) -> Iterator[None]:
+    """Run the fit from OUT, which nothing replaces (every path Tune gets is absolute). Under `ray job
+    submit`, Ray may delete the job's working_dir copy (a job after another with the same package),
+    leaving this process in a deleted folder: Tune would fail in os.getcwd(), and so would
+    contextlib.chdir, which asks for the folder to return to. There is then nothing to return to."""
+    try:
+        previous = os.getcwd()
+    except FileNotFoundError:
+        previous = None
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(previous)
+
+
 class TrialLines(tune.Callback):
     """One line per finished trial (Tune's own progress tables are switched off); none under --quiet."""
 
@@ -170,13 +183,13 @@ class TrialLines(tune.Callback):
 def run_grid(cfg: GridConfig, out: Path, progress: GridProgress | None = None) -> dict:
     """Run (or resume) the grid; write trials, history, plots and best/ into `out`.
 
-    OUT is locked for the whole run (batch_infer/out_lock.py: one grid per OUT, and `status` tells a
+    OUT is locked for the whole run (kmnist_core/out_lock.py: one grid per OUT, and `status` tells a
     live grid from a killed one); `progress` prints the start and progress lines and keeps
     OUT/_progress.json."""
     cfg.validate()
     data = load_dataset(cfg.dataset, cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     with out_lock.hold(out, run_id):
         try:
             summary = fit_grid(cfg, out, data, run_id, progress)
@@ -198,10 +211,11 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
     # Every epoch checkpoints, so Tune snapshots its state often (that is what makes --resume exact);
     # its warning about frequent snapshots would fire on every trial.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    init_ray(cfg.address)
+    _, where = init_ray(cfg.address)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     if progress:
-        progress.start({"run_id": run_id, "config": asdict(cfg), "out": str(out), "storage": storage, **endpoints()})
+        progress.start({"run_id": run_id, "config": asdict(cfg), "out": str(out), "storage": storage, **asdict(where),
+                        "resume_args": option_args(cfg)})
 
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
@@ -215,13 +229,14 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
         threads = max(1, int(cfg.cpus_per_trial))
         train_space = {"dataset": cfg.dataset, "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
                        "augment": cfg.augment, "device": cfg.device, "threads": threads, "data_dir": cfg.data_dir,
-                       "lr": tune.grid_search(cfg.lrs), "batch_size": tune.grid_search(cfg.batch_sizes)}
+                       "lr": tune.grid_search(list(cfg.lrs)), "batch_size": tune.grid_search(list(cfg.batch_sizes))}
         scheduler = None
         if cfg.scheduler == "asha":
             scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1)
+        test_hold = {"test_hold": str(out.resolve())} if os.environ.get(TEST_HOLD_ENV) == "1" else {}
         tuner = tune.Tuner(
             trainable,
-            param_space={"train": train_space},
+            param_space={"train": train_space, **test_hold},
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                         reuse_actors=True),  # ~0.5 s per trial instead of ~4 s (STACK.md)
             run_config=tune.RunConfig(
@@ -230,10 +245,7 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
                                                         checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=0)),
         )
-    # Under `ray job submit`, Ray may replace the job's working_dir copy while trials start (a job after
-    # another with the same package), leaving this process in a deleted folder; Tune then fails in
-    # os.getcwd(). Run the fit from OUT, which nothing replaces (every path Tune gets is absolute).
-    with active(progress), contextlib.chdir(out.resolve()):
+    with active(progress), working_in(out.resolve()):
         results = tuner.fit()
     trials, history = collect(results, cfg)
     trials.to_csv(out / "trials.csv", index=False)

@@ -31,7 +31,6 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.storage import Location
 
 LOCK_FILE = ".lock"  # a leading dot: directory readers and discovery skip it
-_held: set[str] = set()  # flock on NFS acts per process: refuse a second run in this process ourselves
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
 
@@ -57,16 +56,27 @@ def store_holder(out: Location) -> dict | None:
         return None
 
 
-def pid_running(pid) -> bool:
-    """A live process, not a zombie (a killed holder whose parent died too may stay one in a container)."""
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22): with the pid, it
+    names one process even after the pid is reused. None without /proc (macOS) or for a gone process."""
+    try:
+        return int(Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_running(pid, started: int | None = None) -> bool:
+    """A live process, not a zombie (a killed holder whose parent died too may stay one in a container),
+    and, when its start time is known, the same process that recorded it (not a reuse of its pid)."""
     try:
         os.kill(int(pid), 0)
     except (OSError, ValueError, TypeError):
         return False
     try:
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return True  # no /proc (macOS): the signal probe is all there is
+    return fields[0] != "Z" and (started is None or int(fields[19]) == started)
 
 
 def holder_alive(holder: dict | None) -> bool:
@@ -74,8 +84,15 @@ def holder_alive(holder: dict | None) -> bool:
     if not holder:
         return False
     if holder.get("host") == socket.gethostname():
-        return pid_running(holder.get("pid"))
+        return pid_running(holder.get("pid"), holder.get("pid_start"))
     return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+
+
+def held_here(holder: dict | None) -> bool:
+    """The record names a run of this very process. flock on NFS becomes a per-process lock, so a second
+    run in the same process would get it too: the record, emptied at every clean end, tells."""
+    return bool(holder) and holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid() \
+        and holder.get("pid_start") == process_start(os.getpid())
 
 
 def refuse_if_busy(out: Path | Location) -> None:
@@ -84,7 +101,7 @@ def refuse_if_busy(out: Path | Location) -> None:
     if isinstance(out, Location):
         if not out.local:
             holder = store_holder(out)
-            if holder_alive(holder) or out.uri in _held:
+            if holder_alive(holder):
                 raise KmnistError(busy_message(out.uri, holder))
             return
         out = Path(out.path)
@@ -93,25 +110,25 @@ def refuse_if_busy(out: Path | Location) -> None:
     except OSError:
         return  # no OUT or no lock file yet: nobody holds it
     try:
-        if os.path.realpath(out) in _held:
-            raise KmnistError(busy_message(out, read_holder(fd)))
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise KmnistError(busy_message(out, read_holder(fd))) from None
+        if held_here(read_holder(fd)):
+            raise KmnistError(busy_message(out, read_holder(fd)))
     finally:
         os.close(fd)
 
 
 def holder_record(run_id: str) -> dict:
-    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 @contextmanager
 def hold_store(out: Location, run_id: str) -> Iterator[dict | None]:
     previous = store_holder(out)
-    if holder_alive(previous) or out.uri in _held:
+    if holder_alive(previous):
         raise KmnistError(busy_message(out.uri, previous))
     me = holder_record(run_id)
     lock = out.join(LOCK_FILE)
@@ -129,11 +146,9 @@ def hold_store(out: Location, run_id: str) -> Iterator[dict | None]:
     storage.write_bytes_atomic(lock, json.dumps({**me, "heartbeat": time.time()}).encode())
     thread = threading.Thread(target=beat, name="out-lock-heartbeat", daemon=True)
     thread.start()
-    _held.add(out.uri)
     try:
         yield previous
     finally:
-        _held.discard(out.uri)
         stop.set()
         thread.join()
         storage.delete(lock)
@@ -149,27 +164,23 @@ def hold(out: Path | Location, run_id: str) -> Iterator[dict | None]:
                 yield previous
             return
         out = Path(out.path)
-    key = os.path.realpath(out)
     try:
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise KmnistError(f"cannot write to {out}: {e.strerror}") from None
     try:
-        if key in _held:
-            raise KmnistError(busy_message(out, read_holder(fd)))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise KmnistError(busy_message(out, read_holder(fd))) from None
         previous = read_holder(fd)
-        me = holder_record(run_id)
+        if held_here(previous):
+            raise KmnistError(busy_message(out, previous))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        _held.add(key)
+        os.pwrite(fd, json.dumps(holder_record(run_id)).encode(), 0)
         try:
             yield previous
         finally:
-            _held.discard(key)
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock

@@ -1,0 +1,101 @@
+"""The model card, read and validated in one place (as timm's PretrainedCfg is one typed structure).
+
+`ModelCard.from_json` checks a card's JSON once and gives typed fields for everything the code reads: the
+architecture, classes, input size, the calibration for each runtime and the int8 section. `raw` keeps the
+JSON exactly as written: it is what travels into run records and every shard's footer. Cards are written
+by `train` (kmnist_core/experiment.py) and `kmnist-batch model int8`. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmnist_core.classmap import ClassMap
+from kmnist_core.errors import KmnistError
+
+CARD_FILE = "model_card.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What turns a runtime's logits into predict's decisions."""
+
+    temperature: float = 1.0
+    review_below: float = 0.0  # low_confidence below this calibrated confidence
+    ood_score: str = "energy"  # kmnist_core.calibration.OOD_SCORES
+    ood_threshold: float | None = None  # unknown_character above it; None: the card has none
+
+    @classmethod
+    def from_json(cls, section: dict) -> "Calibration":
+        threshold = section.get("ood_threshold")
+        return cls(float(section.get("temperature", 1.0)), float(section.get("review_below", 0.0)),
+                   section.get("ood_score", "energy"), None if threshold is None else float(threshold))
+
+    def review_params(self) -> dict:
+        """What review_metrics (kmnist_core/evaluate.py) needs."""
+        return {"ood_score": self.ood_score, "review_below": self.review_below,
+                "ood_threshold": float("inf") if self.ood_threshold is None else self.ood_threshold}
+
+
+def calibration_key(calib: dict) -> dict:
+    """The fp32 calibration an int8 refit started from: if the card's changes later, the refit is stale."""
+    return {k: calib.get(k) for k in ("temperature", "review_below", "ood_score", "ood_threshold")}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    model_id: str
+    architecture: str
+    num_classes: int
+    input_size: int
+    classes: ClassMap
+    calibration: Calibration  # the fp32 model's
+    int8: dict | None  # the int8 twin's section: files' sha256, gate, probe, figures (kmnist_core/int8.py)
+    training_dataset: str | None
+    training_data_dir: str | None
+    raw: dict
+
+    @classmethod
+    def from_json(cls, raw: dict, source: str = "model card") -> "ModelCard":
+        missing = [k for k in ("architecture", "classes", "input", "format_version") if k not in raw]
+        if missing:
+            raise KmnistError(f"{source} lacks {', '.join(missing)}: not a kmnist-batch model card")
+        if raw["format_version"] > FORMAT_VERSION:
+            raise KmnistError(f"{source} has format {raw['format_version']}; this kmnist-batch reads up to {FORMAT_VERSION}")
+        try:
+            training = raw.get("training") or {}
+            return cls(model_id=raw.get("model_id", "unknown"), architecture=raw["architecture"]["name"],
+                       num_classes=int(raw["architecture"]["num_classes"]), input_size=int(raw["input"]["size"]),
+                       classes=ClassMap.from_records(raw["classes"]),
+                       calibration=Calibration.from_json(raw.get("calibration") or {}), int8=raw.get("int8"),
+                       training_dataset=training.get("dataset"),
+                       training_data_dir=(training.get("config") or {}).get("data_dir"), raw=raw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise KmnistError(f"{source} is not a valid kmnist-batch model card: {type(e).__name__}: {e}") from None
+
+    def calibration_for(self, precision: str) -> Calibration:
+        """int8 runs on the temperature and thresholds refitted on its own logits when the build, unless
+        the card's fp32 calibration was changed since (a hand-tuned card is then honoured as is)."""
+        section = self.int8 or {}
+        if precision == "int8" and section.get("fitted_against") == calibration_key(self.raw.get("calibration") or {}):
+            return Calibration.from_json({**(self.raw.get("calibration") or {}), **section["calibration"]})
+        return self.calibration
+
+    def with_int8(self, section: dict) -> "ModelCard":
+        return ModelCard.from_json({**self.raw, "int8": section})
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    card_path = model_dir / CARD_FILE
+    if not model_dir.is_dir():
+        raise KmnistError(f"model directory {model_dir} does not exist")
+    if not card_path.exists():
+        raise KmnistError(f"{model_dir} is not a model directory: {CARD_FILE} is missing")
+    try:
+        raw = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KmnistError(f"{card_path} is not valid JSON: {e}") from None
+    return ModelCard.from_json(raw, str(card_path))

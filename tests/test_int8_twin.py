@@ -1,0 +1,125 @@
+"""The int8 twin is built explicitly (train, `kmnist-batch model int8`), never by loading a model, and is
+run only where it passes its probe on the CPU at hand."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from kmnist_core.errors import KmnistError
+from kmnist_core.int8 import INT8_FILE, PROBE_FILE, PROBE_TOLERANCE, sha256
+from kmnist_core.model_dir import CARD_FILE, load_bundle, load_model
+
+
+def without_twin(model_dir: Path, dest: Path) -> Path:
+    """A model directory as written before int8 existed: no int8 files, no int8 card section."""
+    shutil.copytree(model_dir, dest)
+    for name in (INT8_FILE, PROBE_FILE):
+        (dest / name).unlink()
+    card = json.loads((dest / CARD_FILE).read_text(encoding="utf-8"))
+    del card["int8"]
+    (dest / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
+    return dest
+
+
+def test_loading_never_builds_or_writes_a_twin(tmp_path, trained_model_dir):
+    model_dir = without_twin(trained_model_dir, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    auto = load_model(model_dir)
+    assert auto.precision == "fp32" and "no int8 twin" in auto.precision_note
+    assert "kmnist-batch model int8" in auto.precision_note
+    with pytest.raises(KmnistError, match="has no int8 twin"):
+        load_model(model_dir, precision="int8")
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+
+
+def test_model_int8_builds_the_twin_deterministically(tmp_path, trained_model_dir):
+    model_dir = without_twin(trained_model_dir, tmp_path / "m")
+    runner = CliRunner()
+    r = runner.invoke(app, ["model", "int8", str(model_dir)])
+    assert r.exit_code == 0, r.output
+    assert "validation top-1 agreement" in r.output
+    card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
+    first = {name: (model_dir / name).read_bytes() for name in (INT8_FILE, PROBE_FILE)}
+    assert sha256(first[INT8_FILE]) == card["int8"]["sha256"] and sha256(first[PROBE_FILE]) == card["int8"]["probe"]["sha256"]
+    assert card["int8"]["gate"]["cpu"]["machine"] and "flags" in card["int8"]["gate"]["cpu"]
+    assert not [p.name for p in model_dir.iterdir() if p.name.startswith(".")]  # no temp file left
+    # The same weights and training images give the same bytes again.
+    assert runner.invoke(app, ["model", "int8", str(model_dir)]).exit_code == 0
+    assert {name: (model_dir / name).read_bytes() for name in first} == first
+    assert load_model(model_dir, precision="int8").probe["passed"]
+
+
+def test_model_int8_on_a_read_only_directory_is_one_error_line(tmp_path, trained_model_dir, monkeypatch):
+    model_dir = without_twin(trained_model_dir, tmp_path / "ro")
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    real_write = Path.write_bytes
+
+    def read_only(self, data):  # a read-only mount (the suite may run as root, where chmod does not bind)
+        if self.parent == model_dir:
+            raise OSError(30, "Read-only file system", str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    r = CliRunner().invoke(app, ["model", "int8", str(model_dir)])
+    assert r.exit_code == 2 and "error: cannot write the int8 twin" in r.output and "Read-only" in r.output
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+
+
+def saturating_copy(tmp_path: Path) -> Path:
+    """The default model as a CPU whose int8 kernels saturate would see it: its probe's build-time int8
+    logits differ from what the twin computes here by more than the tolerance (the card names the file)."""
+    from kmnist_core.model_dir import DEFAULT_MODEL_DIR
+
+    model_dir = tmp_path / "sat"
+    shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+    with np.load(model_dir / PROBE_FILE, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["int8_logits"] = arrays["int8_logits"] + 4 * PROBE_TOLERANCE
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    (model_dir / PROBE_FILE).write_bytes(buffer.getvalue())
+    card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
+    card["int8"]["probe"]["sha256"] = sha256(buffer.getvalue())
+    (model_dir / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
+    return model_dir
+
+
+def test_a_twin_failing_its_probe_runs_fp32_and_says_so(tmp_path):
+    model_dir = saturating_copy(tmp_path)
+    assert load_bundle(model_dir).precision.used == "int8"  # the card's gate passed where it was built
+    auto = load_model(model_dir)
+    assert auto.precision == "fp32" and auto.int8 is None
+    assert not auto.probe["passed"] and auto.probe["max_abs_logit_deviation"] > PROBE_TOLERANCE
+    assert "fails its probe on this CPU" in auto.precision_note and "running fp32" in auto.precision_note
+    forced = load_model(model_dir, precision="int8")  # asked for explicitly: runs, with the warning
+    assert forced.precision == "int8" and "fails its probe" in forced.precision_note
+    assert load_model("default").probe["passed"]  # the shipped twin passes here
+
+
+def test_predict_names_the_fallback_in_run_json_and_the_start_line(tmp_path, kmnist_dev):
+    from PIL import Image
+
+    model_dir = saturating_copy(tmp_path)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for i in range(5):
+        Image.fromarray(kmnist_dev.test.images[i]).save(crops / f"{i}.png")
+    out = tmp_path / "out"
+    # A real process: predict forks its worker, which a test process with torch's threads must not do.
+    r = subprocess.run([str(Path(sys.executable).parent / "kmnist-batch"), "predict", str(crops), "--out", str(out),
+                        "--model", str(model_dir)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    start = next(line for line in r.stdout.splitlines() if " start predict run " in line)
+    assert "fp32 (the int8 twin fails its probe on this CPU" in start
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["precision"] == "fp32" and "fails its probe on this CPU" in run["precision_note"]
