@@ -26,7 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.out_lock import pid_running
+from kmnist_core.out_lock import pid_running
 from jobs.cli import app
 from kmnist_core.errors import KmnistError
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree

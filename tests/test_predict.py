@@ -16,10 +16,10 @@ import pytest
 
 from batch_infer.dispatch import pool_size
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.out_lock import LOCK_FILE
 from batch_infer.output import read_predictions
 from batch_infer.report import write_report
 from kmnist_core.errors import KmnistError
+from kmnist_core.out_lock import LOCK_FILE
 from tests.crop_tree import HOLD_ENV, hold_file, mixed_tree, plain_tree, release
 from tests.test_cli import invoke
 
