@@ -18,21 +18,11 @@ from jobs.cli import app
 from kmnist_core.errors import KmnistError
 from kmnist_core.int8 import INT8_FILE, PROBE_FILE, PROBE_TOLERANCE, sha256
 from kmnist_core.model_dir import CARD_FILE, load_bundle, load_model
-
-
-def without_twin(model_dir: Path, dest: Path) -> Path:
-    """A model directory as written before int8 existed: no int8 files, no int8 card section."""
-    shutil.copytree(model_dir, dest)
-    for name in (INT8_FILE, PROBE_FILE):
-        (dest / name).unlink()
-    card = json.loads((dest / CARD_FILE).read_text(encoding="utf-8"))
-    del card["int8"]
-    (dest / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
-    return dest
+from tests.test_int8 import bare_copy
 
 
 def test_loading_never_builds_or_writes_a_twin(tmp_path, trained_model_dir):
-    model_dir = without_twin(trained_model_dir, tmp_path / "m")
+    model_dir = bare_copy(trained_model_dir, tmp_path / "m")
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     auto = load_model(model_dir)
     assert auto.precision == "fp32" and "no int8 twin" in auto.precision_note
@@ -43,7 +33,7 @@ def test_loading_never_builds_or_writes_a_twin(tmp_path, trained_model_dir):
 
 
 def test_model_int8_builds_the_twin_deterministically(tmp_path, trained_model_dir):
-    model_dir = without_twin(trained_model_dir, tmp_path / "m")
+    model_dir = bare_copy(trained_model_dir, tmp_path / "m")
     runner = CliRunner()
     r = runner.invoke(app, ["model", "int8", str(model_dir)])
     assert r.exit_code == 0, r.output
@@ -60,7 +50,7 @@ def test_model_int8_builds_the_twin_deterministically(tmp_path, trained_model_di
 
 
 def test_model_int8_on_a_read_only_directory_is_one_error_line(tmp_path, trained_model_dir, monkeypatch):
-    model_dir = without_twin(trained_model_dir, tmp_path / "ro")
+    model_dir = bare_copy(trained_model_dir, tmp_path / "ro")
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     real_write = Path.write_bytes
 
