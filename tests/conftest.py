@@ -44,7 +44,7 @@ def pytest_configure(config) -> None:
         "HOME": str(home), "XDG_CACHE_HOME": str(SESSION_ROOT / "cache"),
         "XDG_CONFIG_HOME": str(SESSION_ROOT / "config"), "MPLCONFIGDIR": str(SESSION_ROOT / "mpl"),
         # Every Ray the suite starts (ray.init, the CLI, `ray start`) reads this token and keeps its
-        # session files here, so nothing lands in ~/.ray or /tmp/ray.
+        # session files here, so nothing lands in the home folder or the shared /tmp/ray.
         "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(SESSION_ROOT / "ray"),
         "RAY_USAGE_STATS_ENABLED": "0", "KMNIST_DATA_DIR": str(SESSION_ROOT / "data"),
     })
