@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.crop_tree import plain_tree
+from tests.processes import CLI
 
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,7 @@ from unittest import mock
 
 import pytest
 from click.testing import Result
+from tests.processes import CLI
 
 
 def invoke(*args: object) -> Result:
@@ -115,7 +116,7 @@ def test_job_entrypoints_have_help(module, needle):
 def test_train_help_names_every_registry_model():
     from kmnist_core.models import MODELS
 
-    r = subprocess.run([str(Path(sys.executable).parent / "kmnist-batch"), "train", "--help"], capture_output=True,
+    r = subprocess.run([CLI, "train", "--help"], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})  # wide, so no name is wrapped
     assert r.returncode == 0, r.stderr
     listed = set(re.findall(r"[a-z][a-z-]*-cnn[a-z-]*", r.stdout))  # a whole name, not a prefix of another

@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
-from tests.test_tune import hold, small_data_dir, trial_epochs, wait_for  # noqa: F401 (small_data_dir: a fixture)
+from tests.processes import wait_for
+from tests.test_tune import hold, small_data_dir, trial_epochs  # noqa: F401 (small_data_dir: a fixture)
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -24,7 +25,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,9 +42,9 @@ from batch_infer.output import read_predictions
 from batch_infer.paths import unescape_name
 from kmnist_core.errors import KmnistError
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
+from tests.processes import CliProcesses, wait_for
 
 pytestmark = pytest.mark.timeout(180)
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 SJIS_NAMES = ["日本語の文字.png", "くずし字/あ.png", "ｶﾀｶﾅ.png"]  # encoded as CP932 on disk, as Japanese Windows zips do
 ROWS_PER_SHARD = 100
 # A driver that joins a running Ray passes this job config's environment to its workers (it is how
@@ -131,23 +131,11 @@ def ray_run(ray_session) -> list[str]:
 
 @pytest.fixture
 def start() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Starts held CLI predict runs, each in a process group of its own (the CLI and its worker
-    process, the driver); whatever is left of them at the end is killed."""
-    started: list[subprocess.Popen] = []
-
-    def run(*args) -> subprocess.Popen:
-        started.append(subprocess.Popen([CLI, "predict", *map(str, args)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                        env={**os.environ, **HOLD_ENV, **HOLD_JOB}))
-        return started[-1]
-
-    yield run
-    for proc in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    """Starts held CLI predict runs (the CLI and its worker process, the driver, in a process group of
+    their own); whatever is left of them at the end is killed."""
+    procs = CliProcesses({**os.environ, **HOLD_ENV, **HOLD_JOB})
+    yield functools.partial(procs, "predict")
+    procs.close()
 
 
 def one_error_line(stderr: str, needle: str) -> str:
@@ -157,17 +145,6 @@ def one_error_line(stderr: str, needle: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], stderr
     return errors[0]
-
-
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    """Poll until `condition` holds; fail at once if `proc` ended meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) first: {proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.02)
 
 
 def shards(out: Path) -> list[Path]:

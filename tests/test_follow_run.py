@@ -14,7 +14,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
-from tests.test_tune import wait_for
+from tests.processes import wait_for
+from tests.processes import CLI
 
 pytestmark = pytest.mark.timeout(300)
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 PROGRESS = re.compile(r"^\d\d:\d\d:\d\d progress ([\d,]+)/([~\d,?]+)")
 PREDICT = ["--batch-size", "64", "--rows-per-shard", "100", "--progress-every", "0.2", "--read-retries", "0"]
 

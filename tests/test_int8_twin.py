@@ -7,7 +7,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.int8 import INT8_FILE, PROBE_FILE, PROBE_TOLERANCE, sha256
 from kmnist_core.model_dir import CARD_FILE, load_bundle, load_model
 from tests.test_int8 import bare_copy
+from tests.processes import CLI
 
 
 def test_loading_never_builds_or_writes_a_twin(tmp_path, trained_model_dir):
@@ -106,7 +106,7 @@ def test_predict_names_the_fallback_in_run_json_and_the_start_line(tmp_path, kmn
         Image.fromarray(kmnist_dev.test.images[i]).save(crops / f"{i}.png")
     out = tmp_path / "out"
     # A real process: predict forks its worker, which a test process with torch's threads must not do.
-    r = subprocess.run([str(Path(sys.executable).parent / "kmnist-batch"), "predict", str(crops), "--out", str(out),
+    r = subprocess.run([CLI, "predict", str(crops), "--out", str(out),
                         "--model", str(model_dir)], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     start = next(line for line in r.stdout.splitlines() if " start predict run " in line)

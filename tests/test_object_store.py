@@ -7,14 +7,13 @@ environment set for the test."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +29,9 @@ from kmnist_core.out_lock import pid_running
 from jobs.cli import app
 from kmnist_core.errors import KmnistError
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree
+from tests.processes import CliProcesses, wait_for
 
 pytestmark = pytest.mark.timeout(180)
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 
 
 @pytest.fixture
@@ -104,36 +103,13 @@ def lock_holder(env: dict, bucket: str) -> dict:
     return holder
 
 
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    """Poll until `condition` holds; fail at once if `proc` ended meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) first: {proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def start(s3_env) -> Iterator[Callable[..., subprocess.Popen]]:
     """Starts held CLI predict runs against the server, each in a process group of its own; whatever is
     left of them at the end is killed."""
-    started: list[subprocess.Popen] = []
-
-    def run(*args) -> subprocess.Popen:
-        started.append(subprocess.Popen([CLI, "predict", *map(str, args)], env={**s3_env, **HOLD_ENV},
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True))
-        return started[-1]
-
-    yield run
-    for proc in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    procs = CliProcesses({**s3_env, **HOLD_ENV})
+    yield functools.partial(procs, "predict")
+    procs.close()
 
 
 def read_back(env: dict, uri: str) -> dict:

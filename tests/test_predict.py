@@ -22,9 +22,9 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.out_lock import LOCK_FILE
 from tests.crop_tree import HOLD_ENV, hold_file, mixed_tree, plain_tree, release
 from tests.test_cli import invoke
+from tests.processes import CLI
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 
 
 @pytest.fixture(scope="module")

@@ -14,34 +14,25 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray import cloudpickle
 
 from batch_infer.status import run_status
 from kmnist_core import load_model
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
 from tests.crop_tree import HOLD_ENV, release
+from tests.processes import CLI, wait_for
 from tune.grid import TEST_HOLD_ENV, GridConfig, hold_name, run_grid
 
 pytestmark = [pytest.mark.ray, pytest.mark.training, pytest.mark.timeout(400)]
-CLI = str(Path(sys.executable).parent / "kmnist-batch")
 GRID_LINE = re.compile(r"^\d\d:\d\d:\d\d grid (\d+)/4 trials \((\d+) running, (\d+) pending, (\d+) errored")
 BEST_LR = re.compile(r"best val 0\.\d{4} \(lr 0\.001 batch \d+\)")
-
-
-def wait_for(condition, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
 
 
 def hold(out: Path, lr: float, batch_size: int, epoch: int) -> Path:
@@ -195,8 +186,10 @@ def test_existing_grid_is_not_overwritten(grid_run, small_data_dir):
 
 
 def saved_trials(experiment: Path) -> dict[tuple[float, int], tuple[str, int]]:
-    """What `--resume` reads: each trial's status and last reported epoch in Tune's newest saved experiment
-    state, by (lr, batch size); {} while none is saved or one is being rewritten."""
+    """What `--resume` reads: each trial's status and the epoch of its last registered checkpoint in Tune's
+    newest saved experiment state, by (lr, batch size); {} while none is saved or one is being rewritten.
+    The checkpoint, not the last result: Tune records a result first and registers its checkpoint a step
+    later, and a state saved in between restarts that trial from scratch."""
     try:
         state = json.loads(sorted(experiment.glob("experiment_state-*.json"))[-1].read_text())
     except (IndexError, OSError, ValueError):
@@ -205,8 +198,18 @@ def saved_trials(experiment: Path) -> dict[tuple[float, int], tuple[str, int]]:
     for trial_json, meta_json in state["trial_data"]:
         trial, meta = json.loads(trial_json), json.loads(meta_json)
         train = trial["config"]["train"]
-        saved[(train["lr"], train["batch_size"])] = (trial["status"], (meta.get("last_result") or {}).get("epoch", 0))
+        saved[(train["lr"], train["batch_size"])] = (trial["status"], checkpointed_epoch(meta))
     return saved
+
+
+def checkpointed_epoch(run_metadata: dict) -> int:
+    """The epoch of the trial's latest registered checkpoint (Tune stores its checkpoint manager
+    cloudpickled, as hex, in the saved run metadata); 0 without one."""
+    manager = run_metadata.get("checkpoint_manager")
+    if not manager:
+        return 0
+    latest = cloudpickle.loads(bytes.fromhex(manager["value"]))._latest_checkpoint_result
+    return latest.metrics.get("epoch", 0) if latest is not None else 0
 
 
 def reported(experiment: Path) -> dict[tuple[str, int], float]:
