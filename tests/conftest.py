@@ -70,6 +70,10 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.training)
         if names & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray"):
+            # Under `pytest -n 2 --dist loadgroup` (make test) every Ray test runs in one worker, in order:
+            # one session Ray at a time, while the other worker takes the tests that need none.
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture
