@@ -317,7 +317,8 @@ def predict(
 @app.command()
 @user_errors
 def report(out: str = typer.Argument(..., help="a predict output folder or object-store prefix")):
-    """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json) from the Parquet output."""
+    """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json), OUT/final/ (the review decisions in
+    OUT/reviews/ folded into the rows) and the page outputs from the Parquet output."""
     from batch_infer.report import write_report
     from kmnist_core.storage import resolve
 
