@@ -59,10 +59,11 @@ def match(rows: pa.Table, decided: pa.Table) -> pa.Array:
     return pc.index_in(rows["path_bytes"], value_set=decided["key"].combine_chunks())
 
 
-def fold(rows: pa.Table, decided: pa.Table) -> pa.Table:
+def fold(rows: pa.Table, decided: pa.Table, index: pa.Array | None = None) -> pa.Table:
     """`rows` (path_bytes, pred_char, review_reason) with FOLDED's columns appended (module doc).
-    `decided`: one decision per key, none withdrawn (decisions.latest)."""
-    index = match(rows, decided)
+    `decided`: one decision per key, none withdrawn (decisions.latest); `index`: match(rows, decided),
+    when the caller has it already."""
+    index = match(rows, decided) if index is None else index
     has = pc.is_valid(index)
     label = decided["label"].take(index)  # null where the row was not decided
     special = pc.fill_null(pc.is_in(label, value_set=pa.array(decisions.SPECIAL_LABELS)), False)
@@ -85,7 +86,8 @@ def final_schema(rows: pa.Schema) -> pa.Schema:
 
 
 class Tally:
-    """Reviewed and left per review reason, over the folded shards."""
+    """What the decisions settled (reviewed and left per review reason, corrections, rows predicted
+    again since their decision), summed over the folded shards."""
 
     def __init__(self):
         self.flagged: Counter = Counter()
@@ -141,9 +143,11 @@ def write_final(out: Location, card: ModelCard | None = None, precision: str | N
         loc = output.predictions_dir(out).join(name)
         present = pq.read_schema(loc.path, filesystem=loc.fs).names
         rows = output.read_shard(output.predictions_dir(out), name, READ + [c for c in BOX_COLUMNS if c in present])
-        folded = fold(rows, decided)
-        tally.add(folded, decided.select(["model_id", "run_id"]).take(match(rows, decided)))
-        table = folded.select(final_schema(rows.schema).names).cast(final_schema(rows.schema))
+        index = match(rows, decided)
+        folded = fold(rows, decided, index)
+        tally.add(folded, decided.select(["model_id", "run_id"]).take(index))
+        schema = final_schema(rows.schema)
+        table = folded.select(schema.names).cast(schema)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         storage.write_bytes_atomic(folder.join(name), buf.getvalue(), fsync=True)
@@ -179,9 +183,9 @@ def review_lines(reviews: dict) -> list[tuple[str, str]]:
         extra.append(f"{reviews['conflicts']:,} keys with conflicting labels")
     lines = [("reviewed", f"{text}; {'; '.join(extra)}")]
     if reviews.get("predicted_again") or reviews.get("not_in_predictions"):
-        lines.append(("reviews", f"{reviews.get('predicted_again') or 0:,} decided rows were predicted again since "
+        lines.append(("reviews", f"decided rows predicted again since: {reviews.get('predicted_again') or 0:,} "
                                  f"({reviews.get('made_on_another_model') or 0:,} by another model); "
-                                 f"{reviews.get('not_in_predictions') or 0:,} decisions match no prediction row"))
+                                 f"decisions on keys no prediction row has: {reviews.get('not_in_predictions') or 0:,}"))
     if reviews.get("audit"):
         lines.append(("audit", decisions.audit_text(reviews["audit"])))
     return lines

@@ -102,7 +102,8 @@ def newest(*records: dict | None) -> dict | None:
 
 def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
     """What people settled, from OUT/reviews/ (the latest decision per key, on rows of the run's model);
-    None when nobody decided anything. `ended`: the flagged counts in summary.json are the run's."""
+    None when nobody decided anything. `ended`: the run completed, so the flagged counts in summary.json
+    are its rows' (and `left` can be given)."""
     history = decisions.read_history(out, HISTORY_COLUMNS)
     if history.num_rows == 0:
         return None
@@ -168,7 +169,7 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
         status["summary"] = {"trials": grid.get("trials"), "by_status": grid.get("by_status"), "best": grid.get("best")}
     if kind == "predict":
         status["reviews"] = review_status(loc, run if run and run.get("run_id") == status["run_id"] else None,
-                                          ended=status["state"] != "running")
+                                          ended=status["state"] == "completed")
     if status["state"] in ("failed", "interrupted"):
         if kind == "predict":
             source = run if run and run.get("run_id") == status["run_id"] else (progress or {}).get("start") or {}

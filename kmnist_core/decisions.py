@@ -223,7 +223,7 @@ def audit_summary(history: pa.Table, card: ModelCard | None, precision: str | No
     chance to be sampled (a simple random sample, or one stratified in proportion).
     """
     audits = history.filter(pc.equal(history["kind"], "audit"))
-    audits = latest_by(audits, ["key"]) if audits.num_rows else audits
+    audits = latest_by(audits, ["key"])
     audits = audits.filter(pc.and_(pc.is_valid(audits["label"]), pc.is_null(audits["review_reason"])))
     if card is not None:
         ours = audits.filter(pc.fill_null(pc.equal(audits["model_id"], card.model_id), False))

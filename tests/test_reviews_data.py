@@ -339,12 +339,18 @@ def test_report_writes_final_one_row_per_prediction_row_with_every_decision(crop
     assert reviews["reviewers"] == {"dave": 4, "auditor": 20} and reviews["predicted_again"] == 0
     assert (reviews["audit"]["audited"], reviews["audit"]["wrong"]) == (20, 1)
 
-    # A second report, after a decision is withdrawn: its row is undecided again.
+    # A second report, after a decision is withdrawn (its row is undecided again) and one is made on a key
+    # no row has (counted, not folded in).
     decisions.append(storage.resolve(crops_out), decisions.decision_table(
-        [{"key": corrected["path_bytes"], "path": corrected["path"], "label": None, "reviewer": "dave"}], CHARS))
-    assert invoke("report", crops_out).exit_code == 0
-    again = {f["path_bytes"]: f for f in read_dir(crops_out / "final").to_pylist()}
-    assert (again[corrected["path_bytes"]]["final_char"], again[corrected["path_bytes"]]["final_source"]) == (None, None)
+        [{"key": corrected["path_bytes"], "path": corrected["path"], "label": None, "reviewer": "dave"},
+         {"key": b"/gone.png", "path": "/gone.png", "label": "お", "reviewer": "dave"}], CHARS))
+    again = invoke("report", crops_out)
+    assert again.exit_code == 0 and "decisions on keys no prediction row has: 1" in again.output
+    final = {f["path_bytes"]: f for f in read_dir(crops_out / "final").to_pylist()}
+    assert len(final) == len(rows) and b"/gone.png" not in final
+    assert (final[corrected["path_bytes"]]["final_char"], final[corrected["path_bytes"]]["final_source"]) == (None, None)
+    reviews = json.loads((crops_out / "summary" / "summary.json").read_text(encoding="utf-8"))["reviews"]
+    assert (reviews["decisions"], reviews["decided_rows"], reviews["not_in_predictions"]) == (26, 23, 1)
 
 
 def test_status_shows_reviewed_left_per_reason_and_the_audit(crops_out, tmp_path):
