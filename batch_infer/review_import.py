@@ -32,7 +32,8 @@ from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
 from kmnist_core.storage import Location
 
-SEEN = ["path", "path_bytes", "model_id", "run_id", "pred_char", "confidence", "review_reason"]  # what a decision records
+# Of the matched row: what a decision records.
+SEEN = ["path", "path_bytes", "model_id", "run_id", "pred_char", "confidence", "review_reason"]
 LISTED = 20  # refused lines named in the error; the rest are counted
 TAB_SUFFIXES = (".tsv", ".tab")
 
@@ -116,7 +117,8 @@ def check_header(csv_path: Path, columns: list[str]) -> str:
     if "label" not in columns:
         raise KmnistError(f"{csv_path} has no label column {named}")
     if ("path" in columns) == ("key" in columns):
-        raise KmnistError(f"{csv_path} must have a path column or a key column, not {'both' if 'path' in columns else 'neither'} {named}")
+        which = "both" if "path" in columns else "neither"
+        raise KmnistError(f"{csv_path} must have a path column or a key column, not {which} {named}")
     return "path" if "path" in columns else "key"
 
 

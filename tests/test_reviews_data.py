@@ -16,7 +16,6 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -149,10 +148,11 @@ def test_latest_decision_wins_history_is_kept_withdrawal_and_conflicts(tmp_path)
 
 def test_a_label_outside_the_card_is_refused_and_nothing_written(tmp_path):
     out = storage.resolve(tmp_path / "out")
-    with pytest.raises(KmnistError, match="'x' is not one of the model's characters"):
-        decisions.decision_table([decision(b"/a.png", "お", "alice", 1), decision(b"/b.png", "x", "alice", 1)], CHARS)
+    with pytest.raises(KmnistError, match="'x' is not one of the model's characters"):  # the batch, not half of it
+        decisions.append(out, decisions.decision_table([decision(b"/a.png", "お", "alice", 1),
+                                                        decision(b"/b.png", "x", "alice", 1)], CHARS))
     with pytest.raises(KmnistError, match="kind must be"):
-        decisions.decision_table([decision(b"/a.png", "お", "alice", 1, kind="guess")], CHARS)
+        decisions.append(out, decisions.decision_table([decision(b"/a.png", "お", "alice", 1, kind="guess")], CHARS))
     assert review_files(tmp_path / "out") == {}
     assert decisions.decision_table([decision(b"/a.png", decisions.NOT_A_CHARACTER, "a", 1),
                                      decision(b"/b.png", decisions.UNREADABLE, "a", 1)], CHARS).num_rows == 2
@@ -285,7 +285,7 @@ def test_report_writes_final_one_row_per_prediction_row_with_every_decision(crop
     rows = predictions(crops_out)
     flagged = [r for r in rows if r["needs_review"]]
     accepted = [r for r in rows if not r["needs_review"]]
-    corrected, audited_ok, undecided = flagged[0], accepted[0], flagged[-1]
+    corrected, undecided = flagged[0], flagged[-1]
     labels = {corrected["path_bytes"]: other_char(corrected["pred_char"] or "お"),
               flagged[1]["path_bytes"]: decisions.NOT_A_CHARACTER, flagged[2]["path_bytes"]: decisions.UNREADABLE,
               accepted[1]["path_bytes"]: other_char(accepted[1]["pred_char"])}  # a review that corrects an accepted row
