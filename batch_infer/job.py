@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 from batch_infer import output
 from batch_infer.chunks import chunked
 from batch_infer.discover import check_inputs, count_ahead, iter_files
+from batch_infer.final import final_dir
 from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
 from batch_infer.manifest import Manifest, manifest_chunks, read_manifest
 from batch_infer.options import PredictOptions
@@ -303,7 +304,9 @@ def listing_tasks(run: Run, progress: RunProgress | None, stop_counting: threadi
 def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]:
     """--overwrite: the first chunk is committed aside (locally), and only then replaces the old output; a
     run that fails before its first commit leaves the earlier predictions as they were."""
-    out, stale = run.checked.out, (run.checked.out.join(SUMMARY_DIR),)
+    # summary/ and final/ describe the old rows; reviews/ is people's work and never goes (final.py folds
+    # it over the new rows).
+    out, stale = run.checked.out, (run.checked.out.join(SUMMARY_DIR), final_dir(run.checked.out))
     first = next(tasks, None)
     if first is None:  # nothing to predict: the old output still goes
         output.swap_in(out, run.meta["run_id"], list(run.metas), stale=stale)
@@ -356,6 +359,11 @@ def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
     summary["report"] = write_report(out)
     summary["report"]["pages"] = write_pages(out, run.opts.export)  # None (and old page files gone) without boxes
     phases["report"] = time.perf_counter() - report_started
+    reviews = summary["report"]["reviews"]
+    if reviews["decisions"]:  # what this run did to rows people had decided (their decisions are kept)
+        summary["reviews"] = {"decisions": reviews["decisions"], "decided_rows": reviews["decided_rows"],
+                              "predicted_again": reviews["predicted_again_by_run"].get(run.meta["run_id"], 0),
+                              "made_on_another_model": reviews["made_on_another_model"]}
     summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
     write_run(out, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card.raw})
     return summary

@@ -1,21 +1,30 @@
-"""Page outputs of a box-manifest run, from the finished OUT/predictions/ alone (`kmnist-batch report` reruns it):
+"""Page outputs of a box-manifest run, from the finished OUT/predictions/ and the review decisions in
+OUT/reviews/ alone (`kmnist-batch report` reruns it).
+
+A box's reading: the reviewer's label where the box was decided (the latest decision, as in OUT/final/,
+batch_infer/final.py), else the model's top-1; 〓 for a box with no prediction (an error or a blank)
+or one a reviewer found `unreadable`. A box a reviewer found `not_a_character` is left out of the text,
+the Kaggle CSV and ALTO.
 
 - `OUT/pages.parquet`: one row per page: `page`, the page-level pass-through columns (those constant
-  within every page), `n_boxes`, `n_auto_accepted`, `n_review`, `n_columns`, `text` (every box's top-1
-  character in reading order, kmnist_core/pages.py; 〓 for a box with no prediction: an error or a blank;
-  boxes with no place in the order, reading_index -1, are left out),
-  `text_reviewed` (the same with 〓 wherever a box needs review), and with a `truth` column
-  `n_truth`, `n_correct`, `accuracy`;
+  within every page), `n_boxes`, `n_auto_accepted`, `n_review` (flagged by the model), `n_reviewed`
+  (decided by a reviewer), `n_corrected` (decided with another label than the model's), `n_left`
+  (flagged and not decided), `n_columns`, `text` (the boxes' readings in reading order,
+  kmnist_core/pages.py; boxes with no place in the order, reading_index -1, are left out),
+  `text_reviewed` (only what is settled: 〓 wherever a box is flagged and not decided), and with a
+  `truth` column `n_truth`, `n_correct`, `accuracy` (the model's top-1 against the truth);
 - `OUT/pages_kaggle.csv`: the Kaggle Kuzushiji submission layout, `image_id,labels` with `Unicode X Y` of
-  each predicted box's centre (image_id: the manifest's `image_id` column, else the page file's stem);
+  each read box's centre (image_id: the manifest's `image_id` column, else the page file's stem);
 - `OUT/alto/<image_id>.xml` with `export=("alto",)`: ALTO 4, one `TextBlock` per page, one `TextLine`
   per column (right to left), one `String` per box (`CONTENT`, `HPOS`, `VPOS`, `WIDTH`, `HEIGHT`,
-  `WC` = calibrated confidence);
-- `OUT/summary/pages/<image_id>.png`: for up to OVERLAY_PAGES pages (those with the most boxes needing
-  review first), the page with each box coloured by review reason, its character beside it, and the
-  reading order as a faint line; `OUT/summary/pages.json`: counts, accuracy overall and the pages with
-  the most boxes needing review.
-Memory: the box rows' few columns for the whole run (tens of bytes per box), one page image at a time.
+  `WC` = calibrated confidence); a box a reviewer decided carries `CS="true"` (ALTO's correction
+  status: checked by a person) and `WC="1.0000"`;
+- `OUT/summary/pages/<image_id>.png`: for up to OVERLAY_PAGES pages (those with the most boxes left to
+  review first), the page with each box coloured by review reason (or as reviewed), its reading beside
+  it, and the reading order as a faint line; `OUT/summary/pages.json`: counts, accuracy overall and
+  the pages with the most boxes left to review.
+Memory: the box rows' few columns for the whole run (tens of bytes per box), the latest decision per
+key, one page image at a time.
 """
 
 from __future__ import annotations
@@ -30,10 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from batch_infer import output
+from batch_infer import final, output
 from batch_infer.manifest import PAGE_COLUMNS
 from batch_infer.schema import SCHEMA
-from kmnist_core import storage
+from kmnist_core import decisions, storage
+from kmnist_core.decisions import NOT_A_CHARACTER, UNREADABLE
 from kmnist_core.files import json_text
 from kmnist_core.storage import Location
 
@@ -47,10 +57,12 @@ OVERLAY_MIN_SIDE = 1000  # ... and smaller ones scaled up, so the characters bes
 GETA = "〓"  # the geta mark: a character that could not (or should not yet) be read
 ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
 ALTO_SCHEMA = "http://www.loc.gov/standards/alto/v4/alto-4-4.xsd"
+NOT_A_CHARACTER_MARK = "×"  # beside a box on the overlay: a reviewer found it is no character
 COLOURS = {None: (40, 160, 60), "low_confidence": (240, 150, 0), "unknown_character": (150, 60, 200),
-           "blank": (130, 130, 130), "error": (220, 30, 30)}
+           "blank": (130, 130, 130), "error": (220, 30, 30), "reviewed": (0, 110, 230)}
 READ = ["page", "box_x", "box_y", "box_w", "box_h", "reading_index", "column_index", "pred_char", "pred_codepoint",
         "confidence", "needs_review", "review_reason"]
+OWN = READ + final.FOLDED.names  # the columns the page outputs compute with; the rest are passed through
 
 
 def box_rows(out: Location) -> pd.DataFrame | None:
@@ -63,8 +75,26 @@ def box_rows(out: Location) -> pd.DataFrame | None:
     if "page" not in first.names:
         return None
     extra = [n for n in first.names if n not in SCHEMA.names and n not in PAGE_COLUMNS.names]
-    tables = [t for t in output.iter_tables(out, READ + extra)]
+    decided = decisions.latest(decisions.read_history(out, ["key", "label", "reviewer", "decided_at"]))
+    tables = [final.fold(t, decided).drop_columns(["path_bytes"])
+              for t in output.iter_tables(out, ["path_bytes", *READ, *extra])]
     return pa.concat_tables(tables).to_pandas()
+
+
+def readings(rows: pd.DataFrame) -> pd.Series:
+    """Each box's reading (module doc); a not_a_character box's is meaningless: callers leave it out."""
+    label = rows["review_label"]
+    char = rows["pred_char"].where(rows["pred_char"].notna(), GETA).where(label.isna(), label)
+    return char.where(label != UNREADABLE, GETA)
+
+
+def in_text(rows: pd.DataFrame) -> pd.Series:
+    """Boxes the text holds: all but those a reviewer found no character."""
+    return rows["review_label"] != NOT_A_CHARACTER
+
+
+def codepoint(char: str) -> str:
+    return f"U+{ord(char):04X}"
 
 
 def predictions_schema(out: Location, name: str) -> pa.Schema:
@@ -87,16 +117,21 @@ def image_id(page: str, group: pd.DataFrame) -> str:
 
 def page_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per page (see the module doc)."""
-    extra = [c for c in rows.columns if c not in READ]
+    extra = [c for c in rows.columns if c not in OWN]
     constant = [c for c in extra if rows.groupby("page", sort=False)[c].nunique(dropna=False).max() <= 1]
     records = []
     for page, g in rows.groupby("page", sort=True):
         placed = g[g["reading_index"] >= 0].sort_values("reading_index", kind="stable")
-        chars = placed["pred_char"].where(placed["pred_char"].notna(), GETA)
+        shown = placed[in_text(placed)]
+        decided = g["review_label"].notna()
         rec = {"page": page, **{c: g[c].iloc[0] for c in constant if c != "page"},
                "n_boxes": len(g), "n_auto_accepted": int((~g["needs_review"]).sum()),
-               "n_review": int(g["needs_review"].sum()), "n_columns": int(placed["column_index"].max() + 1) if len(placed) else 0,
-               "text": "".join(chars), "text_reviewed": "".join(chars.where(~placed["needs_review"], GETA))}
+               "n_review": int(g["needs_review"].sum()), "n_reviewed": int(decided.sum()),
+               "n_corrected": int((decided & (g["review_label"] != g["pred_char"])).sum()),
+               "n_left": int((g["needs_review"] & ~decided).sum()),
+               "n_columns": int(placed["column_index"].max() + 1) if len(placed) else 0,
+               "text": "".join(readings(shown)),
+               "text_reviewed": "".join(shown["final_char"].where(shown["final_char"].notna(), GETA))}
         if "truth" in g.columns:
             truth = g["truth"].map(truth_char)
             known = truth.notna()
@@ -110,9 +145,12 @@ def page_table(rows: pd.DataFrame) -> pd.DataFrame:
 def kaggle_csv(rows: pd.DataFrame) -> str:
     lines = ["image_id,labels"]
     for page, g in rows.groupby("page", sort=True):
-        g = g[g["pred_codepoint"].notna()].sort_values("reading_index", kind="stable")
+        g = g[in_text(g)].sort_values("reading_index", kind="stable")
+        chars = readings(g)
+        g, chars = g[chars != GETA], chars[chars != GETA]
+        codepoints = g["pred_codepoint"].where(g["review_label"].isna(), chars.map(codepoint))
         labels = " ".join(f"{c} {x + w // 2} {y + h // 2}" for c, x, y, w, h in
-                          zip(g["pred_codepoint"], g["box_x"], g["box_y"], g["box_w"], g["box_h"]))
+                          zip(codepoints, g["box_x"], g["box_y"], g["box_w"], g["box_h"]))
         lines.append(f"{image_id(page, rows[rows['page'] == page])},{labels}")
     return "\n".join(lines) + "\n"
 
@@ -136,7 +174,8 @@ def alto_xml(page: str, g: pd.DataFrame, size: tuple[int, int] | None) -> bytes:
     processing = ET.SubElement(desc, q("Processing"), {"ID": "kmnist-batch"})
     ET.SubElement(ET.SubElement(processing, q("processingSoftware")), q("softwareName")).text = "kmnist-batch"
     layout = ET.SubElement(root, q("Layout"))
-    g = g[g["box_x"].notna() & (g["reading_index"] >= 0)].sort_values("reading_index", kind="stable")
+    g = g[g["box_x"].notna() & (g["reading_index"] >= 0) & in_text(g)].sort_values("reading_index", kind="stable")
+    g = g.assign(reading=readings(g))
     page_attrs = {"ID": "page_1", "PHYSICAL_IMG_NR": "1"}
     if size:
         page_attrs.update(WIDTH=str(size[0]), HEIGHT=str(size[1]))
@@ -153,10 +192,14 @@ def alto_xml(page: str, g: pd.DataFrame, size: tuple[int, int] | None) -> bytes:
         cx1, cy1 = int((c["box_x"] + c["box_w"]).max()), int((c["box_y"] + c["box_h"]).max())
         line = ET.SubElement(block, q("TextLine"), {"ID": f"line_{col + 1}", **box(cx0, cy0, cx1, cy1)})
         for r in c.itertuples():
-            ET.SubElement(line, q("String"), {
-                "ID": f"string_{int(r.reading_index) + 1}", "CONTENT": r.pred_char if isinstance(r.pred_char, str) else GETA,
-                "HPOS": str(int(r.box_x)), "VPOS": str(int(r.box_y)), "WIDTH": str(int(r.box_w)), "HEIGHT": str(int(r.box_h)),
-                "WC": f"{float(r.confidence):.4f}" if pd.notna(r.confidence) else "0"})
+            reviewed = isinstance(r.review_label, str)
+            attrs = {"ID": f"string_{int(r.reading_index) + 1}", "CONTENT": r.reading,
+                     "HPOS": str(int(r.box_x)), "VPOS": str(int(r.box_y)), "WIDTH": str(int(r.box_w)),
+                     "HEIGHT": str(int(r.box_h)),
+                     "WC": "1.0000" if reviewed else f"{float(r.confidence):.4f}" if pd.notna(r.confidence) else "0"}
+            if reviewed:
+                attrs["CS"] = "true"
+            ET.SubElement(line, q("String"), attrs)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
@@ -170,6 +213,7 @@ def overlay(img: Image.Image, g: pd.DataFrame) -> Image.Image:
     if scale != 1:
         page = page.resize((round(page.width * scale), round(page.height * scale)), Image.Resampling.LANCZOS)
     g = g[g["box_x"].notna()].sort_values("reading_index", kind="stable")
+    chars = readings(g).where(in_text(g), NOT_A_CHARACTER_MARK)
     size = max(10, int(g["box_h"].median() * scale * 0.45)) if len(g) else 10
     font = ImageFont.truetype(str(FONT), size)
     layer = Image.new("RGBA", page.size, (0, 0, 0, 0))
@@ -177,11 +221,11 @@ def overlay(img: Image.Image, g: pd.DataFrame) -> Image.Image:
     centres = [((x + w / 2) * scale, (y + h / 2) * scale) for x, y, w, h in zip(g["box_x"], g["box_y"], g["box_w"], g["box_h"])]
     if len(centres) > 1:
         draw.line(centres, fill=(0, 90, 255, 70), width=max(1, size // 6))
-    for r in g.itertuples():
-        colour = COLOURS.get(r.review_reason if isinstance(r.review_reason, str) else None, COLOURS["error"])
+    for r, char in zip(g.itertuples(), chars):
+        reason = "reviewed" if isinstance(r.review_label, str) else r.review_reason if isinstance(r.review_reason, str) else None
+        colour = COLOURS.get(reason, COLOURS["error"])
         x, y, w, h = (float(v) * scale for v in (r.box_x, r.box_y, r.box_w, r.box_h))
         draw.rectangle([x, y, x + w, y + h], outline=(*colour, 255), width=2)
-        char = r.pred_char if isinstance(r.pred_char, str) else GETA
         draw.text((x - size - 1, y), char, font=font, fill=(*colour, 255))
     return Image.alpha_composite(page.convert("RGBA"), layer).convert("RGB")
 
@@ -207,7 +251,7 @@ def write_pages(out: str | Location, export: tuple[str, ...] = ()) -> dict | Non
     storage.write_bytes_atomic(out.join(PAGES_FILE), buf.getvalue())
     storage.write_bytes_atomic(out.join(KAGGLE_FILE), kaggle_csv(rows).encode("utf-8"))
     by_page = dict(tuple(rows.groupby("page", sort=True)))
-    drawn = set(pages.sort_values(["n_review", "page"], ascending=[False, True])["page"].head(OVERLAY_PAGES))
+    drawn = set(pages.sort_values(["n_left", "page"], ascending=[False, True])["page"].head(OVERLAY_PAGES))
     overlay_dir = out.join("summary", OVERLAY_DIR)
     storage.delete_tree(overlay_dir)
     storage.make_dirs(overlay_dir)
@@ -228,11 +272,13 @@ def write_pages(out: str | Location, export: tuple[str, ...] = ()) -> dict | Non
             storage.write_bytes_atomic(out.join(ALTO_DIR, f"{name}.xml"), alto_xml(page, g, img.size if img else None))
         if page in drawn and img is not None:
             storage.write_bytes_atomic(overlay_dir.join(f"{name}.png"), png_bytes(overlay(img, g)))
-    most = pages.sort_values(["n_review", "page"], ascending=[False, True]).head(10)
+    most = pages.sort_values(["n_left", "page"], ascending=[False, True]).head(10)
     summary = {"pages": len(pages), "boxes": int(pages["n_boxes"].sum()),
                "auto_accepted": int(pages["n_auto_accepted"].sum()), "review": int(pages["n_review"].sum()),
-               "most_review": [{"page": p, "n_review": int(n), "n_boxes": int(b)}
-                               for p, n, b in zip(most["page"], most["n_review"], most["n_boxes"])],
+               "reviewed": int(pages["n_reviewed"].sum()), "corrected": int(pages["n_corrected"].sum()),
+               "left": int(pages["n_left"].sum()),
+               "most_review": [{"page": p, "n_review": int(n), "n_left": int(left), "n_boxes": int(b)}
+                               for p, n, left, b in zip(most["page"], most["n_review"], most["n_left"], most["n_boxes"])],
                "overlays": len(drawn) - unreadable if drawn else 0, "unreadable_pages": unreadable,
                "alto": "alto" in export}
     if "n_truth" in pages.columns:

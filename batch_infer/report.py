@@ -1,6 +1,7 @@
 """OUT/summary/: plots, a per-folder table and summary.json, computed from the Parquet output alone
 (rows plus the run options and model card in shard footers and predictions/_run-*.json; run.json, when
-present, adds throughput). `kmnist-batch report OUT` reruns it.
+present, adds throughput). `kmnist-batch report OUT` reruns it. It also folds the review decisions
+(OUT/reviews/) into OUT/final/ (batch_infer/final.py); summary.json's `reviews` holds what they settled.
 
 Memory is bounded by one shard: the rows are read a shard at a time, only the columns needed, and
 folded into running counts, a confidence histogram, per-folder sums and, per review reason, the few
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch_infer import output
+from batch_infer.final import write_final
 from batch_infer.review_sheet import SHEET_LIMIT, sheet_order, write_review_sheet
 from kmnist_core.run_record import read_run
 from kmnist_core import storage
@@ -150,6 +152,7 @@ def write_report(out: str | Path | Location) -> dict:
     s = Summary()
     for table in output.iter_tables(out, COLUMNS):
         s.add(table)
+    reviews = write_final(out, card, latest.get("precision"))
 
     with tempfile.TemporaryDirectory() as tmp:
         summary_dir = Path(out.path, SUMMARY_DIR) if out.local else Path(tmp)
@@ -181,6 +184,7 @@ def write_report(out: str | Path | Location) -> dict:
             "crops_per_s": run.get("crops_per_s"),
             "elapsed_s": run.get("elapsed_s"),
             "duplicate_paths": s.duplicates(),
+            "reviews": reviews,
         }
         (summary_dir / "summary.json").write_text(json_text(summary), encoding="utf-8")
         if not out.local:

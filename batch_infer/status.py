@@ -1,7 +1,9 @@
 """`kmnist-batch status OUT`: where a predict or tune run stands, from OUT alone (no Ray).
 
 Three records are read: OUT/.lock (kmnist_core/out_lock.py), OUT/run.json (predict's own record of
-its status and reason) and OUT/_progress.json (kmnist_core/progress.py; predict and tune).
+its status and reason) and OUT/_progress.json (kmnist_core/progress.py; predict and tune). Where people
+have reviewed rows, their decisions (OUT/reviews/) give the review lines: reviewed and left per reason
+(left: against the flagged counts of summary/summary.json, once the run has ended) and the audit figure.
 
 Alive or not:
 - local OUT: the lock decides. A live run holds the flock on OUT/.lock; the kernel drops it when the
@@ -24,12 +26,18 @@ import shlex
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 from batch_infer import output
+from batch_infer.final import HISTORY_COLUMNS, review_lines
 from batch_infer.progress import head_text
-from kmnist_core import storage
+from batch_infer.report import SUMMARY_DIR
+from kmnist_core import decisions, storage
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
+from kmnist_core.review import REVIEW_REASONS
 from kmnist_core.run_record import RUN_FILE
 from kmnist_core.storage import Location
 
@@ -92,6 +100,28 @@ def newest(*records: dict | None) -> dict | None:
     return max(present, key=lambda r: r.get("run_id") or "") if present else None
 
 
+def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
+    """What people settled, from OUT/reviews/ (the latest decision per key, on rows of the run's model);
+    None when nobody decided anything. `ended`: the run completed, so the flagged counts in summary.json
+    are its rows' (and `left` can be given)."""
+    history = decisions.read_history(out, HISTORY_COLUMNS)
+    if history.num_rows == 0:
+        return None
+    card = ModelCard.from_json(run["model_card"], "run.json's model card") if (run or {}).get("model_card") else None
+    decided = decisions.latest(history)
+    if card is not None:
+        decided = decided.filter(pc.fill_null(pc.equal(decided["model_id"], card.model_id), False))
+    reviewed = output.value_counts(pc.fill_null(decided["review_reason"], ""))  # "": auto-accepted rows
+    flagged = (read_json(out.join(SUMMARY_DIR), "summary.json") or {}).get("review_reasons") if ended else None
+    return {"decisions": history.num_rows, "reviewers": output.value_counts(decided["reviewer"]),
+            "by_reason": {r: {"flagged": flagged.get(r, 0) if flagged else None, "reviewed": reviewed.get(r, 0),
+                              "left": max(0, flagged.get(r, 0) - reviewed.get(r, 0)) if flagged else None}
+                          for r in REVIEW_REASONS},
+            "auto_accepted": {"reviewed": reviewed.get("", 0)},
+            "conflicts": decisions.conflicts(history).num_rows,
+            "audit": decisions.audit_summary(history, card, (run or {}).get("precision"))}
+
+
 def run_status(out: str | Path, now: float | None = None) -> dict:
     """The state of the run in `out`: running, completed, failed or interrupted, with its figures."""
     given = str(out)  # the resume command names OUT as the user did
@@ -137,6 +167,9 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
     if kind == "tune" and status["state"] == "completed":
         grid = read_json(loc, GRID_FILE) or {}
         status["summary"] = {"trials": grid.get("trials"), "by_status": grid.get("by_status"), "best": grid.get("best")}
+    if kind == "predict":
+        status["reviews"] = review_status(loc, run if run and run.get("run_id") == status["run_id"] else None,
+                                          ended=status["state"] == "completed")
     if status["state"] in ("failed", "interrupted"):
         if kind == "predict":
             source = run if run and run.get("run_id") == status["run_id"] else (progress or {}).get("start") or {}
@@ -188,6 +221,8 @@ def status_text(s: dict) -> str:
         lines += progress_text(s["progress"], s["kind"])
     if summary.get("rows_committed") is not None:
         lines.append(f"committed {summary['rows_committed']:,} rows by this run")
+    if s.get("reviews"):
+        lines += [f"{label:<9} {text}" for label, text in review_lines(s["reviews"])]
     if s.get("resume_command"):
         lines.append(f"to finish {s['resume_command']}")
     return "\n".join(lines)

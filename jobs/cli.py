@@ -188,7 +188,13 @@ def print_summary(summary: dict, out: str) -> None:
         f"predictions  {out}/predictions",
         f"summary      {out}/summary (plots, by_folder.csv, summary.json)",
         f"review queue {out}/summary/review.html (and review_sheet-<reason>-<n>.png)",
+        f"final        {out}/final (one row per prediction row, the review decisions folded in)",
     ]))
+    reviews = summary.get("reviews") or {}
+    if reviews.get("decisions"):
+        from batch_infer.final import review_lines
+
+        typer.echo("\n".join(f"{label:<12} {text}" for label, text in review_lines(reviews)))
     if summary.get("pages"):
         print_pages(summary["pages"], out)
 
@@ -196,18 +202,27 @@ def print_summary(summary: dict, out: str) -> None:
 def print_pages(pages: dict, out: str) -> None:
     """The page lines of a box-manifest run: where the text is, accuracy, the pages to review first."""
     accuracy = pages.get("accuracy")
-    lines = [f"pages        {pages['pages']:,} pages, {pages['boxes']:,} boxes ({pages['review']:,} need review): "
+    left = f", {pages['left']:,} left after {pages['reviewed']:,} reviewed" if pages.get("reviewed") else ""
+    lines = [f"pages        {pages['pages']:,} pages, {pages['boxes']:,} boxes ({pages['review']:,} need review{left}): "
              f"{out}/pages.parquet (text in reading order), {out}/pages_kaggle.csv"
              + (f", {out}/alto/" if pages.get("alto") else ""),
              f"page views   {out}/summary/pages/ ({pages['overlays']} pages)"]
     if accuracy and accuracy["accuracy"] is not None:
         lines.append(f"accuracy     {accuracy['accuracy']:.2%} of {accuracy['boxes_with_truth']:,} boxes with a truth "
                      f"(per page: pages.parquet)")
-    review = [p for p in pages["most_review"] if p["n_review"]][:5]
+    review = [p for p in pages["most_review"] if p["n_left"]][:5]
     if review:
-        lines.append("review first " + ", ".join(f"{os.path.basename(p['page'])} ({p['n_review']}/{p['n_boxes']})"
+        lines.append("review first " + ", ".join(f"{os.path.basename(p['page'])} ({p['n_left']}/{p['n_boxes']})"
                                                  for p in review))
     typer.echo("\n".join(lines))
+
+
+def print_reviews_kept(reviews: dict, out: str) -> None:
+    """The one line a run that predicted decided rows again owes the people who decided them."""
+    if reviews.get("predicted_again"):
+        typer.echo(f"reviews kept {reviews['predicted_again']:,} review decisions point at rows this run predicted "
+                   f"again ({reviews['made_on_another_model']:,} made on another model's predictions); they stay in "
+                   f"{out}/reviews/ and final/ applies them to the new rows")
 
 
 def flag(name: str, **overrides):
@@ -280,6 +295,7 @@ def predict(
             progress = RunProgress(out, every_s=progress_every, quiet=quiet)
             run = run_predict(inputs or [], out, opts, progress=progress)
             print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
+            print_reviews_kept(run.get("reviews") or {}, run["out"])
             return 0, "completed"
         except KmnistError as e:
             typer.echo(f"error: {e}", err=True)
@@ -301,7 +317,8 @@ def predict(
 @app.command()
 @user_errors
 def report(out: str = typer.Argument(..., help="a predict output folder or object-store prefix")):
-    """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json) from the Parquet output."""
+    """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json), OUT/final/ (the review decisions in
+    OUT/reviews/ folded into the rows) and the page outputs from the Parquet output."""
     from batch_infer.report import write_report
     from kmnist_core.storage import resolve
 

@@ -1,11 +1,14 @@
-"""Confidence calibration: temperature scaling fitted on validation logits, ECE, risk-coverage."""
+"""Confidence calibration: temperature scaling fitted on validation logits, ECE, risk-coverage, and the
+Clopper-Pearson bounds the review promise and the audit of a run are stated with.
+
+torch is imported only where a temperature is fitted: `status` and `report` use the bounds and must
+not pay torch's start-up."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -17,6 +20,8 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T minimizing validation NLL of softmax(logits / T) (Guo et al., 2017)."""
+    import torch
+
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

@@ -26,6 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kmnist_core import storage
+from kmnist_core.calibration import rate_upper_bound
+from kmnist_core.card import ModelCard, calibration_key
 from kmnist_core.errors import KmnistError
 from kmnist_core.storage import Location
 
@@ -110,16 +112,20 @@ def append(out: Location, table: pa.Table) -> str:
     return name
 
 
-def read_history(out: Location) -> pa.Table:
-    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row)."""
+def read_history(out: Location, columns: list[str] | None = None) -> pa.Table:
+    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row). `columns`:
+    only these of SCHEMA (decided_at is always read: it orders the history), to keep a large history
+    small in memory."""
+    names = SCHEMA.names if columns is None else [n for n in SCHEMA.names if n in columns or n == "decided_at"]
+    schema = pa.schema([SCHEMA.field(n) for n in names])
     folder = reviews_dir(out)
     parts = []
     for i, name in enumerate(storage.list_names(folder, ".parquet")):
         loc = folder.join(name)
-        t = pq.read_table(loc.path, filesystem=loc.fs).cast(SCHEMA)
+        t = pq.read_table(loc.path, filesystem=loc.fs, columns=names).cast(schema)
         parts.append(t.append_column("_order", pa.array([i * (1 << 32) + j for j in range(t.num_rows)], pa.int64())))
     if not parts:
-        return SCHEMA.empty_table()
+        return schema.empty_table()
     history = pa.concat_tables(parts)
     history = history.sort_by([("decided_at", "ascending"), ("_order", "ascending")])
     return history.drop_columns(["_order"])
@@ -133,10 +139,12 @@ def latest(history: pa.Table) -> pa.Table:
 
 def conflicts(history: pa.Table) -> pa.Table:
     """Keys whose reviewers disagree: each reviewer's latest label per key, where more than one label remains.
-    A reviewer changing their own mind is not a conflict; a withdrawn decision takes that reviewer out."""
+    A reviewer changing their own mind is not a conflict; a withdrawn decision takes that reviewer out.
+    `current`: the label that counts now (the key's latest decision; null when that was a withdrawal)."""
     if history.num_rows == 0:
         return pa.table({"key": pa.array([], pa.binary()), "path": pa.array([], pa.string()),
-                         "labels": pa.array([], pa.string()), "reviewers": pa.array([], pa.string())})
+                         "labels": pa.array([], pa.string()), "reviewers": pa.array([], pa.string()),
+                         "current": pa.array([], pa.string())})
     per_reviewer = latest_by(history, ["key", "reviewer"])
     per_reviewer = per_reviewer.filter(pc.is_valid(per_reviewer["label"]))
     rows = per_reviewer.select(["key", "path", "label", "reviewer"]).to_pylist()
@@ -145,13 +153,27 @@ def conflicts(history: pa.Table) -> pa.Table:
         by_key.setdefault(r["key"], []).append(r)
     found = [rs for rs in by_key.values() if len({r["label"] for r in rs}) > 1]
     found.sort(key=lambda rs: rs[0]["key"])
+    now = latest(history)
+    current = dict(zip(now["key"].to_pylist(), now["label"].to_pylist())) if found else {}
     return pa.table({
         "key": pa.array([rs[0]["key"] for rs in found], pa.binary()),
         "path": pa.array([rs[0]["path"] for rs in found], pa.string()),
         "labels": pa.array([" / ".join(f"{r['label']} ({r['reviewer']})" for r in sorted(rs, key=lambda r: r["reviewer"]))
                             for rs in found], pa.string()),
         "reviewers": pa.array([", ".join(sorted({r["reviewer"] for r in rs})) for rs in found], pa.string()),
+        "current": pa.array([current.get(rs[0]["key"]) for rs in found], pa.string()),
     })
+
+
+def conflicts_text(found: pa.Table) -> str:
+    """`review --conflicts`: a header, then one tab-separated line per conflicting key (path, each
+    reviewer's label, the label that counts now); a line saying so when there is none."""
+    if found.num_rows == 0:
+        return "no conflicts: no key was given different labels"
+    lines = ["path\tlabels (reviewer)\tcounts now"]
+    for r in found.select(["path", "labels", "current"]).to_pylist():
+        lines.append(f"{r['path']}\t{r['labels']}\t{r['current'] or 'none (withdrawn)'}")
+    return "\n".join(lines)
 
 
 def latest_by(history: pa.Table, keys: list[str]) -> pa.Table:
@@ -161,3 +183,89 @@ def latest_by(history: pa.Table, keys: list[str]) -> pa.Table:
     numbered = history.append_column("_i", pa.array(range(history.num_rows), pa.int64()))
     last = numbered.group_by(keys).aggregate([("_i", "max")])["_i_max"]
     return history.take(np.sort(last.to_numpy()))
+
+
+AUDIT_LEVEL = 0.95  # the audit interval: two-sided, as a measurement is reported (the card's promise is one-sided)
+
+
+def review_promise(card: ModelCard, precision: str | None = None) -> dict | None:
+    """What the card promises of auto-accepted rows (fitted on validation): the int8 twin's own when
+    `precision` is int8 and its refit is current, else the fp32 model's; None for a card without one."""
+    section = card.raw.get("calibration") or {}
+    int8 = card.int8 or {}
+    if precision == "int8" and int8.get("fitted_against") == calibration_key(section):
+        section = {**section, **(int8.get("calibration") or {})}
+    return section.get("review_promise")
+
+
+def clopper_pearson(hits: int, n: int, level: float = AUDIT_LEVEL) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of a rate measured as hits / n: each end a one-sided bound at
+    (1 + level) / 2."""
+    one_sided = (1 + level) / 2
+    low = 0.0 if hits == 0 else 1.0 - rate_upper_bound(n - hits, n, one_sided)
+    return low, rate_upper_bound(hits, n, one_sided)
+
+
+def audit_summary(history: pa.Table, card: ModelCard | None, precision: str | None = None) -> dict | None:
+    """The measured error rate of the auto-accepted rows of a run, from its audit decisions, next to the
+    card's promise; None when no audit decision counts.
+
+    Counted: each key's latest decision of kind "audit" (a withdrawn one takes the key out), made on a
+    row that was auto-accepted (review_reason null) by the card's model; audits of another model's rows
+    (an OUT predicted again with --overwrite) are only counted in `other_model`.
+    Wrong: the reviewer's label differs from the character the model gave the row (`pred_char` as the
+    reviewer saw it). `not_a_character` and `unreadable` count as wrong too: auto-accepting a row promises
+    it is that character, and a crop nobody can read cannot be confirmed as one.
+    `error_rate` comes with its two-sided 95 % Clopper-Pearson interval. The card promises precision >=
+    target (one-sided, at its confidence level), so error rate <= 1 - target: `verdict` is "kept" when
+    the interval's upper end is at or below that, "broken" when its lower end is above it, "open" in
+    between (audit more rows). The rate is that of all auto-accepted rows when every one had the same
+    chance to be sampled (a simple random sample, or one stratified in proportion).
+    """
+    audits = history.filter(pc.equal(history["kind"], "audit"))
+    audits = latest_by(audits, ["key"])
+    audits = audits.filter(pc.and_(pc.is_valid(audits["label"]), pc.is_null(audits["review_reason"])))
+    if card is not None:
+        ours = audits.filter(pc.fill_null(pc.equal(audits["model_id"], card.model_id), False))
+        other_model, audits = audits.num_rows - ours.num_rows, ours
+    else:
+        other_model = 0
+    n = audits.num_rows
+    if n == 0:
+        return None
+    labels, predicted = audits["label"].to_pylist(), audits["pred_char"].to_pylist()
+    wrong_by = {"other_character": 0, NOT_A_CHARACTER: 0, UNREADABLE: 0}
+    for label, pred in zip(labels, predicted):
+        if label != pred:
+            wrong_by[label if label in SPECIAL_LABELS else "other_character"] += 1
+    wrong = sum(wrong_by.values())
+    low, high = clopper_pearson(wrong, n)
+    promise = review_promise(card, precision) if card is not None else None
+    summary = {"audited": n, "wrong": wrong, "wrong_by": wrong_by, "error_rate": wrong / n,
+               "interval": [low, high], "interval_level": AUDIT_LEVEL, "model_id": card.model_id if card else None,
+               "other_model": other_model, "promise": None, "verdict": None}
+    if promise and promise.get("target_precision") is not None:
+        max_error = 1.0 - float(promise["target_precision"])
+        summary["promise"] = {"max_error_rate": max_error, "target_precision": promise["target_precision"],
+                              "confidence_level": promise.get("confidence_level"),
+                              "validation_precision_lower_bound": promise.get("precision_lower_bound"),
+                              "validation_auto_accepted_share": promise.get("auto_accepted_share")}
+        summary["verdict"] = "kept" if high <= max_error else "broken" if low > max_error else "open"
+    return summary
+
+
+VERDICTS = {"kept": "the promise holds", "broken": "the promise is broken on this archive",
+            "open": "not settled: audit more rows"}
+
+
+def audit_text(audit: dict) -> str:
+    """The audit figure in one line (status, report)."""
+    low, high = audit["interval"]
+    text = (f"{audit['audited']:,} auto-accepted rows checked, {audit['wrong']:,} wrong: error rate "
+            f"{audit['error_rate']:.2%} (95% CI {low:.2%}-{high:.2%})")
+    promise = audit.get("promise")
+    if promise:
+        text += f"; the card promises <= {promise['max_error_rate']:.2%}: {VERDICTS[audit['verdict']]}"
+    if audit.get("other_model"):
+        text += f" ({audit['other_model']:,} audits of another model's rows not counted)"
+    return text
