@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kmnist_core import storage
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.storage import Location
 
@@ -110,19 +111,30 @@ def append(out: Location, table: pa.Table) -> str:
     return name
 
 
-def read_history(out: Location) -> pa.Table:
-    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row)."""
-    folder = reviews_dir(out)
+def read_file(folder: Location, name: str) -> pa.Table:
+    """One published batch of decisions, as SCHEMA."""
+    loc = folder.join(name)
+    return pq.read_table(loc.path, filesystem=loc.fs).cast(SCHEMA)
+
+
+def history_of(batches: dict[str, pa.Table]) -> pa.Table:
+    """Batches (file name -> its decisions) as one history, oldest first: decided_at, then file name, then
+    row. A reader that reads reviews/ a file at a time (the review server) gets read_history's order."""
     parts = []
-    for i, name in enumerate(storage.list_names(folder, ".parquet")):
-        loc = folder.join(name)
-        t = pq.read_table(loc.path, filesystem=loc.fs).cast(SCHEMA)
+    for i, name in enumerate(sorted(batches)):
+        t = batches[name]
         parts.append(t.append_column("_order", pa.array([i * (1 << 32) + j for j in range(t.num_rows)], pa.int64())))
     if not parts:
         return SCHEMA.empty_table()
     history = pa.concat_tables(parts)
     history = history.sort_by([("decided_at", "ascending"), ("_order", "ascending")])
     return history.drop_columns(["_order"])
+
+
+def read_history(out: Location) -> pa.Table:
+    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row)."""
+    folder = reviews_dir(out)
+    return history_of({name: read_file(folder, name) for name in storage.list_names(folder, ".parquet")})
 
 
 def latest(history: pa.Table) -> pa.Table:
@@ -161,3 +173,30 @@ def latest_by(history: pa.Table, keys: list[str]) -> pa.Table:
     numbered = history.append_column("_i", pa.array(range(history.num_rows), pa.int64()))
     last = numbered.group_by(keys).aggregate([("_i", "max")])["_i_max"]
     return history.take(np.sort(last.to_numpy()))
+
+
+def audit_summary(history: pa.Table, card: ModelCard) -> dict | None:
+    """The measured error rate of auto-accepted rows: the latest audit decision per key against the
+    prediction the reviewer saw, with a two-sided 95 % Clopper-Pearson interval, next to the card's
+    promise (auto-accepted in-set crops right with at least its target precision). `unreadable` says
+    nothing about the model and is left out; `not_a_character` on an auto-accepted row is an error.
+    None when nothing was audited. (A minimal version for the review server; the report's may replace it.)"""
+    from kmnist_core.calibration import rate_upper_bound  # here: calibration imports torch, which readers of decisions need not load
+
+    audited = latest(history)
+    audited = audited.filter(pc.equal(audited["kind"], "audit"))
+    judged = [(r["label"], r["pred_char"]) for r in audited.select(["label", "pred_char"]).to_pylist()
+              if r["label"] != UNREADABLE]
+    if not judged:
+        return None
+    n = len(judged)
+    errors = sum(label != pred for label, pred in judged)
+    promise = (card.raw.get("calibration") or {}).get("review_promise") or {}
+    target = promise.get("target_precision")
+    return {
+        "audited": n, "errors": errors, "unreadable": audited.num_rows - n, "error_rate": errors / n,
+        # Two-sided 95 %: each bound one-sided at 97.5 %.
+        "error_rate_ci95": [1.0 - rate_upper_bound(n - errors, n, 0.975), rate_upper_bound(errors, n, 0.975)],
+        "promised_error_rate": None if target is None else 1.0 - target,
+        "promised_confidence": promise.get("confidence_level"),
+    }
