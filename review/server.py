@@ -23,7 +23,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -31,6 +31,7 @@ from kmnist_core import decisions, storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.review import REVIEW_REASONS
 from kmnist_core.storage import Location
+from batch_infer.review_sheet import FONT
 from review import images
 from review.ledger import Ledger
 from review.queue import AUDIT, PAGE_SIZE, TABS, Queue, StaleIndex, open_run, parse_row_id
@@ -171,6 +172,8 @@ def build_app(review: Review, token: str) -> ASGIApp:
 
     def static(request: Request) -> Response:
         name = request.path_params["name"]
+        if name == FONT.name:  # the kana drawn alike on every machine, Japanese fonts installed or not
+            return FileResponse(FONT, media_type="font/ttf", headers={"Cache-Control": "private, max-age=86400"})
         if name not in STATIC:
             return PlainTextResponse("404: not found\n", status_code=404)
         return Response(static_text(name), media_type=STATIC[name], headers=headers)

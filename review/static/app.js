@@ -220,6 +220,7 @@ function drawTile(el) {
   el.dataset.state = st;
   el.dataset.label = label == null ? "" : label;
   el.querySelector(".label").textContent = labelText(label);
+  el.querySelector(".label").classList.toggle("special", label in SPECIAL);
   const by = state.by.get(id);
   el.querySelector(".state").textContent = {
     open: "", pending: "saving…", failed: `not saved: ${state.errors.get(id) || ""}`,
