@@ -338,8 +338,9 @@ def review(
     if audit < 0:
         raise KmnistError("--audit takes a number of rows >= 0")
     location = resolve(out)
-    open_run(location)  # anything but a predict output is one error line, whatever the mode
     reviewer = reviewer or default_reviewer()
+    if import_csv is not None or conflicts:
+        open_run(location)  # anything but a predict output is one error line (serve checks it too)
     if import_csv is not None:
         from batch_infer.review_import import import_decisions
 

@@ -217,8 +217,9 @@ class Queue:
             self.shards.append(name)
             self.stamps[name] = stamps[name]
             scan.rows.shard[:] = shard
-            scan.rows.group = np.array([self.group_id(g) for g in scan.group_names], np.int32)[scan.rows.group] \
-                if len(scan.rows.group) else scan.rows.group
+            to_queue_ids = np.array([self.group_id(g) for g in scan.group_names], np.int32)
+            if len(to_queue_ids):
+                scan.rows.group = to_queue_ids[scan.rows.group]
             parts.append(scan.rows)
             accepted.append((np.full(len(scan.accepted_row), shard, np.int32), scan.accepted_row,
                              scan.accepted_class, scan.accepted_confidence))

@@ -225,6 +225,8 @@ def build_app(review: Review, token: str) -> ASGIApp:
             return JSONResponse({"error": str(e)}, status_code=400)
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
+        except OSError as e:  # reviews/ not writable, disk full: the page shows the tiles as not saved
+            return JSONResponse({"error": f"could not write {decisions.reviews_dir(review.out).uri}: {e}"}, status_code=503)
         return JSONResponse(result, headers=headers)
 
     def not_found(request: Request, exc: Exception) -> Response:

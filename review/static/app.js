@@ -53,7 +53,7 @@ async function start() {
   const tabs = state.info.tabs.map((t) => t.name);
   state.tab = tabs.includes(wanted.get("tab")) ? wanted.get("tab") : firstTabWithWork();
   await load(wanted.has("page") ? Number(wanted.get("page")) : null);
-  setInterval(poll, POLL_MS);
+  setInterval(() => poll().catch(() => say("the review server does not answer", true)), POLL_MS);
 }
 
 function firstTabWithWork() {
@@ -334,7 +334,7 @@ async function flush() {
     state.inflight = false;
   }
   if (state.pending.size) flush();
-  else refreshCounts();
+  else refreshCounts().catch(() => say("saved, but the counts could not be refreshed", true));
 }
 
 async function refreshCounts() {
