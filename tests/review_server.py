@@ -45,7 +45,7 @@ def make_run(root: Path, images: np.ndarray, n: int = 150) -> Path:
 class Server:
     """`kmnist-batch review OUT --port 0 ...` in its own process; `base` and `token` from its stdout."""
 
-    def __init__(self, out: Path, *args: str, timeout: float = 90.0):
+    def __init__(self, out: Path | str, *args: str, timeout: float = 90.0):
         self.proc = subprocess.Popen([CLI, "review", str(out), "--port", "0", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: list[str] = []

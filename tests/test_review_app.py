@@ -5,6 +5,7 @@ flagged row exactly once, the seeded stratified audit sample, a running run's ne
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from PIL import Image
 
 from batch_infer.job import PredictOptions, run_predict
 from batch_infer.output import read_predictions
@@ -25,6 +27,9 @@ from review import audit
 from review.queue import AUDIT, TABS, Queue, key_hashes, row_id
 from tests.crop_tree import plain_tree
 from tests.review_server import CLI, Server, make_run
+from tests.test_object_store import bucket, s3_env, upload_tree  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -238,6 +243,33 @@ def test_the_queue_lists_every_flagged_row_exactly_once_across_pages(out, server
                 assert conf == sorted(conf), "most doubtful first"
                 assert all(g == "/".join(c for c, _ in t["top"][:2]) for t in tiles if t["group"] == g)
     assert AUDIT not in tabs and server.request("GET", "/api/queue?tab=audit")[0] == 404
+
+
+def test_a_box_is_shown_on_its_page(tmp_path, servers):
+    out = tmp_path / "pages"
+    run_predict([], out, PredictOptions(manifest=str(ROOT / "examples" / "pages" / "boxes.csv"), executor="local"))
+    server = servers(out, "--audit", "3")
+    tiles = server.all_tiles(AUDIT) + server.all_tiles("low_confidence")
+    assert tiles and all(t["on_page"] and "#xywh=" in t["path"] for t in tiles)
+    for tile in tiles[:4]:
+        status, headers, body = server.request("GET", f"/api/page/{tile['id']}.png")
+        assert status == 200 and headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(body)) as page, Image.open(tile["path"].split("#xywh=")[0]) as source:
+            assert page.size == source.size  # the whole page (small enough to show as it is)
+        status, _, body = server.request("GET", f"/api/crop/{tile['id']}.png")
+        assert status == 200 and body.startswith(b"\x89PNG")
+
+
+def test_an_out_on_an_object_store(out, bucket, s3_env, servers):  # noqa: F811
+    upload_tree(s3_env, out, bucket, "out")
+    server = servers(f"s3://{bucket}/out", "--reviewer", "remote")
+    tile = server.get_json("/api/queue?tab=low_confidence")["tiles"][0]
+    assert server.request("GET", f"/api/crop/{tile['id']}.png")[0] == 200
+    status, answer = server.post([{"id": tile["id"], "label": "を"}])
+    assert status == 200
+    saved = decisions.read_history(resolve(f"s3://{bucket}/out")).to_pylist()
+    assert [(r["path"], r["label"], r["reviewer"]) for r in saved] == [(tile["path"], "を", "remote")]
+    assert not (out / "reviews").exists()
 
 
 def test_audit_sample_is_seeded_and_stratified(out):
