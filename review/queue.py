@@ -37,7 +37,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batch_infer import output
-from kmnist_core import storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.review import REVIEW_REASONS

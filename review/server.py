@@ -27,11 +27,11 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from batch_infer.review_sheet import FONT
 from kmnist_core import decisions, storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.review import REVIEW_REASONS
 from kmnist_core.storage import Location
-from batch_infer.review_sheet import FONT
 from review import images
 from review.ledger import Ledger
 from review.queue import AUDIT, PAGE_SIZE, TABS, Queue, StaleIndex, open_run, parse_row_id
