@@ -176,7 +176,8 @@ def test_kill_9_right_after_saved_answers_loses_nothing(out, servers):
     threads = [threading.Thread(target=reviewer, args=(ids[k::4],)) for k in range(4)]
     for t in threads:
         t.start()
-    while len(acknowledged) < len(ids) // 2:
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < len(ids) // 2 and time.monotonic() < deadline:
         time.sleep(0.001)
     server.kill()  # SIGKILL while requests are in flight
     for t in threads:
