@@ -43,10 +43,10 @@ def sheet_order(rows: pd.DataFrame, reason: str) -> pd.DataFrame:
     return rows.sort_values([key, "rel_path"], ascending=[ascending, True])
 
 
-def thumbnail(row: pd.Series) -> Image.Image:
-    """The crop as the file shows it (EXIF applied), at most THUMB px, with the ink box in red; a grey
-    square for an error row (the file is broken, or gone since the run)."""
-    placeholder = Image.new("RGB", (THUMB // 2, THUMB // 2), (235, 235, 235))
+def thumbnail(row: pd.Series, size: int = THUMB) -> Image.Image:
+    """The crop as the file shows it (EXIF applied), at most `size` px, with the ink box in red; a grey
+    square for an error row (the file is broken, or gone since the run). Also the review app's tiles."""
+    placeholder = Image.new("RGB", (size // 2, size // 2), (235, 235, 235))
     if row["review_reason"] == "error":
         return placeholder
     key = row["path_bytes"]
@@ -63,7 +63,7 @@ def thumbnail(row: pd.Series) -> Image.Image:
     if box:
         left, top, w, h = (int(v) for v in box.groups()[1:])
         img = img.crop((left, top, left + w, top + h))
-    scale = THUMB / max(img.size)
+    scale = size / max(img.size)
     if scale < 1:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
     else:

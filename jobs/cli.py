@@ -333,6 +333,52 @@ def report(out: str = typer.Argument(..., help="a predict output folder or objec
 
 @app.command()
 @user_errors
+def review(
+    out: str = typer.Argument(..., help="a predict output folder or object-store prefix"),
+    port: int = typer.Option(8765, help="port to listen on; 0: any free port (the printed URL names it)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; 0.0.0.0 serves every network interface "
+                                               "(a warning says what that exposes)"),
+    reviewer: Optional[str] = typer.Option(None, help="name recorded with each decision (default: the login name)"),
+    audit: int = typer.Option(0, help="also serve a seeded random sample of N auto-accepted rows, stratified by "
+                                      "predicted class and confidence: their measured error rate"),
+    seed: int = typer.Option(0, help="seed of the --audit sample (the same OUT and seed give the same sample)"),
+    import_csv: Optional[Path] = typer.Option(None, "--import", help="record the decisions in a CSV (columns path "
+                                                                    "or key, label, optional reviewer) and exit"),
+    conflicts: bool = typer.Option(False, "--conflicts", help="list the keys reviewers gave different labels and exit"),
+):
+    """Review the rows predict flagged in a local web app: prints its URL (with its access token) and
+    serves until Ctrl-C. Each decision is appended to OUT/reviews/ before the page shows it as saved."""
+    from kmnist_core.decisions import default_reviewer
+    from kmnist_core.storage import resolve
+    from review.queue import open_run
+
+    if audit < 0:
+        raise KmnistError("--audit takes a number of rows >= 0")
+    location = resolve(out)
+    reviewer = reviewer or default_reviewer()
+    if import_csv is not None or conflicts:
+        open_run(location)  # anything but a predict output is one error line (serve checks it too)
+    if import_csv is not None:
+        from batch_infer.review_import import import_decisions
+
+        count = import_decisions(location, import_csv, reviewer)
+        typer.echo(f"recorded {count:,} decisions from {import_csv} in {location.uri}/reviews")
+        return
+    if conflicts:
+        from kmnist_core.decisions import conflicts as find_conflicts, read_history
+
+        found = find_conflicts(read_history(location))
+        for row in found.to_pylist():
+            typer.echo(f"{row['path']}: {row['labels']}")
+        typer.echo(f"{found.num_rows:,} keys with different labels from different reviewers")
+        return
+    from review.server import serve
+
+    serve(out, host, port, reviewer, audit, seed, echo=typer.echo)
+
+
+@app.command()
+@user_errors
 def status(
     out: str = typer.Argument(..., help="a predict or tune output folder (or object-store prefix)"),
     json_output: bool = typer.Option(False, "--json", help="print the status as JSON, for scripts"),

@@ -112,20 +112,35 @@ def append(out: Location, table: pa.Table) -> str:
     return name
 
 
-def read_history(out: Location, columns: list[str] | None = None) -> pa.Table:
-    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row). `columns`:
-    only these of SCHEMA (decided_at is always read: it orders the history), to keep a large history
-    small in memory."""
+def columns_schema(columns: list[str] | None) -> pa.Schema:
+    """SCHEMA, or only `columns` of it (decided_at always: it orders the history)."""
     names = SCHEMA.names if columns is None else [n for n in SCHEMA.names if n in columns or n == "decided_at"]
-    schema = pa.schema([SCHEMA.field(n) for n in names])
+    return pa.schema([SCHEMA.field(n) for n in names])
+
+
+def read_file(folder: Location, name: str, columns: list[str] | None = None) -> pa.Table:
+    """One published batch of decisions (only `columns`, to keep a large history small in memory)."""
+    loc = folder.join(name)
+    schema = columns_schema(columns)
+    return pq.read_table(loc.path, filesystem=loc.fs, columns=schema.names).cast(schema)
+
+
+def read_history(out: Location, columns: list[str] | None = None) -> pa.Table:
+    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row)."""
     folder = reviews_dir(out)
+    return history_of({name: read_file(folder, name, columns) for name in storage.list_names(folder, ".parquet")},
+                      columns)
+
+
+def history_of(batches: dict[str, pa.Table], columns: list[str] | None = None) -> pa.Table:
+    """Batches (file name -> its decisions) as one history, oldest first: decided_at, then file name, then
+    row. A reader that reads reviews/ a file at a time (the review server) gets read_history's order."""
     parts = []
-    for i, name in enumerate(storage.list_names(folder, ".parquet")):
-        loc = folder.join(name)
-        t = pq.read_table(loc.path, filesystem=loc.fs, columns=names).cast(schema)
+    for i, name in enumerate(sorted(batches)):
+        t = batches[name]
         parts.append(t.append_column("_order", pa.array([i * (1 << 32) + j for j in range(t.num_rows)], pa.int64())))
     if not parts:
-        return schema.empty_table()
+        return columns_schema(columns).empty_table()
     history = pa.concat_tables(parts)
     history = history.sort_by([("decided_at", "ascending"), ("_order", "ascending")])
     return history.drop_columns(["_order"])

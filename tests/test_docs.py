@@ -31,8 +31,8 @@ COMMAND_DOCS = [*DOCS, ROOT / "examples" / "README.md"]
 
 # Flags of other tools that the docs show next to their commands. Each with its reason.
 OTHER_TOOLS_FLAGS = {
-    # `ray start` on the head and the worker nodes (docs/clusters.md)
-    "--head": "ray start", "--port": "ray start", "--dashboard-port": "ray start",
+    # `ray start` on the head and the worker nodes (docs/clusters.md); its --port is also `review`'s
+    "--head": "ray start", "--dashboard-port": "ray start",
     "--dashboard-host": "ray start", "--include-dashboard": "ray start",
     # `ray job submit` / `ray job logs`, and `ray get-auth-token` (docs/clusters.md, README)
     "--working-dir": "ray job submit", "--runtime-env-json": "ray job submit",

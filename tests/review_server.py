@@ -1,0 +1,119 @@
+"""Helpers for the review app's tests: a real predict run with every review reason, and a real
+`kmnist-batch review` process on a free port, talked to over HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import matplotlib_fontja
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from batch_infer.job import PredictOptions, run_predict
+from tests.crop_tree import plain_tree, save
+
+CLI = str(Path(sys.executable).parent / "kmnist-batch")
+FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"
+URL = re.compile(r"open (http://[^/\s]+)/\?token=(\S+)")
+
+
+def make_run(root: Path, images: np.ndarray, n: int = 150) -> Path:
+    """A finished predict run (in-process, no Ray) over `n` real crops, two blank crops, two broken
+    files and three kanji the model does not know; several shards. Returns OUT."""
+    plain_tree(root / "in", images, n, per_folder=50)
+    for i in range(2):
+        save(Image.new("L", (28, 28), 0), root / "in" / "odd" / f"blank-{i}.png")
+    (root / "in" / "odd" / "empty.png").write_bytes(b"")
+    (root / "in" / "odd" / "fake.jpg").write_bytes(b"not a picture")
+    for i, char in enumerate("漢鬱議"):
+        img = Image.new("L", (64, 64), 235)
+        ImageDraw.Draw(img).text((32, 32), char, fill=20, anchor="mm", font=ImageFont.truetype(str(FONT), 52))
+        save(img, root / "in" / "odd" / f"kanji-{i}.png")
+    out = root / "out"
+    run_predict([root / "in"], out, PredictOptions(precision="fp32", rows_per_shard=20, executor="local"))
+    return out
+
+
+class Server:
+    """`kmnist-batch review OUT --port 0 ...` in its own process; `base` and `token` from its stdout."""
+
+    def __init__(self, out: Path | str, *args: str, timeout: float = 90.0):
+        self.proc = subprocess.Popen([CLI, "review", str(out), "--port", "0", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        found = threading.Event()
+
+        def read_stdout() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if URL.search(line):
+                    found.set()
+
+        threading.Thread(target=read_stdout, daemon=True).start()
+        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"review server did not start: {''.join(self.lines)}{''.join(self.errors)}")
+        self.base, self.token = URL.search("".join(self.lines)).groups()
+        self.host, self.port = self.base.removeprefix("http://").rsplit(":", 1)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/?token={self.token}"
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                token: bool = True) -> tuple[int, dict, bytes]:
+        """One request on a fresh connection; `path` is sent as is (no normalisation of `..`)."""
+        if token:
+            path += ("&" if "?" in path else "?") + f"token={self.token}"
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def get_json(self, path: str) -> dict:
+        status, _, body = self.request("GET", path)
+        assert status == 200, (status, body)
+        return json.loads(body)
+
+    def post(self, decisions: list[dict], token: bool = True) -> tuple[int, dict]:
+        status, _, body = self.request("POST", "/api/decisions", json.dumps({"decisions": decisions}).encode(),
+                                       {"Content-Type": "application/json"}, token=token)
+        return status, json.loads(body) if body.startswith(b"{") else {"text": body.decode()}
+
+    def all_tiles(self, tab: str, size: int = 7) -> list[dict]:
+        """Every tile of a tab, page by page."""
+        first = self.get_json(f"/api/queue?tab={tab}&page=0&size={size}")
+        tiles = list(first["tiles"])
+        for page in range(1, first["pages"]):
+            tiles += self.get_json(f"/api/queue?tab={tab}&page={page}&size={size}")["tiles"]
+        return tiles
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user stops it; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
