@@ -18,13 +18,14 @@ demo: setup
 	$(BIN)/kmnist-batch predict examples/crops --out runs/demo --overwrite
 	$(BIN)/kmnist-batch predict --manifest examples/pages/kaggle.csv --export alto --out runs/demo-pages --overwrite
 
-# The whole suite (what CI runs), slowest tests listed at the end.
+# The whole suite (what CI runs) on both cores: every Ray test in one worker, in order (one session Ray),
+# the rest in the other (tests/conftest.py groups them); slowest tests listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
-# The edit loop: tests that start no Ray and train no model (markers set in tests/conftest.py).
+# The edit loop: tests that start no Ray and train no model (markers set in tests/conftest.py), on both cores.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not ray and not training"
+	$(BIN)/python -m pytest -q -n 2 -m "not ray and not training"
 
 bench: setup
 	$(BIN)/python bench/predict_throughput.py --sizes 5000,50000

@@ -278,7 +278,9 @@ def prepare_levels(levels: np.ndarray, size: int) -> list[PreparedImage]:
     top = np.where(inverted, (1.0 - LEVELS)[flat.min(axis=1)], LEVELS[flat.max(axis=1)]).astype(np.float64)
     contrast = top - bg
     stretch = contrast > 1e-3
-    stretched = np.clip((table - bg.astype(np.float32)[:, None]) / contrast.astype(np.float32)[:, None], 0, 1)
+    # A flat crop (no contrast) keeps its table; dividing by 1 there only keeps numpy from warning of 0/0.
+    divisor = np.where(stretch, contrast, 1.0).astype(np.float32)[:, None]
+    stretched = np.clip((table - bg.astype(np.float32)[:, None]) / divisor, 0, 1)
     table = np.where(stretch[:, None], stretched, table)
     noise = noise / np.maximum(contrast, 1e-3)
     # Each pixel's entry in its own image's table (np.take on flat indices is ~5x take_along_axis here).
