@@ -84,7 +84,8 @@ def train(
                                                             "for an ensemble, whose mean probabilities are used"),
     distill_temperature: float = typer.Option(1.0, help="softmax temperature of the distillation loss"),
     init: Optional[str] = typer.Option(None, help="model directory (or 'default') whose weights start the run"),
-    negatives: str = typer.Option("none", help="none, or synth: outlier exposure with synthetic non-characters"),
+    negatives: Optional[str] = typer.Option(None, help="none, or synth: outlier exposure with synthetic "
+                                                       "non-characters; default: --init's, else none"),
     outlier_weight: float = typer.Option(0.5, help="weight of the outlier-exposure loss"),
     negative_font: Optional[List[Path]] = typer.Option(None, help="extra font for rendered non-character glyphs "
                                                                   "(IPAexGothic is always used); repeatable"),
@@ -104,8 +105,12 @@ def train(
     from kmnist_core.model_dir import resolve_model_path
     from kmnist_core.train import TrainConfig
 
-    if model is None:  # fine-tuning keeps the --init model's architecture unless told otherwise
-        model = read_card(resolve_model_path(init)).architecture if init else "simple-cnn"
+    if init:  # a fine-tune keeps the --init model's architecture and outlier exposure unless told otherwise:
+        # without its negatives it forgets what is no character (docs/training.md, learning from reviews)
+        init_card = read_card(resolve_model_path(init))
+        model = model or init_card.architecture
+        negatives = negatives or (init_card.raw.get("training") or {}).get("config", {}).get("negatives")
+    model, negatives = model or "simple-cnn", negatives or "none"
     cfg = TrainConfig(dataset=dataset, model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                       device=device, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                       augment=augment, threads=threads, data_dir=str(data_dir) if data_dir else None,
@@ -141,12 +146,13 @@ def percent(value: float | None) -> str:
 
 
 def review_line(figures: dict, before: dict | None = None) -> str:
-    """Accuracy and auto-accepted share (with its precision) on reviewed crops; `before -> figures` when given."""
-    def pair(key: str) -> str:
-        return f"{percent(before.get(key))} -> {percent(figures.get(key))}" if before else percent(figures.get(key))
+    """Accuracy and auto-accepted share (its precision, its errors) on reviewed crops, and the not_a_character
+    crops caught as unknown; each as `before -> figures` when `before` is given."""
+    def pair(key: str, show=percent) -> str:
+        return f"{show(before.get(key))} -> {show(figures.get(key))}" if before else show(figures.get(key))
 
     line = (f"accuracy {pair('accuracy')}, auto-accepted {pair('auto_accepted_share')} at precision "
-            f"{pair('auto_accepted_precision')}")
+            f"{pair('auto_accepted_precision')} ({pair('auto_accepted_errors', str)} wrong)")
     if figures.get("negatives"):
         line += f"; not_a_character caught as unknown {pair('negatives_caught_unknown_share')}"
     return line
@@ -206,7 +212,7 @@ def evaluate(
     if reviewed is not None:
         r = metrics["reviews"]
         typer.echo(f"reviewed crops of {', '.join(reviews)} ({r['characters']} labelled, {r['negatives']} "
-                   f"not_a_character): {review_line(r)} ({r['auto_accepted_errors']} wrong)")
+                   f"not_a_character): {review_line(r)}")
     typer.echo(f"metrics and plots: {out}")
 
 

@@ -92,7 +92,8 @@ def review_figures(logits: np.ndarray, labels: np.ndarray, negative_logits: np.n
                        **review_metrics(logits, labels, temperature, review))
     if len(negative_logits):
         unknown = ood_score(negative_logits, review["ood_score"]) > review["ood_threshold"]
-        accepted = ~unknown & (softmax(negative_logits, temperature).max(1) >= review["review_below"])
+        confidence = softmax(negative_logits, temperature).max(1).astype(np.float64)  # as predict compares
+        accepted = ~unknown & (confidence >= review["review_below"])
         figures.update(negatives_caught_unknown_share=float(unknown.mean()),
                        negatives_auto_accepted_share=float(accepted.mean()))
     return figures

@@ -24,6 +24,7 @@ from batch_infer.output import read_predictions
 from batch_infer.reviewed import gather_reviews
 from kmnist_core import decisions, storage
 from kmnist_core.model_dir import load_model
+from kmnist_core.review import review_reasons
 from kmnist_core.reviewed import MIN_REVIEWED, review_figures, split_held_out
 from tests.test_cli import assert_one_line_error, invoke
 
@@ -233,33 +234,52 @@ def test_reviewed_crops_reach_training_and_outlier_exposure_but_held_out_ones_do
     assert 0.4 < reviewed_share < 0.6
 
 
-@pytest.mark.training
-def test_evaluate_on_reviews_matches_a_direct_computation(fine_tuned, archive, kmnist_dev, tmp_path):
-    r = invoke("evaluate", "--model", fine_tuned["dir"], "--reviews", archive["out"], "--out", tmp_path / "eval")
+def evaluate_matches_a_direct_computation(model_dir: str | Path, archive, classes, out: Path) -> dict:
+    """`evaluate --model M --reviews OUT`'s figures against what predict would decide for each reviewed crop."""
+    r = invoke("evaluate", "--model", model_dir, "--reviews", archive["out"], "--out", out)
     assert r.exit_code == 0, r.output
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["reviews"]
-    reviewed = gather_reviews([str(archive["out"])], kmnist_dev.classes, 28)
-    model = load_model(fine_tuned["dir"])  # the precision evaluate runs by default
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["reviews"]
+    reviewed = gather_reviews([str(archive["out"])], classes, 28)
+    model = load_model(model_dir)  # the precision evaluate runs by default
     assert metrics["precision"] == model.precision
-    logits, negative_logits = model.logits(reviewed.images), model.logits(reviewed.negatives)
-    review = model.calibration.review_params()
-    probs = np.exp(logits / model.temperature - (logits / model.temperature).max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    from kmnist_core.calibration import ood_score
-
-    unknown = ood_score(logits, review["ood_score"]) > review["ood_threshold"]
-    accepted = ~unknown & (probs.max(1) >= review["review_below"])
-    correct = logits.argmax(1) == reviewed.labels
+    # What predict would decide for each crop (kmnist_core/review.py), from the model's own outputs.
+    assessed = model.assess(reviewed.images)
+    none = np.zeros(len(reviewed.labels), bool)
+    reasons = review_reasons(none, none, assessed.unknown, assessed.probabilities.max(1), model.review_below)
+    accepted = reasons == None  # noqa: E711 (elementwise)
+    correct = assessed.probabilities.argmax(1) == reviewed.labels
     assert metrics["characters"] == len(reviewed.labels) and metrics["negatives"] == len(reviewed.negatives)
     assert metrics["accuracy"] == pytest.approx(correct.mean())
     assert metrics["auto_accepted_share"] == pytest.approx(accepted.mean())
     assert metrics["auto_accepted_errors"] == int((accepted & ~correct).sum())
-    if accepted.any():
-        assert metrics["auto_accepted_precision"] == pytest.approx(correct[accepted].mean())
-    caught = ood_score(negative_logits, review["ood_score"]) > review["ood_threshold"]
-    assert metrics["negatives_caught_unknown_share"] == pytest.approx(caught.mean())
+    assert metrics["auto_accepted_precision"] == (pytest.approx(correct[accepted].mean()) if accepted.any() else None)
+    assert metrics["unknown_share"] == pytest.approx((reasons == "unknown_character").mean())
+    assert metrics["negatives_caught_unknown_share"] == pytest.approx(model.assess(reviewed.negatives).unknown.mean())
     assert metrics["sources"][0]["labels"] == archive["expected"]["labels"]
     assert f"accuracy {correct.mean():.2%}" in r.stdout and "not_a_character caught as unknown" in r.stdout
+    return metrics
+
+
+def test_evaluate_on_reviews_matches_a_direct_computation(archive, kmnist_dev, tmp_path):
+    metrics = evaluate_matches_a_direct_computation("default", archive, kmnist_dev.classes, tmp_path / "eval")
+    assert metrics["auto_accepted"] >= 5  # the audited rows were auto-accepted by this model
+
+
+@pytest.mark.training
+def test_evaluate_on_reviews_of_the_fine_tuned_model(fine_tuned, archive, kmnist_dev, tmp_path):
+    metrics = evaluate_matches_a_direct_computation(fine_tuned["dir"], archive, kmnist_dev.classes, tmp_path / "eval")
+    assert metrics["accuracy"] > 0.85  # it learnt from 70 % of these crops
+
+
+def test_a_model_with_no_safe_line_auto_accepts_nothing_even_at_confidence_one():
+    """A model whose calibration found no threshold keeping the promise gets review_below just above 1.0;
+    predict compares confidences in float64, so a float32 confidence of exactly 1.0 is flagged, and the
+    figures must say the same."""
+    logits = np.array([[200.0, 0.0], [0.0, 200.0]], np.float32)
+    review = {"ood_score": "max-softmax", "ood_threshold": np.inf, "review_below": float(np.nextafter(1.0, 2.0))}
+    figures = review_figures(logits, np.array([0, 1]), logits, 1.0, review)
+    assert figures["accuracy"] == 1.0
+    assert figures["auto_accepted_share"] == 0.0 and figures["negatives_auto_accepted_share"] == 0.0
 
 
 def copy_of_run(archive, tmp_path: Path) -> Path:
