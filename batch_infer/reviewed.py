@@ -98,15 +98,15 @@ def reviewed_crops(out: str, classes: ClassMap, input_size: int) -> ReviewedCrop
     index = {c: i for i, c in enumerate(classes.chars)}
     used_chars = labels[character]
 
-    kinds = latest["label"].to_pylist()
+    given = latest["label"].to_pylist()
     source = {
         "out": location.uri,
         "run_ids": sorted(set(rows["run_id"].to_pylist())),
         "model_ids": sorted(set(rows["model_id"].to_pylist())),
         "decisions": latest.num_rows,
-        "labels": {"character": sum(k not in decisions.SPECIAL_LABELS for k in kinds),
-                   decisions.NOT_A_CHARACTER: kinds.count(decisions.NOT_A_CHARACTER),
-                   decisions.UNREADABLE: kinds.count(decisions.UNREADABLE)},
+        "labels": {"character": sum(label not in decisions.SPECIAL_LABELS for label in given),
+                   decisions.NOT_A_CHARACTER: given.count(decisions.NOT_A_CHARACTER),
+                   decisions.UNREADABLE: given.count(decisions.UNREADABLE)},
         "by_decision_kind": {k: int(v) for k, v in zip(*np.unique(latest["kind"].to_numpy(zero_copy_only=False),
                                                                     return_counts=True))},
         "used": {"characters": int(character.sum()), "negatives": int(negative.sum())},

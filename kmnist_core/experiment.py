@@ -103,14 +103,14 @@ def run_train(cfg: TrainConfig, out: Path, on_epoch: Callable[[dict, TrainRun], 
         raise KmnistError("a run with reviews needs their crops (kmnist-batch train --reviews OUT reads them)")
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
     device = pick_device(cfg.device)
-    learn = held_out = before = None
+    learn = record = None
     if reviewed is not None:
         if reviewed.images.shape[1:] != (data.input_size, data.input_size):
             raise KmnistError(f"the reviewed crops are {reviewed.images.shape[1]}px; {data.name} is {data.input_size}px")
         learn, held_out = split_held_out(reviewed, cfg.review_holdout, cfg.seed)
-        before = init_figures(cfg.init, held_out) if cfg.init else None
+        before, init_test = init_figures(cfg.init, held_out, data) if cfg.init else (None, None)
+        record = ReviewsRecord(reviewed.sources, learn, held_out, before, init_test, cfg)
     run = train_model(cfg, data, device, on_epoch, reviewed=learn)
-    record = ReviewsRecord(reviewed.sources, learn, held_out, before, cfg) if reviewed is not None else None
     return write_model_dir(out, run.model, cfg, data, run.history, run.status, device, make_plots, record)
 
 
@@ -122,12 +122,10 @@ class ReviewsRecord:
     learn: ReviewedCrops
     held_out: ReviewedCrops
     before: dict | None  # the --init model's figures on the held-out part
+    init_test_accuracy: float | None  # the --init model's accuracy on the dataset's test split
     cfg: TrainConfig
 
     def section(self, after: dict, test_accuracy: float) -> dict:
-        init_test = None
-        if self.cfg.init:
-            init_test = read_card(resolve_model_path(self.cfg.init)).raw.get("metrics", {}).get("test", {}).get("accuracy")
         return {
             "sources": list(self.sources),
             "characters": int(len(self.learn.labels) + len(self.held_out.labels)),
@@ -138,18 +136,20 @@ class ReviewsRecord:
                          "thresholds": "each model's own card: before the --init model's, after the ones refitted "
                                        "on val by this run",
                          "before": self.before, "after": after},
-            # Forgetting check: the dataset's test split, before (the --init model's card) and after.
-            "dataset_test_accuracy": {"before": init_test, "after": test_accuracy},
+            # Forgetting check: the dataset's test split, before (the --init model) and after.
+            "dataset_test_accuracy": {"before": self.init_test_accuracy, "after": test_accuracy},
         }
 
 
-def init_figures(init: str, held_out: ReviewedCrops) -> dict:
-    """The --init model's figures on the held-out reviewed crops, in fp32 at its card's thresholds."""
+def init_figures(init: str, held_out: ReviewedCrops, data: Dataset) -> tuple[dict, float]:
+    """The --init model's figures on the held-out reviewed crops, in fp32 at its card's thresholds, and its
+    accuracy on the dataset's test split."""
     model = load_model(init, precision="fp32")
     figures = review_figures(model.torch_logits(held_out.images), held_out.labels,
                              model.torch_logits(held_out.negatives), model.temperature,
                              model.calibration.review_params())
-    return {"model_id": model.model_id, **figures}
+    test_accuracy = float((model.torch_logits(data.test.images).argmax(1) == data.test.labels).mean())
+    return {"model_id": model.model_id, **figures}, test_accuracy
 
 
 def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: Dataset, history: list[dict],

@@ -184,6 +184,8 @@ def test_fine_tuning_on_reviews_raises_held_out_accuracy_and_the_card_says_so(fi
     assert source["out"] == str(archive["out"]) and source["labels"] == archive["expected"]["labels"]
     assert source["left_out"] == archive["expected"]["left_out"]
     assert fine_tuned["card"]["training"]["config"]["reviews"] == [str(archive["out"])]
+    tests = section["dataset_test_accuracy"]
+    assert tests["after"] == fine_tuned["card"]["metrics"]["test"]["accuracy"] and tests["before"] > 0.9
 
     reviewed, learn, held = held_out_part(archive, kmnist_dev.classes)
     before, after = section["held_out"]["before"], section["held_out"]["after"]
