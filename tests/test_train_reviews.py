@@ -332,3 +332,28 @@ def test_a_label_outside_the_models_characters_is_refused(archive, small_data_di
     r = invoke(*train_args(small_data_dir, tmp_path / "m", "--reviews", out))
     assert r.exit_code == 2
     assert_one_line_error(r, "'亜' is not one of the model's characters")
+
+
+def test_page_boxes_are_cut_from_their_page_as_predict_cuts_them(tmp_path, kmnist_dev):
+    """A box manifest's reviewed rows: each crop is the box cut from its page image and fitted exactly as
+    predict's box stage does, labelled with the truth the manifest carries."""
+    from kmnist_core.pages import decode_page, prepare_box
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "pages"
+    out = tmp_path / "pages-out"
+    r = invoke("predict", "--manifest", examples / "boxes.csv", "--out", out, "--executor", "local")
+    assert r.exit_code == 0, r.output
+    rows = read_predictions(out).to_pylist()
+    chars = kmnist_dev.classes.chars
+    decisions.append(storage.resolve(out), decisions.decision_table(
+        [{"key": row["path_bytes"], "path": row["path"], "label": row["truth"], "reviewer": "ana"} for row in rows],
+        chars))
+    reviewed = gather_reviews([str(out)], kmnist_dev.classes, 28)
+    assert len(reviewed.labels) == len(rows) and reviewed.sources[0]["used"]["characters"] == len(rows)
+    pages = {}
+    expected = {}
+    for row in rows:
+        page = pages.setdefault(row["page"], decode_page((examples / Path(row["page"]).name).read_bytes()))
+        pixels = prepare_box(page, row["box_x"], row["box_y"], row["box_w"], row["box_h"], 28).pixels
+        expected[pixels.tobytes()] = chars.index(row["truth"])
+    assert {im.tobytes(): int(label) for im, label in zip(reviewed.images, reviewed.labels)} == expected
