@@ -65,7 +65,9 @@ def epoch_printer(total: int):
 @user_errors
 def train(
     dataset: str = typer.Option("kmnist-dev", help="kmnist-dev (bundled), kmnist, k49 or kkanji"),
-    model: str = typer.Option("simple-cnn", help="simple-cnn (the study's), compact-cnn, compact-cnn-wide, vgg-cnn, vgg-cnn-half, vgg-cnn-slim"),
+    model: Optional[str] = typer.Option(None, help="simple-cnn (the study's), compact-cnn, compact-cnn-wide, vgg-cnn, "
+                                                   "vgg-cnn-half, vgg-cnn-slim; default: --init's architecture, "
+                                                   "else simple-cnn"),
     epochs: int = typer.Option(10),
     lr: float = typer.Option(1e-3),
     batch_size: int = typer.Option(64),
@@ -82,29 +84,78 @@ def train(
                                                             "for an ensemble, whose mean probabilities are used"),
     distill_temperature: float = typer.Option(1.0, help="softmax temperature of the distillation loss"),
     init: Optional[str] = typer.Option(None, help="model directory (or 'default') whose weights start the run"),
-    negatives: str = typer.Option("none", help="none, or synth: outlier exposure with synthetic non-characters"),
+    negatives: Optional[str] = typer.Option(None, help="none, or synth: outlier exposure with synthetic "
+                                                       "non-characters; default: --init's, else none"),
     outlier_weight: float = typer.Option(0.5, help="weight of the outlier-exposure loss"),
     negative_font: Optional[List[Path]] = typer.Option(None, help="extra font for rendered non-character glyphs "
                                                                   "(IPAexGothic is always used); repeatable"),
     data_dir: Optional[Path] = typer.Option(None, help="directory with (or receiving) the official files"),
+    reviews: Optional[List[str]] = typer.Option(None, "--reviews", help="a predict OUT whose review decisions to "
+                                                                        "learn from (labelled crops; not_a_character "
+                                                                        "as outlier exposure); repeatable"),
+    review_share: float = typer.Option(0.5, help="with --reviews: share of each epoch's images that are reviewed "
+                                                 "crops (the rest: the dataset's training split)"),
+    review_holdout: float = typer.Option(0.3, help="with --reviews: share of the reviewed crops held out (per "
+                                                   "label, seeded by --seed) to measure before/after"),
     out: Path = typer.Option(..., help="model directory to write"),
 ):
     """Train a model; writes a model directory (weights, model card, history, plots)."""
+    from kmnist_core.card import read_card
     from kmnist_core.experiment import run_train
+    from kmnist_core.model_dir import resolve_model_path
     from kmnist_core.train import TrainConfig
 
+    if init:  # a fine-tune keeps the --init model's architecture and outlier exposure unless told otherwise:
+        # without its negatives it forgets what is no character (docs/training.md, learning from reviews)
+        init_card = read_card(resolve_model_path(init))
+        model = model or init_card.architecture
+        negatives = negatives or (init_card.raw.get("training") or {}).get("config", {}).get("negatives")
+    model, negatives = model or "simple-cnn", negatives or "none"
     cfg = TrainConfig(dataset=dataset, model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                       device=device, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                       augment=augment, threads=threads, data_dir=str(data_dir) if data_dir else None,
                       mixup=mixup, teachers=[str(t) for t in teacher or []], distill_temperature=distill_temperature,
                       init=init, negatives=negatives, outlier_weight=outlier_weight,
-                      negative_fonts=[str(f) for f in negative_font or []])
-    card = run_train(cfg, out, on_epoch=epoch_printer(epochs))
+                      negative_fonts=[str(f) for f in negative_font or []], reviews=list(reviews or []),
+                      review_share=review_share, review_holdout=review_holdout)
+    cfg.validate()
+    data = reviewed = None
+    if cfg.reviews:
+        from batch_infer.reviewed import gather_reviews
+        from kmnist_core.datasets import load_dataset
+        from kmnist_core.reviewed import describe
+
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+        reviewed = gather_reviews(cfg.reviews, data.classes, data.input_size)
+        typer.echo(f"reviews: {len(reviewed.labels)} labelled crops and {len(reviewed.negatives)} not_a_character "
+                   f"from {len(cfg.reviews)} OUT(s) ({describe(reviewed.sources)})")
+    card = run_train(cfg, out, on_epoch=epoch_printer(epochs), data=data, reviewed=reviewed)
     test = card["metrics"]["test"]
     typer.echo(f"{dataset} test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}) "
                f"on {test['n']} images; ECE {card['calibration']['ece_before']:.2%} -> "
                f"{card['calibration']['ece_after']:.2%} at T={card['calibration']['temperature']:.2f}")
+    if "reviews" in card:
+        held = card["reviews"]["held_out"]
+        typer.echo(f"held-out reviewed crops ({held['after']['characters']} labelled, {held['after']['negatives']} "
+                   f"not_a_character): " + review_line(held["after"], held["before"]))
     typer.echo(f"model directory and plots: {out}")
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def review_line(figures: dict, before: dict | None = None) -> str:
+    """Accuracy and auto-accepted share (its precision, its errors) on reviewed crops, and the not_a_character
+    crops caught as unknown; each as `before -> figures` when `before` is given."""
+    def pair(key: str, show=percent) -> str:
+        return f"{show(before.get(key))} -> {show(figures.get(key))}" if before else show(figures.get(key))
+
+    line = (f"accuracy {pair('accuracy')}, auto-accepted {pair('auto_accepted_share')} at precision "
+            f"{pair('auto_accepted_precision')} ({pair('auto_accepted_errors', str)} wrong)")
+    if figures.get("negatives"):
+        line += f"; not_a_character caught as unknown {pair('negatives_caught_unknown_share')}"
+    return line
 
 
 @app.command()
@@ -119,6 +170,9 @@ def evaluate(
     out: Path = typer.Option(..., help="directory for metrics.json and plots"),
     precision: str = typer.Option("auto", help="auto (int8 on CPU when the model passed its int8 check), fp32 or "
                                                "int8; int8 also reports int8 against fp32"),
+    reviews: Optional[List[str]] = typer.Option(None, "--reviews", help="a predict OUT with review decisions: also "
+                                                                        "score the crops people labelled there; "
+                                                                        "repeatable"),
 ):
     """Score a model on a labelled split: accuracy, calibration, auto-accepted share and precision, plots."""
     from kmnist_core.datasets import load_dataset
@@ -130,7 +184,12 @@ def evaluate(
     if unknown is not None and not unknown.is_dir():
         raise KmnistError(f"--unknown {unknown} is not a folder")
     predictor = load_model(model, precision=precision)
-    metrics = run_evaluate(predictor, load_dataset(dataset, data_dir), split, out, unknown)
+    reviewed = None
+    if reviews:
+        from batch_infer.reviewed import gather_reviews
+
+        reviewed = gather_reviews(reviews, predictor.classes, predictor.input_size)
+    metrics = run_evaluate(predictor, load_dataset(dataset, data_dir), split, out, unknown, reviewed)
     review = metrics["review"]
     precision = review["auto_accepted_precision"]
     typer.echo(f"{dataset}/{split}: accuracy {metrics['accuracy']:.4f}, balanced {metrics['balanced_accuracy']:.4f} "
@@ -150,6 +209,10 @@ def evaluate(
         u = metrics["unknown"]
         typer.echo(f"out-of-set {unknown}: {u['auto_accepted_share']:.2%} of {u['n']} auto-accepted; "
                    + ", ".join(f"{k} {v['auto_accepted_share']:.2%}" for k, v in u["by_kind"].items()))
+    if reviewed is not None:
+        r = metrics["reviews"]
+        typer.echo(f"reviewed crops of {', '.join(reviews)} ({r['characters']} labelled, {r['negatives']} "
+                   f"not_a_character): {review_line(r)}")
     typer.echo(f"metrics and plots: {out}")
 
 

@@ -44,7 +44,9 @@ def review_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, r
     """Auto-accepted share of a labelled split and its precision under a card's two thresholds."""
     probs = calibration.softmax(logits, temperature)
     unknown = calibration.ood_score(logits, review["ood_score"]) > review["ood_threshold"]
-    accepted = ~unknown & (probs.max(1) >= review["review_below"])
+    # Compared in float64, as predict does (review.review_reasons): a float32 confidence of 1.0 would
+    # otherwise pass the accept-nothing threshold just above 1.0 that a model with no safe line gets.
+    accepted = ~unknown & (probs.max(1).astype(np.float64) >= review["review_below"])
     correct = probs.argmax(1) == labels
     n_acc = int(accepted.sum())
     return {"auto_accepted_share": float(accepted.mean()), "auto_accepted": n_acc,

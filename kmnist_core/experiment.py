@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import platform
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -26,9 +27,10 @@ from kmnist_core.files import json_text, write_json_atomic
 from kmnist_core.card import CARD_FILE, ModelCard, read_card
 from kmnist_core.int8 import build_int8, compare
 from kmnist_core.precision import Int8Twin
-from kmnist_core.model_dir import (Predictor, load_torch_model, pick_device, read_model_files, resolve_model_path,
-                                   save_model_dir, twin_files, write_files)
+from kmnist_core.model_dir import (Predictor, load_model, load_torch_model, pick_device, read_model_files,
+                                   resolve_model_path, save_model_dir, twin_files, write_files)
 from kmnist_core.models import optimize_for_inference, predict_logits
+from kmnist_core.reviewed import ReviewedCrops, review_figures, split_held_out
 from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
@@ -89,18 +91,72 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def run_train(cfg: TrainConfig, out: Path, on_epoch: Callable[[dict, TrainRun], None] | None = None,
-              data: Dataset | None = None, make_plots: bool = True) -> dict:
-    """Train, calibrate on val, score on test, write the model directory. Returns the model card."""
+              data: Dataset | None = None, make_plots: bool = True, reviewed: ReviewedCrops | None = None) -> dict:
+    """Train, calibrate on val, score on test, write the model directory. Returns the model card.
+
+    `reviewed`: the crops of `cfg.reviews` (batch_infer/reviewed.py). A seeded part is held out; the rest
+    is mixed into training; the card's `reviews` section records where they came from and the held-out
+    part's figures before (the --init model) and after.
+    """
     cfg.validate()
+    if bool(cfg.reviews) != (reviewed is not None):
+        raise KmnistError("a run with reviews needs their crops (kmnist-batch train --reviews OUT reads them)")
     data = data or load_dataset(cfg.dataset, cfg.data_dir)
     device = pick_device(cfg.device)
-    run = train_model(cfg, data, device, on_epoch)
-    return write_model_dir(out, run.model, cfg, data, run.history, run.status, device, make_plots)
+    learn = record = None
+    if reviewed is not None:
+        if reviewed.images.shape[1:] != (data.input_size, data.input_size):
+            raise KmnistError(f"the reviewed crops are {reviewed.images.shape[1]}px; {data.name} is {data.input_size}px")
+        learn, held_out = split_held_out(reviewed, cfg.review_holdout, cfg.seed)
+        before, init_test = init_figures(cfg.init, held_out, data) if cfg.init else (None, None)
+        record = ReviewsRecord(reviewed.sources, learn, held_out, before, init_test, cfg)
+    run = train_model(cfg, data, device, on_epoch, reviewed=learn)
+    return write_model_dir(out, run.model, cfg, data, run.history, run.status, device, make_plots, record)
+
+
+@dataclass(frozen=True)
+class ReviewsRecord:
+    """What a run with reviews learnt from and held out, for the card's `reviews` section."""
+
+    sources: tuple[dict, ...]
+    learn: ReviewedCrops
+    held_out: ReviewedCrops
+    before: dict | None  # the --init model's figures on the held-out part
+    init_test_accuracy: float | None  # the --init model's accuracy on the dataset's test split
+    cfg: TrainConfig
+
+    def section(self, after: dict, test_accuracy: float) -> dict:
+        return {
+            "sources": list(self.sources),
+            "characters": int(len(self.learn.labels) + len(self.held_out.labels)),
+            "negatives": int(len(self.learn.negatives) + len(self.held_out.negatives)),
+            "learnt_from": {"characters": int(len(self.learn.labels)), "negatives": int(len(self.learn.negatives)),
+                            "share_of_each_epoch": self.cfg.review_share},
+            "held_out": {"share": self.cfg.review_holdout, "seed": self.cfg.seed, "precision": "fp32",
+                         "thresholds": "each model's own card: before the --init model's, after the ones refitted "
+                                       "on val by this run",
+                         "before": self.before, "after": after},
+            # Forgetting check: the dataset's test split, before (the --init model) and after.
+            "dataset_test_accuracy": {"before": self.init_test_accuracy, "after": test_accuracy},
+        }
+
+
+def init_figures(init: str, held_out: ReviewedCrops, data: Dataset) -> tuple[dict, float]:
+    """The --init model's figures on the held-out reviewed crops, in fp32 at its card's thresholds, and its
+    accuracy on the dataset's test split."""
+    model = load_model(init, precision="fp32")
+    figures = review_figures(model.torch_logits(held_out.images), held_out.labels,
+                             model.torch_logits(held_out.negatives), model.temperature,
+                             model.calibration.review_params())
+    test_accuracy = float((model.torch_logits(data.test.images).argmax(1) == data.test.labels).mean())
+    return {"model_id": model.model_id, **figures}, test_accuracy
 
 
 def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: Dataset, history: list[dict],
-                    status: str, device: str = "cpu", make_plots: bool = True) -> dict:
-    """Calibrate a trained model on val, score it on test, and write its model directory and plots."""
+                    status: str, device: str = "cpu", make_plots: bool = True,
+                    reviews: ReviewsRecord | None = None) -> dict:
+    """Calibrate a trained model on val, score it on test, and write its model directory and plots; with
+    `reviews`, score it on the held-out reviewed crops too (the card's `reviews` section)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", cfg.to_dict())
     val_logits = predict_logits(model, data.val.images, device, cfg.eval_batch_size)
@@ -116,6 +172,11 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
 
     card = build_card(cfg, data, history, status, test_metrics, calib, review)
     card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
+    if reviews is not None:
+        held = reviews.held_out
+        after = review_figures(predict_logits(model, held.images, device, cfg.eval_batch_size), held.labels,
+                               predict_logits(model, held.negatives, device, cfg.eval_batch_size), temperature, review)
+        card["reviews"] = reviews.section(after, test_metrics["accuracy"])
     twin, card["int8"] = make_int8(model, card, data, device, cfg.eval_batch_size)
     card = save_model_dir(out, model, card, twin)
     write_history(out / "history.csv", history)
@@ -191,12 +252,14 @@ def unknown_report(predictor: Predictor, root: Path) -> tuple[dict, np.ndarray]:
     return report, a.ood_score[~blank]
 
 
-def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unknown: Path | None = None) -> dict:
+def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unknown: Path | None = None,
+                 reviewed: ReviewedCrops | None = None) -> dict:
     """Score a loaded model on one split of a dataset; writes metrics.json and the plots into `out`.
 
-    Beside accuracy and calibration: the share `predict` auto-accepts and its precision, and with
-    `unknown` (a folder of crops that are none of the model's characters, sub-folders = kinds) the share
-    of those it would auto-accept.
+    Beside accuracy and calibration: the share `predict` auto-accepts and its precision, with `unknown`
+    (a folder of crops that are none of the model's characters, sub-folders = kinds) the share of those it
+    would auto-accept, and with `reviewed` (crops people labelled in predict runs, batch_infer/reviewed.py)
+    the same figures on them, at the model's own precision and thresholds.
     """
     part = getattr(data, split)
     if len(predictor.classes) != len(data.classes) or predictor.input_size != data.input_size:
@@ -232,5 +295,10 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
         by_kind = metrics["unknown"]["by_kind"]
         plots.bar_chart(list(by_kind), np.array([k["auto_accepted_share"] for k in by_kind.values()]),
                         out / "unknown_accepted.png", "Out-of-set crops auto-accepted, per kind", "share auto-accepted")
+    if reviewed is not None:
+        metrics["reviews"] = {"sources": list(reviewed.sources), "precision": predictor.precision,
+                              **review_figures(predictor.logits(reviewed.images), reviewed.labels,
+                                               predictor.logits(reviewed.negatives), predictor.temperature,
+                                               predictor.calibration.review_params())}
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

@@ -22,6 +22,7 @@ from kmnist_core.datasets import Dataset, Split
 from kmnist_core.model_dir import load_model, read_model_files
 from kmnist_core.models import create_model, predict_logits
 from kmnist_core.errors import KmnistError
+from kmnist_core.reviewed import ReviewedCrops
 
 
 @dataclass
@@ -51,6 +52,11 @@ class TrainConfig:
     negatives: str = "none"  # or "synth"
     outlier_weight: float = 0.5
     negative_fonts: list[str] = field(default_factory=list)  # fonts beside IPAexGothic for rendered glyphs
+    # Learning from review decisions (docs/training.md): crops people labelled in predict runs, read from
+    # these OUTs by the CLI (batch_infer/reviewed.py) and handed to run_train as a ReviewedCrops.
+    reviews: list[str] = field(default_factory=list)
+    review_share: float = 0.5  # of each epoch's images (and negatives), the share that are reviewed crops
+    review_holdout: float = 0.3  # of the reviewed crops, held out (seeded, per label) to measure before/after
 
     def validate(self) -> None:
         if self.augment not in transforms.AUGMENTATIONS:
@@ -65,6 +71,8 @@ class TrainConfig:
             raise KmnistError("distill temperature must be > 0 and mixup >= 0")
         if self.negatives not in ("none", "synth") or self.outlier_weight < 0:
             raise KmnistError(f"unknown negatives {self.negatives!r} (choose none or synth), or outlier weight < 0")
+        if not (0 < self.review_share < 1 and 0 < self.review_holdout < 1):
+            raise KmnistError("review share and review holdout must be between 0 and 1 (exclusive)")
         missing = [f for f in self.negative_fonts if not Path(f).is_file()]
         if missing:
             raise KmnistError(f"font file not found: {', '.join(missing)}")
@@ -258,6 +266,40 @@ def validation_negatives(cfg: TrainConfig, data: Dataset, n: int = 2000) -> tupl
                           negative_fonts(cfg), data.input_size)
 
 
+def repeats(n_base: int, n_extra: int, share: float) -> tuple[int, int]:
+    """(times base, times extra) so that extra is about `share` of the mix: the smaller side is repeated,
+    nothing is cut."""
+    ratio = share * n_base / ((1 - share) * n_extra)  # extra's repeats with base taken once
+    return (1, max(1, round(ratio))) if ratio >= 1 else (max(1, round(1 / ratio)), 1)
+
+
+def mix_reviewed(split: Split, reviewed: ReviewedCrops | None, share: float) -> Split:
+    """An epoch's images: the dataset's training split with the reviewed crops, these `share` of the mix.
+
+    Mixed fine-tuning (Chu et al. 2017): the new data is oversampled to a fixed share and the old data
+    replayed beside it, so the model learns the archive's crops without forgetting the dataset. A few
+    hundred reviewed crops against thousands of training images would otherwise be a few percent of each
+    epoch and barely move the model (docs/training.md has the measured trade-off).
+    """
+    if reviewed is None or not len(reviewed.labels):
+        return split
+    times_base, times_extra = repeats(len(split), len(reviewed.labels), share)
+    return Split(np.concatenate([split.images] * times_base + [reviewed.images] * times_extra),
+                 np.concatenate([split.labels] * times_base + [reviewed.labels] * times_extra))
+
+
+def mix_reviewed_negatives(negatives: np.ndarray | None, reviewed: ReviewedCrops | None,
+                           share: float) -> np.ndarray | None:
+    """The outlier-exposure pool: crops reviewers called not_a_character, `share` of it beside synthetic
+    negatives, or alone when the run makes none (they are real mistakes of the model: always learnt from)."""
+    if reviewed is None or not len(reviewed.negatives):
+        return negatives
+    if negatives is None:
+        return reviewed.negatives
+    times_base, times_extra = repeats(len(negatives), len(reviewed.negatives), share)
+    return np.concatenate([negatives] * times_base + [reviewed.negatives] * times_extra)
+
+
 def load_init_weights(model: torch.nn.Module, architecture: str, init: str) -> None:
     """Start from a model directory's weights (same architecture and classes)."""
     card, weights = read_model_files(init)
@@ -277,8 +319,9 @@ def train_model(
     device: str,
     on_epoch: Callable[[dict, TrainRun], None] | None = None,
     resume_state: dict | None = None,
+    reviewed: ReviewedCrops | None = None,
 ) -> TrainRun:
-    """Train `cfg.model` on `data.train`, scoring val and test after every epoch.
+    """Train `cfg.model` on `data.train` (with `reviewed` crops mixed in), scoring val and test after every epoch.
 
     `resume_state` (a `TrainRun.state_dict()`) continues a run from its last finished epoch. Stops
     early with status "diverged" when the loss becomes NaN/inf or the model collapses to chance.
@@ -291,15 +334,16 @@ def train_model(
     if cfg.init:
         load_init_weights(model, cfg.model, cfg.init)
     model = model.to(device)
-    negatives = training_negatives(cfg, data)
-    opt, sched = make_optimizer(model, cfg, math.ceil(len(data.train) / cfg.batch_size))
+    train = mix_reviewed(data.train, reviewed, cfg.review_share)
+    negatives = mix_reviewed_negatives(training_negatives(cfg, data), reviewed, cfg.review_share)
+    opt, sched = make_optimizer(model, cfg, math.ceil(len(train) / cfg.batch_size))
     run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
     teacher = load_teachers(cfg.teachers, data, device)
     if resume_state is not None:
         run.load_state_dict(resume_state)
     for epoch in range(len(run.history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, data.train, opt, sched, cfg, run.generator, device, teacher,
+        train_loss, train_acc = train_one_epoch(model, train, opt, sched, cfg, run.generator, device, teacher,
                                                 negatives)
         val_loss, val_acc = split_scores(model, data.val, device, cfg.eval_batch_size)
         _, test_acc = split_scores(model, data.test, device, cfg.eval_batch_size)
