@@ -32,6 +32,8 @@ def pytest_configure(config) -> None:
     _saved_environ = dict(os.environ)
     # Short, under /tmp: Ray's unix socket paths are length-limited.
     SESSION_ROOT = Path(tempfile.mkdtemp(prefix="kmt-", dir="/tmp"))
+    if not hasattr(config, "workerinput"):  # the xdist controller, or a run without xdist
+        os.environ[RAY_TESTS_FILE] = str(SESSION_ROOT / "ray-tests")
     for key in [k for k in os.environ if k.startswith(FOREIGN_PREFIXES)]:
         del os.environ[key]
     home = SESSION_ROOT / "home"
@@ -70,10 +72,33 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.training)
         if names & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
-        if item.get_closest_marker("ray"):
-            # Under `pytest -n 2 --dist loadgroup` (make test) every Ray test runs in one worker, in order:
-            # one session Ray at a time, while the other worker takes the tests that need none.
-            item.add_marker(pytest.mark.xdist_group("ray"))
+    if hasattr(config, "workerinput") and os.environ.get(RAY_TESTS_FILE):  # an xdist worker: tell the scheduler
+        listing = Path(f"{os.environ[RAY_TESTS_FILE]}.{config.workerinput['workerid']}")
+        listing.with_suffix(".tmp").write_text("\n".join(i.nodeid for i in items if i.get_closest_marker("ray")))
+        listing.with_suffix(".tmp").rename(listing)
+
+
+# `make test` runs `pytest -n 2 --dist loadgroup`: every Ray test in one worker, in collection order (one
+# session Ray at a time, module fixtures set up once), every other test wherever a worker is free. Workers
+# know the markers, the scheduler (in the controller) only node ids: each worker lists its Ray tests in
+# RAY_TESTS_FILE.<worker id> as it collects, before the scheduler starts. (xdist's own xdist_group marker
+# cannot do this under pytest 9, whose node ids xdist can no longer suffix with the group.)
+RAY_TESTS_FILE = "KMT_RAY_TESTS_FILE"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayInOneWorker(LoadScopeScheduling):
+        ray_tests: set[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.ray_tests is None:
+                self.ray_tests = {line for listing in Path(os.environ[RAY_TESTS_FILE]).parent.glob(
+                    Path(os.environ[RAY_TESTS_FILE]).name + ".gw*") for line in listing.read_text().splitlines()}
+            return "ray" if nodeid in self.ray_tests else nodeid
+
+    return RayInOneWorker(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 @pytest.fixture
