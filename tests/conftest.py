@@ -74,12 +74,14 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.ray)
     if hasattr(config, "workerinput") and os.environ.get(RAY_TESTS_FILE):  # an xdist worker: tell the scheduler
         listing = Path(f"{os.environ[RAY_TESTS_FILE]}.{config.workerinput['workerid']}")
-        listing.with_suffix(".tmp").write_text("\n".join(i.nodeid for i in items if i.get_closest_marker("ray")))
+        in_ray_worker = [i.nodeid for i in items if i.get_closest_marker("ray") and not i.get_closest_marker("own_ray")]
+        listing.with_suffix(".tmp").write_text("\n".join(in_ray_worker))
         listing.with_suffix(".tmp").rename(listing)
 
 
 # `make test` runs `pytest -n 2 --dist loadgroup`: every Ray test in one worker, in collection order (one
-# session Ray at a time, module fixtures set up once), every other test wherever a worker is free. Workers
+# session Ray at a time, module fixtures set up once), every other test wherever a worker is free; so do
+# tests marked `own_ray`, whose Ray runs in processes of their own (a `ray start` cluster) beside the session's. Workers
 # know the markers, the scheduler (in the controller) only node ids: each worker lists its Ray tests in
 # RAY_TESTS_FILE.<worker id> as it collects, before the scheduler starts. (xdist's own xdist_group marker
 # cannot do this under pytest 9, whose node ids xdist can no longer suffix with the group.)

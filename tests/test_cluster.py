@@ -30,7 +30,7 @@ from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
 from tests.processes import wait_for
 from tests.test_tune import hold, small_data_dir, trial_epochs  # noqa: F401 (small_data_dir: a fixture)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]  # its own `ray start` nodes, never the session Ray
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
