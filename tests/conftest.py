@@ -79,12 +79,13 @@ def pytest_collection_modifyitems(config, items) -> None:
         listing.with_suffix(".tmp").rename(listing)
 
 
-# `make test` runs `pytest -n 2 --dist loadgroup`: every Ray test in one worker, in collection order (one
-# session Ray at a time, module fixtures set up once), every other test wherever a worker is free; so do
-# tests marked `own_ray`, whose Ray runs in processes of their own (a `ray start` cluster) beside the session's. Workers
-# know the markers, the scheduler (in the controller) only node ids: each worker lists its Ray tests in
-# RAY_TESTS_FILE.<worker id> as it collects, before the scheduler starts. (xdist's own xdist_group marker
-# cannot do this under pytest 9, whose node ids xdist can no longer suffix with the group.)
+# `make test` runs `pytest -n 2 --dist loadgroup`, scheduled by RayInOneWorker below:
+# - every test on the session Ray in one worker, in collection order: one session Ray, its fixtures built once;
+# - every other module whole, wherever a worker is free: its fixtures (a trained model, a predicted run) are
+#   built once, not in each worker. Tests marked `own_ray` (a `ray start` cluster of their own) are such a module.
+# Workers know the markers, the scheduler (in the controller) only node ids: each worker lists its Ray tests
+# in RAY_TESTS_FILE.<worker id> as it collects, before scheduling starts. (xdist's xdist_group marker cannot
+# do this under pytest 9, whose node ids xdist can no longer suffix with the group.)
 RAY_TESTS_FILE = "KMT_RAY_TESTS_FILE"
 
 
@@ -98,7 +99,7 @@ def pytest_xdist_make_scheduler(config, log):
             if self.ray_tests is None:
                 self.ray_tests = {line for listing in Path(os.environ[RAY_TESTS_FILE]).parent.glob(
                     Path(os.environ[RAY_TESTS_FILE]).name + ".gw*") for line in listing.read_text().splitlines()}
-            return "ray" if nodeid in self.ray_tests else nodeid
+            return "ray" if nodeid in self.ray_tests else nodeid.split("::", 1)[0]  # a module's fixtures once
 
     return RayInOneWorker(config, log) if config.getvalue("dist") == "loadgroup" else None
 
