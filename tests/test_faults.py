@@ -253,7 +253,7 @@ def test_overwrite_keeps_earlier_results_until_the_new_run_commits(tmp_path, cro
     wait_for(lambda: run_json(out)["status"] == "running", proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr
     assert one_error_line(stderr, "earlier predictions in OUT are untouched").startswith("error: interrupted")
     assert committed_rows(out) == before
     assert run_json(out)["status"] == "interrupted"
@@ -482,7 +482,7 @@ def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, crops, kmni
     settle(root, out, proc)  # so the driver knows of every committed row (Ray actors commit on their own)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr
     one_error_line(stderr, "interrupted")
     run = run_json(out)
     committed = assert_cut_off_on_ray(out, files, held)
