@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,24 +111,17 @@ def start(s3_env) -> Iterator[Callable[..., subprocess.Popen]]:
 
 
 def read_back(env: dict, uri: str) -> dict:
-    """Rows and summary read from the object store by a process without Ray."""
-    script = textwrap.dedent(f"""
-        import json, sys
-        import pyarrow.dataset as ds, pyarrow.fs as pafs
-        t = ds.dataset({uri + '/predictions'!r}, format="parquet").to_table(columns=["path", "error_kind", "pred_char", "run_id"])
-        fs, root = pafs.FileSystem.from_uri({uri!r})
-        with fs.open_input_stream(root + "/summary/summary.json") as f:
-            summary = json.loads(f.read())
-        with fs.open_input_stream(root + "/run.json") as f:
-            run = json.loads(f.read())
-        assert "ray" not in sys.modules
-        print(json.dumps({{"paths": t.column("path").to_pylist(), "errors": t.column("error_kind").drop_null().to_pylist(),
-                          "run_ids": sorted(set(t.column("run_id").to_pylist())), "summary": summary,
-                          "status": run["status"]}}))
-    """)
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    """Rows, summary and run record read from the object store with pyarrow alone (as a downstream reader
+    would), through a client of its own."""
+    fs = s3(env)
+    root = uri.removeprefix("s3://")
+    t = pq.read_table(f"{root}/predictions", filesystem=fs, columns=["path", "error_kind", "pred_char", "run_id"])
+    with fs.open_input_stream(f"{root}/summary/summary.json") as f:
+        summary = json.loads(f.read())
+    with fs.open_input_stream(f"{root}/run.json") as f:
+        run = json.loads(f.read())
+    return {"paths": t.column("path").to_pylist(), "errors": t.column("error_kind").drop_null().to_pylist(),
+            "run_ids": sorted(set(t.column("run_id").to_pylist())), "summary": summary, "status": run["status"]}
 
 
 def test_predict_from_s3_to_s3_gives_one_row_per_object(s3_env, bucket, tmp_path, kmnist_dev, monkeypatch):

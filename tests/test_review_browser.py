@@ -18,6 +18,7 @@ missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
 try:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -84,9 +85,24 @@ def until(driver, condition, timeout: float = 20):
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition())
 
 
+def on_element(driver, css: str, act):
+    """`act(element)` on the element `css` names once it exists. The page redraws its tabs each time it
+    polls (every 2 s), so an element found just before a redraw is looked up again."""
+    done = []
+
+    def attempt() -> bool:
+        try:
+            done.append(act(driver.find_element(By.CSS_SELECTOR, css)))
+            return True
+        except (StaleElementReferenceException, NoSuchElementException):
+            return False
+
+    until(driver, attempt)
+    return done[0]
+
+
 def open_tab(driver, tab: str, expected_ids: list[str]) -> None:
-    until(driver, lambda: driver.find_elements(By.CSS_SELECTOR, f'nav button[data-tab="{tab}"]'))
-    driver.find_element(By.CSS_SELECTOR, f'nav button[data-tab="{tab}"]').click()
+    on_element(driver, f'nav button[data-tab="{tab}"]', lambda el: el.click())
     until(driver, lambda: [t[0] for t in tiles(driver)] == expected_ids)
 
 
@@ -127,7 +143,7 @@ def test_label_with_keys_accept_the_page_undo_one_and_reload(out, servers, brows
     assert [t[1:3] for t in shown[:-1]] == [["saved", expected[i]] for i in range(len(page) - 1)]
     assert shown[-1][1:3] == ["open", ""]
     assert all(t[3] == "saved" for t in shown[:-1])
-    counts = driver.find_element(By.CSS_SELECTOR, 'nav button[data-tab="low_confidence"]').text
+    counts = on_element(driver, 'nav button[data-tab="low_confidence"]', lambda el: el.text)
     assert f"1 left of {len(page)}" in counts
 
 

@@ -3,7 +3,7 @@
 // shows "saved" only once the server answered, which it does after the decision is on disk.
 
 const FLUSH_MS = 250; // keys pressed within this become one request (one file in OUT/reviews/)
-const POLL_MS = 5000; // how often decisions made elsewhere (other browsers, other servers) show up
+const POLL_MS = 2000; // how often decisions made elsewhere (other browsers, other servers) show up
 const SPECIAL = { not_a_character: "not a character", unreadable: "unreadable" };
 
 const state = {
