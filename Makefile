@@ -25,7 +25,7 @@ test: setup
 
 # The edit loop: tests that start no Ray and train no model (markers set in tests/conftest.py), on both cores.
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 -m "not ray and not training"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not ray and not training"
 
 bench: setup
 	$(BIN)/python bench/predict_throughput.py --sizes 5000,50000

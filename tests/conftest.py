@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import secrets
 import shutil
@@ -33,7 +34,7 @@ def pytest_configure(config) -> None:
     # Short, under /tmp: Ray's unix socket paths are length-limited.
     SESSION_ROOT = Path(tempfile.mkdtemp(prefix="kmt-", dir="/tmp"))
     if not hasattr(config, "workerinput"):  # the xdist controller, or a run without xdist
-        os.environ[RAY_TESTS_FILE] = str(SESSION_ROOT / "ray-tests")
+        os.environ[SCHEDULE_FILE] = str(SESSION_ROOT / "schedule")
     for key in [k for k in os.environ if k.startswith(FOREIGN_PREFIXES)]:
         del os.environ[key]
     home = SESSION_ROOT / "home"
@@ -72,34 +73,54 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.training)
         if names & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
-    if hasattr(config, "workerinput") and os.environ.get(RAY_TESTS_FILE):  # an xdist worker: tell the scheduler
-        listing = Path(f"{os.environ[RAY_TESTS_FILE]}.{config.workerinput['workerid']}")
-        in_ray_worker = [i.nodeid for i in items if i.get_closest_marker("ray") and not i.get_closest_marker("own_ray")]
-        listing.with_suffix(".tmp").write_text("\n".join(in_ray_worker))
+    if hasattr(config, "workerinput") and os.environ.get(SCHEDULE_FILE):  # an xdist worker: tell the scheduler
+        ray = [i.nodeid for i in items if i.get_closest_marker("ray") and not i.get_closest_marker("own_ray")]
+        slow = [i.nodeid for i in items if i.get_closest_marker("own_ray") or i.get_closest_marker("training")]
+        listing = Path(f"{os.environ[SCHEDULE_FILE]}.{config.workerinput['workerid']}")
+        listing.with_suffix(".tmp").write_text(json.dumps({"ray": ray, "slow": slow}))
         listing.with_suffix(".tmp").rename(listing)
 
 
 # `make test` runs `pytest -n 2 --dist loadgroup`, scheduled by RayInOneWorker below:
 # - every test on the session Ray in one worker, in collection order: one session Ray, its fixtures built once;
 # - every other module whole, wherever a worker is free: its fixtures (a trained model, a predicted run) are
-#   built once, not in each worker. Tests marked `own_ray` (a `ray start` cluster of their own) are such a module.
-# Workers know the markers, the scheduler (in the controller) only node ids: each worker lists its Ray tests
-# in RAY_TESTS_FILE.<worker id> as it collects, before scheduling starts. (xdist's xdist_group marker cannot
-# do this under pytest 9, whose node ids xdist can no longer suffix with the group.)
-RAY_TESTS_FILE = "KMT_RAY_TESTS_FILE"
+#   built once, not in each worker. Tests marked `own_ray` (a `ray start` cluster of their own) are such a module;
+# - the Ray tests first, then the modules with slow tests (own_ray, training), then the rest: the long units
+#   start at once on both workers, and the short ones fill the gaps (a slow module last would run alone).
+# Workers know the markers, the scheduler (in the controller) only node ids: each worker lists the Ray and
+# the slow tests in SCHEDULE_FILE.<worker id> as it collects, before scheduling starts. (xdist's
+# xdist_group marker cannot do this under pytest 9, whose node ids xdist can no longer suffix.)
+SCHEDULE_FILE = "KMT_SCHEDULE_FILE"
 
 
 def pytest_xdist_make_scheduler(config, log):
+    from collections import OrderedDict
+
     from xdist.scheduler import LoadScopeScheduling
 
+    def module(nodeid: str) -> str:
+        return nodeid.split("::", 1)[0]
+
     class RayInOneWorker(LoadScopeScheduling):
-        ray_tests: set[str] | None = None
+        listed: dict[str, set[str]] | None = None
+        ordered = False
+
+        def lists(self) -> dict[str, set[str]]:
+            if self.listed is None:
+                path = Path(os.environ[SCHEDULE_FILE])
+                listing = json.loads(next(path.parent.glob(path.name + ".gw*")).read_text())
+                self.listed = {"ray": set(listing["ray"]), "slow": {module(n) for n in listing["slow"]}}
+            return self.listed
 
         def _split_scope(self, nodeid: str) -> str:
-            if self.ray_tests is None:
-                self.ray_tests = {line for listing in Path(os.environ[RAY_TESTS_FILE]).parent.glob(
-                    Path(os.environ[RAY_TESTS_FILE]).name + ".gw*") for line in listing.read_text().splitlines()}
-            return "ray" if nodeid in self.ray_tests else nodeid.split("::", 1)[0]  # a module's fixtures once
+            return "ray" if nodeid in self.lists()["ray"] else module(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # once, when the whole queue is known
+                rank = lambda scope: 0 if scope == "ray" else 1 if scope in self.lists()["slow"] else 2  # noqa: E731
+                self.workqueue = OrderedDict(sorted(self.workqueue.items(), key=lambda unit: rank(unit[0])))
+                self.ordered = True
+            super()._assign_work_unit(node)
 
     return RayInOneWorker(config, log) if config.getvalue("dist") == "loadgroup" else None
 
