@@ -150,6 +150,7 @@ def test_status_while_running_after_kill_9_and_after_the_resume_command(tmp_path
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray  # the CLI starts a local Ray of its own
 def test_on_ray_the_listing_streams_and_the_count_ahead_gives_the_total_and_eta_early(tmp_path, kmnist_dev):
     """A real process with its own local Ray: Ray's workers take the hold setting from the environment
     they start in, which the session's Ray started without."""
