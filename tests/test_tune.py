@@ -212,13 +212,18 @@ def checkpointed_epoch(run_metadata: dict) -> int:
     return latest.metrics.get("epoch", 0) if latest is not None else 0
 
 
-def reported(experiment: Path) -> dict[tuple[str, int], float]:
-    """(trial, epoch) -> epoch time, for every epoch the driver has recorded in a trial's result.json."""
+def checkpointed(experiment: Path) -> dict[tuple[str, int], float]:
+    """(trial, epoch) -> epoch time, for every epoch in each trial's latest checkpoint on disk. A trial
+    writes its checkpoint before it reports it, so this is complete once the saved state names the
+    checkpoint (Tune's own result.json is buffered and may lag)."""
+    import torch
+
     times = {}
-    for result_file in experiment.glob("*/result.json"):
-        for line in result_file.read_text().splitlines():
-            row = json.loads(line)
-            times[(result_file.parent.name, row["epoch"])] = row["epoch_time_s"]
+    for trial_dir in experiment.glob("train_trial_*/"):
+        saved = sorted(trial_dir.glob("checkpoint_*/train_state.pt"))
+        if saved:
+            for row in torch.load(saved[-1], map_location="cpu", weights_only=True)["history"]:
+                times[(trial_dir.name, row["epoch"])] = row["epoch_time_s"]
     return times
 
 
@@ -246,7 +251,7 @@ def test_resume_after_driver_kill_skips_finished_trials(tmp_path, small_data_dir
         proc.wait()
     saved = saved_trials(experiment)
     assert saved[first] == ("TERMINATED", 2) and sorted(saved.values()) == cut_off  # the grid was cut off
-    before = reported(experiment)
+    before = checkpointed(experiment)
     assert len(before) == 4  # the finished trial's two epochs and the half-way trials' first
 
     s = run_status(out)  # what a user finds: a killed grid, and the command that finishes it
