@@ -43,6 +43,17 @@ def sheet_order(rows: pd.DataFrame, reason: str) -> pd.DataFrame:
     return rows.sort_values([key, "rel_path"], ascending=[ascending, True])
 
 
+def open_as_shown(key: bytes) -> Image.Image | None:
+    """The image file (a local name or an object-store URI) as RGB, EXIF orientation applied; None when
+    it cannot be read."""
+    try:
+        source = io.BytesIO(storage.read_bytes(storage.resolve(key.decode()))) if storage.is_uri(key) else key
+        with Image.open(source) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def thumbnail(row: pd.Series, size: int = THUMB) -> Image.Image:
     """The crop as the file shows it (EXIF applied), at most `size` px, with the ink box in red; a grey
     square for an error row (the file is broken, or gone since the run). Also the review app's tiles."""
@@ -53,11 +64,8 @@ def thumbnail(row: pd.Series, size: int = THUMB) -> Image.Image:
     box = BOX_KEY.match(key)  # a box on a page (batch_infer/manifest.py): the page, cut to the box
     if box:
         key = box[1]
-    try:
-        source = io.BytesIO(storage.read_bytes(storage.resolve(key.decode()))) if storage.is_uri(key) else key
-        with Image.open(source) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
+    img = open_as_shown(key)
+    if img is None:
         return placeholder
     left = top = 0
     if box:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
-from batch_infer.review_sheet import BOX_KEY, thumbnail
-from kmnist_core import storage
+from batch_infer.review_sheet import BOX_KEY, open_as_shown, thumbnail
 
 CROP_PX = 160  # longer side of a tile's crop
 PAGE_PX = 1400  # longer side of a page as shown
@@ -31,12 +30,8 @@ def page_png(row: dict) -> bytes | None:
     box = BOX_KEY.match(row["path_bytes"])
     if not box:
         return None
-    page = box[1]
-    try:
-        source = io.BytesIO(storage.read_bytes(storage.resolve(page.decode()))) if storage.is_uri(page) else page
-        with Image.open(source) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
+    img = open_as_shown(box[1])
+    if img is None:
         return None
     scale = min(1.0, PAGE_PX / max(img.size))
     if scale < 1:
