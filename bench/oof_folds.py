@@ -2,7 +2,8 @@
 
 The 8,000 images are cut into K stratified folds (seeded). For fold k a model is trained, with the recipe
 below, on the other K-1 folds only, and predicts fold k: every image's out-of-fold logits come from a model
-that never saw it (no teachers, so no model trained on fold k's images reaches fold k's figures). Each fold
+that never saw it. A recipe with a teacher distills from the teacher recipe's model OF THE SAME FOLD (trained
+on the same K-1 folds), never from a model that saw fold k, so the figures stay honest. Each fold
 also scores 2,000 synthetic negatives cut from its held-out images with held-out glyphs, for the
 out-of-set threshold.
 
@@ -31,7 +32,7 @@ import torch
 
 from kmnist_core.datasets import Dataset, Split, load_dataset
 from kmnist_core.files import write_json_atomic
-from kmnist_core.models import predict_logits
+from kmnist_core.models import create_model, predict_logits
 from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +40,15 @@ FOLD_SEED = 20261204
 AOYAGI = "/usr/share/fonts/truetype/aoyagi-kouzan-t/AoyagiKouzanT.ttf"
 # The plain recipe of ../shared/STACK.md ("Accuracy vs CPU speed"), with outlier exposure as the default
 # model has it: no teachers, so a fold's figures are honest by construction.
+PLAIN_OE = dict(model="compact-cnn-wide", epochs=60, lr=3e-3, batch_size=128, optimizer="adamw",
+                weight_decay=5e-4, schedule="onecycle", augment="strong", negatives="synth", outlier_weight=0.5)
 RECIPES: dict[str, dict] = {
-    "plain-oe": dict(model="compact-cnn-wide", epochs=60, lr=3e-3, batch_size=128, optimizer="adamw",
-                     weight_decay=5e-4, schedule="onecycle", augment="strong", negatives="synth",
-                     outlier_weight=0.5),
+    "plain-oe": PLAIN_OE,
+    # The same student distilled from plain-oe's fold model ("born again": same size, same data; the
+    # teacher's soft targets on the same augmented batch carry what one-hot labels do not).
+    "distill-oe": PLAIN_OE,
 }
+TEACHER_RECIPE = {"distill-oe": "plain-oe"}
 
 
 def all_images() -> tuple[Split, Dataset]:
@@ -72,29 +77,47 @@ def fold_dataset(full: Split, base: Dataset, fold: np.ndarray, k: int) -> Datase
                    held_split, held_split, f"kmnist-dev fold {k}: trained on the other folds", base.primary_metric)
 
 
-def run_fold(k: int, cfg: TrainConfig, data: Dataset, held: np.ndarray, work: Path, results: Path,
-             checkpoint_every: int) -> None:
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"fold-{k}.ckpt.pt"
+def fold_teacher(cfg: TrainConfig, data: Dataset, teacher_results: Path, k: int) -> torch.nn.Module:
+    """The teacher recipe's model of fold k: trained on the same folds as the student of fold k."""
+    path = teacher_results / f"fold-{k}.pt"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the teacher recipe's fold {k} first")
+    model = create_model(cfg.model, len(data.classes), data.input_size)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path, checkpoint_every: int,
+                    teachers: list[torch.nn.Module]) -> tuple[TrainRun, float]:
+    """Train, saving a checkpoint every `checkpoint_every` epochs and resuming from `ckpt` if it exists.
+    Returns the run and its wall time in seconds, summed over resumptions."""
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
     spent = float(state.pop("wall_s")) if state else 0.0
     started = time.perf_counter()
     if state:
-        print(f"fold {k}: resuming after epoch {len(state['history'])}", flush=True)
+        print(f"{name}: resuming after epoch {len(state['history'])}", flush=True)
 
     def on_epoch(metrics: dict, run: TrainRun) -> None:
-        print(f"fold {k} epoch {metrics['epoch']}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
+        print(f"{name} epoch {metrics['epoch']}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
               f"{metrics['epoch_time_s']:.1f}s", flush=True)
         if metrics["epoch"] % checkpoint_every == 0 or metrics["epoch"] == cfg.epochs:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({**run.state_dict(), "wall_s": spent + time.perf_counter() - started}, tmp)
             os.replace(tmp, ckpt)
 
-    run = train_model(cfg, data, "cpu", on_epoch, resume_state=state)
+    run = train_model(cfg, data, "cpu", on_epoch, resume_state=state, teacher_models=teachers)
+    return run, spent + time.perf_counter() - started
+
+
+def run_fold(k: int, cfg: TrainConfig, data: Dataset, held: np.ndarray, work: Path, results: Path,
+             checkpoint_every: int, teachers: list[torch.nn.Module]) -> None:
+    run, trained_s = train_resumable(f"fold {k}", cfg, data, work / f"fold-{k}.ckpt.pt", checkpoint_every, teachers)
+    started = time.perf_counter()
     logits = predict_logits(run.model, data.test.images, "cpu")
     neg_images, _ = validation_negatives(cfg, data)
     neg_logits = predict_logits(run.model, neg_images, "cpu")
-    wall = spent + time.perf_counter() - started
+    wall = trained_s + time.perf_counter() - started
     results.mkdir(parents=True, exist_ok=True)
     torch.save({n: t.detach().cpu() for n, t in run.model.state_dict().items()}, results / f"fold-{k}.pt")
     tmp = results / f"fold-{k}.tmp.npz"
@@ -124,16 +147,20 @@ def main() -> None:
                       negative_fonts=fonts, **RECIPES[args.recipe])
     full, base = all_images()
     fold = stratified_folds(full.labels, args.folds)
+    teacher_recipe = TEACHER_RECIPE.get(args.recipe)
+    teacher_results = results.parent / teacher_recipe if teacher_recipe else None
     results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results / "recipe.json", {
         "recipe": args.recipe, "config": cfg.to_dict(), "folds": args.folds, "fold_seed": FOLD_SEED,
+        "teacher": f"{teacher_recipe}: the fold's own model (fold-K.pt)" if teacher_recipe else None,
         "images": len(full), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": args.threads})
     for k in ([args.fold] if args.fold is not None else range(args.folds)):
         if (results / f"fold-{k}.npz").exists():
             print(f"fold {k}: done", flush=True)
             continue
-        run_fold(k, cfg, fold_dataset(full, base, fold, k), np.flatnonzero(fold == k), work, results,
-                 args.checkpoint_every)
+        data = fold_dataset(full, base, fold, k)
+        teachers = [fold_teacher(cfg, data, teacher_results, k)] if teacher_results else []
+        run_fold(k, cfg, data, np.flatnonzero(fold == k), work, results, args.checkpoint_every, teachers)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kmnist_core import transforms
 from kmnist_core.datasets import Dataset, Split
 from kmnist_core.model_dir import load_model, read_model_files
-from kmnist_core.models import create_model, predict_logits
+from kmnist_core.models import create_model, optimize_for_inference, predict_logits
 from kmnist_core.errors import KmnistError
 from kmnist_core.reviewed import ReviewedCrops
 
@@ -229,9 +229,10 @@ class TeacherEnsemble(torch.nn.Module):
         return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
 
 
-def load_teachers(paths: list[str], data: Dataset, device: str) -> TeacherEnsemble | None:
-    """Trained model directories as a frozen, inference-optimized teacher ensemble for `data`."""
-    members = []
+def load_teachers(paths: list[str], data: Dataset, device: str,
+                  models: list[torch.nn.Module] = ()) -> TeacherEnsemble | None:
+    """Trained model directories (and trained `models`) as a frozen, inference-optimized teacher ensemble."""
+    members = [optimize_for_inference(m).to(device) for m in models]
     for path in paths:
         teacher = load_model(path, device, precision="fp32")  # a teacher's targets are the fp32 model's
         if len(teacher.classes) != len(data.classes) or teacher.input_size != data.input_size:
@@ -320,8 +321,12 @@ def train_model(
     on_epoch: Callable[[dict, TrainRun], None] | None = None,
     resume_state: dict | None = None,
     reviewed: ReviewedCrops | None = None,
+    teacher_models: list[torch.nn.Module] | None = None,
 ) -> TrainRun:
     """Train `cfg.model` on `data.train` (with `reviewed` crops mixed in), scoring val and test after every epoch.
+
+    `teacher_models`: trained models to distill from besides `cfg.teachers` (directories), for callers
+    whose teachers are not model directories (the k-fold recipe's per-fold teachers).
 
     `resume_state` (a `TrainRun.state_dict()`) continues a run from its last finished epoch. Stops
     early with status "diverged" when the loss becomes NaN/inf or the model collapses to chance.
@@ -338,7 +343,7 @@ def train_model(
     negatives = mix_reviewed_negatives(training_negatives(cfg, data), reviewed, cfg.review_share)
     opt, sched = make_optimizer(model, cfg, math.ceil(len(train) / cfg.batch_size))
     run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
-    teacher = load_teachers(cfg.teachers, data, device)
+    teacher = load_teachers(cfg.teachers, data, device, teacher_models or [])
     if resume_state is not None:
         run.load_state_dict(resume_state)
     for epoch in range(len(run.history) + 1, cfg.epochs + 1):

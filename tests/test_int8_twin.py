@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from kmnist_core.errors import KmnistError
-from kmnist_core.int8 import INT8_FILE, PROBE_FILE, PROBE_TOLERANCE, sha256
-from kmnist_core.model_dir import CARD_FILE, load_bundle, load_model
+from kmnist_core.int8 import INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE, sha256, weight_range
+from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model
 from tests.test_int8 import bare_copy
 from tests.processes import CLI
 
@@ -113,3 +113,26 @@ def test_predict_names_the_fallback_in_run_json_and_the_start_line(tmp_path, kmn
     assert "fp32 (the int8 twin fails its probe on this CPU" in start
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["precision"] == "fp32" and "fails its probe on this CPU" in run["precision_note"]
+
+
+def test_twin_weights_fit_in_7_bits_so_no_cpu_saturates(trained_model_dir):
+    """|weight| <= 64: AVX2's VPMADDUBSW sums two uint8 x int8 products in int16 (255 * 64 * 2 < 32,768),
+    so AVX2, AVX-512 and VNNI kernels all compute the same exact sums; full-range weights would not."""
+    for model_dir in (DEFAULT_MODEL_DIR, trained_model_dir):
+        card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
+        low, high = weight_range((model_dir / INT8_FILE).read_bytes())
+        assert -MAX_WEIGHT <= low < 0 < high <= MAX_WEIGHT and 255 * MAX_WEIGHT * 2 < 2**15
+        assert card["int8"]["gate"]["weight_range"] == [low, high] and "reduce_range" in card["int8"]["method"]
+
+
+def test_a_card_fitted_out_of_fold_keeps_its_thresholds_for_int8(tmp_path, trained_model_dir):
+    """`int8_refit: false` (thresholds from out-of-fold predictions, the model trained on val too): the twin
+    runs on the card's own temperature and thresholds instead of a refit on trained-on images."""
+    model_dir = bare_copy(trained_model_dir, tmp_path / "m")
+    card = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
+    card["calibration"].update(int8_refit=False, temperature=0.8, review_below=0.93, ood_threshold=-0.5)
+    (model_dir / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
+    assert CliRunner().invoke(app, ["model", "int8", str(model_dir)]).exit_code == 0
+    int8 = load_model(model_dir, precision="int8")
+    assert int8.precision == "int8"
+    assert (int8.calibration.temperature, int8.calibration.review_below, int8.calibration.ood_threshold) == (0.8, 0.93, -0.5)
