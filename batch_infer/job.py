@@ -243,7 +243,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PredictOptions) -> 
     if check.precision != bundle.precision.used:  # the int8 twin failed its probe on this CPU: the run is fp32
         bundle = replace(bundle, twin=None, precision=Precision(bundle.precision.requested, "fp32", check.precision_note))
     review_below = opts.review_below if opts.review_below is not None else check.review_below
-    return Checked(inputs, out_loc, opts, manifest, bundle, review_below, check.ood_threshold, started)
+    ood_threshold = opts.ood_threshold if opts.ood_threshold is not None else check.ood_threshold
+    return Checked(inputs, out_loc, opts, manifest, bundle, review_below, ood_threshold, started)
 
 
 def resumed_options(opts: PredictOptions, metas: dict) -> PredictOptions:
@@ -274,7 +275,8 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
             "out": out.uri, "options": asdict(opts), "resume_args": option_args(opts), "review_below": checked.review_below,
             "ood_threshold": checked.ood_threshold, "took_over_lock_from": killed_holder,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    job = JobSpec(out=out.uri, run_id=run_id, review_below=opts.review_below, read_retries=opts.read_retries,
+    job = JobSpec(out=out.uri, run_id=run_id, review_below=opts.review_below, ood_threshold=opts.ood_threshold,
+                  read_retries=opts.read_retries,
                   retry_backoff_s=opts.retry_backoff_s, batch_size=opts.batch_size, metadata={
                       "kmnist_batch.schema_version": SCHEMA_VERSION,
                       "kmnist_batch.run": json.dumps(meta, ensure_ascii=False),

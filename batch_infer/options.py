@@ -3,6 +3,7 @@ torch, so the CLI builds its flags from them before anything heavy loads."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kmnist_core.errors import KmnistError
@@ -28,6 +29,9 @@ class PredictOptions:
     gpus_per_worker: float = option(0.0, "--gpus-per-worker", "GPUs per model actor (fractions allowed)")
     review_below: float | None = option(None, "--review-below", "low_confidence review below this confidence; "
                                                                 "default from the model card")
+    ood_threshold: float | None = option(None, "--ood-threshold", "unknown_character above this out-of-set score "
+                                                                  "(the card's ood_score: for max-softmax, minus the "
+                                                                  "top probability); default from the model card")
     resume: bool = option(False, "--resume", "finish an interrupted run into the same OUT (also re-reads "
                                              "unreadable and truncated files)", repeat=False)
     overwrite: bool = option(False, "--overwrite", "replace earlier predictions in OUT (kept until this run commits "
@@ -55,6 +59,8 @@ class PredictOptions:
             raise KmnistError("--batch-size and --rows-per-shard must be >= 1, --workers >= 0")
         if self.review_below is not None and not 0 <= self.review_below <= 1:
             raise KmnistError("--review-below must be a probability between 0 and 1")
+        if self.ood_threshold is not None and not math.isfinite(self.ood_threshold):
+            raise KmnistError("--ood-threshold must be a finite number")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise KmnistError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
         if self.read_retries < 0 or self.retry_backoff_s < 0:

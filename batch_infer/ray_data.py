@@ -53,7 +53,8 @@ SOURCES = ("bytes", "image")  # where a row's crop is, in this order of preferen
 RESERVED = frozenset(SCHEMA.names) | frozenset(DECODED_SCHEMA.names)
 RUN_KEY = b"kmnist_batch.run"
 # The options of `predict` that mean something for a Dataset (PredictOptions: same defaults and checks).
-DATASET_OPTIONS = ("precision", "batch_size", "workers", "cpus_per_worker", "gpus_per_worker", "review_below")
+DATASET_OPTIONS = ("precision", "batch_size", "workers", "cpus_per_worker", "gpus_per_worker", "review_below",
+                   "ood_threshold")
 # Ray Data's read and write tasks take 1 logical CPU each: the actor pool leaves this share of the
 # cluster's CPUs (at least one) free for them. On 2 CPUs, two actors at 1 CPU each leave none and the
 # job waits for ever, logging only that it is backpressured (measured, Ray 2.60).
@@ -174,12 +175,12 @@ class CropPredictor:
     actor at `precision` on `device` ("cuda" with num_gpus). The int8 twin's probe runs on each actor's CPU,
     as in predict's workers; rows name the precision they ran at. `batch_size`: crops per model call;
     `threads`: torch and ONNX Runtime threads (0: Ray's default for the actor, OMP_NUM_THREADS);
-    `review_below`: None for the model's own threshold; `run_id`: the rows' run_id (None: one per actor).
+    `review_below`, `ood_threshold`: None for the model's own thresholds; `run_id`: the rows' run_id (None: one per actor).
     """
 
     def __init__(self, model: str | os.PathLike | ModelBundle | ray.ObjectRef = "default", *, precision: str = "auto",
                  device: str = "cpu", batch_size: int = 1024, threads: int = 0, review_below: float | None = None,
-                 run_id: str | None = None):
+                 ood_threshold: float | None = None, run_id: str | None = None):
         import ray
         import torch
 
@@ -192,7 +193,7 @@ class CropPredictor:
             torch.set_num_threads(threads)
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.rows = RowBuilder(build_predictor(bundle, threads=threads or None), run_id or new_run_id(),
-                               review_below, node_id)
+                               review_below, node_id, ood_threshold=ood_threshold)
         self.input_size = bundle.card.input_size
         self.batch_size = batch_size
         self.metadata = footer_metadata(self.rows)
@@ -221,7 +222,7 @@ def actor_pool(ray, opts: PredictOptions) -> tuple[int, float]:
 def predict_dataset(ds: "ray.data.Dataset", model: str | os.PathLike = "default", **options) -> "ray.data.Dataset":
     """`ds` with each row's crop replaced by the prediction columns (see CropPredictor), lazily, as Ray
     Data datasets are. `options` are predict's, with the same defaults and checks: precision, batch_size,
-    workers, cpus_per_worker, gpus_per_worker, review_below.
+    workers, cpus_per_worker, gpus_per_worker, review_below, ood_threshold.
 
     The model is loaded and checked here, once (a model that cannot load fails now, not in every actor),
     and reaches the actors through the object store. Output order follows Ray Data's (not the input's
@@ -246,7 +247,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | os.PathLike = "default"
     return ds.map_batches(
         CropPredictor, batch_size=opts.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"model": ray.put(bundle), "batch_size": opts.batch_size, "threads": threads,
-                               "review_below": opts.review_below, "run_id": new_run_id()},
+                               "review_below": opts.review_below, "ood_threshold": opts.ood_threshold,
+                               "run_id": new_run_id()},
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus, num_gpus=opts.gpus_per_worker or None)
 
 

@@ -137,11 +137,13 @@ def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
 class RowBuilder:
     """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table)."""
 
-    def __init__(self, model, run_id: str, review_below: float | None, node_id: str | None, topk: int = 3):
+    def __init__(self, model, run_id: str, review_below: float | None, node_id: str | None, topk: int = 3,
+                 ood_threshold: float | None = None):
         self.model = model
         self.run_id = run_id
         # None: the model's own threshold for the precision it runs at (int8 and fp32 each have theirs).
         self.review_below = model.review_below if review_below is None else review_below
+        self.ood_threshold = ood_threshold  # None: the model's own (its `unknown`)
         self.topk = min(topk, len(self.model.classes))
         self.node_id = node_id
         self.chars = np.array(self.model.classes.chars, dtype=object)
@@ -159,6 +161,8 @@ class RowBuilder:
         if ok.any():  # blank rows' pixels are background; run with the rest so the buffer stays one array
             a = self.model.assess(pixel_array(batch.column("pixels"), size))
             probs[ok], ood[ok], unknown[ok] = a.probabilities, a.ood_score, a.unknown
+            if self.ood_threshold is not None:
+                unknown[ok] = a.ood_score > self.ood_threshold
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
         top_p = np.take_along_axis(probs, top, axis=1)
         confidence = np.where(predicted, top_p[:, 0], np.nan)

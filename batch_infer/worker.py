@@ -29,6 +29,7 @@ class JobSpec:
     out: str  # OUT, a local path or a URI
     run_id: str
     review_below: float | None  # --review-below; None: each worker's model's own (it depends on its precision)
+    ood_threshold: float | None  # --ood-threshold; None: likewise
     read_retries: int
     retry_backoff_s: float
     batch_size: int
@@ -64,7 +65,7 @@ class ChunkWorker:
         self.job = job
         self.input_size = bundle.card.input_size
         model = build_predictor(bundle, threads=threads or None)
-        self.rows = RowBuilder(model, job.run_id, job.review_below, node_id)
+        self.rows = RowBuilder(model, job.run_id, job.review_below, node_id, ood_threshold=job.ood_threshold)
         self.metadata = {k.encode(): v.encode() for k, v in job.metadata.items()}
         self.out = storage.resolve(job.out)
 

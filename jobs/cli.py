@@ -312,6 +312,7 @@ def predict(
     cpus_per_worker: float = flag("cpus_per_worker"),
     gpus_per_worker: float = flag("gpus_per_worker"),
     review_below: Optional[float] = flag("review_below"),
+    ood_threshold: Optional[float] = flag("ood_threshold"),
     resume: bool = flag("resume"),
     retry_errors: bool = flag("retry_errors"),
     overwrite: bool = flag("overwrite"),
@@ -351,7 +352,8 @@ def predict(
             opts = PredictOptions(model=model, address=address, executor=executor, precision=precision,
                                   batch_size=batch_size, workers=workers,
                                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                  review_below=review_below, resume=resume, overwrite=overwrite,
+                                  review_below=review_below, ood_threshold=ood_threshold, resume=resume,
+                                  overwrite=overwrite,
                                   retry_errors=retry_errors, read_retries=read_retries,
                                   retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard, manifest=manifest,
                                   pages=pages, export=tuple(export or ()))

@@ -129,3 +129,27 @@ def test_resume_after_files_were_added_predicts_only_files_without_a_row(tmp_pat
     assert resumed["options"]["rows_per_shard"] == 100
     new_shards = {p.name for p in (out / "predictions").glob("*.parquet")} - set(first)
     assert new_shards and new_shards <= shards_if_cut(root, 100) and not new_shards <= shards_if_cut(root, 37)
+
+
+def test_review_below_and_ood_threshold_replace_the_card_s_for_the_run(finished_out, tmp_path):
+    """`--review-below` and `--ood-threshold`: rows are decided by the run's thresholds, which run.json
+    records; the scores themselves do not change. The thresholds chosen split the first run's rows, so a
+    run that ignored either option would flag other rows."""
+    inputs, first_out = finished_out
+    first = pq.read_table(first_out / "predictions").to_pandas().set_index("path")
+    ood_cut = float(first["ood_score"].quantile(0.6))  # 40 % of the crops above it
+    conf_cut = float(first["confidence"].quantile(0.5))
+    out = tmp_path / "out"
+    run_predict([inputs], out, PredictOptions(precision="fp32", executor="local", review_below=conf_cut,
+                                              ood_threshold=ood_cut))
+    rows = pq.read_table(out / "predictions").to_pandas().set_index("path").loc[first.index]
+    assert (rows["ood_score"] == first["ood_score"]).all() and (rows["confidence"] == first["confidence"]).all()
+    unknown = rows["ood_score"] > ood_cut
+    low = ~unknown & (rows["confidence"] < conf_cut)
+    expected = unknown.map({True: "unknown_character", False: None}).where(unknown, low.map({True: "low_confidence", False: None}))
+    assert list(rows["review_reason"]) == list(expected)
+    assert 0 < unknown.sum() < len(rows) and 0 < low.sum() and list(rows["review_reason"]) != list(first["review_reason"])
+    record = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert (record["review_below"], record["ood_threshold"]) == (conf_cut, ood_cut)
+    with pytest.raises(KmnistError, match="--ood-threshold must be a finite number"):
+        run_predict([inputs], tmp_path / "nan", PredictOptions(executor="local", ood_threshold=float("nan")))
