@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -27,8 +26,9 @@ import pytest
 import yaml
 
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
+from tests.object_store import client, new_bucket, upload_tree
 from tests.processes import wait_for
-from tests.test_tune import hold, small_data_dir, trial_epochs  # noqa: F401 (small_data_dir: a fixture)
+from tests.tune_helpers import hold, small_data_dir, trial_epochs  # noqa: F401 (small_data_dir: a fixture)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]  # its own `ray start` nodes, never the session Ray
 REPO = Path(__file__).resolve().parents[1]
@@ -226,19 +226,10 @@ def test_predict_job_reads_and_writes_only_the_object_store_on_both_nodes(cluste
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                           allow_bucket_creation=True)
-    bucket = f"b-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(bucket)
-
-    def upload(path: Path) -> str:
-        key = f"{bucket}/crops/{path.name}"
-        with fs.open_output_stream(key) as f:
-            f.write(path.read_bytes())
-        return f"s3://{key}"
-
-    with ThreadPoolExecutor(16) as pool:
-        objects = set(pool.map(upload, plain_tree(tmp_path / "crops", kmnist_dev.test.images, 500)))
+    fs = client(s3_server)
+    bucket = new_bucket(s3_server)
+    plain_tree(tmp_path / "crops", kmnist_dev.test.images, 500)
+    objects = upload_tree(s3_server, tmp_path / "crops", bucket, "crops")
     aws = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
     local = [Path(cluster.temp), tmp_path, Path(os.environ["HOME"])]
     before = output_like(local)

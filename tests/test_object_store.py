@@ -12,9 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
@@ -27,6 +24,7 @@ from kmnist_core.out_lock import pid_running
 from jobs.cli import app
 from kmnist_core.errors import KmnistError
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree
+from tests.object_store import client, new_bucket, put_objects, upload_tree
 from tests.processes import CliProcesses, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,44 +40,22 @@ def s3_env(s3_server, monkeypatch) -> dict:
 
 @pytest.fixture
 def bucket(s3_env) -> str:
-    name = f"b-{uuid.uuid4().hex[:8]}"
-    s3(s3_env).create_dir(name)
-    return name
+    return new_bucket(s3_env)
 
-
-def s3(env: dict) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                             allow_bucket_creation=True)
-
-
-def upload_tree(env: dict, root: Path, bucket: str, prefix: str) -> set[str]:
-    """Every file under `root` as an object under s3://bucket/prefix/; returns their URIs."""
-    fs = s3(env)
-    files = [p for p in sorted(root.rglob("*")) if p.is_file()]
-
-    def put(path: Path) -> str:
-        key = f"{bucket}/{prefix}/{path.relative_to(root).as_posix()}"
-        with fs.open_output_stream(key) as f:
-            f.write(path.read_bytes())
-        return f"s3://{key}"
-
-    with ThreadPoolExecutor(16) as pool:
-        return set(pool.map(put, files))
 
 
 def release_object(env: dict, uri: str) -> None:
-    with s3(env).open_output_stream(uri.removeprefix("s3://") + ".release") as f:
-        f.write(b"")
+    put_objects(env, [(uri.removeprefix("s3://") + ".release", b"")])
 
 
 def shard_infos(env: dict, bucket: str) -> list[pafs.FileInfo]:
-    infos = s3(env).get_file_info(pafs.FileSelector(f"{bucket}/out/predictions", allow_not_found=True))
+    infos = client(env).get_file_info(pafs.FileSelector(f"{bucket}/out/predictions", allow_not_found=True))
     return [i for i in infos if i.base_name.endswith(".parquet")]
 
 
 def shard_runs(env: dict, bucket: str) -> dict[str, str]:
     """Each committed shard's name and the run that wrote it (from its footer)."""
-    fs = s3(env)
+    fs = client(env)
     return {i.base_name: json.loads(pq.read_schema(i.path, filesystem=fs).metadata[b"kmnist_batch.run"])["run_id"]
             for i in shard_infos(env, bucket)}
 
@@ -88,7 +64,7 @@ def read_json(env: dict, key: str) -> dict:
     """An object's JSON; {} while it does not exist, or when it was replaced while being read (pyarrow
     reads in ranged GETs, which may then mix two versions)."""
     try:
-        with s3(env).open_input_stream(key) as f:
+        with client(env).open_input_stream(key) as f:
             return json.loads(f.read())
     except (OSError, ValueError):
         return {}
@@ -113,7 +89,7 @@ def start(s3_env) -> Iterator[Callable[..., subprocess.Popen]]:
 def read_back(env: dict, uri: str) -> dict:
     """Rows, summary and run record read from the object store with pyarrow alone (as a downstream reader
     would), through a client of its own."""
-    fs = s3(env)
+    fs = client(env)
     root = uri.removeprefix("s3://")
     t = pq.read_table(f"{root}/predictions", filesystem=fs, columns=["path", "error_kind", "pred_char", "run_id"])
     with fs.open_input_stream(f"{root}/summary/summary.json") as f:
@@ -138,9 +114,9 @@ def test_predict_from_s3_to_s3_gives_one_row_per_object(s3_env, bucket, tmp_path
     assert len(back["errors"]) == 1  # the broken PNG: an error row, not a failed job
     assert back["status"] == "completed" and back["summary"]["files_seen"] == len(images)
     assert back["summary"]["skipped"] == {"not_image_extension": 1} and back["summary"]["duplicate_paths"] == 0
-    summary_objects = {i.base_name for i in s3(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/out/summary"))}
+    summary_objects = {i.base_name for i in client(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/out/summary"))}
     assert {"review.html", "by_folder.csv", "confidence_histogram.png"} <= summary_objects
-    assert not any(i.base_name == ".lock" for i in s3(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/out")))
+    assert not any(i.base_name == ".lock" for i in client(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/out")))
 
     r = CliRunner().invoke(app, ["report", f"s3://{bucket}/out"])
     assert r.exit_code == 0 and f"s3://{bucket}/out/predictions" in r.output, r.output
@@ -157,7 +133,7 @@ def test_kill_9_then_resume_against_s3_is_exactly_once(s3_env, bucket, tmp_path,
     holder = lock_holder(s3_env, bucket)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    t = pq.read_table(f"{bucket}/out/predictions", filesystem=s3(s3_env), columns=["path"])
+    t = pq.read_table(f"{bucket}/out/predictions", filesystem=client(s3_env), columns=["path"])
     assert 0 < len(t) < len(objects) and held not in t.column("path").to_pylist()  # cut off mid-way
 
     wait_for(lambda: not pid_running(holder["pid"]))  # a killed process takes a moment to go
@@ -224,6 +200,6 @@ def test_tune_storage_on_s3(s3_env, bucket, tmp_path, small_dev, ray_session):
     r = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "grid"), "--storage", f"s3://{bucket}/tune",
                                  "--lr", "0.001", "--batch-size", "64", "--epochs", "1", "--data-dir", str(data)])
     assert r.exit_code == 0, r.output[-3000:]
-    stored = s3(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/tune", recursive=True))
+    stored = client(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/tune", recursive=True))
     assert any(i.base_name.startswith("checkpoint") for i in stored), [i.path for i in stored][:20]
     assert (tmp_path / "grid" / "best" / "model.pt").exists()

@@ -289,20 +289,16 @@ def test_page_run_resumes_to_the_same_rows(page_run):
 @pytest.mark.timeout(300)
 def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path, monkeypatch):
     """The example pages and their Kaggle CSV in a bucket, OUT in the same bucket, through the CLI's predict."""
-    import uuid
-
     import pyarrow.fs as pafs
 
+    from tests.object_store import client, new_bucket, put_objects
     from tests.test_cli import invoke
 
-    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                           allow_bucket_creation=True)
-    bucket = f"b-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(bucket)
+    fs = client(s3_server)
+    bucket = new_bucket(s3_server)
     examples = Path(__file__).resolve().parents[1] / "examples" / "pages"
-    for name in ("kaggle.csv", "page-1.png", "page-2.png"):
-        with fs.open_output_stream(f"{bucket}/in/{name}") as f:
-            f.write((examples / name).read_bytes())
+    put_objects(s3_server, [(f"{bucket}/in/{name}", (examples / name).read_bytes())
+                            for name in ("kaggle.csv", "page-1.png", "page-2.png")])
     for key, value in s3_server.items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)

@@ -24,6 +24,7 @@ from batch_infer.progress import RunProgress
 from batch_infer.status import run_status, status_text
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
+from tests.object_store import client
 
 RUN_ID = "20261202T180000-abcdef"
 OPTIONS = {"model": "runs/study", "address": None, "executor": "auto", "batch_size": 1024, "workers": 2,
@@ -205,8 +206,7 @@ def put(fs: pafs.FileSystem, key: str, payload: dict) -> None:
 def test_object_store_out_is_alive_while_its_holder_beats(s3_server, monkeypatch, tmp_path):
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(key, s3_server[key])
-    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                           allow_bucket_creation=True)
+    fs = client(s3_server)
     fs.create_dir("status-test")
     uri = "s3://status-test/run1"
     with pytest.raises(KmnistError, match="holds no kmnist-batch run"):

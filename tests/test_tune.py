@@ -28,18 +28,12 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
 from tests.crop_tree import HOLD_ENV, release
 from tests.processes import CLI, wait_for
-from tune.grid import TEST_HOLD_ENV, GridConfig, hold_name, run_grid
+from tests.tune_helpers import hold, small_data_dir, trial_epochs  # noqa: F401 (small_data_dir: a fixture)
+from tune.grid import TEST_HOLD_ENV, GridConfig, run_grid
 
 pytestmark = [pytest.mark.ray, pytest.mark.training, pytest.mark.timeout(400)]
 GRID_LINE = re.compile(r"^\d\d:\d\d:\d\d grid (\d+)/4 trials \((\d+) running, (\d+) pending, (\d+) errored")
 BEST_LR = re.compile(r"best val 0\.\d{4} \(lr 0\.001 batch \d+\)")
-
-
-def hold(out: Path, lr: float, batch_size: int, epoch: int) -> Path:
-    """Make the trial (lr, batch_size) of a grid into `out` wait before `epoch` until `release(path)`."""
-    path = out / hold_name(lr, batch_size, epoch)
-    path.write_bytes(b"")
-    return path
 
 
 def invoke(*args: object):
@@ -49,24 +43,6 @@ def invoke(*args: object):
     from jobs.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def small_data_dir(tmp_path_factory, small_dev):
-    """A kmnist-dev-format directory holding only the small split, so trials stay seconds long."""
-    import shutil
-
-    import numpy as np
-
-    from kmnist_core.datasets import BUNDLED_DIR
-
-    d = tmp_path_factory.mktemp("small-dev")
-    images = np.concatenate([small_dev.train.images, small_dev.val.images, small_dev.test.images])
-    labels = np.concatenate([small_dev.train.labels, small_dev.val.labels, small_dev.test.labels]).astype(np.uint8)
-    np.savez_compressed(d / "kmnist-dev-imgs.npz", arr_0=images)
-    np.savez_compressed(d / "kmnist-dev-labels.npz", arr_0=labels)
-    shutil.copy(BUNDLED_DIR / "kmnist_classmap.csv", d)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -274,18 +250,6 @@ def test_resume_after_driver_kill_skips_finished_trials(tmp_path, small_data_dir
     final = {(t, e): v for t, e, v in zip(history.trial, history.epoch, history.epoch_time_s)}
     assert all(final[key] == value for key, value in before.items())
     assert (out / "best" / "model.pt").exists()
-
-
-def trial_epochs(experiment: Path) -> dict[float, int]:
-    """lr -> the last epoch the driver has recorded for that trial (after the scheduler saw it)."""
-    epochs = {}
-    for trial_dir in experiment.glob("*/"):
-        try:
-            lr = json.loads((trial_dir / "params.json").read_text())["train"]["lr"]
-            epochs[lr] = max(json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines())
-        except (OSError, ValueError, KeyError):
-            continue
-    return epochs
 
 
 def test_asha_stops_a_trailing_trial_early_and_a_failing_trial_fails_the_command(tmp_path, small_data_dir, ray_session,
