@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from tests.crop_tree import release
 
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
 
@@ -47,3 +49,17 @@ class CliProcesses:
             proc.wait()
             proc.stdout.close()
             proc.stderr.close()
+
+
+@contextlib.contextmanager
+def finishing(proc: subprocess.Popen, held: Path, timeout: float = 240.0) -> Iterator[None]:
+    """Whatever happens inside, release the hold file `held` afterwards and let `proc` finish its run
+    (killed if it has not within `timeout`): a failed wait leaves no held run behind."""
+    try:
+        yield
+    finally:
+        release(held)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()

@@ -92,6 +92,14 @@ def held_last(root: Path, image: np.ndarray) -> Path:
     return hold_file(root / "zz", image)
 
 
+def held_tree(crops: Path, root: Path, image: np.ndarray) -> tuple[set[bytes], Path]:
+    """The module's crops linked under `root` and a hold file sorted last (`held_last`): (every file a run
+    over `root` must give a row, the hold file)."""
+    files = linked_tree(crops, root)
+    held = held_last(root, image)
+    return files | {os.fsencode(held)}, held
+
+
 def wait_unlocked(out: Path) -> None:
     """Wait until a killed run's processes are gone: the kernel drops their lock on OUT/.lock."""
     def free() -> bool:
@@ -304,9 +312,7 @@ sys.exit(code)
 # on Ray prints no E-level line from Ray).
 def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, crops, kmnist_dev, start, ray_run):
     root, out = tmp_path / "in", tmp_path / "out"
-    files = linked_tree(crops, root)
-    held = held_last(root, kmnist_dev.test.images[0])
-    files.add(os.fsencode(held))
+    files, held = held_tree(crops, root, kmnist_dev.test.images[0])
     first = start(root, "--out", out, *ray_run)
     wait_for(lambda: len(shards(out)) >= 1, first)
     watcher = subprocess.Popen([sys.executable, "-c", READER, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -339,9 +345,7 @@ def test_second_run_is_refused_while_readers_see_only_whole_shards(tmp_path, cro
 # the held last one has committed, leaving room for run.json but not for a shard.
 def test_full_disk_mid_run_fails_clearly_and_resume_finishes(tmp_path, crops, kmnist_dev, start, ray_run):
     root = tmp_path / "in"
-    files = linked_tree(crops, root)
-    held = held_last(root, kmnist_dev.test.images[0])
-    files.add(os.fsencode(held))
+    files, held = held_tree(crops, root, kmnist_dev.test.images[0])
     with small_fs(tmp_path / "disk", "16m") as disk:
         out = disk / "out"
         proc = start(root, "--out", out, *ray_run)
@@ -475,9 +479,7 @@ def test_weights_that_do_not_match_their_card_are_refused(tmp_path, trained_mode
 # Item 5: Ctrl-C mid-run.
 def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, crops, kmnist_dev, start, ray_run):
     root, out = tmp_path / "in", tmp_path / "out"
-    files = linked_tree(crops, root)
-    held = held_last(root, kmnist_dev.test.images[0])
-    files.add(os.fsencode(held))
+    files, held = held_tree(crops, root, kmnist_dev.test.images[0])
     proc = start(root, "--out", out, *ray_run)
     settle(root, out, proc)  # so the driver knows of every committed row (Ray actors commit on their own)
     proc.send_signal(signal.SIGINT)
@@ -496,9 +498,7 @@ def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, crops, kmni
 # death is the same to the CLI; here the worker process is killed outright, as the OOM killer would.
 def test_driver_death_python_cannot_catch_is_recorded_as_failed(tmp_path, crops, kmnist_dev, start, ray_run):
     root, out = tmp_path / "in", tmp_path / "out"
-    files = linked_tree(crops, root)
-    held = held_last(root, kmnist_dev.test.images[0])
-    files.add(os.fsencode(held))
+    files, held = held_tree(crops, root, kmnist_dev.test.images[0])
     proc = start(root, "--out", out, *ray_run)
     wait_for(lambda: len(shards(out)) >= 1, proc)
     os.kill(lock_holder(out)["pid"], signal.SIGKILL)  # the CLI's worker process: held, so still there

@@ -20,9 +20,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from kmnist_core.card import read_card
+from kmnist_core.model_dir import DEFAULT_MODEL_DIR
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
-from tests.processes import wait_for
-from tests.processes import CLI
+from tests.processes import CLI, finishing, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 PROGRESS = re.compile(r"^\d\d:\d\d:\d\d progress ([\d,]+)/([~\d,?]+)")
@@ -86,22 +87,16 @@ def test_predict_with_stdout_to_a_file_logs_a_start_line_and_progress_lines(tmp_
     out, log = tmp_path / "out", tmp_path / "predict.log"
     proc = start(log, tmp_path / "in", "--out", out, *PREDICT)
     lines = lambda: log.read_text(encoding="utf-8").splitlines()  # noqa: E731
-    try:
+    with finishing(proc, held):
         def moving() -> bool:  # the log shows the run moving, not just its end
             seen = counts(lines())
             return len(seen) >= 2 and any(0 < n < len(files) for n, _ in seen)
 
         wait_for(moving)
-    finally:
-        release(held)
-        try:
-            proc.wait(timeout=240)
-        finally:
-            proc.kill()
     assert proc.returncode == 0, log.with_suffix(".err").read_text()
     lines = lines()
     assert "start predict run" in lines[0] and f"{len(files):,} files found" in lines[0]
-    assert "model 5d977e926e757428" in lines[0] and "1 worker" in lines[0]
+    assert f"model {read_card(DEFAULT_MODEL_DIR).model_id}" in lines[0] and "1 worker" in lines[0]
     assert all(total == f"{len(files):,}" for _, total in counts(lines))
     end = next(i for i, line in enumerate(lines) if re.match(rf"^\d\d:\d\d:\d\d completed {len(files):,}/", line))
     assert max(i for i, line in enumerate(lines) if PROGRESS.match(line)) < end and lines[end + 1].startswith("files ")
@@ -164,14 +159,8 @@ def test_on_ray_the_listing_streams_and_the_count_ahead_gives_the_total_and_eta_
         return len(progress) >= 2 and any(0 < counts([line])[0][0] < len(files) and "ETA -" not in line
                                           for line in progress)
 
-    try:
+    with finishing(proc, held):
         wait_for(moving_with_an_eta)
-    finally:
-        release(held)
-        try:
-            proc.wait(timeout=240)
-        finally:
-            proc.kill()
     assert proc.returncode == 0, log.with_suffix(".err").read_text()
     lines = lines()
     assert "files: still listing" in lines[0] and re.search(r"Ray \d+\.\d+\.\d+\.\d+:\d+ \(dashboard ", lines[0]), lines[0]
