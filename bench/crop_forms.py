@@ -10,6 +10,11 @@ preprocessing before issue 11), for comparison, accuracy and decode time. `--tre
 (DIR/<form>/<char>/<i>.png|jpg) for `kmnist-batch predict`.
 
     .venv/bin/python bench/crop_forms.py [--model default] [--split test|val] [--record] [--tree DIR]
+    .venv/bin/python bench/crop_forms.py --out-of-fold distill-oe [--record]
+
+`--out-of-fold RECIPE`: all 8,000 kmnist-dev images, each scored by the fold model of bench/oof_folds.py
+that never saw it (fp32), instead of one model on one split: the honest figure for a model trained on all
+8,000 (the shipped default), whose own test split is training data.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bench.record import append_row  # noqa: E402
-from kmnist_core.datasets import load_dataset  # noqa: E402
+from kmnist_core.datasets import Split, load_dataset  # noqa: E402
 from kmnist_core.model_dir import load_model  # noqa: E402
 from kmnist_core.preprocess import decode_bytes, fit_square, normalize_polarity, to_grayscale  # noqa: E402
 
@@ -154,6 +160,30 @@ def decode_us(decode: Callable[[bytes], object], files: list[bytes], rounds: int
     return best
 
 
+def out_of_fold(recipe: str) -> tuple[Split, Callable[[np.ndarray], np.ndarray], str, str]:
+    """All 8,000 images, and a predict function giving each image the class its fold's model says."""
+    import torch
+
+    from bench.oof_folds import RECIPES, all_images, stratified_folds
+    from kmnist_core.models import create_model, predict_logits
+
+    full, base = all_images()
+    fold = stratified_folds(full.labels, 5)
+    models = []
+    for k in range(5):
+        model = create_model(RECIPES[recipe]["model"], len(base.classes), base.input_size)
+        model.load_state_dict(torch.load(ROOT / "bench" / "results" / "oof" / recipe / f"fold-{k}.pt", weights_only=True))
+        models.append(model.eval())
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        pred = np.empty(len(pixels), np.int64)
+        for k, model in enumerate(models):
+            pred[fold == k] = predict_logits(model, pixels[fold == k], "cpu").argmax(1)
+        return pred
+
+    return full, predict, f"{recipe} fold models", "out-of-fold (8000)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -161,15 +191,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tree", type=Path, help="also write the crops as files under this folder")
     parser.add_argument("--record", action="store_true", help="append the rows to docs/benchmarks.md")
+    parser.add_argument("--out-of-fold", metavar="RECIPE", help="each of the 8,000 images scored by its fold's model")
     args = parser.parse_args()
 
-    model = load_model(args.model)
     data = load_dataset("kmnist-dev")
-    split = getattr(data, args.split)
-    size = model.input_size
-    score = lambda pixels: float((model.probabilities(np.stack(pixels)).argmax(1) == split.labels).mean())  # noqa: E731
+    if args.out_of_fold:
+        split, predict, model_name, split_name = out_of_fold(args.out_of_fold)
+    else:
+        model = load_model(args.model)
+        split, predict = getattr(data, args.split), lambda pixels: model.probabilities(pixels).argmax(1)
+        model_name, split_name = model.model_id, f"{args.split} ({len(split.labels)})"
+    size = data.input_size
+    score = lambda pixels: float((predict(np.stack(pixels)) == split.labels).mean())  # noqa: E731
     tight = None
-    print(f"model {model.model_id}, kmnist-dev {args.split} ({len(split.labels)} images)")
+    print(f"model {model_name}, kmnist-dev {split_name} images")
     print(f"{'form':34} {'accuracy':>9} {'vs tight':>9} {'whole box':>10} {'blank':>6} {'decode µs (whole box)':>22}")
     for name, make in FORMS.items():
         rng = np.random.default_rng(args.seed)
@@ -192,7 +227,7 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(f)
         if args.record:
-            append_row("crop forms", [f"`{model.model_id}`", f"{args.split} ({len(files)})", name, f"{tight:.2%}",
+            append_row("crop forms", [f"`{model_name}`", split_name, name, f"{tight:.2%}",
                                       f"**{acc:.2%}** ({acc - tight:+.2%})", f"{before:.2%}", str(blank), f"{us:.0f} ({us_before:.0f})"])
 
 
