@@ -6,7 +6,7 @@ A distilled recipe's teacher is the teacher recipe trained on all 8,000 the same
 Resumable: a checkpoint every 5 epochs under runs/oof/RECIPE/all.ckpt.pt; the trained weights land in
 bench/results/oof/RECIPE/all.pt (committed, a few hundred KB), so the next session need not retrain.
 
-    nice -n 19 .venv/bin/python bench/oof_final.py --recipe distill-oe --out runs/oof-default [--install]
+    nice -n 19 .venv/bin/python bench/oof_final.py --recipe plain-oe --out runs/oof-default [--install]
 
 The model directory's int8 twin is calibrated on the kmnist-dev train split and checked against fp32 on
 val (kmnist_core/int8.py), both inside the training data here: the check is about quantization (top-1
@@ -18,18 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from bench.oof_folds import AOYAGI, RECIPES, ROOT, TEACHER_RECIPE, all_images, train_resumable
-from bench.oof_thresholds import load_folds
-from kmnist_core.datasets import Dataset
-from kmnist_core.evaluate import calibration_report, classification_metrics
-from kmnist_core.experiment import REVIEW_PRECISION, build_card, make_int8
-from kmnist_core.model_dir import DEFAULT_MODEL_DIR, save_model_dir
-from kmnist_core.models import create_model
-from kmnist_core.train import TrainConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.oof_folds import AOYAGI, RECIPES, ROOT, TEACHER_RECIPE, all_images, train_resumable  # noqa: E402
+from bench.oof_thresholds import load_folds  # noqa: E402
+from kmnist_core.datasets import Dataset  # noqa: E402
+from kmnist_core.evaluate import calibration_report, classification_metrics  # noqa: E402
+from kmnist_core.experiment import REVIEW_PRECISION, build_card, make_int8  # noqa: E402
+from kmnist_core.model_dir import DEFAULT_MODEL_DIR, save_model_dir  # noqa: E402
+from kmnist_core.models import create_model  # noqa: E402
+from kmnist_core.train import TrainConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "oof"
 WORK = ROOT / "runs" / "oof"
@@ -98,7 +100,7 @@ def out_of_fold_card(recipe: str, model: torch.nn.Module, cfg: TrainConfig, data
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="distill-oe", choices=sorted(RECIPES))
+    parser.add_argument("--recipe", default="plain-oe", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, required=True, help="the model directory to write")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--install", action="store_true", help="copy the result into kmnist_core/default_model/")
