@@ -3,9 +3,10 @@
 The earlier commit is checked out in a temporary git worktree and run with the same venv (its code
 first on PYTHONPATH), each with its own defaults (model, pipeline, precision; both on Ray), through the
 library call both share, `batch_infer.job.run_predict`. Steady state = (N2 - N1) / (t2 - t1), so start-up
-cancels out; the sizes alternate between the two checkouts so drifting load hits both alike.
+cancels out; the two checkouts alternate at each size so drifting load hits both alike, and each time is
+the median of `--repeats` runs (a difference of two ~±1 s timings is noisy at these sizes).
 
-    .venv/bin/python bench/vs_commit.py [--baseline af6991a] [--sizes 5000,50000] [--record]
+    .venv/bin/python bench/vs_commit.py [--baseline af6991a] [--sizes 5000,50000] [--repeats 3] [--record]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="af6991a")
     parser.add_argument("--sizes", default="5000,50000")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     n1, n2 = (int(s) for s in args.sizes.split(","))
@@ -54,15 +57,21 @@ def main() -> None:
         times = {}
         for n in (n1, n2):
             make_tree(work / f"in-{n}", n)
-            for name, code in (("baseline", old), ("now", REPO)):
-                times[name, n] = timed_run(code, work / f"in-{n}", work / f"out-{name}-{n}")
-                print(f"{name:>8} {n:>7,} files: {times[name, n]:6.1f} s", flush=True)
+            runs: dict[str, list[float]] = {"baseline": [], "now": []}
+            for _ in range(args.repeats):
+                for name, code in (("baseline", old), ("now", REPO)):
+                    runs[name].append(timed_run(code, work / f"in-{n}", work / f"out-{name}-{n}"))
+                    shutil.rmtree(work / f"out-{name}-{n}")
+            for name, walls in runs.items():
+                times[name, n] = statistics.median(walls)
+                print(f"{name:>8} {n:>7,} files: median {times[name, n]:6.1f} s of {', '.join(f'{w:.1f}' for w in walls)}",
+                      flush=True)
         rate = {name: (n2 - n1) / (times[name, n2] - times[name, n1]) for name in ("baseline", "now")}
         ratio = rate["now"] / rate["baseline"]
         print(f"steady state {n1:,}->{n2:,}: {args.baseline} {rate['baseline']:,.0f} crops/s, now {rate['now']:,.0f} "
               f"crops/s: {ratio:.2f}x")
         if args.record:
-            append_row("predict against an earlier commit", [
+            append_row("predict against an earlier commit", [  # medians of --repeats runs
                 args.baseline, f"{n1:,}→{n2:,}", f"{rate['baseline']:,.0f}", f"{rate['now']:,.0f}", f"**{ratio:.2f}×**",
                 " / ".join(f"{name} {n:,}: {times[name, n]:.1f} s" for (name, n) in times)])
     finally:
