@@ -52,6 +52,9 @@ RECIPES: dict[str, dict] = {
     # on folds 0 and 1 (2026-12-04): 98.50 / 98.31 % held out against plain-oe's 98.56 / 98.31 %, no
     # gain, so the other folds were not trained; the two are in bench/results/oof/distill-oe/.
     "distill-oe": PLAIN_OE,
+    # A teacher candidate: the same recipe on vgg-cnn-half (32-64-128, two convs a stage, ~2.4x the compute),
+    # too slow to ship (0.45-0.6x SimpleCNN's CPU speed), for distilling per fold.
+    "vgg-half-oe": {**PLAIN_OE, "model": "vgg-cnn-half"},
 }
 TEACHER_RECIPE = {"distill-oe": "plain-oe"}
 
