@@ -26,8 +26,9 @@ from kmnist_core.storage import resolve
 from review import audit
 from review.queue import AUDIT, TABS, Queue, key_hashes, row_id
 from tests.crop_tree import plain_tree
+from tests.object_store import upload_tree
 from tests.review_server import CLI, Server, make_run
-from tests.test_object_store import bucket, s3_env, upload_tree  # noqa: F401 (fixtures)
+from tests.test_object_store import bucket, s3_env  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
