@@ -29,8 +29,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.record import append_row  # noqa: E402
 from kmnist_core.datasets import Split, load_dataset  # noqa: E402
 from kmnist_core.model_dir import load_model  # noqa: E402
@@ -162,18 +161,12 @@ def decode_us(decode: Callable[[bytes], object], files: list[bytes], rounds: int
 
 def out_of_fold(recipe: str) -> tuple[Split, Callable[[np.ndarray], np.ndarray], str, str]:
     """All 8,000 images, and a predict function giving each image the class its fold's model says."""
-    import torch
-
-    from bench.oof_folds import RECIPES, all_images, stratified_folds
-    from kmnist_core.models import create_model, predict_logits
+    from bench.oof_folds import RESULTS, all_images, stratified_folds, trained_model
+    from kmnist_core.models import predict_logits
 
     full, base = all_images()
     fold = stratified_folds(full.labels, 5)
-    models = []
-    for k in range(5):
-        model = create_model(RECIPES[recipe]["model"], len(base.classes), base.input_size)
-        model.load_state_dict(torch.load(ROOT / "bench" / "results" / "oof" / recipe / f"fold-{k}.pt", weights_only=True))
-        models.append(model.eval())
+    models = [trained_model(recipe, RESULTS / recipe / f"fold-{k}.pt", base) for k in range(5)]
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         pred = np.empty(len(pixels), np.int64)

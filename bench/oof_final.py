@@ -24,24 +24,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.oof_folds import AOYAGI, RECIPES, ROOT, TEACHER_RECIPE, all_images, train_resumable  # noqa: E402
+from bench.oof_folds import (RECIPES, RESULTS, ROOT, TEACHER_RECIPE, all_images, recipe_config,  # noqa: E402
+                              train_resumable, trained_model)
 from bench.oof_thresholds import load_folds  # noqa: E402
 from kmnist_core.datasets import Dataset  # noqa: E402
 from kmnist_core.evaluate import calibration_report, classification_metrics  # noqa: E402
 from kmnist_core.experiment import REVIEW_PRECISION, build_card, make_int8  # noqa: E402
 from kmnist_core.model_dir import DEFAULT_MODEL_DIR, save_model_dir  # noqa: E402
-from kmnist_core.models import create_model  # noqa: E402
 from kmnist_core.train import TrainConfig  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "oof"
 WORK = ROOT / "runs" / "oof"
 MODEL_FILES = ("model.pt", "model_card.json", "model.int8.onnx", "model.int8.probe.npz")
-
-
-def recipe_config(recipe: str, threads: int) -> TrainConfig:
-    fonts = [AOYAGI] if Path(AOYAGI).is_file() else []
-    return TrainConfig(dataset="kmnist-dev", seed=0, threads=threads, device="cpu", negative_fonts=fonts,
-                       **RECIPES[recipe])
 
 
 def all_data() -> tuple[Dataset, Dataset]:
@@ -56,7 +49,6 @@ def train_all(recipe: str, threads: int) -> torch.nn.Module:
     """The recipe trained on all 8,000 (its teacher recipe first, if any); cached in RESULTS/RECIPE/all.pt."""
     cfg = recipe_config(recipe, threads)
     data, _ = all_data()
-    model = create_model(cfg.model, len(data.classes), data.input_size)
     weights = RESULTS / recipe / "all.pt"
     if not weights.is_file():
         teachers = [train_all(TEACHER_RECIPE[recipe], threads)] if recipe in TEACHER_RECIPE else []
@@ -65,8 +57,7 @@ def train_all(recipe: str, threads: int) -> torch.nn.Module:
         torch.save({n: t.detach().cpu() for n, t in run.model.state_dict().items()}, tmp)
         tmp.replace(weights)
         print(f"{recipe} on all 8,000: {wall / 60:.1f} min", flush=True)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
+    return trained_model(recipe, weights, data)
 
 
 def out_of_fold_card(recipe: str, model: torch.nn.Module, cfg: TrainConfig, data: Dataset) -> dict:

@@ -42,6 +42,7 @@ from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_neg
 ROOT = Path(__file__).resolve().parents[1]
 FOLD_SEED = 20261204
 AOYAGI = "/usr/share/fonts/truetype/aoyagi-kouzan-t/AoyagiKouzanT.ttf"
+RESULTS = ROOT / "bench" / "results" / "oof"  # RECIPE/: fold-K.npz, fold-K.pt, thresholds.json, all.pt
 # The plain recipe of ../shared/STACK.md ("Accuracy vs CPU speed"), with outlier exposure as the default
 # model has it: no teachers, so a fold's figures are honest by construction.
 PLAIN_OE = dict(model="compact-cnn-wide", epochs=60, lr=3e-3, batch_size=128, optimizer="adamw",
@@ -87,13 +88,18 @@ def fold_dataset(full: Split, base: Dataset, fold: np.ndarray, k: int) -> Datase
                    held_split, held_split, f"kmnist-dev fold {k}: trained on the other folds", base.primary_metric)
 
 
-def fold_teacher(cfg: TrainConfig, data: Dataset, teacher_results: Path, k: int) -> torch.nn.Module:
-    """The teacher recipe's model of fold k: trained on the same folds as the student of fold k."""
-    path = teacher_results / f"fold-{k}.pt"
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: run the teacher recipe's fold {k} first")
-    model = create_model(cfg.model, len(data.classes), data.input_size)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+def recipe_config(recipe: str, threads: int = 1, seed: int = 0) -> TrainConfig:
+    fonts = [AOYAGI] if Path(AOYAGI).is_file() else []
+    return TrainConfig(dataset="kmnist-dev", seed=seed, threads=threads, device="cpu", negative_fonts=fonts,
+                       **RECIPES[recipe])
+
+
+def trained_model(recipe: str, weights: Path, data: Dataset) -> torch.nn.Module:
+    """A recipe's model with weights it left (`fold-K.pt`, `all.pt`), in eval mode."""
+    if not weights.is_file():
+        raise SystemExit(f"{weights} is missing: run recipe {recipe} first")
+    model = create_model(RECIPES[recipe]["model"], len(data.classes), data.input_size)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
 
 
@@ -173,15 +179,12 @@ def main() -> None:
         run_in_parallel(args.parallel, [a for a in sys.argv[1:]])
         return
 
-    results = args.results or ROOT / "bench" / "results" / "oof" / args.recipe
+    results = args.results or RESULTS / args.recipe
     work = args.work or ROOT / "runs" / "oof" / args.recipe
-    fonts = [AOYAGI] if Path(AOYAGI).is_file() else []
-    cfg = TrainConfig(dataset="kmnist-dev", seed=args.seed, threads=args.threads, device="cpu",
-                      negative_fonts=fonts, **RECIPES[args.recipe])
+    cfg = recipe_config(args.recipe, args.threads, args.seed)
     full, base = all_images()
     fold = stratified_folds(full.labels, args.folds)
     teacher_recipe = TEACHER_RECIPE.get(args.recipe)
-    teacher_results = results.parent / teacher_recipe if teacher_recipe else None
     results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results / "recipe.json", {
         "recipe": args.recipe, "config": cfg.to_dict(), "folds": args.folds, "fold_seed": FOLD_SEED,
@@ -192,7 +195,9 @@ def main() -> None:
             print(f"fold {k}: done", flush=True)
             continue
         data = fold_dataset(full, base, fold, k)
-        teachers = [fold_teacher(cfg, data, teacher_results, k)] if teacher_results else []
+        # The teacher recipe's model of fold k: trained on the same folds as this student.
+        teachers = [trained_model(teacher_recipe, results.parent / teacher_recipe / f"fold-{k}.pt", data)
+                    ] if teacher_recipe else []
         run_fold(k, cfg, data, np.flatnonzero(fold == k), work, results, args.checkpoint_every, teachers)
 
 

@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.oof_folds import RECIPES, ROOT, all_images, stratified_folds  # noqa: E402
+from bench.oof_folds import RECIPES, RESULTS, all_images, stratified_folds, trained_model  # noqa: E402
 from kmnist_core.int8 import OrtModel, calibration_sample, cpu_features, export_onnx, quantize, weight_range  # noqa: E402
-from kmnist_core.models import create_model, optimize_for_inference, predict_logits  # noqa: E402
+from kmnist_core.models import optimize_for_inference, predict_logits  # noqa: E402
 
 
 def main() -> None:
@@ -30,9 +29,7 @@ def main() -> None:
     fp32_all, int8_all, labels_all = [], [], []
     print(f"CPU: {cpu_features()}")
     for k in range(5):
-        model = create_model(RECIPES[args.recipe]["model"], len(base.classes), base.input_size)
-        model.load_state_dict(torch.load(ROOT / "bench" / "results" / "oof" / args.recipe / f"fold-{k}.pt", weights_only=True))
-        fp32 = optimize_for_inference(model.eval())
+        fp32 = optimize_for_inference(trained_model(args.recipe, RESULTS / args.recipe / f"fold-{k}.pt", base))
         twin = quantize(export_onnx(fp32, base.input_size), calibration_sample(full.images[fold != k]))
         held, labels = full.images[fold == k], full.labels[fold == k]
         f, i = predict_logits(fp32, held, "cpu"), OrtModel(twin).logits(held)

@@ -24,6 +24,7 @@ from kmnist_core import calibration
 from kmnist_core.experiment import IN_SET_KEEP, REVIEW_LEVEL, REVIEW_PRECISION
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "oof"  # as bench/oof_folds.py writes it
 
 
 def load_folds(results: Path) -> dict[str, np.ndarray]:
@@ -66,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="plain-oe")
     args = parser.parse_args()
-    results = ROOT / "bench" / "results" / "oof" / args.recipe
+    results = RESULTS / args.recipe
     d = load_folds(results)
     n = len(d["labels"])
     full = fit(d["logits"], d["labels"], d["neg_logits"])

@@ -230,7 +230,7 @@ class TeacherEnsemble(torch.nn.Module):
 
 
 def load_teachers(paths: list[str], data: Dataset, device: str,
-                  models: list[torch.nn.Module] = ()) -> TeacherEnsemble | None:
+                  models: tuple[torch.nn.Module, ...] | list[torch.nn.Module] = ()) -> TeacherEnsemble | None:
     """Trained model directories (and trained `models`) as a frozen, inference-optimized teacher ensemble."""
     members = [optimize_for_inference(m).to(device) for m in models]
     for path in paths:
@@ -321,7 +321,7 @@ def train_model(
     on_epoch: Callable[[dict, TrainRun], None] | None = None,
     resume_state: dict | None = None,
     reviewed: ReviewedCrops | None = None,
-    teacher_models: list[torch.nn.Module] | None = None,
+    teacher_models: tuple[torch.nn.Module, ...] | list[torch.nn.Module] = (),
 ) -> TrainRun:
     """Train `cfg.model` on `data.train` (with `reviewed` crops mixed in), scoring val and test after every epoch.
 
@@ -343,7 +343,7 @@ def train_model(
     negatives = mix_reviewed_negatives(training_negatives(cfg, data), reviewed, cfg.review_share)
     opt, sched = make_optimizer(model, cfg, math.ceil(len(train) / cfg.batch_size))
     run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
-    teacher = load_teachers(cfg.teachers, data, device, teacher_models or [])
+    teacher = load_teachers(cfg.teachers, data, device, teacher_models)
     if resume_state is not None:
         run.load_state_dict(resume_state)
     for epoch in range(len(run.history) + 1, cfg.epochs + 1):
