@@ -158,11 +158,11 @@ class RowBuilder:
         probs = np.zeros((n, len(self.chars)), np.float32)
         ood = np.zeros(n, np.float32)
         unknown = np.zeros(n, bool)
+        fp32_rows = np.full(n, self.model.precision == "fp32")
         if ok.any():  # blank rows' pixels are background; run with the rest so the buffer stays one array
-            a = self.model.assess(pixel_array(batch.column("pixels"), size))
-            probs[ok], ood[ok], unknown[ok] = a.probabilities, a.ood_score, a.unknown
-            if self.ood_threshold is not None:
-                unknown[ok] = a.ood_score > self.ood_threshold
+            a = self.model.assess(pixel_array(batch.column("pixels"), size), review_below=self.review_below,
+                                  ood_threshold=self.ood_threshold)
+            probs[ok], ood[ok], unknown[ok], fp32_rows[ok] = a.probabilities, a.ood_score, a.unknown, a.fp32_rows
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
         top_p = np.take_along_axis(probs, top, axis=1)
         confidence = np.where(predicted, top_p[:, 0], np.nan)
@@ -191,7 +191,7 @@ class RowBuilder:
             "error": batch.column("error"),
             "error_kind": batch.column("error_kind"),
             "model_id": pa.array([self.model.model_id] * n, pa.string()),
-            "precision": pa.array([self.model.precision] * n, pa.string()),
+            "precision": pa.array(np.where(fp32_rows, "fp32", self.model.precision), pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "node_id": pa.array([self.node_id] * n, pa.string()),
         })

@@ -204,7 +204,9 @@ def evaluate(
         typer.echo(f"int8 vs fp32: top-1 agreement {c['agreement']:.2%}; accuracy {i8['accuracy']:.2%} vs {f32['accuracy']:.2%}; "
                    f"ECE {i8['ece_after']:.2%} vs {f32['ece_after']:.2%}; auto-accepted "
                    f"{i8['review']['auto_accepted_share']:.2%} vs {f32['review']['auto_accepted_share']:.2%} "
-                   f"({i8['review']['auto_accepted_errors']} vs {f32['review']['auto_accepted_errors']} wrong)")
+                   f"({i8['review']['auto_accepted_errors']} vs {f32['review']['auto_accepted_errors']} wrong); "
+                   f"{c['fp32_rows_share']:.2%} of rows near a decision computed in fp32 (the twin alone agrees on "
+                   f"{c['twin_alone_agreement']:.2%})")
     if unknown is not None:
         u = metrics["unknown"]
         typer.echo(f"out-of-set {unknown}: {u['auto_accepted_share']:.2%} of {u['n']} auto-accepted; "

@@ -265,7 +265,7 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
     if len(predictor.classes) != len(data.classes) or predictor.input_size != data.input_size:
         raise KmnistError(f"model has {len(predictor.classes)} classes at {predictor.input_size}px, "
                           f"dataset {data.name} has {len(data.classes)} at {data.input_size}px")
-    logits = predictor.logits(part.images)
+    logits, fp32_rows = predictor.decided_logits(part.images, 1024, predictor.review_below, predictor.ood_threshold)
     metrics = classification_metrics(part.labels, logits.argmax(1), data.classes)
     metrics["calibration"] = calibration_report(logits, part.labels, predictor.temperature)
     metrics["review"] = {"review_below": predictor.review_below, "ood_score": predictor.ood_method,
@@ -278,10 +278,13 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
                     "precision": predictor.precision, "precision_note": predictor.precision_note,
                     "int8_probe": predictor.probe})
     if predictor.int8 is not None:  # what int8 changes on this split, against the same model in fp32
-        fp32 = predictor.card.calibration
+        fp32, fp32_logits = predictor.card.calibration, predictor.torch_logits(part.images)
+        twin_alone = predictor.int8.logits(part.images)  # before fp32 recomputes the rows near a decision
         metrics["int8_vs_fp32"] = {
-            **compare(predictor.torch_logits(part.images), logits, part.labels, fp32.temperature,
+            **compare(fp32_logits, logits, part.labels, fp32.temperature,
                       predictor.temperature, fp32.review_params(), predictor.calibration.review_params()),
+            "fp32_rows_share": float(fp32_rows.mean()) if len(fp32_rows) else 0.0,
+            "twin_alone_agreement": float((twin_alone.argmax(1) == fp32_logits.argmax(1)).mean()) if len(logits) else 1.0,
             "card_check": {k: predictor.card.int8.get(k) for k in ("gate", "enabled", "fallback")}}
     out.mkdir(parents=True, exist_ok=True)
     write_evaluation_plots(out, part, logits, predictor.temperature, data.classes, f"{data.name} {split}")

@@ -28,7 +28,7 @@ from PIL import Image
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text, temp_name
 from kmnist_core.card import CARD_FILE, FORMAT_VERSION, ModelCard, read_card
-from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_probe, check_twin
+from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_probe, check_twin, near_decision
 from kmnist_core.precision import Int8Twin, ModelBundle, resolve_precision
 from kmnist_core.models import create_model, optimize_for_inference, predict_logits
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
@@ -77,27 +77,33 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class Prediction:
-    index: int
-    char: str
-    codepoint: str
-    confidence: float  # calibrated probability of `index`
-    probabilities: np.ndarray  # (num_classes,), calibrated
-    ood_score: float  # higher = less like any of the model's classes
+    """One crop's prediction. A blank crop holds no character: every field but review_reason ("blank") and
+    precision is None, as in predict's rows."""
+
+    index: int | None
+    char: str | None
+    codepoint: str | None
+    confidence: float | None  # calibrated probability of `index`
+    probabilities: np.ndarray | None  # (num_classes,), calibrated
+    ood_score: float | None  # higher = less like any of the model's classes
     review_reason: str | None  # None = auto-accepted; see kmnist_core.review
+    precision: str  # the runtime that computed it: int8, or fp32 (also for int8's rows near a decision)
 
 
 @dataclass(frozen=True)
 class Assessment:
     probabilities: np.ndarray  # (N, C) float32, calibrated
     ood_score: np.ndarray  # (N,) float32, higher = less like any of the model's classes
-    unknown: np.ndarray  # (N,) bool, ood_score above the card's ood_threshold (all False without one)
+    unknown: np.ndarray  # (N,) bool, ood_score above the ood_threshold (all False without one)
+    fp32_rows: np.ndarray  # (N,) bool, rows the fp32 model computed (all of them unless the Predictor runs int8)
 
 
 class Predictor:
     """A loaded model plus everything needed to turn crops into calibrated class probabilities.
 
-    `precision` "fp32" runs the torch model; "int8" runs `int8` (an OrtModel) and takes the temperature
-    and review thresholds refitted on int8 logits (ModelCard.calibration_for). `precision_note` says why a
+    `precision` "fp32" runs the torch model; "int8" runs `int8` (an OrtModel), the torch model recomputing
+    the rows near a decision, and takes the temperature and review thresholds refitted on int8 logits
+    (ModelCard.calibration_for). `precision_note` says why a
     model runs fp32 where int8 was possible (or why an explicit int8 is doubtful); `probe` is the int8
     twin's probe result on this CPU (kmnist_core/int8.py check_probe)."""
 
@@ -122,11 +128,23 @@ class Predictor:
         self.model_id = card.model_id
 
     def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """uint8 (N, S, S) light-on-dark -> raw logits (N, C)."""
-        if self.int8 is not None:
-            out = self.int8.logits(pixels, batch_size)
-            return out if len(out) else np.zeros((0, len(self.classes)), np.float32)
-        return self.torch_logits(pixels, batch_size)
+        """uint8 (N, S, S) light-on-dark -> raw logits (N, C), near-decision rows from fp32 when int8 runs."""
+        return self.decided_logits(pixels, batch_size, self.review_below, self.ood_threshold)[0]
+
+    def decided_logits(self, pixels: np.ndarray, batch_size: int, review_below: float,
+                       ood_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the rows the fp32 model computed. At int8, the rows near one of these thresholds
+        (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows."""
+        if self.int8 is None:
+            out = self.torch_logits(pixels, batch_size)
+            return out, np.ones(len(out), bool)
+        out = self.int8.logits(pixels, batch_size)
+        if not len(out):
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, bool)
+        near = near_decision(out, self.temperature, review_below, self.ood_method, ood_threshold)
+        if near.any():
+            out[near] = self.torch_logits(pixels[near], batch_size)
+        return out, near
 
     def torch_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """The fp32 torch model's logits, whatever the precision (int8 is measured against these)."""
@@ -139,14 +157,18 @@ class Predictor:
 
         return softmax(self.logits(pixels, batch_size), self.temperature)
 
-    def assess(self, pixels: np.ndarray, batch_size: int = 1024) -> Assessment:
-        """Calibrated probabilities, an out-of-set score and the unknown flag for model inputs."""
+    def assess(self, pixels: np.ndarray, batch_size: int = 1024, review_below: float | None = None,
+               ood_threshold: float | None = None) -> Assessment:
+        """Calibrated probabilities, an out-of-set score and the unknown flag for model inputs.
+        `review_below`, `ood_threshold`: the thresholds the caller decides with (None: the model's own)."""
         from kmnist_core.calibration import ood_score, softmax
 
-        logits = self.logits(pixels, batch_size)
+        review_below = self.review_below if review_below is None else review_below
+        ood_threshold = self.ood_threshold if ood_threshold is None else ood_threshold
+        logits, fp32_rows = self.decided_logits(pixels, batch_size, review_below, ood_threshold)
         score = ood_score(logits, self.ood_method).astype(np.float32)
-        unknown = score > self.ood_threshold if self.ood_threshold is not None else np.zeros(len(score), bool)
-        return Assessment(softmax(logits, self.temperature).astype(np.float32), score, unknown)
+        unknown = score > ood_threshold if ood_threshold is not None else np.zeros(len(score), bool)
+        return Assessment(softmax(logits, self.temperature).astype(np.float32), score, unknown, fp32_rows)
 
     def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
         if isinstance(image, Image.Image):
@@ -165,8 +187,11 @@ class Predictor:
         blank = np.array([p.blank for p in prepared])
         conf = a.probabilities.max(axis=1)
         reasons = review_reasons(np.zeros(len(pixels), bool), blank, a.unknown, conf, self.review_below)
-        return [Prediction(int(p.argmax()), self.classes.chars[p.argmax()], self.classes.codepoints[p.argmax()],
-                           float(p.max()), p, float(s), r) for p, s, r in zip(a.probabilities, a.ood_score, reasons)]
+        precisions = np.where(a.fp32_rows, "fp32", self.precision)
+        return [Prediction(None, None, None, None, None, None, r, str(run)) if is_blank else
+                Prediction(int(p.argmax()), self.classes.chars[p.argmax()], self.classes.codepoints[p.argmax()],
+                           float(p.max()), p, float(s), r, str(run))
+                for p, s, r, is_blank, run in zip(a.probabilities, a.ood_score, reasons, blank, precisions)]
 
 
 def pick_device(device: str) -> str:

@@ -34,7 +34,7 @@ def test_default_model_ships_its_int8_twin_with_unchanged_accuracy(kmnist_dev):
     fp32, q = load_model("default", precision="fp32"), load_model("default")  # auto on CPU: int8
     assert (fp32.precision, q.precision) == ("fp32", "int8")
     test = kmnist_dev.test
-    f, i = fp32.logits(test.images), q.logits(test.images)
+    f, i = fp32.logits(test.images), q.int8.logits(test.images)  # the twin alone, as its card measured it
     agreement = float((f.argmax(1) == i.argmax(1)).mean())
     acc_f, acc_i = (float((x.argmax(1) == test.labels).mean()) for x in (f, i))
     ece_f = calibration.expected_calibration_error(calibration.softmax(f, fp32.temperature), test.labels)
@@ -156,20 +156,46 @@ def predicted(out: Path) -> tuple[dict, dict, pd.DataFrame]:
 @pytest.mark.parametrize("asked,runs", [("fp32", "fp32"), ("int8", "int8"), ("auto", "int8")])
 def test_predict_precision_reaches_the_rows_and_run_json(tmp_path, crops, asked, runs):
     """Each row's confidence is the one the model gives at that precision (int8 and fp32 differ), and
-    run.json and the shard footers name it; auto is int8 on CPU for a model that passed its check."""
+    run.json and the shard footers name it; auto is int8 on CPU for a model that passed its check. At
+    int8, rows near a decision are the fp32 model's, and say so."""
     out = tmp_path / "out"
     r = invoke("predict", crops, "--out", out, "--precision", asked, "--executor", "local")
     assert r.exit_code == 0, r.output
     run, footer, rows = predicted(out)
     assert run["precision"] == footer["precision"] == runs and run["options"]["precision"] == asked
-    assert (rows["precision"] == runs).all()  # every row names the runtime that produced it
     model = load_model("default", precision=runs)
     other = load_model("default", precision="fp32" if runs == "int8" else "int8")
     pixels = np.stack([model.prepare(Image.open(crops / name)).pixels for name in rows.index])
-    expected = model.assess(pixels).probabilities.max(1)
+    a = model.assess(pixels)
+    # every row names the runtime that produced it
+    assert list(rows["precision"]) == ["fp32" if f else runs for f in a.fp32_rows]
+    assert (rows["precision"] == runs).sum() >= 10  # these are clear crops: int8 decides most of them
+    expected = a.probabilities.max(1)
     np.testing.assert_allclose(rows["confidence"].to_numpy(), expected, rtol=0, atol=1e-6)
     # ... which the other precision's rows would not be.
     assert np.abs(other.assess(pixels).probabilities.max(1) - expected).max() > 1e-4
+
+
+def test_int8_rows_near_a_decision_are_decided_by_fp32(tmp_path, crops):
+    """A row whose int8 confidence lies within RECHECK_MARGIN above the review threshold in use (here
+    predict's --review-below) is recomputed in fp32; the same row under a lower threshold stays int8."""
+    q, fp32 = load_model("default", precision="int8"), load_model("default", precision="fp32")
+    names = sorted(p.name for p in crops.iterdir())
+    pixels = np.stack([q.prepare(Image.open(crops / name)).pixels for name in names])
+    twin_conf = calibration.softmax(q.int8.logits(pixels), q.temperature).max(1)
+    row = int(np.argmin(twin_conf))  # the least sure crop: a threshold just under it puts it in the band
+    near_threshold, far_threshold = twin_conf[row] - int8.RECHECK_MARGIN / 2, twin_conf[row] - 2 * int8.RECHECK_MARGIN
+    a = q.assess(pixels, review_below=near_threshold)
+    assert a.fp32_rows[row] and not a.fp32_rows[twin_conf >= near_threshold + int8.RECHECK_MARGIN].any()
+    # fp32's probabilities (to float rounding: torch's kernels depend a little on the batch size)
+    np.testing.assert_allclose(a.probabilities[a.fp32_rows], fp32.assess(pixels).probabilities[a.fp32_rows], atol=1e-6)
+    assert not q.assess(pixels, review_below=far_threshold).fp32_rows[row]
+    for threshold, expected in ((near_threshold, "fp32"), (far_threshold, "int8")):
+        out = tmp_path / f"out-{expected}"
+        r = invoke("predict", crops, "--out", out, "--precision", "int8", "--review-below", f"{threshold:.6f}",
+                   "--executor", "local")
+        assert r.exit_code == 0, r.output
+        assert predicted(out)[2].loc[names[row], "precision"] == expected
 
 
 def test_auto_precision_is_fp32_on_cuda_and_follows_the_check():

@@ -107,6 +107,10 @@ def test_predict_api_takes_pil_images_and_arrays_of_either_polarity(trained_mode
     assert all(p.review_reason != "blank" for p in scans)
     # Resampled twice, so not bit for bit: the same class for nearly every crop.
     assert np.mean([s.index == p.index for s, p in zip(scans, light)]) >= 0.9
+    # A blank crop (paper without ink, either polarity) holds no character, as predict's rows.
+    blank = model.predict([np.full((40, 30), 255, np.uint8), Image.new("L", (28, 28), 0), images[0]])
+    assert [b.review_reason for b in blank[:2]] == ["blank", "blank"] and blank[2].char == light[0].char
+    assert all(b.char is None and b.index is None and b.confidence is None and b.probabilities is None for b in blank[:2])
 
 
 def test_load_model_refuses_broken_directories(tmp_path, trained_model_dir):
