@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.oof_folds import RECIPES, RESULTS, all_images, stratified_folds, trained_model  # noqa: E402
 from kmnist_core import calibration  # noqa: E402
-from kmnist_core.int8 import (OrtModel, calibration_sample, cpu_features, export_onnx, near_decision,  # noqa: E402
-                              quantize, weight_range)
+from kmnist_core.int8 import (OrtModel, calibration_sample, cpu_features, near_decision, quantize_model,  # noqa: E402
+                              weight_range)
 from kmnist_core.models import optimize_for_inference, predict_logits  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     print(f"CPU: {cpu_features()}")
     for k in range(5):
         fp32 = optimize_for_inference(trained_model(args.recipe, RESULTS / args.recipe / f"fold-{k}.pt", base))
-        twin = quantize(export_onnx(fp32, base.input_size), calibration_sample(full.images[fold != k]))
+        twin = quantize_model(fp32, base.input_size, calibration_sample(full.images[fold != k]))
         held, labels = full.images[fold == k], full.labels[fold == k]
         f, i = predict_logits(fp32, held, "cpu"), OrtModel(twin).logits(held)
         near = near_decision(i, thresholds["temperature"], thresholds["review_below"], thresholds["ood_score"],

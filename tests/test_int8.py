@@ -177,23 +177,28 @@ def test_predict_precision_reaches_the_rows_and_run_json(tmp_path, crops, asked,
 
 
 def test_int8_rows_near_a_decision_are_decided_by_fp32(tmp_path, crops):
-    """A row whose int8 confidence lies within RECHECK_MARGIN above the review threshold in use (here
-    predict's --review-below) is recomputed in fp32; the same row under a lower threshold stays int8."""
+    """A row whose int8 confidence lies just over the review threshold in use (here predict's
+    --review-below) is recomputed in fp32; the same row under a threshold far below it stays int8."""
     q, fp32 = load_model("default", precision="int8"), load_model("default", precision="fp32")
     names = sorted(p.name for p in crops.iterdir())
     pixels = np.stack([q.prepare(Image.open(crops / name)).pixels for name in names])
-    twin_conf = calibration.softmax(q.int8.logits(pixels), q.temperature).max(1)
-    row = int(np.argmin(twin_conf))  # the least sure crop: a threshold just under it puts it in the band
-    near_threshold, far_threshold = twin_conf[row] - int8.RECHECK_MARGIN / 2, twin_conf[row] - 2 * int8.RECHECK_MARGIN
-    a = q.assess(pixels, review_below=near_threshold)
-    assert a.fp32_rows[row] and not a.fp32_rows[twin_conf >= near_threshold + int8.RECHECK_MARGIN].any()
+    twin = q.int8.logits(pixels)
+    clear = ~int8.near_decision(twin, q.temperature, -1.0, q.ood_method, None)  # top-1 far from the top-2
+    assert clear.sum() >= 8
+    confidence = calibration.softmax(twin, q.temperature).max(1)
+    row = int(np.flatnonzero(clear)[np.argmin(confidence[clear])])  # the least sure clear crop
+    near_threshold = confidence[row] - int8.RECHECK_ABOVE / 2
+    far_threshold = confidence[row] - 2 * int8.RECHECK_BELOW
+    # An out-of-set threshold no crop is near (max-softmax scores lie in [-1, -0.1]): the review band decides.
+    a = q.assess(pixels, review_below=near_threshold, ood_threshold=1.0)
+    assert a.fp32_rows[row] and not a.fp32_rows[clear & (confidence >= near_threshold + int8.RECHECK_ABOVE)].any()
     # fp32's probabilities (to float rounding: torch's kernels depend a little on the batch size)
     np.testing.assert_allclose(a.probabilities[a.fp32_rows], fp32.assess(pixels).probabilities[a.fp32_rows], atol=1e-6)
-    assert not q.assess(pixels, review_below=far_threshold).fp32_rows[row]
+    assert not q.assess(pixels, review_below=far_threshold, ood_threshold=1.0).fp32_rows[row]
     for threshold, expected in ((near_threshold, "fp32"), (far_threshold, "int8")):
         out = tmp_path / f"out-{expected}"
         r = invoke("predict", crops, "--out", out, "--precision", "int8", "--review-below", f"{threshold:.6f}",
-                   "--executor", "local")
+                   "--ood-threshold", "1", "--executor", "local")
         assert r.exit_code == 0, r.output
         assert predicted(out)[2].loc[names[row], "precision"] == expected
 

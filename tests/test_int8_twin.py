@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from kmnist_core.errors import KmnistError
-from kmnist_core.int8 import INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE, sha256, weight_range
+from kmnist_core.int8 import (INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE, OrtModel, calibration_sample, export_onnx,
+                              input_unfold, quantize, quantize_model, sha256, unfold, weight_range)
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model
 from tests.test_int8 import bare_copy
 from tests.processes import CLI
@@ -136,3 +137,21 @@ def test_a_card_fitted_out_of_fold_keeps_its_thresholds_for_int8(tmp_path, train
     int8 = load_model(model_dir, precision="int8")
     assert int8.precision == "int8"
     assert (int8.calibration.temperature, int8.calibration.review_below, int8.calibration.ood_threshold) == (0.8, 0.93, -0.5)
+
+
+def test_the_unfolded_first_conv_computes_the_same_logits(kmnist_dev):
+    """The shipped twin reads its first conv's 3x3 neighbourhoods as 9 channels (unfold_first_conv): quantized
+    from the same model on the same images, the plain export gives bit for bit the same logits."""
+    shipped = (DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()
+    assert input_unfold(shipped) == 3
+    model = load_model("default", precision="fp32").model
+    sample = calibration_sample(kmnist_dev.train.images)
+    unfolded, plain = quantize_model(model, 28, sample), quantize(export_onnx(model, 28), sample)
+    assert unfolded == shipped and input_unfold(plain) == 1
+    images = kmnist_dev.test.images[:300]
+    # a buffer smaller than the call: the batches reuse it, edges left at the conv's zero padding
+    np.testing.assert_array_equal(OrtModel(unfolded).logits(images, batch_size=128), OrtModel(plain).logits(images))
+    x = np.arange(2 * 16, dtype=np.float32).reshape(2, 1, 4, 4)
+    u = unfold(x, 3)
+    assert u.shape == (2, 9, 4, 4) and np.array_equal(u[:, 4], x[:, 0])  # the centre tap is the image
+    assert u[0, 0, 1, 1] == x[0, 0, 0, 0] and u[0, 0, 0, 0] == 0 and u[0, 8, 3, 3] == 0  # up-left; padded edges
