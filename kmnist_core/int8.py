@@ -248,7 +248,7 @@ class OrtModel:
         self.fixed_threads = threads
         self.threads = 0
         self.session = None
-        self.unfold = input_unfold(onnx_bytes)
+        self.unfold = 1  # read from the model's metadata with the session (ORT parses it anyway; onnx is slow to import)
         self.buffer: np.ndarray | None = None  # reused unfold input: a fresh 28 MB array per batch page-faults
 
     def _session(self):
@@ -265,6 +265,7 @@ class OrtModel:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3
             self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
+            self.unfold = int(self.session.get_modelmeta().custom_metadata_map.get(UNFOLD_KEY, 1))
             self.threads = threads
         return self.session
 
