@@ -47,9 +47,9 @@ def rate(fn, n: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def model_speeds(fp32, q, images: np.ndarray, batch: int, rounds: int) -> dict[str, float]:
+def model_speeds(fp32, q, x: np.ndarray, batch: int, rounds: int) -> dict[str, float]:
+    """images/s of each runtime on the batch `x`."""
     ort_fp32 = OrtModel(export_onnx(fp32.model, fp32.input_size))
-    x = images[np.arange(batch) % len(images)]
     runs = {"torch fp32 (predict's path until now)": lambda: fp32.torch_logits(x, batch),
             "ONNX Runtime fp32": lambda: ort_fp32.logits(x, batch),
             "ONNX Runtime int8, the twin alone": lambda: q.int8.logits(x, batch),
@@ -115,13 +115,14 @@ def main() -> None:
     data = load_dataset("kmnist-dev")
     test = data.test
 
-    speeds = model_speeds(fp32, q, data.train.images, args.batch, args.rounds)
+    batch = data.train.images[np.arange(args.batch) % len(data.train.images)]
+    speeds = model_speeds(fp32, q, batch, args.batch, args.rounds)
     base = speeds["torch fp32 (predict's path until now)"]
     print(f"model {fp32.card.architecture} `{fp32.model_id}`, batch {args.batch}, {args.threads} threads "
           f"(median of {args.rounds} interleaved 1 s rounds):")
     for name, v in speeds.items():
         print(f"  {name:40s} {v:9,.0f} images/s  {v / base:5.2f}x")
-    near = q.assess(data.train.images[np.arange(args.batch) % len(data.train.images)]).fp32_rows.mean()
+    near = q.assess(batch).fp32_rows.mean()
     print(f"  ({near:.1%} of the batch's rows are near a decision: kmnist-dev train images, which the default "
           f"model was trained on; out of fold 7.1 %)")
 

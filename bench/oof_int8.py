@@ -21,18 +21,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.oof_folds import RECIPES, RESULTS, all_images, stratified_folds, trained_model  # noqa: E402
-from kmnist_core import calibration  # noqa: E402
 from kmnist_core.int8 import (OrtModel, calibration_sample, cpu_features, near_decision, quantize_model,  # noqa: E402
                               weight_range)
+from kmnist_core.evaluate import review_decisions  # noqa: E402
 from kmnist_core.models import optimize_for_inference, predict_logits  # noqa: E402
 
 
 def decisions(logits: np.ndarray, thresholds: dict) -> dict[str, np.ndarray]:
     """What predict decides per row from its logits, at the card's thresholds."""
-    conf = calibration.softmax(logits, thresholds["temperature"]).max(1)
-    unknown = calibration.ood_score(logits, thresholds["ood_score"]) > thresholds["ood_threshold"]
-    return {"top-1": logits.argmax(1), "needs review": (conf < thresholds["review_below"]) | unknown,
-            "out of set": unknown}
+    _, unknown, accepted = review_decisions(logits, thresholds["temperature"], thresholds)
+    return {"top-1": logits.argmax(1), "needs review": ~accepted, "out of set": unknown}
 
 
 def report(name: str, fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, thresholds: dict) -> str:

@@ -40,16 +40,16 @@ def subset(data: Dataset, fraction: float) -> Dataset:
 
 def report(recipe: str) -> None:
     results = RESULTS / recipe
-    rows: dict[float, list[tuple[int, float, int]]] = {}
+    rows: dict[float, list[tuple[int, float]]] = {}
     done = [p for p in sorted(results.glob("curve-fold-*.npz")) if ".tmp" not in p.name]
     for path in done + sorted(results.glob("fold-[0-9].npz")):
         with np.load(path) as f:
             k = int(path.stem.split("-")[2] if path.stem.startswith("curve") else path.stem.split("-")[1])
             fraction = float(path.stem.split("-")[3]) if path.stem.startswith("curve") else 1.0
-            rows.setdefault(fraction, []).append((k, float((f["logits"].argmax(1) == f["labels"]).mean()), len(f["labels"])))
+            rows.setdefault(fraction, []).append((k, float((f["logits"].argmax(1) == f["labels"]).mean())))
     for fraction in sorted(rows):
         print(f"{fraction:5.2f} of 6,400 ({round(fraction * 6400):,} images): "
-              + ", ".join(f"fold {k} {acc:.2%}" for k, acc, _ in sorted(rows[fraction])))
+              + ", ".join(f"fold {k} {acc:.2%}" for k, acc in sorted(rows[fraction])))
 
 
 def main() -> None:

@@ -40,13 +40,20 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
     }
 
 
-def review_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, review: dict) -> dict:
-    """Auto-accepted share of a labelled split and its precision under a card's two thresholds."""
+def review_decisions(logits: np.ndarray, temperature: float, review: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, as predict decides under a card's two thresholds: calibrated probabilities, the
+    out-of-set flag and auto-accepted."""
     probs = calibration.softmax(logits, temperature)
     unknown = calibration.ood_score(logits, review["ood_score"]) > review["ood_threshold"]
     # Compared in float64, as predict does (review.review_reasons): a float32 confidence of 1.0 would
     # otherwise pass the accept-nothing threshold just above 1.0 that a model with no safe line gets.
     accepted = ~unknown & (probs.max(1).astype(np.float64) >= review["review_below"])
+    return probs, unknown, accepted
+
+
+def review_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, review: dict) -> dict:
+    """Auto-accepted share of a labelled split and its precision under a card's two thresholds."""
+    probs, unknown, accepted = review_decisions(logits, temperature, review)
     correct = probs.argmax(1) == labels
     n_acc = int(accepted.sum())
     return {"auto_accepted_share": float(accepted.mean()), "auto_accepted": n_acc,
