@@ -53,10 +53,9 @@ RECIPES: dict[str, dict] = {
     # on folds 0 and 1 (2026-12-04): 98.50 / 98.31 % held out against plain-oe's 98.56 / 98.31 %, no
     # gain, so the other folds were not trained; the two are in bench/results/oof/distill-oe/.
     "distill-oe": PLAIN_OE,
-    # A teacher candidate: the same recipe on vgg-cnn-half (32-64-128, two convs a stage, ~2.4x the compute),
-    # too slow to ship (0.45-0.6x SimpleCNN's CPU speed), for distilling per fold. Folds 0 and 1
-    # (2026-12-04, ~37 min a fold): 98.50 / 98.31 %, no better alone; averaged with plain-oe's fold model
-    # 98.75 / 98.63 % (about half the errors are shared).
+    # A second model per fold: the same recipe on vgg-cnn-half (32-64-128, two convs a stage, ~2.4x the
+    # compute; its int8 twin runs at half plain-oe's speed). All five folds (2026-12-04/05, 34-38 min a
+    # fold): 98.45 % out of fold, no better alone; with plain-oe and test-time views see bench/oof_views.py.
     "vgg-half-oe": {**PLAIN_OE, "model": "vgg-cnn-half"},
 }
 TEACHER_RECIPE = {"distill-oe": "plain-oe"}
