@@ -29,21 +29,20 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.oof_folds import (RESULTS, all_images, fold_dataset, recipe_config, stratified_folds,  # noqa: E402
                              trained_model)
+from bench.int8_figures import rate  # noqa: E402
 from bench.oof_thresholds import apply, fit  # noqa: E402
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core.models import optimize_for_inference  # noqa: E402
 from kmnist_core.train import validation_negatives  # noqa: E402
-from kmnist_core.transforms import to_model_tensor  # noqa: E402
+from kmnist_core.transforms import affine, to_model_tensor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "oof-views"
@@ -57,10 +56,8 @@ def view(x: torch.Tensor, degrees: float, zoom: float) -> torch.Tensor:
     """One fixed affine view of model tensors in [-1, 1]; pixels brought in from outside are background."""
     if degrees == 0.0 and zoom == 1.0:
         return x
-    a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a) / zoom, -math.sin(a) / zoom, 0.0], [math.sin(a) / zoom, math.cos(a) / zoom, 0.0]])
-    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    n = len(x)
+    return affine(x, torch.full((n,), math.radians(degrees)), torch.full((n,), zoom), torch.zeros(n, 2), -1.0)
 
 
 @torch.inference_mode()
@@ -87,6 +84,11 @@ def fold_views(recipe: str, k: int, full, base, fold: np.ndarray) -> dict[str, n
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **out)
     return out
+
+
+def joined(per_fold: list[list[dict]], model: int, key: str) -> np.ndarray:
+    """One model's `key` over the folds, rows in fold order (logits are (views, rows, classes))."""
+    return np.concatenate([p[model][key] for p in per_fold], axis=1 if key.endswith("logits") else 0)
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:
@@ -129,13 +131,9 @@ def speed_ratio(recipes: list[str], full, base, fold: np.ndarray) -> float:
     twins = [OrtModel(quantize_model(optimize_for_inference(trained_model(r, RESULTS / r / "fold-0.pt", base)),
                                      base.input_size, calibration_sample(full.images[fold != 0]))) for r in recipes]
     rates: list[list[float]] = [[] for _ in twins]
-    for _ in range(7):
+    for _ in range(7):  # interleaved, so drifting load hits both alike
         for twin, r in zip(twins, rates):
-            twin.logits(x)
-            started = time.perf_counter()
-            for _ in range(3):
-                twin.logits(x)
-            r.append(3 * len(x) / (time.perf_counter() - started))
+            r.append(rate(lambda t=twin: t.logits(x), len(x), 1.0))
     medians = [statistics.median(r) for r in rates]
     print("int8 twin, one thread: " + ", ".join(f"{r} {m:,.0f} images/s" for r, m in zip(recipes, medians)))
     return medians[0] / medians[1]
@@ -155,14 +153,13 @@ def main() -> None:
         args.second_cost = speed_ratio(recipes, full, base, fold)
         print(f"a {recipes[1]} pass costs {args.second_cost:.2f} {recipes[0]} passes")
     per_fold = [[fold_views(r, k, full, base, fold) for r in recipes] for k in range(5)]
-    cat = lambda key, i: np.concatenate([p[i][key] for p in per_fold], axis=-2 if key.endswith("logits") else 0)
-    labels, index = cat("labels", 0), cat("index", 0)
+    labels, index = joined(per_fold, 0, "labels"), joined(per_fold, 0, "index")
     row_fold = np.concatenate([np.full(len(p[0]["labels"]), k) for k, p in enumerate(per_fold)])
     neg_fold = np.concatenate([np.full(p[0]["neg_logits"].shape[1], k) for k, p in enumerate(per_fold)])
-    models = [cat("logits", i) for i in range(len(recipes))]
-    negs = [cat("neg_logits", i) for i in range(len(recipes))]
+    models = [joined(per_fold, i, "logits") for i in range(len(recipes))]
+    negs = [joined(per_fold, i, "neg_logits") for i in range(len(recipes))]
     first, first_neg = models[0][0], negs[0][0]
-    temperature = fit(first, labels, first_neg)["temperature"]
+    temperature = calibration.fit_temperature(first, labels)
     all_views, one = list(range(len(VIEWS))), [0]
     combos = {f"{recipes[0]}, {len(VIEWS)} views": (1, all_views, len(VIEWS) - 1)}
     if len(recipes) > 1:

@@ -50,8 +50,14 @@ def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator
     angle = (torch.rand(n, **opts) * 2 - 1) * math.radians(aug.degrees)
     zoom = 1 + (torch.rand(n, **opts) * 2 - 1) * aug.scale
     shift = (torch.rand(n, 2, **opts) * 2 - 1) * aug.translate * 2  # grid units span 2 per side
+    return affine(x, angle, zoom, shift, aug.fill)
+
+
+def affine(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor, fill: float) -> torch.Tensor:
+    """Each image rotated by `angle` (radians), zoomed by `zoom` and shifted by `shift` (N, 2; grid units,
+    2 per side); pixels brought in from outside take the value `fill`."""
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     # grid_sample pads with zeros; shift by `fill` so the padding takes the requested value.
-    return F.grid_sample(x - aug.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + aug.fill
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
