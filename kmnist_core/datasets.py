@@ -234,6 +234,35 @@ def load_kmnist_dev(src: Source) -> Dataset:
     return Dataset("kmnist-dev", classes, 28, train, val, test, note, "accuracy")
 
 
+@dataclass(frozen=True)
+class LabelledPool:
+    """Every real labelled image bundled with the package, each with the official split it came from."""
+
+    images: np.ndarray  # uint8 (N, 28, 28)
+    labels: np.ndarray  # int64 (N,)
+    source: np.ndarray  # str (N,): "kmnist-dev" (official test split) or "kmnist-train6k" (official train split)
+    classes: ClassMap
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+BUNDLED_SOURCES = ("kmnist-dev", "kmnist-train6k")
+
+
+def load_labelled_pool(data_dir: Path | None = None) -> LabelledPool:
+    """kmnist-dev (8,000 of the official test split) and kmnist-train6k (6,000 of the official training
+    split) as one pool of 14,000 for k-fold recipes; `source` keeps figures reportable per split."""
+    directory = data_dir or BUNDLED_DIR
+    classes = read_classmap_csv(directory / "kmnist_classmap.csv")
+    parts = [_check_pair(_load_npz_array(directory / f"{name}-imgs.npz"),
+                         _load_npz_array(directory / f"{name}-labels.npz"), name, len(classes))
+             for name in BUNDLED_SOURCES]
+    source = np.concatenate([np.full(len(p), name) for p, name in zip(parts, BUNDLED_SOURCES)])
+    return LabelledPool(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+                        source, classes)
+
+
 LOADERS: dict[str, Callable[[Source], Dataset]] = {
     "kmnist-dev": load_kmnist_dev,
     "kmnist": load_kmnist,

@@ -30,9 +30,17 @@ LOOKALIKES = set(
     "おきすつなはまやれを"
     "オキスツナハマヤレヲ"
     "於幾起支喜季寸春須数寿川州津徒都奈那名難菜波者八半盤葉破末万満麻真馬也屋耶夜礼連麗禮遠乎越尾"
+    "ぉっゃォッャ"  # small forms: fitted to the crop's box they are the ten themselves
 )
-KINDS = ("glyph", "merged", "fragment", "overlay", "turned", "strokes")
+KINDS = ("glyph", "kana", "merged", "fragment", "overlay", "turned", "strokes")
 DEFAULT_MIX = {"glyph": 0.4, "merged": 0.2, "fragment": 0.15, "overlay": 0.1, "turned": 0.07, "strokes": 0.08}
+# "kana" draws only other hiragana and katakana: in a book most characters that are not one of the ten are
+# other kana, and the few dozen of them are lost among ~3,000 kanji when glyphs are drawn uniformly.
+RENDERED = ("glyph", "kana")
+
+
+def is_kana(char: str) -> bool:
+    return 0x3041 <= ord(char) <= 0x30FA
 
 
 def candidate_glyphs() -> list[str]:
@@ -162,6 +170,8 @@ def make_negatives(images: np.ndarray, labels: np.ndarray, n: int, seed: int, gl
     kinds = rng.choice(list(mix), size=n, p=np.array(list(mix.values())) / sum(mix.values()))
     loaded = [(path, ImageFont.truetype(str(path), 48)) for path in fonts]
     per_font = {path: [c for c in glyphs if has_glyph(font, c)] for path, font in loaded}
+    pools = {"glyph": per_font, "kana": {path: [c for c in chars if is_kana(c)] for path, chars in per_font.items()}}
+    pools = {kind: {path: chars for path, chars in pool.items() if chars} for kind, pool in pools.items()}
     others = {c: np.flatnonzero(labels != c) for c in np.unique(labels)}
     out = np.zeros((n, size, size), np.uint8)
     for i in range(n):
@@ -170,23 +180,25 @@ def make_negatives(images: np.ndarray, labels: np.ndarray, n: int, seed: int, gl
             # without ink (fabricated test data) fall back to strokes, which always have ink.
             if tries == 10:
                 kinds[i] = "strokes"
-            prepared = prepare_array(one_negative(kinds[i], images, labels, others, fonts, per_font, rng), size)
+            prepared = prepare_array(one_negative(kinds[i], images, labels, others, pools, rng), size)
             if not prepared.blank:
                 break
         out[i] = prepared.pixels
     return out, kinds
 
 
-def one_negative(kind: str, images: np.ndarray, labels: np.ndarray, others: dict, fonts: list[Path],
-                 per_font: dict, rng: np.random.Generator) -> np.ndarray:
-    """One crop of `kind`, cut to its ink box as a segmenter would."""
+def one_negative(kind: str, images: np.ndarray, labels: np.ndarray, others: dict,
+                 pools: dict[str, dict[Path, list[str]]], rng: np.random.Generator) -> np.ndarray:
+    """One crop of `kind`, cut to its ink box as a segmenter would. `pools[kind][font]`: the glyphs of a
+    rendered kind that the font has."""
     ia = int(rng.integers(len(images)))
     a = images[ia]
     if kind in ("merged", "overlay"):  # a different class, so the pair is not "one of ours" twice
         b = images[rng.choice(others[labels[ia]])]
-    if kind == "glyph":
+    if kind in RENDERED:
+        fonts = list(pools[kind])
         path = fonts[int(rng.integers(len(fonts)))]
-        crop = render_glyph(per_font[path][int(rng.integers(len(per_font[path])))], path, rng)
+        crop = render_glyph(pools[kind][path][int(rng.integers(len(pools[kind][path])))], path, rng)
     elif kind == "merged":
         crop = merged_pair(a, b, rng)
     elif kind == "fragment":

@@ -52,6 +52,7 @@ class TrainConfig:
     negatives: str = "none"  # or "synth"
     outlier_weight: float = 0.5
     negative_fonts: list[str] = field(default_factory=list)  # fonts beside IPAexGothic for rendered glyphs
+    negative_mix: dict[str, float] = field(default_factory=dict)  # kind -> share (negatives.KINDS); {} = DEFAULT_MIX
     # Learning from review decisions (docs/training.md): crops people labelled in predict runs, read from
     # these OUTs by the CLI (batch_infer/reviewed.py) and handed to run_train as a ReviewedCrops.
     reviews: list[str] = field(default_factory=list)
@@ -73,6 +74,11 @@ class TrainConfig:
             raise KmnistError(f"unknown negatives {self.negatives!r} (choose none or synth), or outlier weight < 0")
         if not (0 < self.review_share < 1 and 0 < self.review_holdout < 1):
             raise KmnistError("review share and review holdout must be between 0 and 1 (exclusive)")
+        from kmnist_core.negatives import KINDS
+
+        unknown = sorted(set(self.negative_mix) - set(KINDS))
+        if unknown or any(v < 0 for v in self.negative_mix.values()):
+            raise KmnistError(f"negative mix: unknown kinds {unknown} or a negative share; kinds: {', '.join(KINDS)}")
         missing = [f for f in self.negative_fonts if not Path(f).is_file()]
         if missing:
             raise KmnistError(f"font file not found: {', '.join(missing)}")
@@ -255,7 +261,7 @@ def training_negatives(cfg: TrainConfig, data: Dataset) -> np.ndarray | None:
     from kmnist_core.negatives import glyph_pool, make_negatives
 
     images, _ = make_negatives(data.train.images, data.train.labels, 2 * len(data.train), cfg.seed,
-                               glyph_pool("train"), negative_fonts(cfg), data.input_size)
+                               glyph_pool("train"), negative_fonts(cfg), data.input_size, cfg.negative_mix or None)
     return images
 
 
@@ -264,7 +270,7 @@ def validation_negatives(cfg: TrainConfig, data: Dataset, n: int = 2000) -> tupl
     from kmnist_core.negatives import glyph_pool, make_negatives
 
     return make_negatives(data.val.images, data.val.labels, n, 10_000 + cfg.seed, glyph_pool("held_out"),
-                          negative_fonts(cfg), data.input_size)
+                          negative_fonts(cfg), data.input_size, cfg.negative_mix or None)
 
 
 def repeats(n_base: int, n_extra: int, share: float) -> tuple[int, int]:

@@ -1,0 +1,59 @@
+"""Entry point of the default model's recipe (kmnist_core/recipe.py): `python -m jobs.recipe folds`.
+
+    nice -n 19 python -m jobs.recipe folds --parallel 2     # every fold, two at a time; rerun to resume
+    nice -n 19 python -m jobs.recipe folds --fold 3         # one fold
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kmnist_core.recipe import RECIPES, Recipe, run_fold
+
+
+def run_in_parallel(recipe: Recipe, parallel: int, argv: list[str]) -> None:
+    """Each fold as `python -m jobs.recipe ARGV --fold K`, `parallel` at a time; fails if any fold failed."""
+    pending, running, failed = list(range(recipe.folds)), [], []
+    while pending or running:
+        while pending and len(running) < parallel:
+            k = pending.pop(0)
+            running.append((k, subprocess.Popen([sys.executable, "-m", "jobs.recipe", *argv, "--fold", str(k)])))
+        time.sleep(1)
+        for k, proc in [r for r in running if r[1].poll() is not None]:
+            running.remove((k, proc))
+            if proc.returncode:
+                failed.append(k)
+    if failed:
+        raise SystemExit(f"error: fold(s) {', '.join(map(str, failed))} failed; rerun the same command to resume")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["folds"])
+    parser.add_argument("--recipe", default="hands-oe", choices=sorted(RECIPES))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--fold", type=int, help="run this fold only")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=1, help="folds at once, each in a process of its own")
+    parser.add_argument("--results", type=Path, help="default recipes/RECIPE (committed)")
+    parser.add_argument("--work", type=Path, help="default runs/recipes/RECIPE (checkpoints)")
+    args = parser.parse_args(argv)
+    recipe = Recipe(args.recipe, args.folds, args.results or Path("recipes") / args.recipe,
+                    args.work or Path("runs") / "recipes" / args.recipe, threads=args.threads)
+    if args.fold is not None:
+        run_fold(recipe, args.fold)
+    elif args.parallel > 1:
+        passed = ["folds", "--recipe", recipe.name, "--folds", str(recipe.folds), "--threads", str(recipe.threads),
+                  "--results", str(recipe.results), "--work", str(recipe.work)]
+        run_in_parallel(recipe, args.parallel, passed)
+    else:
+        for k in range(recipe.folds):
+            run_fold(recipe, k)
+
+
+if __name__ == "__main__":
+    main()
