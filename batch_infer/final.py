@@ -1,5 +1,6 @@
 """OUT/final/: the predictions with the review decisions (kmnist_core/decisions.py) folded in, what an
-archive publishes. `kmnist-batch report OUT` (and every predict run, at its end) rewrites it.
+archive publishes. `kmnist-batch report OUT` (and every predict run, at its end) rewrites it, as part of
+the report set (batch_infer/report_set.py: a new generation, published whole).
 
 One file per predictions shard, under the shard's name, one row per prediction row in the shard's
 order: the key columns (`path`, `path_bytes`; on pages `page`, `box_x`, `box_y`, `box_w`, `box_h`,
@@ -14,8 +15,8 @@ order: the key columns (`path`, `path_bytes`; on pages `page`, `box_x`, `box_y`,
   `reviewed_at`: null when not decided.
 
 The latest decision per key wins; decisions are matched by key whatever model or run they were made
-on (a label is a fact about the crop). Each file is written whole (temp + rename, or one PUT); files of
-shards that no longer exist (an --overwrite run) are deleted after the new ones are written.
+on (a label is a fact about the crop). The folder is written fresh in each report generation, so files
+of shards that no longer exist (an --overwrite run) are simply not there.
 Memory: one shard's key columns and the latest decision per key (key, label, reviewer, time).
 """
 
@@ -48,10 +49,6 @@ FOLDED = pa.schema([
 HISTORY_COLUMNS = ["key", "path", "label", "reviewer", "decided_at", "kind", "model_id", "run_id", "pred_char",
                    "review_reason"]
 READ = ["path", "path_bytes", "pred_char", "review_reason", "model_id", "run_id"]
-
-
-def final_dir(out: Location) -> Location:
-    return out.join(FINAL_DIR)
 
 
 def match(rows: pa.Table, decided: pa.Table) -> pa.Array:
@@ -129,17 +126,17 @@ class Tally:
         }
 
 
-def write_final(out: Location, card: ModelCard | None = None, precision: str | None = None) -> dict:
-    """Write OUT/final/ (module doc) from the committed shards and OUT/reviews/; returns the review
-    figures summary.json keeps: decisions, reviewers, reviewed and left per reason, corrections,
-    conflicts, and the audit of auto-accepted rows against `card`'s promise (decisions.audit_summary)."""
-    history = decisions.read_history(out, HISTORY_COLUMNS)
+def write_final(out: Location, target: Location, history: pa.Table, card: ModelCard | None = None,
+                precision: str | None = None) -> dict:
+    """Write `target`/final/ (module doc) from OUT's committed shards and `history` (the review history,
+    decisions.read_history with HISTORY_COLUMNS); returns the review figures summary.json keeps: decisions,
+    reviewers, reviewed and left per reason, corrections, conflicts, and the audit of auto-accepted rows
+    against `card`'s promise (decisions.audit_summary)."""
     decided = decisions.latest(history)
-    folder = final_dir(out)
+    folder = target.join(FINAL_DIR)
     storage.make_dirs(folder)
-    names = output.shard_names(out)
     tally = Tally()
-    for name in names:
+    for name in output.shard_names(out):
         loc = output.predictions_dir(out).join(name)
         present = pq.read_schema(loc.path, filesystem=loc.fs).names
         rows = output.read_shard(output.predictions_dir(out), name, READ + [c for c in BOX_COLUMNS if c in present])
@@ -150,9 +147,7 @@ def write_final(out: Location, card: ModelCard | None = None, precision: str | N
         table = folded.select(schema.names).cast(schema)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        storage.write_bytes_atomic(folder.join(name), buf.getvalue(), fsync=True)
-    for stale in set(storage.list_names(folder, ".parquet")) - set(names):
-        storage.delete(folder.join(stale))
+        storage.write_bytes_atomic(folder.join(name), buf.getvalue())
     return {"decisions": history.num_rows,
             "reviewers": output.value_counts(decided["reviewer"]),
             **tally.summary(decided.num_rows),

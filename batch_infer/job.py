@@ -22,17 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from batch_infer import output
+from batch_infer import output, report_set
 from batch_infer.chunks import chunked
 from batch_infer.discover import check_inputs, count_ahead, iter_files
-from batch_infer.final import final_dir
 from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
 from batch_infer.manifest import Manifest, manifest_chunks, read_manifest
 from batch_infer.options import PredictOptions
-from batch_infer.pages_out import write_pages
 from batch_infer.plan import Plan
 from batch_infer.progress import RunProgress
-from batch_infer.report import SUMMARY_DIR, write_report
+from batch_infer.report import write_report_set
 from batch_infer.schema import SCHEMA_VERSION
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, storage
@@ -306,18 +304,23 @@ def listing_tasks(run: Run, progress: RunProgress | None, stop_counting: threadi
 def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]:
     """--overwrite: the first chunk is committed aside (locally), and only then replaces the old output; a
     run that fails before its first commit leaves the earlier predictions as they were."""
-    # summary/ and final/ describe the old rows; reviews/ is people's work and never goes (final.py folds
-    # it over the new rows).
-    out, stale = run.checked.out, (run.checked.out.join(SUMMARY_DIR), final_dir(run.checked.out))
+    # The report describes the old rows: it is withdrawn with them. reviews/ is people's work and never
+    # goes (final.py folds it over the new rows).
+    out = run.checked.out
+
+    def swap(old: list[str]) -> None:
+        output.swap_in(out, run.meta["run_id"], old)
+        report_set.withdraw(out)
+
     first = next(tasks, None)
     if first is None:  # nothing to predict: the old output still goes
-        output.swap_in(out, run.meta["run_id"], list(run.metas), stale=stale)
+        swap(list(run.metas))
         run.old_output_kept = False
         return iter(())
     if out.local:
         first = staged(first, output.staging_dir(out, run.meta["run_id"]))
     old = [n for n in run.metas if n != output.shard_name(first.chunk_id)]
-    run.after_first = lambda: output.swap_in(out, run.meta["run_id"], old, stale=stale)
+    run.after_first = lambda: swap(old)
     return itertools.chain([first], tasks)
 
 
@@ -358,8 +361,7 @@ def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
     if progress:
         progress.finish("completed")
     report_started = time.perf_counter()
-    summary["report"] = write_report(out)
-    summary["report"]["pages"] = write_pages(out, run.opts.export)  # None (and old page files gone) without boxes
+    summary["report"] = write_report_set(out, run.opts.export)
     phases["report"] = time.perf_counter() - report_started
     reviews = summary["report"]["reviews"]
     if reviews["decisions"]:  # what this run did to rows people had decided (their decisions are kept)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Iterator
 
 import numpy as np
@@ -40,6 +41,7 @@ import pyarrow.fs as pafs
 
 from batch_infer.chunks import boundary_hash
 from batch_infer.discover import ListedFile, order_key
+from batch_infer.page_ids import page_ids
 from batch_infer.schema import SCHEMA
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
@@ -178,6 +180,8 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 raise KmnistError(f"manifest column {c!r} must hold whole pixel numbers") from None
         keys = [box_key(p, *v) for p, *v in zip(paths, *(coords[c].to_pylist() for c in BOX_INPUT))]
+        # Before anything is written: every page must have a file name of its own (batch_infer/page_ids.py).
+        page_ids(paths, repeat(folder), table.column("image_id").to_pylist() if "image_id" in names else None)
     else:
         keys = paths
     if len(set(keys)) != len(keys):

@@ -193,8 +193,9 @@ def staging_dir(out: Location, run_id: str) -> Location:
     return Location(None, os.path.join(out.path, STAGING_DIR, f"new-{run_id}"), os.path.join(out.path, STAGING_DIR, f"new-{run_id}"))
 
 
-def swap_in(out: Location, run_id: str, old_shards: list[str], stale: tuple[Location, ...]) -> None:
-    """Make the overwrite run's first shard the whole output; the earlier output goes."""
+def swap_in(out: Location, run_id: str, old_shards: list[str]) -> None:
+    """Make the overwrite run's first shard the whole output; the earlier output goes (its report is
+    withdrawn by the caller: batch_infer/report_set.py)."""
     if out.local:
         fresh = staging_dir(out, run_id).path
         os.makedirs(fresh, exist_ok=True)  # a run that found no files still replaces the old output
@@ -207,5 +208,3 @@ def swap_in(out: Location, run_id: str, old_shards: list[str], stale: tuple[Loca
     else:
         for name in old_shards:
             storage.delete(predictions_dir(out).join(name))
-    for loc in stale:
-        storage.delete_tree(loc)

@@ -1,12 +1,14 @@
 """Page outputs of a box-manifest run, from the finished OUT/predictions/ and the review decisions in
-OUT/reviews/ alone (`kmnist-batch report` reruns it).
+OUT/reviews/ alone, written into a report generation (batch_infer/report_set.py; `kmnist-batch report`
+reruns it). Each page is named by its page id (batch_infer/page_ids.py): its path relative to the
+manifest's folder without the extension (`vol1/0001`), or the manifest's `image_id`.
 
 A box's reading: the reviewer's label where the box was decided (the latest decision, as in OUT/final/,
 batch_infer/final.py), else the model's top-1; 〓 for a box with no prediction (an error or a blank)
 or one a reviewer found `unreadable`. A box a reviewer found `not_a_character` is left out of the text,
 the Kaggle CSV and ALTO.
 
-- `OUT/pages.parquet`: one row per page: `page`, the page-level pass-through columns (those constant
+- `OUT/pages.parquet`: one row per page: `page`, `page_id`, the page-level pass-through columns (those constant
   within every page), `n_boxes`, `n_auto_accepted`, `n_review` (flagged by the model), `n_reviewed`
   (decided by a reviewer), `n_corrected` (decided with another label than the model's), `n_left`
   (flagged and not decided), `n_columns`, `text` (the boxes' readings in reading order,
@@ -14,12 +16,12 @@ the Kaggle CSV and ALTO.
   `text_reviewed` (only what is settled: 〓 wherever a box is flagged and not decided), and with a
   `truth` column `n_truth`, `n_correct`, `accuracy` (the model's top-1 against the truth);
 - `OUT/pages_kaggle.csv`: the Kaggle Kuzushiji submission layout, `image_id,labels` with `Unicode X Y` of
-  each read box's centre (image_id: the manifest's `image_id` column, else the page file's stem);
-- `OUT/alto/<image_id>.xml` with `export=("alto",)`: ALTO 4, one `TextBlock` per page, one `TextLine`
+  each read box's centre (image_id: the page id), written by the csv module;
+- `OUT/alto/<page id>.xml` with `export=("alto",)`: ALTO 4, one `TextBlock` per page, one `TextLine`
   per column (right to left), one `String` per box (`CONTENT`, `HPOS`, `VPOS`, `WIDTH`, `HEIGHT`,
   `WC` = calibrated confidence); a box a reviewer decided carries `CS="true"` (ALTO's correction
   status: checked by a person) and `WC="1.0000"`;
-- `OUT/summary/pages/<image_id>.png`: for up to OVERLAY_PAGES pages (those with the most boxes left to
+- `OUT/summary/pages/<page id>.png`: for up to OVERLAY_PAGES pages (those with the most boxes left to
   review first), the page with each box coloured by review reason (or as reviewed), its reading beside
   it, and the reading order as a faint line; `OUT/summary/pages.json`: counts, accuracy overall and
   the pages with the most boxes left to review.
@@ -29,10 +31,10 @@ key, one page image at a time.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import xml.etree.ElementTree as ET
-from pathlib import PurePosixPath
 
 import pandas as pd
 import pyarrow as pa
@@ -41,8 +43,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from batch_infer import final, output
 from batch_infer.manifest import PAGE_COLUMNS
+from batch_infer.page_ids import page_ids
 from batch_infer.schema import SCHEMA
-from kmnist_core import decisions, storage
+from kmnist_core import storage
 from kmnist_core.decisions import NOT_A_CHARACTER, UNREADABLE
 from kmnist_core.files import json_text
 from kmnist_core.storage import Location
@@ -50,6 +53,7 @@ from kmnist_core.storage import Location
 PAGES_FILE = "pages.parquet"
 KAGGLE_FILE = "pages_kaggle.csv"
 ALTO_DIR = "alto"
+SUMMARY_DIR = "summary"
 OVERLAY_DIR = "pages"  # under summary/
 OVERLAY_PAGES = 20
 OVERLAY_MAX_SIDE = 2000  # px: larger pages are drawn scaled down ...
@@ -60,14 +64,14 @@ ALTO_SCHEMA = "http://www.loc.gov/standards/alto/v4/alto-4-4.xsd"
 NOT_A_CHARACTER_MARK = "×"  # beside a box on the overlay: a reviewer found it is no character
 COLOURS = {None: (40, 160, 60), "low_confidence": (240, 150, 0), "unknown_character": (150, 60, 200),
            "blank": (130, 130, 130), "error": (220, 30, 30), "reviewed": (0, 110, 230)}
-READ = ["page", "box_x", "box_y", "box_w", "box_h", "reading_index", "column_index", "pred_char", "pred_codepoint",
+READ = ["page", "input_root", "box_x", "box_y", "box_w", "box_h", "reading_index", "column_index", "pred_char", "pred_codepoint",
         "confidence", "needs_review", "review_reason"]
 OWN = READ + final.FOLDED.names  # the columns the page outputs compute with; the rest are passed through
 
 
-def box_rows(out: Location) -> pd.DataFrame | None:
-    """The box rows' columns the page outputs need, plus the pass-through columns; None for a run
-    without boxes."""
+def box_rows(out: Location, decided: pa.Table) -> pd.DataFrame | None:
+    """The box rows' columns the page outputs need, plus the pass-through columns, with `decided` (the
+    latest decision per key) folded in; None for a run without boxes."""
     names = output.shard_names(out)
     if not names:
         return None
@@ -75,7 +79,6 @@ def box_rows(out: Location) -> pd.DataFrame | None:
     if "page" not in first.names:
         return None
     extra = [n for n in first.names if n not in SCHEMA.names and n not in PAGE_COLUMNS.names]
-    decided = decisions.latest(decisions.read_history(out, ["key", "label", "reviewer", "decided_at"]))
     tables = [final.fold(t, decided).drop_columns(["path_bytes"])
               for t in output.iter_tables(out, ["path_bytes", *READ, *extra])]
     return pa.concat_tables(tables).to_pandas()
@@ -109,13 +112,13 @@ def truth_char(value) -> str | None:
     return chr(int(value[2:], 16)) if value.upper().startswith("U+") and len(value) > 2 else value
 
 
-def image_id(page: str, group: pd.DataFrame) -> str:
-    if "image_id" in group.columns and group["image_id"].nunique() == 1:
-        return str(group["image_id"].iloc[0])
-    return PurePosixPath(page.replace("\\", "/")).stem
+def ids_of(rows: pd.DataFrame) -> dict[str, str]:
+    """page -> its id (batch_infer/page_ids.py), the name of its ALTO file, overlay and Kaggle row."""
+    image_ids = rows["image_id"] if "image_id" in rows.columns else None
+    return page_ids(rows["page"], rows["input_root"], image_ids)
 
 
-def page_table(rows: pd.DataFrame) -> pd.DataFrame:
+def page_table(rows: pd.DataFrame, ids: dict[str, str]) -> pd.DataFrame:
     """One row per page (see the module doc)."""
     extra = [c for c in rows.columns if c not in OWN]
     constant = [c for c in extra if rows.groupby("page", sort=False)[c].nunique(dropna=False).max() <= 1]
@@ -124,7 +127,7 @@ def page_table(rows: pd.DataFrame) -> pd.DataFrame:
         placed = g[g["reading_index"] >= 0].sort_values("reading_index", kind="stable")
         shown = placed[in_text(placed)]
         decided = g["review_label"].notna()
-        rec = {"page": page, **{c: g[c].iloc[0] for c in constant if c != "page"},
+        rec = {"page": page, "page_id": ids[page], **{c: g[c].iloc[0] for c in constant if c != "page"},
                "n_boxes": len(g), "n_auto_accepted": int((~g["needs_review"]).sum()),
                "n_review": int(g["needs_review"].sum()), "n_reviewed": int(decided.sum()),
                "n_corrected": int((decided & (g["review_label"] != g["pred_char"])).sum()),
@@ -142,8 +145,11 @@ def page_table(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def kaggle_csv(rows: pd.DataFrame) -> str:
-    lines = ["image_id,labels"]
+def kaggle_csv(rows: pd.DataFrame, ids: dict[str, str]) -> str:
+    """The Kaggle layout, one row per page, written by the csv module (quoting what needs it)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image_id", "labels"])
     for page, g in rows.groupby("page", sort=True):
         g = g[in_text(g)].sort_values("reading_index", kind="stable")
         chars = readings(g)
@@ -151,8 +157,8 @@ def kaggle_csv(rows: pd.DataFrame) -> str:
         codepoints = g["pred_codepoint"].where(g["review_label"].isna(), chars.map(codepoint))
         labels = " ".join(f"{c} {x + w // 2} {y + h // 2}" for c, x, y, w, h in
                           zip(codepoints, g["box_x"], g["box_y"], g["box_w"], g["box_h"]))
-        lines.append(f"{image_id(page, rows[rows['page'] == page])},{labels}")
-    return "\n".join(lines) + "\n"
+        writer.writerow([ids[page], labels])
+    return buf.getvalue()
 
 
 def read_page_image(page: str) -> Image.Image:
@@ -236,28 +242,20 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_pages(out: str | Location, export: tuple[str, ...] = ()) -> dict | None:
-    """Write the page outputs (module doc) of a box-manifest run; None when OUT holds no box rows."""
-    out = out if isinstance(out, Location) else storage.resolve(out)
-    rows = box_rows(out)
-    if rows is None:  # an --overwrite run over crops: page files of an earlier box run would be stale
-        for name in (PAGES_FILE, KAGGLE_FILE):
-            storage.delete(out.join(name))
-        storage.delete_tree(out.join(ALTO_DIR))
+def write_pages(out: Location, target: Location, export: tuple[str, ...], decided: pa.Table) -> dict | None:
+    """Write the page outputs (module doc) of a box-manifest run into the report folder `target`; None when
+    OUT holds no box rows. `decided`: the latest decision per key (decisions.latest)."""
+    rows = box_rows(out, decided)
+    if rows is None:
         return None
-    pages = page_table(rows)
+    ids = ids_of(rows)
+    pages = page_table(rows, ids)
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(pages, preserve_index=False), buf, compression="zstd")
-    storage.write_bytes_atomic(out.join(PAGES_FILE), buf.getvalue())
-    storage.write_bytes_atomic(out.join(KAGGLE_FILE), kaggle_csv(rows).encode("utf-8"))
+    storage.write_bytes_atomic(target.join(PAGES_FILE), buf.getvalue())
+    storage.write_bytes_atomic(target.join(KAGGLE_FILE), kaggle_csv(rows, ids).encode("utf-8"))
     by_page = dict(tuple(rows.groupby("page", sort=True)))
     drawn = set(pages.sort_values(["n_left", "page"], ascending=[False, True])["page"].head(OVERLAY_PAGES))
-    overlay_dir = out.join("summary", OVERLAY_DIR)
-    storage.delete_tree(overlay_dir)
-    storage.make_dirs(overlay_dir)
-    storage.delete_tree(out.join(ALTO_DIR))  # only this run's pages, and none without --export alto
-    if "alto" in export:
-        storage.make_dirs(out.join(ALTO_DIR))
     unreadable = 0
     for page, g in by_page.items():
         if page not in drawn and "alto" not in export:
@@ -267,22 +265,29 @@ def write_pages(out: str | Location, export: tuple[str, ...] = ()) -> dict | Non
         except (OSError, ValueError, Image.DecompressionBombError):
             img = None
             unreadable += 1
-        name = image_id(page, g)
         if "alto" in export:
-            storage.write_bytes_atomic(out.join(ALTO_DIR, f"{name}.xml"), alto_xml(page, g, img.size if img else None))
+            write_file(target.join(ALTO_DIR), f"{ids[page]}.xml", alto_xml(page, g, img.size if img else None))
         if page in drawn and img is not None:
-            storage.write_bytes_atomic(overlay_dir.join(f"{name}.png"), png_bytes(overlay(img, g)))
+            write_file(target.join(SUMMARY_DIR, OVERLAY_DIR), f"{ids[page]}.png", png_bytes(overlay(img, g)))
     most = pages.sort_values(["n_left", "page"], ascending=[False, True]).head(10)
     summary = {"pages": len(pages), "boxes": int(pages["n_boxes"].sum()),
                "auto_accepted": int(pages["n_auto_accepted"].sum()), "review": int(pages["n_review"].sum()),
                "reviewed": int(pages["n_reviewed"].sum()), "corrected": int(pages["n_corrected"].sum()),
                "left": int(pages["n_left"].sum()),
-               "most_review": [{"page": p, "n_review": int(n), "n_left": int(left), "n_boxes": int(b)}
+               "most_review": [{"page": p, "page_id": ids[p], "n_review": int(n), "n_left": int(left), "n_boxes": int(b)}
                                for p, n, left, b in zip(most["page"], most["n_review"], most["n_left"], most["n_boxes"])],
                "overlays": len(drawn) - unreadable if drawn else 0, "unreadable_pages": unreadable,
                "alto": "alto" in export}
     if "n_truth" in pages.columns:
         n, correct = int(pages["n_truth"].sum()), int(pages["n_correct"].sum())
         summary["accuracy"] = {"boxes_with_truth": n, "correct": correct, "accuracy": correct / n if n else None}
-    storage.write_bytes_atomic(out.join("summary", "pages.json"), json_text(summary).encode("utf-8"))
+    storage.write_bytes_atomic(target.join(SUMMARY_DIR, "pages.json"), json_text(summary).encode("utf-8"))
     return summary
+
+
+def write_file(folder: Location, relative: str, data: bytes) -> None:
+    """`data` at `folder`/`relative`, a page id's file name (its folders made on a file system)."""
+    loc = folder.join(*relative.split("/"))
+    if loc.local:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+    storage.write_bytes_atomic(loc, data)

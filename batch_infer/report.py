@@ -1,7 +1,9 @@
-"""OUT/summary/: plots, a per-folder table and summary.json, computed from the Parquet output alone
-(rows plus the run options and model card in shard footers and predictions/_run-*.json; run.json, when
-present, adds throughput). `kmnist-batch report OUT` reruns it. It also folds the review decisions
-(OUT/reviews/) into OUT/final/ (batch_infer/final.py); summary.json's `reviews` holds what they settled.
+"""The report of an OUT: summary/ (plots, a per-folder table and summary.json), computed from the Parquet
+output alone (rows plus the run options and model card in shard footers and predictions/_run-*.json;
+run.json, when present, adds throughput), with final/ (the review decisions folded into the rows,
+batch_infer/final.py; summary.json's `reviews` holds what they settled) and the page outputs
+(batch_infer/pages_out.py). `write_report_set` builds them all from one read of the review history and
+publishes them whole (batch_infer/report_set.py); `kmnist-batch report OUT` reruns it.
 
 Memory is bounded by one shard: the rows are read a shard at a time, only the columns needed, and
 folded into running counts, a confidence histogram, per-folder sums and, per review reason, the few
@@ -21,11 +23,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch_infer import output
-from batch_infer.final import write_final
+from batch_infer import output, report_set
+from batch_infer.final import HISTORY_COLUMNS, write_final
 from batch_infer.review_sheet import SHEET_LIMIT, sheet_order, write_review_sheet
 from kmnist_core.run_record import read_run
-from kmnist_core import storage
+from kmnist_core import decisions, storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
 from kmnist_core.review import REVIEW_REASONS
@@ -127,23 +129,17 @@ class Summary:
         return pd.DataFrame(rows)
 
 
-def upload(summary_dir: Path, out: Location) -> None:
-    """An object-store OUT gets the summary files written locally, one PUT each."""
-    target = out.join(SUMMARY_DIR)
-    for old in storage.list_names(target):
-        storage.delete(target.join(old))
+def upload(summary_dir: Path, target: Location) -> None:
+    """An object-store report gets the summary files written locally, one PUT each."""
     for path in sorted(summary_dir.iterdir()):
-        storage.write_bytes_atomic(target.join(path.name), path.read_bytes())
+        storage.write_bytes_atomic(target.join(SUMMARY_DIR, path.name), path.read_bytes())
 
 
-def write_report(out: str | Path | Location) -> dict:
+def write_summary(out: Location, target: Location, metas: dict, reviews: dict) -> dict:
+    """`target`/summary/ (module doc) from OUT's rows; `metas`: the shards' footers; `reviews`: write_final's
+    figures."""
     from kmnist_core import plots  # matplotlib: only when a report is drawn
 
-    out = out if isinstance(out, Location) else storage.resolve(out)
-    metas = output.footers(out)
-    if not metas:
-        raise KmnistError(f"{out.uri} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet)")
-    output.refuse_other_schema(out, metas, "reads")
     runs, card = output.run_metadata(metas)
     latest = runs[-1] if runs else {}
     record = output.latest_run_record(out)
@@ -152,10 +148,9 @@ def write_report(out: str | Path | Location) -> dict:
     s = Summary()
     for table in output.iter_tables(out, COLUMNS):
         s.add(table)
-    reviews = write_final(out, card, latest.get("precision"))
 
     with tempfile.TemporaryDirectory() as tmp:
-        summary_dir = Path(out.path, SUMMARY_DIR) if out.local else Path(tmp)
+        summary_dir = Path(target.path, SUMMARY_DIR) if target.local else Path(tmp)
         summary_dir.mkdir(parents=True, exist_ok=True)
         chars = list(card.classes.chars) if card else sorted(s.chars)
         if len(chars) > 60:
@@ -165,7 +160,9 @@ def write_report(out: str | Path | Location) -> dict:
         plots.histogram_counts(s.histogram, BINS, summary_dir / "confidence_histogram.png", "Calibrated confidence",
                                latest.get("review_below"))
         write_review_sheet(s.sheet, dict(s.reasons), s.rows, summary_dir)
-        s.folder_table().to_csv(summary_dir / "by_folder.csv", index=False)
+        from kmnist_core.safe_text import csv_frame  # folder names are data: no cell may run as a formula
+
+        csv_frame(s.folder_table()).to_csv(summary_dir / "by_folder.csv", index=False)
         summary = {
             "files_seen": s.rows,
             "predicted": s.predicted,
@@ -187,6 +184,32 @@ def write_report(out: str | Path | Location) -> dict:
             "reviews": reviews,
         }
         (summary_dir / "summary.json").write_text(json_text(summary), encoding="utf-8")
-        if not out.local:
-            upload(summary_dir, out)
+        if not target.local:
+            upload(summary_dir, target)
     return summary
+
+
+def write_report_set(out: str | Path | Location, export: tuple[str, ...] | None = None) -> dict:
+    """Every report output of OUT (final/, summary/, the page outputs) from one read of the review history,
+    built in a new generation and published whole (batch_infer/report_set.py). `export`: the page exports
+    (None: those the latest run asked for). Returns summary.json's content with `pages` added."""
+    from batch_infer.pages_out import write_pages
+
+    out = out if isinstance(out, Location) else storage.resolve(out)
+    metas = output.footers(out)
+    if not metas:
+        raise KmnistError(f"{out.uri} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet)")
+    output.refuse_other_schema(out, metas, "reads")
+    runs, card = output.run_metadata(metas)
+    latest = runs[-1] if runs else {}
+    if export is None:
+        export = tuple(latest.get("options", {}).get("export") or ())
+    history = decisions.read_history(out, HISTORY_COLUMNS)  # the one read: final/ and pages agree
+    gen = report_set.new_generation(out)
+    reviews = write_final(out, gen, history, card, latest.get("precision"))
+    summary = write_summary(out, gen, metas, reviews)
+    summary["pages"] = write_pages(out, gen, export, decisions.latest(history))
+    report_set.publish(out, gen, {"export": list(export), "decisions_read": history.num_rows,
+                                  "runs": summary["runs"]})
+    # Where a reader finds it: OUT itself on a file system (its links), the generation on an object store.
+    return {**summary, "report_dir": out.uri if out.local else gen.uri}

@@ -61,3 +61,12 @@ def upload_tree(env: dict, root: Path, bucket: str, prefix: str) -> set[str]:
     """Every file under `root` as an object under s3://bucket/prefix/; returns their URIs."""
     files = [p for p in sorted(root.rglob("*")) if p.is_file()]
     return set(put_objects(env, ((f"{bucket}/{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes()) for p in files)))
+
+
+def report_root(fs: pafs.FileSystem, out: str) -> str:
+    """The current report of an object-store OUT ("bucket/prefix"), as a downstream reader finds it with
+    pyarrow alone: OUT/report.json names the generation (batch_infer/report_set.py)."""
+    import json
+
+    with fs.open_input_stream(f"{out}/report.json") as f:
+        return f"{out}/.reports/{json.loads(f.read())['generation']}"

@@ -53,7 +53,7 @@ def with_bug(tmp_path: Path, target: str) -> dict:
 
 
 @pytest.mark.parametrize("target,recorded", [
-    ("batch_infer.job:write_report", "failed"),  # inside the run, after every row was committed
+    ("batch_infer.job:write_report_set", "failed"),  # inside the run, after every row was committed
     ("jobs.cli:print_summary", "completed"),  # after the run ended
 ])
 def test_a_bug_after_a_completed_run_shows_its_traceback_and_is_not_called_a_lost_cluster(tmp_path, kmnist_dev,

@@ -24,7 +24,7 @@ from kmnist_core.out_lock import pid_running
 from jobs.cli import app
 from kmnist_core.errors import KmnistError
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree
-from tests.object_store import client, new_bucket, put_objects, upload_tree
+from tests.object_store import client, new_bucket, put_objects, report_root, upload_tree
 from tests.processes import CliProcesses, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -92,7 +92,7 @@ def read_back(env: dict, uri: str) -> dict:
     fs = client(env)
     root = uri.removeprefix("s3://")
     t = pq.read_table(f"{root}/predictions", filesystem=fs, columns=["path", "error_kind", "pred_char", "run_id"])
-    with fs.open_input_stream(f"{root}/summary/summary.json") as f:
+    with fs.open_input_stream(f"{report_root(fs, root)}/summary/summary.json") as f:
         summary = json.loads(f.read())
     with fs.open_input_stream(f"{root}/run.json") as f:
         run = json.loads(f.read())
@@ -114,7 +114,8 @@ def test_predict_from_s3_to_s3_gives_one_row_per_object(s3_env, bucket, tmp_path
     assert len(back["errors"]) == 1  # the broken PNG: an error row, not a failed job
     assert back["status"] == "completed" and back["summary"]["files_seen"] == len(images)
     assert back["summary"]["skipped"] == {"not_image_extension": 1} and back["summary"]["duplicate_paths"] == 0
-    summary_objects = {i.base_name for i in client(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/out/summary"))}
+    summary = f"{report_root(client(s3_env), f'{bucket}/out')}/summary"
+    summary_objects = {i.base_name for i in client(s3_env).get_file_info(pafs.FileSelector(summary))}
     assert {"review.html", "by_folder.csv", "confidence_histogram.png"} <= summary_objects
     assert not any(i.base_name == ".lock" for i in client(s3_env).get_file_info(pafs.FileSelector(f"{bucket}/out")))
 

@@ -16,10 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from batch_infer import report_set
 from batch_infer.job import PredictOptions, run_predict
 from batch_infer.manifest import manifest_chunks, read_manifest
 from batch_infer.pages_out import ALTO_NS, GETA
+from batch_infer.report import write_report_set
 from bench.compose_pages import PAPER, compose_page
+from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.pages import decode_page, page_from_gray, prepare_box, reading_order
 from kmnist_core.preprocess import DecodeError, decode_bytes
@@ -32,6 +35,11 @@ LAYOUTS = {  # columns, per column, layout options
     "uneven": (6, 10, {"uneven": 1.0, "jitter": 0.15, "margin": 4}),
     "all": (9, 11, {"uneven": 0.8, "jitter": 0.2, "slant": 0.05, "margin": 3}),
 }
+
+
+def files(folder: Path) -> list[str]:
+    """Every file under `folder`, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -246,17 +254,18 @@ def test_page_run_pages_text_kaggle_alto_and_overlays(page_run, kmnist_dev):
     p00 = sorted((r for r in rows if r["path"] == "pages/p00.png"), key=lambda r: r["position"])
     by_id = boxes.set_index("box_id")
     kaggle = pd.read_csv(out / "pages_kaggle.csv", dtype=str).set_index("image_id")
-    labels = kaggle.loc["p00", "labels"].split()
+    assert kaggle.index.is_unique and list(kaggle.index) == sorted(pages["page_id"])
+    labels = kaggle.loc["pages/p00", "labels"].split()
     centres = [(str(r["x"] + r["width"] // 2), str(r["y"] + r["height"] // 2)) for r in p00]
     assert [tuple(labels[i : i + 3]) for i in range(0, len(labels), 3)] == [
         (by_id.loc[r["box_id"], "pred_codepoint"], *c) for r, c in zip(p00, centres)]
-    overlays = sorted(p.name for p in (out / "summary" / "pages").iterdir())
-    assert overlays == [f"p{p:02d}.png" for p in range(10)]  # the missing page has no picture
-    with Image.open(out / "summary" / "pages" / "p00.png") as img:
+    # Named by page id: the page's path relative to the manifest's folder, without the extension.
+    assert files(out / "summary" / "pages") == [f"pages/p{p:02d}.png" for p in range(10)]  # the missing page has none
+    with Image.open(out / "summary" / "pages" / "pages" / "p00.png") as img:
         assert img.mode == "RGB" and max(img.size) >= 1000
     # ALTO parses back: one TextLine per column, right to left, one String per box in reading order, at
     # the box's true place on the page.
-    root = ET.parse(out / "alto" / "p00.xml").getroot()
+    root = ET.parse(out / "alto" / "pages" / "p00.xml").getroot()
     ns = {"a": ALTO_NS}
     assert root.tag == f"{{{ALTO_NS}}}alto" and root.find("a:Description/a:MeasurementUnit", ns).text == "pixel"
     page_el = root.find("a:Layout/a:Page", ns)
@@ -275,15 +284,16 @@ def test_page_run_pages_text_kaggle_alto_and_overlays(page_run, kmnist_dev):
 def test_page_run_resumes_to_the_same_rows(page_run):
     tmp, out, rows, _ = page_run
     before = pd.read_parquet(out / "predictions").sort_values("path").reset_index(drop=True)
-    alto = {p.name: p.read_bytes() for p in (out / "alto").iterdir()}
-    shutil.rmtree(out / "alto")  # so only the resumed run can have written what is there next
+    alto = {name: (out / "alto" / name).read_bytes() for name in files(out / "alto")}
+    report_set.withdraw(storage.resolve(out))  # so only the resumed run can have written what is there next
+    assert not (out / "alto").exists()
     again = run_predict([], out, PredictOptions(manifest=str(tmp / "boxes.csv"), resume=True, read_retries=0, workers=1,
                                                 executor="ray"))
     assert again["rows_written"] == 0 and again["already_done"] == len(rows) + 2 - again["error_rows_reread"]
     after = pd.read_parquet(out / "predictions").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(before.drop(columns=["run_id"]), after.drop(columns=["run_id"]))
     # The resumed run, not asked for --export, exports what the first run asked for, from the same rows.
-    assert {p.name: p.read_bytes() for p in (out / "alto").iterdir()} == alto
+    assert {name: (out / "alto" / name).read_bytes() for name in files(out / "alto")} == alto
 
 
 @pytest.mark.timeout(300)
@@ -291,7 +301,7 @@ def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path, monke
     """The example pages and their Kaggle CSV in a bucket, OUT in the same bucket, through the CLI's predict."""
     import pyarrow.fs as pafs
 
-    from tests.object_store import client, new_bucket, put_objects
+    from tests.object_store import client, new_bucket, put_objects, report_root
     from tests.test_cli import invoke
 
     fs = client(s3_server)
@@ -307,10 +317,12 @@ def test_kaggle_manifest_and_pages_on_an_object_store(s3_server, tmp_path, monke
                "--out", f"s3://{bucket}/out", "--executor", "local")
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.stdout and list(tmp_path.iterdir()) == []  # nothing written locally
-    pages = pq.read_table(f"{bucket}/out/pages.parquet", filesystem=fs).to_pandas()
+    report = report_root(fs, f"{bucket}/out")
+    assert f"s3://{report}/pages.parquet" in r.stdout  # the printed paths name the published generation
+    pages = pq.read_table(f"{report}/pages.parquet", filesystem=fs).to_pandas()
     assert sorted(pages["page"]) == [f"s3://{bucket}/in/page-1.png", f"s3://{bucket}/in/page-2.png"]
     assert list(pages["n_boxes"]) == [48, 45] and pages["accuracy"].min() > 0.9
-    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/out", recursive=True))}
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(report, recursive=True))}
     assert {"page-1.xml", "page-2.xml", "page-1.png", "page-2.png", "pages_kaggle.csv", "pages.json"} <= names
 
 
@@ -375,13 +387,13 @@ def test_tsv_manifest_blank_boxes_a_resorted_resume_and_the_overlay_cap(tmp_path
         assert off_edge["error_kind"] == "bad_box" and off_edge["reading_index"] == 13
         assert page["text"] == "".join(by_id.loc[r["box_id"], "pred_char"] for r in mine[:12]) + GETA * 2
         assert page["text_reviewed"].endswith(GETA * 2) and page["n_columns"] == 4 and page["n_boxes"] == 14
-    assert sorted(p.name for p in (out / "alto").iterdir()) == ["q0.xml", "q1.xml"]  # resume kept --export alto
+    assert files(out / "alto") == ["pages/q0.xml", "pages/q1.xml"]  # resume kept --export alto
 
     assert pages_out.OVERLAY_PAGES == 20
     monkeypatch.setattr(pages_out, "OVERLAY_PAGES", 1)
-    summary = pages_out.write_pages(str(out))
+    summary = write_report_set(str(out))["pages"]
     most = pages.reset_index().sort_values(["n_review", "page"], ascending=[False, True])["page"].iloc[0]
-    assert [p.name for p in (out / "summary" / "pages").iterdir()] == [Path(most).name] and summary["overlays"] == 1
+    assert files(out / "summary" / "pages") == [f"pages/{Path(most).name}"] and summary["overlays"] == 1
 
 
 def test_a_manifest_of_crop_files_passes_its_columns_through(tmp_path, kmnist_dev):
@@ -432,9 +444,9 @@ def test_report_rebuilds_the_page_outputs(page_run):
 
     tmp, out, rows, _ = page_run
     (out / "pages.parquet").unlink()
-    before = sorted(p.name for p in (out / "alto").iterdir())
+    before = files(out / "alto")
     result = CliRunner().invoke(app, ["report", str(out)])
     assert result.exit_code == 0, result.output
     assert "review first" in result.output and "accuracy" in result.output
     assert len(pd.read_parquet(out / "pages.parquet")) == 11
-    assert sorted(p.name for p in (out / "alto").iterdir()) == before  # ALTO kept: it was exported
+    assert files(out / "alto") == before  # ALTO rebuilt: the run exported it

@@ -17,7 +17,7 @@ import pytest
 from batch_infer.dispatch import pool_size
 from batch_infer.job import PredictOptions, run_predict
 from batch_infer.output import read_predictions
-from batch_infer.report import write_report
+from batch_infer.report import write_report_set
 from kmnist_core.errors import KmnistError
 from kmnist_core.out_lock import LOCK_FILE
 from tests.crop_tree import HOLD_ENV, hold_file, mixed_tree, plain_tree, release
@@ -127,7 +127,7 @@ def test_report_regenerates_from_parquet_alone(mixed_run, tmp_path):
     out, _, _ = mixed_run
     copy = tmp_path / "copy"
     shutil.copytree(out / "predictions", copy / "predictions")
-    s = write_report(copy)  # no run.json, no summary/
+    s = write_report_set(copy)  # no run.json, no summary/
     assert s["files_seen"] == len(read_predictions(out)) and s["skipped"]["hidden"] == 2
     assert (copy / "summary" / "review.html").exists()
     r = invoke("report", copy)
