@@ -89,8 +89,11 @@ def publish(out: Location, gen: Location, record: dict) -> dict:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         os.symlink(os.path.join(GENERATIONS, marker["generation"]), tmp)
-        os.replace(tmp, os.path.join(out.path, LINK))
-        link_published_names(out)
+        link = os.path.join(out.path, LINK)
+        if os.path.isdir(link) and not os.path.islink(link):  # a copy of OUT that followed the links
+            storage.delete_tree(storage.resolve(link))
+        os.replace(tmp, link)
+        link_published_names(out, set(marker["files"]))
         sync_dir(out.path)
     else:
         storage.write_bytes_atomic(out.join(MARKER), json_text({"generation": marker["generation"]}).encode("utf-8"))
@@ -98,11 +101,19 @@ def publish(out: Location, gen: Location, record: dict) -> dict:
     return marker
 
 
-def link_published_names(out: Location) -> None:
-    """OUT/final etc. as links into OUT/report/; a folder or file left by an earlier version is replaced."""
+def link_published_names(out: Location, files: set[str]) -> None:
+    """OUT/final etc. as links into OUT/report/, for the names this report has (`files`: its relative
+    paths); the others go. A folder or file left by an earlier version, or by a copy of OUT that followed
+    the links, is replaced."""
     for name in PUBLISHED:
         path = os.path.join(out.path, name)
         target = os.path.join(LINK, name)
+        if not any(f == name or f.startswith(name + "/") for f in files):
+            if os.path.islink(path) or os.path.isfile(path):
+                os.unlink(path)
+            elif os.path.isdir(path):
+                storage.delete_tree(storage.resolve(path))
+            continue
         if os.path.islink(path) and os.readlink(path) == target:
             continue
         tmp = os.path.join(out.path, f".{name}.{os.getpid()}.link")
@@ -110,7 +121,7 @@ def link_published_names(out: Location) -> None:
             os.unlink(tmp)
         os.symlink(target, tmp)
         if os.path.isdir(path) and not os.path.islink(path):
-            storage.delete_tree(storage.resolve(path))  # the old layout's copy: the new set is published already
+            storage.delete_tree(storage.resolve(path))
         os.replace(tmp, path)
 
 
@@ -143,9 +154,12 @@ def prune(out: Location, keep: set[str]) -> None:
 def withdraw(out: Location) -> None:
     """No report any more (an --overwrite run replaced the rows it described): unpublish, then delete."""
     if out.local:
+        link_published_names(out, set())
         link = os.path.join(out.path, LINK)
-        if os.path.lexists(link):
+        if os.path.islink(link):
             os.unlink(link)
+        elif os.path.isdir(link):
+            storage.delete_tree(storage.resolve(link))
     else:
         storage.delete(out.join(MARKER))
     prune(out, keep=set())
