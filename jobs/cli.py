@@ -404,7 +404,11 @@ def review(
     out: str = typer.Argument(..., help="a predict output folder or object-store prefix"),
     port: int = typer.Option(8765, help="port to listen on; 0: any free port (the printed URL names it)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on; 0.0.0.0 serves every network interface "
-                                               "(a warning says what that exposes)"),
+                                               "(a warning says what that exposes: for remote review prefer an "
+                                               "SSH tunnel, or TLS)"),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="serve HTTPS with this PEM certificate "
+                                                                            "(with --ssl-keyfile)"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="the PEM private key of --ssl-certfile"),
     reviewer: Optional[str] = typer.Option(None, help="name recorded with each decision (default: the login name)"),
     audit: int = typer.Option(0, help="also serve a seeded random sample of N auto-accepted rows, stratified by "
                                       "predicted class and confidence: their measured error rate"),
@@ -421,6 +425,10 @@ def review(
 
     if audit < 0:
         raise KmnistError("--audit takes a number of rows >= 0")
+    if not host.strip():  # bind("") would listen on every interface without saying so
+        raise KmnistError("--host takes an address to listen on, such as 127.0.0.1 (the default) or 0.0.0.0")
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise KmnistError("--ssl-certfile and --ssl-keyfile go together: give both for HTTPS, or neither")
     location = resolve(out)
     reviewer = reviewer or default_reviewer()
     if import_csv is not None or conflicts:
@@ -441,7 +449,7 @@ def review(
         return
     from review.server import serve
 
-    serve(out, host, port, reviewer, audit, seed, echo=typer.echo)
+    serve(out, host, port, reviewer, audit, seed, echo=typer.echo, certfile=ssl_certfile, keyfile=ssl_keyfile)
 
 
 @app.command()

@@ -336,7 +336,10 @@ class Queue:
             found: dict[int, dict] = {}
             for s in np.unique(r.shard[positions]):
                 here = positions[r.shard[positions] == s]
-                rows = self.shard_table(self.shards[s]).take(r.row[here]).to_pylist()
+                table = self.shard_table(self.shards[s])
+                if r.row[here].max() >= table.num_rows:  # a rewritten shard may hold fewer rows
+                    raise StaleIndex(self.shards[s])
+                rows = table.take(r.row[here]).to_pylist()
                 for p, row in zip(here, rows):
                     if key_hashes([row["path_bytes"]])[0] != r.key[p]:
                         raise StaleIndex(self.shards[s])

@@ -7,6 +7,7 @@ import http.client
 import json
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from tests.crop_tree import plain_tree, save
 
 CLI = str(Path(sys.executable).parent / "kmnist-batch")
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"
-URL = re.compile(r"open (http://[^/\s]+)/\?token=(\S+)")
+URL = re.compile(r"open (https?://[^/\s]+)/\?token=(\S+)")
 LOW_CONFIDENCE = 12  # crops of the run below its review threshold
 
 
@@ -50,9 +51,11 @@ def make_run(root: Path, images: np.ndarray, n: int = 150) -> Path:
 
 
 class Server:
-    """`kmnist-batch review OUT --port 0 ...` in its own process; `base` and `token` from its stdout."""
+    """`kmnist-batch review OUT --port 0 ...` in its own process; `base` and `token` from its stdout, and
+    the cookie that `GET /?token=` sets, which every request then carries. Over HTTPS, `cafile` is the
+    certificate to trust."""
 
-    def __init__(self, out: Path | str, *args: str, timeout: float = 90.0):
+    def __init__(self, out: Path | str, *args: str, timeout: float = 90.0, cafile: Path | None = None):
         self.proc = subprocess.Popen([CLI, "review", str(out), "--port", "0", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -73,7 +76,16 @@ class Server:
                 self.kill()
                 raise RuntimeError(f"review server did not start: {''.join(self.lines)}{''.join(self.errors)}")
         self.base, self.token = URL.search("".join(self.lines)).groups()
-        self.host, self.port = self.base.removeprefix("http://").rsplit(":", 1)
+        self.scheme, authority = self.base.split("://")
+        self.host, self.port = authority.rsplit(":", 1)
+        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
+        try:
+            status, headers, _ = self.request("GET", f"/?token={self.token}", token=False)
+            assert status == 303, status
+        except BaseException:  # no server left behind by a start that failed
+            self.kill()
+            raise
+        self.cookie = headers["set-cookie"].split(";")[0]
 
     @property
     def url(self) -> str:
@@ -81,12 +93,15 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 token: bool = True) -> tuple[int, dict, bytes]:
-        """One request on a fresh connection; `path` is sent as is (no normalisation of `..`)."""
-        if token:
-            path += ("&" if "?" in path else "?") + f"token={self.token}"
-        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
+        """One request on a fresh connection, with the token's cookie unless `token` is False; `path` is
+        sent as is (no normalisation of `..`)."""
+        headers = {**({"Cookie": self.cookie} if token else {}), **(headers or {})}
+        if self.scheme == "https":
+            conn = http.client.HTTPSConnection(self.host, int(self.port), timeout=30, context=self.context)
+        else:
+            conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -124,3 +139,31 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost and its key, as PEM files in `folder` (cryptography comes
+    with the test extras, through moto)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file

@@ -1,12 +1,16 @@
 """`kmnist-batch review`: a real server process on a real socket over a real predict run (made in this
 process, without Ray): the token, row ids instead of paths, labels checked against the card, decisions
 on disk before the answer (kill -9 right after), two servers on one OUT, the queue listing every
-flagged row exactly once, the seeded stratified audit sample, a running run's new shards, bad OUTs."""
+flagged row exactly once, the seeded stratified audit sample, a running run's new shards, bad OUTs; and
+the hardening: Host and Origin checks, security headers, the token in a URL on `GET /` only, body and
+JSON limits, shards rewritten under the server, listen options, HTTPS."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -25,9 +30,10 @@ from kmnist_core import decisions
 from kmnist_core.storage import resolve
 from review import audit
 from review.queue import AUDIT, TABS, Queue, key_hashes, row_id
+from review.server import Review
 from tests.crop_tree import plain_tree
 from tests.object_store import upload_tree
-from tests.review_server import CLI, Server, make_run
+from tests.review_server import CLI, Server, make_run, self_signed
 from tests.test_object_store import bucket, s3_env  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +50,7 @@ def run(tmp_path_factory, kmnist_dev) -> Path:
 @pytest.fixture
 def out(run, tmp_path) -> Path:
     copy = tmp_path / "out"
-    shutil.copytree(run, copy)
+    shutil.copytree(run, copy, symlinks=True)  # an OUT links its report in
     return copy
 
 
@@ -52,8 +58,8 @@ def out(run, tmp_path) -> Path:
 def servers():
     started: list[Server] = []
 
-    def start(out: Path, *args: str) -> Server:
-        started.append(Server(out, *args))
+    def start(out: Path, *args: str, cafile: Path | None = None) -> Server:
+        started.append(Server(out, *args, cafile=cafile))
         return started[-1]
 
     yield start
@@ -82,7 +88,7 @@ def test_every_request_without_the_token_is_refused(out, servers):
                          ("GET", "/static/app.js"), ("GET", "/no/such/page"), ("POST", "/api/decisions")]:
         assert server.request(method, path, token=False)[0] == 403, path
         assert server.request(method, path + "?token=not-the-token", token=False)[0] == 403, path
-    status, headers, _ = server.request("GET", "/")
+    status, headers, _ = server.request("GET", f"/?token={server.token}", token=False)
     assert status == 303 and headers["location"] == "/"  # the token leaves the address bar ...
     cookie = headers["set-cookie"].split(";")[0]
     assert "HttpOnly" in headers["set-cookie"] and "SameSite=strict" in headers["set-cookie"]
@@ -304,7 +310,7 @@ def test_audit_sample_is_seeded_and_stratified(out):
 def test_a_running_run_s_new_shards_join_the_queue(run, tmp_path, kmnist_dev):
     inputs, out = tmp_path / "in", tmp_path / "out"
     shutil.copytree(run.parent / "in", inputs)
-    shutil.copytree(run, out)
+    shutil.copytree(run, out, symlinks=True)
     queue = Queue(resolve(out), tuple("おきすつなはまやれを"))
     before = sum(len(t.order) for t in queue.tabs.values())
     plain_tree(inputs / "later", kmnist_dev.test.images[-300:], 300)
@@ -332,3 +338,184 @@ def test_host_other_than_loopback_warns(out, servers):
     while not server.errors and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "warning: --host 0.0.0.0" in "".join(server.errors)
+
+
+# -- hardening (issue 35, item 4) -------------------------------------------------------------------------
+
+SECURITY = {"content-security-policy": "frame-ancestors 'none'", "x-frame-options": "DENY",
+            "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+
+
+def secured(headers: dict) -> bool:
+    """Whether an answer carries every security header (names as http.client gives them)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    return all(part in lower.get(name, "") for name, part in SECURITY.items())
+
+
+def test_only_the_server_s_own_host_names_are_answered(out, servers):
+    server = servers(out)
+    port = server.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        assert server.request("GET", "/api/info", headers={"Host": host})[0] == 200, host
+    # a DNS-rebound name, another port, no port, nothing at all: a browser there never reaches the app
+    for host in (f"attacker.example:{port}", f"127.0.0.1.attacker.example:{port}", f"127.0.0.1:{int(port) + 1}",
+                 "127.0.0.1", f"127.0.0.1:{port}@attacker.example", ""):
+        status, headers, body = server.request("GET", "/api/info", headers={"Host": host})
+        assert status == 400 and secured(headers) and b"Host" in body, host
+        assert server.request("POST", "/api/decisions", b"{}", {"Host": host, "Content-Type": "application/json"})[0] == 400
+
+
+def test_state_changing_requests_from_another_origin_are_refused(out, servers):
+    server = servers(out)
+    ids = [t["id"] for t in server.get_json("/api/queue?tab=low_confidence")["tiles"]]
+    own = f"http://127.0.0.1:{server.port}"
+    body = lambda i: json.dumps({"decisions": [{"id": ids[i], "label": "お"}]}).encode()  # noqa: E731
+    for headers in [{"Origin": "http://attacker.example"},
+                    {"Origin": f"http://127.0.0.1:{int(server.port) + 1}"},  # the same site, another port
+                    {"Origin": f"https://127.0.0.1:{server.port}"}, {"Origin": "null"}, {"Origin": f"{own}.attacker.example"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Origin": own, "Sec-Fetch-Site": "cross-site"}]:
+        status, answer_headers, text = server.request("POST", "/api/decisions", body(0),
+                                                      {"Content-Type": "application/json", **headers})
+        assert status == 403 and b"another origin" in text and secured(answer_headers), headers
+    assert not (out / "reviews").exists()
+    accepted = [{"Origin": own}, {"Origin": f"http://localhost:{server.port}", "Sec-Fetch-Site": "same-site"},
+                {"Sec-Fetch-Site": "same-origin"}, {}]  # {}: a script, not a browser (the cookie still needed)
+    for i, headers in enumerate(accepted, start=1):
+        status, _, text = server.request("POST", "/api/decisions", body(i), {"Content-Type": "application/json", **headers})
+        assert status == 200, (headers, text)
+    assert history(out).num_rows == len(accepted)
+    # reading is not changing: a foreign Origin on a GET is the token's business only
+    assert server.request("GET", "/api/info", headers={"Origin": "http://attacker.example"})[0] == 200
+
+
+def test_every_answer_carries_the_security_headers(out, servers):
+    server = servers(out)
+    tile = server.get_json("/api/queue?tab=low_confidence")["tiles"][0]
+    asked = [("GET", "/", None, True), ("GET", "/static/app.js", None, True), ("GET", "/static/app.css", None, True),
+             ("GET", "/api/info", None, True), ("GET", "/api/queue?tab=blank", None, True),
+             ("GET", f"/api/crop/{tile['id']}.png", None, True), ("GET", "/no/such/page", None, True),
+             ("GET", "/api/info", None, False), ("POST", "/api/decisions", b"{", True)]
+    answers = [server.request(method, path, body, {"Content-Type": "application/json"}, token=token)
+               for method, path, body, token in asked]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 200, 404, 403, 400]
+    for request, (status, headers, _) in zip(asked, answers):
+        assert secured(headers), (request, headers)
+        assert "default-src 'self'" in headers["content-security-policy"]
+        assert headers["cache-control"] == "no-store", request
+    # the font is the one answer that may be cached (it never changes), and it says so itself
+    status, headers, _ = server.request("GET", "/static/ipaexg.ttf")
+    assert status == 200 and secured(headers) and headers["cache-control"] == "private, max-age=86400"
+
+
+def test_the_token_in_a_url_is_taken_only_on_get_slash(out, servers):
+    server = servers(out)
+    tile = server.get_json("/api/queue?tab=low_confidence")["tiles"][0]
+    query = f"?token={server.token}"
+    for method, path in [("GET", "/api/info"), ("GET", "/static/app.js"), ("GET", f"/api/crop/{tile['id']}.png"),
+                         ("GET", "/no/such/page"), ("HEAD", "/"), ("POST", "/api/decisions"), ("GET", "//")]:
+        for token in (False, True):  # refused with or without the cookie: the URL is what leaks
+            status, headers, body = server.request(method, path + query, json.dumps(
+                {"decisions": [{"id": tile["id"], "label": "お"}]}).encode() if method == "POST" else None,
+                {"Content-Type": "application/json"}, token=token)
+            assert status == 403 and "set-cookie" not in {k.lower() for k in headers}, (method, path, token)
+    assert not (out / "reviews").exists()
+    status, headers, _ = server.request("GET", "/" + query, token=False)
+    assert status == 303 and "set-cookie" in {k.lower() for k in headers}
+
+
+def test_bodies_are_capped_and_must_be_plain_json(out, servers):
+    server = servers(out)
+    some = server.get_json("/api/queue?tab=low_confidence")["tiles"][0]["id"]
+    post = lambda body: server.request("POST", "/api/decisions", body, {"Content-Type": "application/json"})  # noqa: E731
+    big = json.dumps({"decisions": [{"id": some, "label": "お", "pad": "x" * (1 << 20)}]}).encode()
+    status, headers, text = post(big)  # declared by Content-Length
+    assert status == 413 and secured(headers) and b"1,048,576" in text
+    chunks = (b"x" * 65536 for _ in range(40))  # 2.5 MiB streamed without a Content-Length
+    assert post(chunks)[0] == 413
+    deep = lambda n: "[" * n + "]" * n  # noqa: E731
+    for body in ["{", "\udcff", "[" * 100_000, deep(100_000), f'{{"decisions": {deep(40)}}}',
+                 f'{{"decisions": [{{"id": "{some}", "label": {deep(5000)}}}]}}']:
+        status, _, text = post(body.encode("utf-8", "surrogateescape"))  # "\udcff": the byte 0xff, not UTF-8
+        assert status == 400 and b"decisions" in text, body[:40]
+    assert not (out / "reviews").exists()
+    # brackets inside strings are text, not nesting; a body just under the cap is read whole
+    fine = {"decisions": [{"id": some, "label": "お", "note": "[" * 100 + "\\\"{" * 100}]}
+    fine["pad"] = "y" * ((1 << 20) - len(json.dumps(fine)) - 20)
+    body = json.dumps(fine).encode()
+    assert len(body) <= 1 << 20 and post(body)[0] == 200
+    assert history(out).num_rows == 1
+
+
+def test_a_shard_rewritten_under_a_running_server_is_read_again(run, tmp_path, servers):
+    out = tmp_path / "out"
+    shutil.copytree(run, out, symlinks=True)
+    # the shard that --retry-errors will rewrite (the one with the broken files) and its queued rows, named
+    # from the Parquet before the server has read any of it
+    shard = next(p for p in sorted((out / "predictions").glob("*.parquet"))
+                 if "error" in pq.read_table(p, columns=["review_reason"])["review_reason"].to_pylist())
+    before = pq.read_table(shard)
+    queued = before.filter(before["needs_review"])
+    ids = [row_id(k) for k in key_hashes(queued["path_bytes"].to_pylist())]
+    server = servers(out)
+    run_predict([run.parent / "in"], out, PredictOptions(precision="fp32", resume=True, retry_errors=True,
+                                                         executor="local"))
+    after = pq.read_table(shard, columns=["path"])["path"].to_pylist()
+    assert sorted(after) == sorted(before["path"].to_pylist()) and after != before["path"].to_pylist()  # rows moved
+    for i in ids:
+        status, _, body = server.request("GET", f"/api/crop/{i}.png")
+        assert status == 200 and body.startswith(b"\x89PNG"), (i, status, body[:200])
+    status, answer = server.post([{"id": i, "label": "unreadable"} for i in ids])
+    assert status == 200, answer
+    assert sorted(history(out)["path"].to_pylist()) == sorted(queued["path"].to_pylist())
+
+
+def test_a_shard_that_shrank_is_read_again(out):
+    review = Review(resolve(out), "ann")
+    # a shard whose last row is queued: the index points past the end of the shard once it lost a row
+    shard = next(p for p in sorted((out / "predictions").glob("*.parquet"))
+                 if pq.read_table(p, columns=["needs_review"])["needs_review"][-1].as_py())
+    table = pq.read_table(shard)
+    last = row_id(key_hashes(table["path_bytes"].to_pylist()[-1:])[0])
+    # rewritten whole without its first row, as a resume publishes a shard: temp file, then rename
+    pq.write_table(table.slice(1), out / "predictions" / ".rewrite.parquet")
+    os.replace(out / "predictions" / ".rewrite.parquet", shard)
+    assert review.rows_by_id([last])[0]["path"] == table["path"][-1].as_py()
+
+
+def test_listen_options_that_cannot_work_are_one_error_line(out, tmp_path):
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    cases = [(["--host", ""], "--host takes an address"), (["--ssl-keyfile", str(key)], "go together"),
+             (["--ssl-certfile", str(tmp_path / "junk.pem"), "--ssl-keyfile", str(key)], "cannot use"),
+             (["--ssl-certfile", str(cert), "--ssl-keyfile", str(tmp_path / "none.pem")], "cannot use")]
+    runs = [subprocess.Popen([CLI, "review", str(out), "--port", "0", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for args, _ in cases]  # side by side: each starts Python
+    try:
+        for (args, says), proc in zip(cases, runs):
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 2 and stderr.count("\n") == 1 and stderr.startswith("error: "), (args, stderr)
+            assert says in stderr and not stdout, args
+    finally:  # one that serves after all is stopped, not left behind
+        for proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def test_https_with_a_certificate(out, tmp_path, servers):
+    cert, key = self_signed(tmp_path)
+    server = servers(out, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), cafile=cert)
+    assert server.base.startswith("https://127.0.0.1:")
+    status, headers, _ = server.request("GET", f"/?token={server.token}", token=False)
+    assert status == 303 and "; secure" in headers["set-cookie"].lower()  # the cookie never travels in clear
+    assert server.get_json("/api/info")["out"] == str(out)
+    tile = server.get_json("/api/queue?tab=low_confidence")["tiles"][0]
+    body = json.dumps({"decisions": [{"id": tile["id"], "label": "お"}]}).encode()
+    own = {"Content-Type": "application/json", "Origin": f"https://localhost:{server.port}"}
+    assert server.request("POST", "/api/decisions", body, {**own, "Origin": f"http://127.0.0.1:{server.port}"})[0] == 403
+    assert server.request("POST", "/api/decisions", body, own)[0] == 200
+    plain = http.client.HTTPConnection(server.host, int(server.port), timeout=30)
+    with pytest.raises(ConnectionResetError):  # plain HTTP on the TLS port gets no answer
+        plain.request("GET", "/")
+        plain.getresponse()
+    plain.close()

@@ -1,9 +1,12 @@
 """The review page in a real browser: Debian's headless chromium, driven by Selenium through Debian's
 chromedriver (both named by path, so nothing is downloaded), against a real `kmnist-batch review`
-process over a real predict run. Skipped, saying what is missing, where either is not installed."""
+process over a real predict run: reviewing from the keyboard and the mouse, and what a page on another
+origin cannot do to it (frame it, post a decision). Skipped, saying what is missing, where either is not
+installed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -40,7 +43,7 @@ def run(tmp_path_factory, kmnist_dev) -> Path:
 
 @pytest.fixture
 def out(run, tmp_path) -> Path:
-    shutil.copytree(run, tmp_path / "out")
+    shutil.copytree(run, tmp_path / "out", symlinks=True)  # an OUT links its report in
     return tmp_path / "out"
 
 
@@ -65,6 +68,7 @@ def browser(tmp_path):
                     "--window-size=1280,1000", f"--user-data-dir={tmp_path / f'profile-{n}'}",
                     "--disable-background-networking", "--disable-component-update"):
             options.add_argument(arg)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: policy violations
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / f"driver-{n}.log")),
                                   options=options)
         started.append(driver)
@@ -179,3 +183,74 @@ def test_two_browsers_on_two_servers_at_once(out, servers, browser):
     until(a, lambda: [t[1:] for t in tiles(a)[2:4]] == [["saved", "す", "saved · by bob"],
                                                          ["saved", "not_a_character", "saved · by bob"]])
     until(b, lambda: [t[1:] for t in tiles(b)[:2]] == [["saved", "き", "saved · by alice"]] * 2)
+
+
+# A page on another port of the same host: the same site, so the browser sends the review cookie with its
+# requests (SameSite=Strict does not tell ports apart); only the server's own checks stop it.
+ATTACK = """<!doctype html>
+<title>attacker</title>
+<iframe id="framed" src="{app}" width="900" height="500"></iframe>
+<form id="form" method="POST" action="{target}" enctype="text/plain">
+<input type="hidden" name='{name}' value='"}}'>
+</form>
+<script>
+window.posted = fetch("{target}", {{method: "POST", credentials: "include",
+                                  headers: {{"Content-Type": "application/json"}}, body: '{decision}'}})
+  .then(r => "answered " + r.status, e => "refused: " + e);
+</script>
+"""
+HEADERS = ("return Promise.all(arguments[0].map(p => fetch(p).then(r => [p, r.status, Object.fromEntries(r.headers)])))"
+           ".then(arguments[arguments.length - 1])")
+
+
+def test_a_page_on_another_origin_cannot_frame_the_app_or_post_a_decision(out, servers, browser, http_root):
+    server = servers(out)
+    tile = server.get_json("/api/queue?tab=low_confidence")["tiles"][0]
+    driver = browser(server.url)
+    until(driver, lambda: tiles(driver))  # the app runs: the browser holds the review cookie
+    root, attacker = http_root
+    decision = json.dumps({"decisions": [{"id": tile["id"], "label": tile["pred_char"]}]})
+    # a text/plain form whose body is that JSON: `name=value` with name `{...,"pad":"` and value `"}`
+    (root / "attack.html").write_text(ATTACK.format(app=f"{server.base}/", target=f"{server.base}/api/decisions",
+                                                    decision=decision, name=decision[:-1] + ', "pad": "'),
+                                      encoding="utf-8")
+    driver.get(f"{attacker}attack.html")
+
+    # (a) framing: the frame holds the browser's error page, never the app
+    driver.switch_to.frame(driver.find_element(By.ID, "framed"))
+    until(driver, lambda: driver.execute_script("return location.href") != "about:blank")
+    assert not driver.execute_script("return location.href").startswith(server.base)
+    assert not driver.find_elements(By.CSS_SELECTOR, "nav button, .tile")
+    driver.switch_to.default_content()
+    assert any("frame-ancestors" in entry["message"] for entry in driver.get_log("browser"))
+
+    # (b) a script's POST with the cookie: the preflight a JSON body needs is never granted
+    assert driver.execute_script("return window.posted").startswith("refused")  # (the promise, awaited)
+    # (c) a form POST (no preflight, the cookie sent): refused for its Origin, whatever its body
+    driver.execute_script("document.getElementById('form').submit()")
+    until(driver, lambda: driver.current_url == f"{server.base}/api/decisions")
+    assert driver.find_element(By.TAG_NAME, "body").text.startswith("403: a page from another origin")
+    assert not (out / "reviews").exists()
+    assert server.get_json("/api/queue?tab=low_confidence")["tiles"][0]["decision"] is None
+
+
+def test_the_app_runs_under_its_policy_and_its_token_only_opens_slash(out, servers, browser):
+    server = servers(out)
+    driver = browser(server.url)
+    until(driver, lambda: tiles(driver))
+    until(driver, lambda: driver.execute_script(  # crops and the kana font load under default-src 'self'
+        "return [...document.images].filter(i => i.closest('.tile')).every(i => i.complete && i.naturalWidth > 0)"
+        " && document.fonts.check('16px IPAexGothic', 'お')"))
+    assert not [e for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+    answers = driver.execute_async_script(HEADERS, ["/", "/static/app.js", "/static/app.css", "/api/info",
+                                                    "/api/queue?tab=blank", "/no/such/page"])
+    assert [status for _, status, _ in answers] == [200] * 5 + [404]
+    for path, _, headers in answers:
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+        assert (headers["x-frame-options"], headers["x-content-type-options"], headers["referrer-policy"],
+                headers["cache-control"]) == ("DENY", "nosniff", "no-referrer", "no-store"), path
+    # the printed token opens / only: on any other path it is refused, although the browser holds the cookie
+    driver.get(f"{server.base}/api/info?token={server.token}")
+    assert driver.find_element(By.TAG_NAME, "body").text.startswith("403: the token is taken only")
+    driver.get(f"{server.base}/api/info")
+    assert json.loads(driver.find_element(By.TAG_NAME, "body").text)["out"] == str(out)
