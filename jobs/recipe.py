@@ -31,9 +31,34 @@ def run_in_parallel(recipe: Recipe, parallel: int, argv: list[str]) -> None:
         raise SystemExit(f"error: fold(s) {', '.join(map(str, failed))} failed; rerun the same command to resume")
 
 
+def write_review(recipe: Recipe) -> None:
+    from kmnist_core.files import write_json_atomic
+    from kmnist_core.oof_review import review_report, score_fold_negatives
+
+    done = [k for k in range(recipe.folds) if (recipe.results / f"fold-{k}.npz").exists()]
+    for k in done:
+        score_fold_negatives(recipe, k)
+    if len(done) < recipe.folds:
+        raise SystemExit(f"error: folds {sorted(set(range(recipe.folds)) - set(done))} are not trained yet; "
+                         f"run `python -m jobs.recipe folds` first")
+    report = review_report(recipe)
+    write_json_atomic(recipe.results / "review.json", report)
+    chosen = report["scores"]["chosen"]
+    print(f"{recipe.name}: top-1 out of fold {report['top1']}; fitted {chosen['fitted']}")
+    for name, check in chosen["held_out_checks"].items():
+        print(f"  {name}: accepted {check['auto_accepted_share']:.4f}, {check['auto_accepted_errors']} errors in "
+              f"{check['auto_accepted']}, bound {check['precision_lower_bound']:.4f}")
+    for score, figures in report["scores"].items():
+        print(f"  {score}: other characters in held-out hands accepted "
+              + ", ".join(f"{s} {f['share']:.2%}" for s, f in figures["held_out_hands"]["by_script"].items())
+              + "; other kinds " + ", ".join(f"{k} {f['share']:.2%}" for k, f in figures["other_kinds"].items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["folds"])
+    parser.add_argument("stage", choices=["folds", "review"],
+                        help="folds: train them; review: score each finished fold's negatives, then fit and check "
+                             "the review thresholds (recipes/RECIPE/review.json)")
     parser.add_argument("--recipe", default="hands-oe", choices=sorted(RECIPES))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold", type=int, help="run this fold only")
@@ -44,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipe = Recipe(args.recipe, args.folds, args.results or Path("recipes") / args.recipe,
                     args.work or Path("runs") / "recipes" / args.recipe, threads=args.threads)
-    if args.fold is not None:
+    if args.stage == "review":
+        write_review(recipe)
+    elif args.fold is not None:
         run_fold(recipe, args.fold)
     elif args.parallel > 1:
         passed = ["folds", "--recipe", recipe.name, "--folds", str(recipe.folds), "--threads", str(recipe.threads),

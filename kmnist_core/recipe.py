@@ -36,6 +36,7 @@ from kmnist_core.models import predict_logits
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 
 FOLD_SEED = 20261207
+CHECKPOINT_EVERY = 5  # epochs
 FONTS = Path("/usr/share/fonts")
 # Japanese hands Debian packages (apt-get install ...; `HAND_PACKAGES`), one entry per hand: files of one
 # designer's family are one hand, so holding a hand out holds out all its weights and styles.
@@ -146,9 +147,8 @@ def fold_dataset(pool: LabelledPool, fold: np.ndarray, k: int) -> Dataset:
                    held_split, f"pooled fold {k}: trained on the other folds", "accuracy")
 
 
-def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path, checkpoint_every: int = 5
-                    ) -> tuple[TrainRun, float]:
-    """Train, saving a checkpoint every `checkpoint_every` epochs and resuming from `ckpt` if it exists.
+def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path) -> tuple[TrainRun, float]:
+    """Train, saving a checkpoint every CHECKPOINT_EVERY epochs and resuming from `ckpt` if it exists.
     Returns the run and its wall time in seconds, summed over resumptions."""
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
@@ -160,7 +160,7 @@ def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path, chec
     def on_epoch(metrics: dict, run: TrainRun) -> None:
         print(f"{name} epoch {metrics['epoch']}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
               f"held-out {metrics['test_acc']:.4f} {metrics['epoch_time_s']:.1f}s", flush=True)
-        if metrics["epoch"] % checkpoint_every == 0 or metrics["epoch"] == cfg.epochs:
+        if metrics["epoch"] % CHECKPOINT_EVERY == 0 or metrics["epoch"] == cfg.epochs:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({**run.state_dict(), "wall_s": spent + time.perf_counter() - started}, tmp)
             os.replace(tmp, ckpt)
