@@ -34,11 +34,12 @@ clean:
 	rm -rf runs/ .pytest_cache
 
 # How the embedded default model (kmnist_core/default_model/) is made, on 2 CPU cores (docs/model.md, "How
-# the default model is made"): plain-oe's 5 folds (two at a time, ~20 min a fold on one idle core), the
-# temperature and review thresholds fitted on their 8,000 out-of-fold predictions, then the same recipe
-# trained on all 8,000 and installed. Every step resumes where it stopped. Needs the Aoyagi Kouzan brush
-# font for training negatives (apt-get install -y fonts-aoyagi-kouzan-t).
+# the default model is made"): the hands-oe recipe's 5 folds over all 14,000 bundled images (two at a time,
+# about an hour a fold on one idle core), the review thresholds fitted and checked on their out-of-fold
+# predictions, then the same recipe trained on every image and installed. Every step resumes where it
+# stopped (rerun the target). Needs the Japanese hands the negatives are drawn in: the recipe's error names
+# the Debian packages (kmnist_core/recipe.py, HAND_PACKAGES).
 default-model: setup
-	nice -n 19 $(BIN)/python bench/oof_folds.py --recipe plain-oe --parallel 2
-	$(BIN)/python bench/oof_thresholds.py --recipe plain-oe
-	nice -n 19 $(BIN)/python bench/oof_final.py --recipe plain-oe --out runs/oof-default --install
+	nice -n 19 $(BIN)/python -m jobs.recipe folds --parallel 2
+	$(BIN)/python -m jobs.recipe review
+	nice -n 19 $(BIN)/python -m jobs.recipe final --install

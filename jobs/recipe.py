@@ -56,9 +56,12 @@ def write_review(recipe: Recipe) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["folds", "review"],
+    parser.add_argument("stage", choices=["folds", "review", "final"],
                         help="folds: train them; review: score each finished fold's negatives, then fit and check "
-                             "the review thresholds (recipes/RECIPE/review.json)")
+                             "the review thresholds (recipes/RECIPE/review.json); final: train on every image and "
+                             "write the model directory (--out; --install makes it the default)")
+    parser.add_argument("--out", type=Path, help="final: the model directory to write (default runs/recipes/RECIPE-model)")
+    parser.add_argument("--install", action="store_true", help="final: copy the model into kmnist_core/default_model/")
     parser.add_argument("--recipe", default="hands-oe", choices=sorted(RECIPES))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold", type=int, help="run this fold only")
@@ -71,6 +74,13 @@ def main(argv: list[str] | None = None) -> None:
                     args.work or Path("runs") / "recipes" / args.recipe, threads=args.threads)
     if args.stage == "review":
         write_review(recipe)
+    elif args.stage == "final":
+        from kmnist_core.recipe_model import build_default
+
+        out = args.out or Path("runs") / "recipes" / f"{recipe.name}-model"
+        card = build_default(recipe, out, args.install)
+        print(f"{out}: model_id {card['model_id']}; int8 {'enabled' if card['int8']['enabled'] else 'off'}"
+              + (" (installed as the default model)" if args.install else ""))
     elif args.fold is not None:
         run_fold(recipe, args.fold)
     elif args.parallel > 1:

@@ -59,7 +59,7 @@ def tiny(tmp_path, monkeypatch, kmnist_dev):
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_fold_resumes_from_its_checkpoint_and_the_review_is_checked_on_unseen_rows(tiny, monkeypatch):
+def test_a_killed_fold_resumes_and_the_review_and_the_final_model_come_from_the_folds(tiny, monkeypatch, kmnist_dev):
     r, pool = tiny
     real = recipe.train_model
 
@@ -94,3 +94,19 @@ def test_a_killed_fold_resumes_from_its_checkpoint_and_the_review_is_checked_on_
     assert set(chosen["held_out_hands"]["by_hand"]) == {"a", "b"}
     assert set(chosen["other_kinds"]) == set(oof_review.NON_GLYPH)
     assert set(report["scores"]) == {"chosen", "energy", "max-softmax", "max-logit"}
+
+    # The final model: every image, thresholds from the folds, not from a val split.
+    from kmnist_core.datasets import Dataset, Split
+    from kmnist_core.files import write_json_atomic
+    from kmnist_core.model_dir import load_model
+    from kmnist_core.recipe_model import build_default
+
+    write_json_atomic(r.results / "review.json", report)
+    small = Dataset("kmnist-pooled", pool.classes, 28, Split(pool.images, pool.labels), kmnist_dev.val, kmnist_dev.test,
+                    "all 200", "accuracy")
+    card = build_default(r, r.work / "model", images=(small, kmnist_dev))
+    fitted = chosen["fitted"]
+    assert card["calibration"]["temperature"] == pytest.approx(fitted["temperature"])
+    assert card["calibration"]["review_below"] == fitted["review_below"] and card["calibration"]["int8_refit"] is False
+    assert card["training"]["sizes"]["train"] == 200 and (r.results / "all.pt").exists()
+    assert load_model(str(r.work / "model"), precision="fp32").card.model_id == card["model_id"]
