@@ -3,7 +3,8 @@
 Three records are read: OUT/.lock (kmnist_core/out_lock.py), OUT/run.json (predict's own record of
 its status and reason) and OUT/_progress.json (kmnist_core/progress.py; predict and tune). Where people
 have reviewed rows, their decisions (OUT/reviews/) give the review lines: reviewed and left per reason
-(left: against the flagged counts of summary/summary.json, once the run has ended) and the audit figure.
+(left: against the flagged counts of summary/summary.json, once the run has ended) and the audit figure;
+files of OUT/reviews/ that hold no decisions, set aside to OUT/reviews/_quarantine/, are listed.
 
 Alive or not:
 - local OUT: the lock decides. A live run holds the flock on OUT/.lock; the kernel drops it when the
@@ -170,6 +171,7 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
     if kind == "predict":
         status["reviews"] = review_status(loc, run if run and run.get("run_id") == status["run_id"] else None,
                                           ended=status["state"] == "completed")
+        status["reviews_set_aside"] = decisions.quarantined(loc)  # after review_status, which sets them aside
     if status["state"] in ("failed", "interrupted"):
         if kind == "predict":
             source = run if run and run.get("run_id") == status["run_id"] else (progress or {}).get("start") or {}
@@ -223,6 +225,11 @@ def status_text(s: dict) -> str:
         lines.append(f"committed {summary['rows_committed']:,} rows by this run")
     if s.get("reviews"):
         lines += [f"{label:<9} {text}" for label, text in review_lines(s["reviews"])]
+    if s.get("reviews_set_aside"):
+        aside = s["reviews_set_aside"]
+        more = f" and {len(aside) - 10:,} more" if len(aside) > 10 else ""
+        lines.append(f"set aside {len(aside):,} file{'s' * (len(aside) != 1)} of reviews/ holding no decisions, in "
+                     f"{s['out']}/{decisions.REVIEWS_DIR}/{decisions.QUARANTINE_DIR}: {', '.join(aside[:10])}{more}")
     if s.get("resume_command"):
         lines.append(f"to finish {s['resume_command']}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from kmnist_core.errors import Interrupted, KmnistError
+from kmnist_core.safe_text import terminal
 from tune.options import STUDY_BATCH_SIZES, STUDY_LRS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,7 +30,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KmnistError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {terminal(str(e), newlines=True)}", err=True)  # messages name files from data
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
@@ -277,8 +278,8 @@ def print_pages(pages: dict, out: str) -> None:
                      f"(per page: pages.parquet)")
     review = [p for p in pages["most_review"] if p["n_left"]][:5]
     if review:
-        lines.append("review first " + ", ".join(f"{os.path.basename(p['page'])} ({p['n_left']}/{p['n_boxes']})"
-                                                 for p in review))
+        lines.append("review first " + ", ".join(
+            f"{terminal(os.path.basename(p['page']))} ({p['n_left']}/{p['n_boxes']})" for p in review))
     typer.echo("\n".join(lines))
 
 
@@ -365,7 +366,7 @@ def predict(
             print_reviews_kept(run.get("reviews") or {}, run["out"])
             return 0, "completed"
         except KmnistError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {terminal(str(e), newlines=True)}", err=True)  # messages name files from data
             return e.exit_code, "user_error"
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
@@ -444,7 +445,7 @@ def review(
 
         found = find_conflicts(read_history(location))
         for row in found.to_pylist():
-            typer.echo(f"{row['path']}: {row['labels']}")
+            typer.echo(f"{terminal(row['path'])}: {terminal(row['labels'])}")  # names and reviewers from data
         typer.echo(f"{found.num_rows:,} keys with different labels from different reviewers")
         return
     from review.server import serve
@@ -464,7 +465,8 @@ def status(
     from kmnist_core.files import json_text
 
     state = run_status(out)
-    typer.echo(json_text(state).rstrip() if json_output else status_text(state))
+    # Records name files, hosts and reasons from data; the escapes keep JSON valid JSON of the same values.
+    typer.echo(terminal(json_text(state).rstrip() if json_output else status_text(state), newlines=True))
 
 
 def parse_list(text: str, kind, option: str) -> list:

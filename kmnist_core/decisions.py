@@ -9,7 +9,13 @@ Storage: `OUT/reviews/<UTC time>-<reviewer>-<random>.parquet`, each file a batch
 whole or not at all (temp + rename locally, one PUT on an object store) and never rewritten, so two
 reviewers, two servers or an import can write at once and nothing is lost. The latest decision per key
 wins (by `decided_at`, then file name, then row); the history stays. `predict --resume` and
-`--overwrite` never touch `reviews/`.
+`--overwrite` never touch `reviews/`. A saved batch survives a power cut: the file and the folder entry
+of its rename are fsynced before `append` returns.
+
+A file in `reviews/` that holds no decisions (not Parquet, damaged, another schema) blocks no reader: the
+first to meet it moves it to `reviews/_quarantine/` with a warning, and the decisions of every other file
+count (`kmnist-batch status` lists what was set aside). Readers also remove the temp files of writers that
+died mid-write (kmnist_core.storage.remove_stale_temps).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import getpass
 import io
 import re
+import sys
 import uuid
 from datetime import datetime, timezone
 
@@ -29,9 +36,11 @@ from kmnist_core import storage
 from kmnist_core.calibration import rate_upper_bound
 from kmnist_core.card import ModelCard, calibration_key
 from kmnist_core.errors import KmnistError
+from kmnist_core.safe_text import terminal
 from kmnist_core.storage import Location
 
 REVIEWS_DIR = "reviews"
+QUARANTINE_DIR = "_quarantine"  # "_": Parquet dataset readers (pyarrow, pandas, Spark) skip it in reviews/
 NOT_A_CHARACTER = "not_a_character"
 UNREADABLE = "unreadable"
 SPECIAL_LABELS = (NOT_A_CHARACTER, UNREADABLE)
@@ -107,7 +116,7 @@ def append(out: Location, table: pa.Table) -> str:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     folder = reviews_dir(out)
-    storage.make_dirs(folder)
+    storage.make_dirs(folder, durable=True)
     storage.write_bytes_atomic(folder.join(name), buf.getvalue(), fsync=True)
     return name
 
@@ -118,18 +127,81 @@ def columns_schema(columns: list[str] | None) -> pa.Schema:
     return pa.schema([SCHEMA.field(n) for n in names])
 
 
-def read_file(folder: Location, name: str, columns: list[str] | None = None) -> pa.Table:
-    """One published batch of decisions (only `columns`, to keep a large history small in memory)."""
+def warn(text: str) -> None:
+    print(f"warning: {terminal(text)}", file=sys.stderr)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def decision_batch(data: bytes) -> pa.Table:
+    """The decisions in a file's bytes, as SCHEMA; an Arrow error or ValueError says why they are not."""
+    table = pq.read_table(pa.BufferReader(data))
+    missing = [n for n in SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)}")
+    return table.select(SCHEMA.names).cast(SCHEMA)  # the cast refuses a null where SCHEMA has none
+
+
+def read_batch(folder: Location, name: str, columns: list[str] | None = None,
+               warned: set[str] | None = None) -> pa.Table | None:
+    """One published batch of decisions (only `columns`, to keep a large history small in memory); None
+    when there are none to read, with a warning line on stderr naming the file and why:
+    - a file that is not a batch of decisions (not Parquet, damaged, another schema, a null where every
+      decision has a value) is moved to reviews/_quarantine/, out of every reader's way;
+    - a file that cannot be read now (no permission, a network error) stays, to be read next time.
+    `warned`: names warned about already, not again (the review server lists reviews/ every second).
+    A file gone since the folder was listed (another reader moved it) is None without a word."""
     loc = folder.join(name)
-    schema = columns_schema(columns)
-    return pq.read_table(loc.path, filesystem=loc.fs, columns=schema.names).cast(schema)
+    try:
+        data = storage.read_bytes(loc)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # the bytes could not be read: nothing is known about them
+        problem = f"cannot read {loc.uri} ({one_line(e)}): its decisions are left out until it can be read"
+    else:
+        try:
+            return decision_batch(data).select(columns_schema(columns).names)
+        except (pa.ArrowException, OSError, ValueError) as e:  # no decisions (damaged Parquet: an OSError)
+            problem = set_aside(folder, name, one_line(e))
+    if problem is not None and (warned is None or name not in warned):
+        warn(problem)
+        if warned is not None:
+            warned.add(name)
+    return None
+
+
+def set_aside(folder: Location, name: str, reason: str) -> str | None:
+    """Move file `name` of reviews/ to reviews/_quarantine/ (under a name free there); returns the
+    warning, or None when another reader moved it first (and warned)."""
+    place = folder.join(QUARANTINE_DIR)
+    target, n = name, 0
+    try:
+        while storage.exists(place.join(target)):  # never over an earlier file of the same name
+            n += 1
+            target = f"{name}.{n}"
+        storage.move(folder.join(name), place.join(target))
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # a read-only OUT: left in place, and left out of the decisions all the same
+        return (f"{folder.join(name).uri} holds no review decisions ({reason}): left out; it could not be moved "
+                f"to {place.uri} ({one_line(e)})")
+    return f"{folder.join(name).uri} holds no review decisions ({reason}): moved to {place.join(target).uri}, left out"
+
+
+def quarantined(out: Location) -> list[str]:
+    """Names of the files set aside from OUT/reviews/ because they held no decisions (read_batch)."""
+    return storage.list_names(reviews_dir(out).join(QUARANTINE_DIR))
 
 
 def read_history(out: Location, columns: list[str] | None = None) -> pa.Table:
-    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row)."""
+    """Every decision ever made on OUT, oldest first (decided_at, then file name, then row); files that
+    hold none are set aside (read_batch)."""
     folder = reviews_dir(out)
-    return history_of({name: read_file(folder, name, columns) for name in storage.list_names(folder, ".parquet")},
-                      columns)
+    storage.remove_stale_temps(folder)
+    batches = {name: read_batch(folder, name, columns) for name in storage.list_names(folder, ".parquet")}
+    return history_of({name: t for name, t in batches.items() if t is not None}, columns)
 
 
 def history_of(batches: dict[str, pa.Table], columns: list[str] | None = None) -> pa.Table:
@@ -187,7 +259,7 @@ def conflicts_text(found: pa.Table) -> str:
         return "no conflicts: no key was given different labels"
     lines = ["path\tlabels (reviewer)\tcounts now"]
     for r in found.select(["path", "labels", "current"]).to_pylist():
-        lines.append(f"{r['path']}\t{r['labels']}\t{r['current'] or 'none (withdrawn)'}")
+        lines.append(f"{terminal(r['path'])}\t{terminal(r['labels'])}\t{terminal(r['current'] or 'none (withdrawn)')}")
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from kmnist_core.model_dir import (Predictor, load_model, load_torch_model, pick
                                    resolve_model_path, save_model_dir, twin_files, write_files)
 from kmnist_core.models import optimize_for_inference, predict_logits
 from kmnist_core.reviewed import ReviewedCrops, review_figures, split_held_out
+from kmnist_core.safe_text import csv_cell
 from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
 
@@ -87,7 +88,7 @@ def write_history(path: Path, history: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in history)
 
 
 def run_train(cfg: TrainConfig, out: Path, on_epoch: Callable[[dict, TrainRun], None] | None = None,

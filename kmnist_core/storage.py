@@ -6,13 +6,18 @@ resolves). Object stores are configured the standard way: for S3, credentials fr
 bytes (names need not be UTF-8); object-store keys are text.
 
 Commits are atomic on both: locally a hidden temp file renamed into place, on an object store a single
-PUT (an object appears whole or not at all).
+PUT (an object appears whole or not at all). A durable commit (fsync=True) also survives a power cut once
+it returns: locally the bytes are fsynced before the rename and the folder after it (a rename lives in
+the folder, not in the file); a PUT is durable when it is acknowledged.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -97,7 +102,8 @@ def read_bytes(loc: Location) -> bytes:
 
 
 def write_bytes_atomic(loc: Location, data: bytes, fsync: bool = False) -> None:
-    """Publish `data` at `loc` whole or not at all (replacing what is there)."""
+    """Publish `data` at `loc` whole or not at all (replacing what is there); `fsync`: durably, so that
+    a power cut after this returns cannot lose it (module doc)."""
     if loc.local:
         final = Path(loc.path)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")  # hidden from readers, one per writer
@@ -111,16 +117,43 @@ def write_bytes_atomic(loc: Location, data: bytes, fsync: bool = False) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)  # on a full disk, free what the failed write took
             raise
+        if fsync:  # the rename itself is an entry of the folder: on disk only once the folder is
+            fsync_dir(final.parent)
         return
     with loc.fs.open_output_stream(loc.path) as f:  # one PUT (or a multipart upload, completed at close)
         f.write(data)
 
 
-def make_dirs(loc: Location) -> None:
-    if loc.local:
-        os.makedirs(loc.path, exist_ok=True)
-    else:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Put a local folder's entries (files created, renamed or removed in it) on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a folder at all (as PostgreSQL found): nothing to do
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_dirs(loc: Location, durable: bool = False) -> None:
+    """Create folder `loc` and its missing parents. `durable` (a folder of durable commits): each folder
+    created is on disk in its parent when this returns, and so is `loc` when it was there already (another
+    process may have created it an instant ago, without its parent fsynced yet). Locally only: an object
+    store has no folders to lose."""
+    if not loc.local:
         loc.fs.create_dir(loc.path, recursive=True)
+        return
+    if not durable:
+        os.makedirs(loc.path, exist_ok=True)
+        return
+    missing, folder = [], os.path.abspath(loc.path)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(loc.path, exist_ok=True)
+    for created in reversed(missing or [loc.path]):
+        fsync_dir(os.path.dirname(created))
 
 
 def list_names(loc: Location, suffix: str = "") -> list[str]:
@@ -134,6 +167,65 @@ def list_names(loc: Location, suffix: str = "") -> list[str]:
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
     return sorted(i.base_name for i in infos
                   if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and not i.base_name.startswith("."))
+
+
+def move(src: Location, dst: Location) -> None:
+    """Move a file to another name on the same filesystem: a rename locally, a copy then a delete on an
+    object store (which has no rename). Raises FileNotFoundError when `src` is gone."""
+    if src.local:
+        os.makedirs(os.path.dirname(dst.path), exist_ok=True)
+        os.rename(src.path, dst.path)
+    else:
+        src.fs.copy_file(src.path, dst.path)
+        src.fs.delete_file(src.path)
+
+
+# write_bytes_atomic's temp files: ".<name>.<pid of the writer>.tmp".
+TEMP_FILE = re.compile(r"^\.(.+)\.([0-9]+)\.tmp$")
+STALE_TEMP_S = 10 * 60  # a writer holds its temp file for the time of one write: milliseconds, seconds at most
+ORPHAN_TEMP_S = 24 * 3600  # whatever its pid: a pid reused by another process must not keep a temp file forever
+
+
+def pid_gone(pid: int) -> bool:
+    """No process `pid` on this machine (one of another user counts as alive: the probe is refused)."""
+    if pid <= 0:
+        return True  # no writer has it (and os.kill(0) would signal our own process group)
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no pid can be
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_temps(folder: Location, now: float | None = None) -> list[str]:
+    """Delete the temp files of writers that died mid-write (a crash, kill -9, a power cut) from local
+    `folder`; returns their names. Conservative, since a live writer's temp file must never go: a file
+    goes when untouched for STALE_TEMP_S and its writer's pid is not running here, or when untouched for
+    ORPHAN_TEMP_S. Both ages, since a folder on a network filesystem has writers on other machines, whose
+    pids mean nothing here. An object store has no temp files (a PUT is atomic)."""
+    if not folder.local:
+        return []
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(folder.path)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = TEMP_FILE.match(name)
+        if not match:
+            continue
+        path = os.path.join(folder.path, name)
+        try:
+            age = now - os.lstat(path).st_mtime
+            if age >= ORPHAN_TEMP_S or (age >= STALE_TEMP_S and pid_gone(int(match.group(2)))):
+                os.unlink(path)
+                removed.append(name)
+        except OSError:  # gone meanwhile, or not ours to remove: left as it is
+            continue
+    return removed
 
 
 def delete(loc: Location) -> None:

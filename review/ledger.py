@@ -1,7 +1,9 @@
 """The decisions as one review server sees them, and its own decisions written to OUT/reviews/.
 
 Reading: every file in reviews/ is read once; listing the folder again (at most every REFRESH_S) picks
-up the files other servers, reviewers and imports publish, and only those are read. Per key the
+up the files other servers, reviewers and imports publish, and only those are read. A file that holds no
+decisions is set aside with a warning (kmnist_core.decisions.read_batch), never failing a page; the temp
+files of writers that died mid-write are removed when the server starts. Per key the
 standing decision is the latest in read_history's order (decided_at, then file name, then row), so the
 server shows what `report` will fold in; a withdrawn decision (label null) leaves the key undecided.
 
@@ -58,6 +60,8 @@ class Ledger:
         self.pending_lock = threading.Lock()
         self.write_lock = threading.Lock()  # one file being written at a time
         self.listed_at = float("-inf")
+        self.warned: set[str] = set()  # files that could not be read: warned about once, read again each listing
+        storage.remove_stale_temps(self.folder)
         self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> dict[int, bool]:
@@ -68,10 +72,11 @@ class Ledger:
         self.listed_at = time.monotonic()
         new = [n for n in storage.list_names(self.folder, ".parquet") if n not in self.batches]
         with ThreadPoolExecutor(2 if self.out.local else 8) as pool:
-            tables = list(pool.map(lambda n: decisions.read_file(self.folder, n), new))
+            tables = list(pool.map(lambda n: decisions.read_batch(self.folder, n, warned=self.warned), new))
         changed: dict[int, bool] = {}
         for name, table in zip(new, tables):
-            changed.update(self.absorb(name, table))
+            if table is not None:
+                changed.update(self.absorb(name, table))
         return changed
 
     def absorb(self, name: str, table: pa.Table) -> dict[int, bool]:

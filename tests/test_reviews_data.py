@@ -470,3 +470,85 @@ def test_resume_and_overwrite_keep_reviews_and_count_the_rows_predicted_again(cr
     assert len(final) == len(rows) and {f["path_bytes"] for f in final if f["review_label"]} == {r["path_bytes"] for r in flagged}
     summary = json.loads((crops_out / "summary" / "summary.json").read_text(encoding="utf-8"))
     assert summary["reviews"]["predicted_again_by_run"] == {run["run_id"]: 4}
+
+
+# ------------------------------------------------------- files of no decisions, the terminal, CSV cells
+
+
+@pytest.fixture
+def run_copy(crop_run, tmp_path) -> Path:
+    """A copy of the crop run's OUT, its report links (OUT/summary -> report/summary ...) copied as links."""
+    return Path(shutil.copytree(crop_run, tmp_path / "out", symlinks=True))
+
+
+def test_a_file_of_no_decisions_fails_neither_the_app_nor_report_nor_status_and_each_names_it(run_copy, capsys):
+    from review.queue import key_hashes
+    from review.server import Review
+
+    out = storage.resolve(run_copy)
+    low = [r for r in predictions(run_copy) if r["review_reason"] == "low_confidence"]
+    decided = low[:2]
+    decisions.append(out, decisions.decision_table(
+        [decision(r["path_bytes"], r["pred_char"], "dave", 1) for r in decided], CHARS))
+    reviews = run_copy / "reviews"
+
+    def spoil() -> None:  # a foreign file, as a sync tool or a hand might leave one
+        (reviews / "broken.parquet").write_bytes(b"not parquet")
+
+    spoil()
+    app = Review(out, "erin")  # the app's queue and ledger, without the HTTP layer
+    page = app.page("low_confidence", 0, 200)
+    assert page["left"] == len(low) - 2 and len(page["tiles"]) == len(low)
+    shown = {t["path"]: t["decision"] for t in page["tiles"]}
+    assert all(shown[r["path"]]["label"] == r["pred_char"] for r in decided)
+    assert app.ledger.decision(int(key_hashes([decided[0]["path_bytes"]])[0])).reviewer == "dave"
+    err = capsys.readouterr().err
+    assert f"warning: {reviews}/broken.parquet holds no review decisions" in err
+    assert f"moved to {reviews}/_quarantine/broken.parquet" in err
+
+    spoil()
+    result = invoke("report", run_copy)
+    assert result.exit_code == 0, result.output
+    assert f"{reviews}/broken.parquet holds no review decisions" in result.output
+    assert f"reviewed     2 of" in result.output
+    assert json.loads((run_copy / "summary" / "summary.json").read_text(encoding="utf-8"))["reviews"]["decisions"] == 2
+
+    spoil()
+    result = invoke("status", run_copy)
+    assert result.exit_code == 0, result.output
+    assert f"{reviews}/broken.parquet holds no review decisions" in result.output
+    assert (f"set aside 3 files of reviews/ holding no decisions, in {reviews}/_quarantine: broken.parquet, "
+            f"broken.parquet.1, broken.parquet.2") in result.output
+    state = json.loads(invoke("status", run_copy, "--json").stdout)
+    assert state["reviews_set_aside"] == ["broken.parquet", "broken.parquet.1", "broken.parquet.2"]
+    assert state["reviews"]["decisions"] == 2
+
+
+def test_conflicts_escape_control_characters_in_names_and_reviewers(run_copy):
+    out = storage.resolve(run_copy)
+    key = "/x/\x1b]0;owned\x07\x1b[2J\u202egnp.exe".encode()
+    decisions.append(out, decisions.decision_table([decision(key, "お", "alice\x1b[31m", 1),
+                                                    decision(key, "き", "bob", 2)], CHARS))
+    result = invoke("review", run_copy, "--conflicts")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output and "\u202e" not in result.output
+    assert ("/x/\\u001b]0;owned\\u0007\\u001b[2J\\u202egnp.exe: お (alice\\u001b[31m) / き (bob)"
+            in result.output.splitlines())
+    assert "1 keys with different labels from different reviewers" in result.output
+
+
+def test_by_folder_csv_cells_do_not_run_as_formulas_and_read_back(tmp_path):
+    """Folder names that a spreadsheet would run: "=cmd|' /C calc'!A0" (a name holds no "/": its top
+    folder is "=cmd|' "), "-1", "@SUM(A1)"; and one it would not."""
+    crops = sorted((ROOT / "examples" / "crops" / "dark-on-light").glob("*.png"))[:8]
+    folders = ["=cmd|' /C calc'!A0", "-1", "@SUM(A1)", "plain"]
+    for i, crop in enumerate(crops):
+        target = tmp_path / "in" / folders[i % len(folders)] / crop.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(crop, target)
+    run_predict([tmp_path / "in"], tmp_path / "out", PredictOptions(executor="local"))
+    with open(tmp_path / "out" / "summary" / "by_folder.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["top_folder"] for r in rows) == sorted(["'=cmd|' ", "'-1", "'@SUM(A1)", "plain"])
+    assert all(int(r["files"]) == 2 and 0 < float(r["mean_confidence"]) <= 1 for r in rows)  # numbers stay numbers
+    assert {r["input_root"] for r in rows} == {str(tmp_path / "in")}

@@ -31,6 +31,7 @@ from kmnist_core.options import option_args
 from kmnist_core.models import create_model
 from kmnist_core.ray_runtime import init_ray
 from kmnist_core.run_record import new_run_id
+from kmnist_core.safe_text import csv_frame
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 from tune.plots import write_grid_plots
 from tune.options import GridConfig
@@ -248,7 +249,7 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
     with active(progress), working_in(out.resolve()):
         results = tuner.fit()
     trials, history = collect(results, cfg)
-    trials.to_csv(out / "trials.csv", index=False)
+    csv_frame(trials).to_csv(out / "trials.csv", index=False)
     trials.to_parquet(out / "trials.parquet", index=False)
     history.to_parquet(out / "history.parquet", index=False)
     write_grid_plots(trials, history, out)
