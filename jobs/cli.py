@@ -245,6 +245,7 @@ def print_summary(summary: dict, out: str) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     speed = f"{summary['crops_per_s']:,.0f} crops/s" if summary.get("crops_per_s") else "-"
     reasons = ", ".join(f"{k} {v:,}" for k, v in summary["review_reasons"].items())
+    report = summary.get("report_dir", out)  # an object store's report lives in its generation's folder
     typer.echo("\n".join([
         f"files        {summary['files_seen']:,} rows ({summary['predicted']:,} predicted, {summary['errors']:,} errors: {errors})",
         f"skipped      {skipped}",
@@ -252,9 +253,9 @@ def print_summary(summary: dict, out: str) -> None:
         f"inverted     {summary['inverted']:,} crops were dark ink on light paper",
         f"throughput   {speed} end to end (checks, model load and Ray start-up included)",
         f"predictions  {out}/predictions",
-        f"summary      {out}/summary (plots, by_folder.csv, summary.json)",
-        f"review queue {out}/summary/review.html (and review_sheet-<reason>-<n>.png)",
-        f"final        {out}/final (one row per prediction row, the review decisions folded in)",
+        f"summary      {report}/summary (plots, by_folder.csv, summary.json)",
+        f"review queue {report}/summary/review.html (and review_sheet-<reason>-<n>.png)",
+        f"final        {report}/final (one row per prediction row, the review decisions folded in)",
     ]))
     reviews = summary.get("reviews") or {}
     if reviews.get("decisions"):
@@ -262,7 +263,7 @@ def print_summary(summary: dict, out: str) -> None:
 
         typer.echo("\n".join(f"{label:<12} {text}" for label, text in review_lines(reviews)))
     if summary.get("pages"):
-        print_pages(summary["pages"], out)
+        print_pages(summary["pages"], report)
 
 
 def print_pages(pages: dict, out: str) -> None:
@@ -279,7 +280,7 @@ def print_pages(pages: dict, out: str) -> None:
     review = [p for p in pages["most_review"] if p["n_left"]][:5]
     if review:
         lines.append("review first " + ", ".join(
-            f"{terminal(os.path.basename(p['page']))} ({p['n_left']}/{p['n_boxes']})" for p in review))
+            f"{terminal(p['page_id'])} ({p['n_left']}/{p['n_boxes']})" for p in review))
     typer.echo("\n".join(lines))
 
 
@@ -385,18 +386,14 @@ def predict(
 @app.command()
 @user_errors
 def report(out: str = typer.Argument(..., help="a predict output folder or object-store prefix")):
-    """Regenerate OUT/summary/ (plots, by_folder.csv, summary.json), OUT/final/ (the review decisions in
-    OUT/reviews/ folded into the rows) and the page outputs from the Parquet output."""
-    from batch_infer.report import write_report
+    """Rebuild OUT/summary/ (plots, by_folder.csv, summary.json), OUT/final/ (the review decisions in
+    OUT/reviews/ folded into the rows) and the page outputs (with the exports the run asked for) from the
+    Parquet output, and publish them as one set: readers see the old report or the new one, never half."""
+    from batch_infer.report import write_report_set
     from kmnist_core.storage import resolve
 
-    from batch_infer.pages_out import ALTO_DIR, write_pages
-    from kmnist_core.storage import exists
-
     location = resolve(out)
-    summary = write_report(location)
-    summary["pages"] = write_pages(location, ("alto",) if exists(location.join(ALTO_DIR)) else ())
-    print_summary(summary, location.uri)
+    print_summary(write_report_set(location), location.uri)
 
 
 @app.command()
