@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from batch_infer import output
 from batch_infer.final import HISTORY_COLUMNS, review_lines
 from batch_infer.progress import head_text
+from batch_infer import report_set
 from batch_infer.report import SUMMARY_DIR
 from kmnist_core import decisions, storage
 from kmnist_core.card import ModelCard
@@ -113,7 +114,8 @@ def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
     if card is not None:
         decided = decided.filter(pc.fill_null(pc.equal(decided["model_id"], card.model_id), False))
     reviewed = output.value_counts(pc.fill_null(decided["review_reason"], ""))  # "": auto-accepted rows
-    flagged = (read_json(out.join(SUMMARY_DIR), "summary.json") or {}).get("review_reasons") if ended else None
+    report = report_set.current(out) if ended else None  # the published report, on a file system or an object store
+    flagged = (read_json(report.join(SUMMARY_DIR), "summary.json") or {}).get("review_reasons") if report else None
     return {"decisions": history.num_rows, "reviewers": output.value_counts(decided["reviewer"]),
             "by_reason": {r: {"flagged": flagged.get(r, 0) if flagged else None, "reviewed": reviewed.get(r, 0),
                               "left": max(0, flagged.get(r, 0) - reviewed.get(r, 0)) if flagged else None}
