@@ -48,6 +48,7 @@ from batch_infer.schema import SCHEMA
 from kmnist_core import storage
 from kmnist_core.decisions import NOT_A_CHARACTER, UNREADABLE
 from kmnist_core.files import json_text
+from kmnist_core.safe_text import csv_cell
 from kmnist_core.storage import Location
 
 PAGES_FILE = "pages.parquet"
@@ -157,7 +158,7 @@ def kaggle_csv(rows: pd.DataFrame, ids: dict[str, str]) -> str:
         codepoints = g["pred_codepoint"].where(g["review_label"].isna(), chars.map(codepoint))
         labels = " ".join(f"{c} {x + w // 2} {y + h // 2}" for c, x, y, w, h in
                           zip(codepoints, g["box_x"], g["box_y"], g["box_w"], g["box_h"]))
-        writer.writerow([ids[page], labels])
+        writer.writerow([csv_cell(ids[page]), labels])  # an id is text from the archive: no formula
     return buf.getvalue()
 
 

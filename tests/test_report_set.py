@@ -117,6 +117,14 @@ def test_a_kaggle_csv_cell_with_a_comma_is_quoted(tmp_path):
     assert rows[0] == ["image_id", "labels"] and rows[1][0] == "page,1" and len(rows) == 2
 
 
+def test_a_kaggle_id_a_spreadsheet_would_run_is_neutralised(tmp_path):
+    shutil.copy(EXAMPLES / "page-1.png", tmp_path / "=1+2.png")
+    (tmp_path / "m.csv").write_text("path,x,y,width,height\n=1+2.png,24,176,42,42\n", encoding="utf-8")
+    run_predict([], tmp_path / "out", PredictOptions(manifest=str(tmp_path / "m.csv"), executor="local"))
+    with open(tmp_path / "out" / "pages_kaggle.csv", newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f))[1][0] == "'=1+2"
+
+
 # ------------------------------------------------------------------------------------- whole or absent
 
 
