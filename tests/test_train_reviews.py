@@ -96,14 +96,17 @@ def archive(tmp_path_factory, kmnist_dev):
     as_archive_scan(d.test.images[999], rng).save(changed)
 
     labels = [s["label"] for s in settle]
+    # Blank: the blank file, and any drawn negative predict too found blank (decided, yet no crop to learn from).
+    blanks = sum(s.get("review_reason") == "blank" for s in settle)
+    assert blanks >= 1  # blank.png
     expected = {
         "labels": {"character": sum(l in chars for l in labels) + 1,
                    decisions.NOT_A_CHARACTER: labels.count(decisions.NOT_A_CHARACTER),
                    decisions.UNREADABLE: labels.count(decisions.UNREADABLE)},
         "left_out": {decisions.UNREADABLE: 2, "no_prediction_row": 1, "changed_since_predict": 1, "undecodable": 0,
-                     "blank": 1},
+                     "blank": blanks},
         "used": {"characters": sum(l in chars for l in labels) - 1,
-                 "negatives": labels.count(decisions.NOT_A_CHARACTER) - 1},
+                 "negatives": labels.count(decisions.NOT_A_CHARACTER) - blanks},
         "run_ids": sorted({row["run_id"] for row in rows}),
     }
     return {"out": out, "truth": truth, "expected": expected, "changed": changed, "tmp": tmp}
