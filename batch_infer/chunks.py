@@ -22,9 +22,8 @@ import pyarrow as pa
 
 from batch_infer.discover import ListedFile
 from batch_infer.paths import name_text
+from batch_infer.schema import LISTING_SCHEMA
 
-LISTING_SCHEMA = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()), ("rel_path", pa.string()),
-                            ("input_root", pa.string())])
 
 
 @dataclass(frozen=True)

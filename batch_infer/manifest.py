@@ -42,7 +42,7 @@ import pyarrow.fs as pafs
 from batch_infer.chunks import boundary_hash
 from batch_infer.discover import ListedFile, order_key
 from batch_infer.page_ids import page_ids
-from batch_infer.schema import SCHEMA
+from batch_infer.schema import SCHEMA, box_key
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.pages import reading_order
@@ -58,12 +58,11 @@ PAGE_COLUMNS = pa.schema([
     pa.field("column_index", pa.int32()),  # column, 0 = rightmost
 ])
 PAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # tried in this order for Kaggle
-BASE_COLUMNS = ("path", "path_bytes", "rel_path", "input_root")
 
 
 @dataclass(frozen=True)
 class Manifest:
-    rows: pa.Table  # the listing: BASE_COLUMNS, PAGE_COLUMNS when boxes, then the pass-through columns
+    rows: pa.Table  # the listing: schema.KEY_COLUMNS, PAGE_COLUMNS when boxes, then the pass-through columns
     boxes: bool
     passthrough: list[str]
     source: str  # the manifest's URI or absolute path
@@ -135,10 +134,6 @@ def parse_kaggle(table: pa.Table, folder: str, pages_dir: str | None) -> pa.Tabl
             for k, v in zip(cols, (where.rstrip("/") + "/" + name, x, y, w, h, str(image_id), char)):
                 cols[k].append(v)
     return pa.table({k: pa.array(v, pa.int32() if k in BOX_INPUT else pa.string()) for k, v in cols.items()})
-
-
-def box_key(page: str, x, y, w, h) -> str:
-    return f"{page}#xywh={x},{y},{w},{h}"
 
 
 def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:

@@ -30,7 +30,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch_infer.schema import SCHEMA, SCHEMA_VERSION
+from batch_infer.schema import FOOTER_CHUNK, FOOTER_MODEL_CARD, FOOTER_RUN, FOOTER_SCHEMA_VERSION, SCHEMA, SCHEMA_VERSION
 from kmnist_core import storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
@@ -40,7 +40,7 @@ from kmnist_core.storage import Location
 PREDICTIONS_DIR = "predictions"
 STAGING_DIR = "_staging"
 RUN_RECORD = "_run-{run_id}.json"
-CHUNK_KEY = b"kmnist_batch.chunk"
+CHUNK_KEY = FOOTER_CHUNK
 
 
 def predictions_dir(out: Location) -> Location:
@@ -103,15 +103,15 @@ def run_metadata(metas: dict[str, dict[bytes, bytes]]) -> tuple[list[dict], Mode
     """Each distinct run (oldest first) and the latest model card, from shard footers."""
     runs, card = {}, None
     for meta in metas.values():
-        if b"kmnist_batch.run" in meta:
-            run = json.loads(meta[b"kmnist_batch.run"])
+        if FOOTER_RUN in meta:
+            run = json.loads(meta[FOOTER_RUN])
             runs[run["run_id"]] = run
-            card = json.loads(meta[b"kmnist_batch.model_card"]) or None
+            card = json.loads(meta[FOOTER_MODEL_CARD]) or None
     return sorted(runs.values(), key=lambda r: r["run_id"]), ModelCard.from_json(card, "a shard's model card") if card else None
 
 
 def schema_versions(metas: dict[str, dict[bytes, bytes]]) -> set[str]:
-    return {meta.get(b"kmnist_batch.schema_version", b"?").decode() for meta in metas.values()}
+    return {meta.get(FOOTER_SCHEMA_VERSION, b"?").decode() for meta in metas.values()}
 
 
 def refuse_other_schema(out: Location, metas: dict[str, dict[bytes, bytes]], doing: str) -> None:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from batch_infer import output, report_set
 from batch_infer.final import HISTORY_COLUMNS, write_final
 from batch_infer.review_sheet import SHEET_LIMIT, sheet_order, write_review_sheet
+from batch_infer.schema import KEY_COLUMNS
 from kmnist_core.run_record import read_run
 from kmnist_core import decisions, storage
 from kmnist_core.errors import KmnistError
@@ -35,7 +36,7 @@ from kmnist_core.storage import Location
 
 SUMMARY_DIR = "summary"
 BINS = np.linspace(0, 1, 41)
-COLUMNS = ["path", "path_bytes", "rel_path", "input_root", "pred_char", "confidence", "needs_review", "review_reason",
+COLUMNS = [*KEY_COLUMNS, "pred_char", "confidence", "needs_review", "review_reason",
            "error_kind", "inverted", "model_id", "ood_score", "topk_chars", "topk_confidences",
            "ink_x", "ink_y", "ink_w", "ink_h"]
 FOLDER_SUMS = ["files", "errors", "needs_review", *(f"review_{r}" for r in REVIEW_REASONS), "confidence_sum", "predicted"]

@@ -13,18 +13,17 @@ import base64
 import functools
 import html
 import io
-import re
 from pathlib import Path
 
 import matplotlib_fontja
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from batch_infer.schema import parse_box_key
 from kmnist_core import storage
 from kmnist_core.review import REVIEW_REASONS
 
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"  # IPAexGothic: has the kana
-BOX_KEY = re.compile(rb"^(.*)#xywh=(\d+),(\d+),(\d+),(\d+)$", re.DOTALL)
 SHEET_LIMIT = 120  # crops per reason on the sheet
 PAGE = 30  # crops per PNG page (5 rows of 6)
 THUMB = 96  # px, longer side of a crop as shown
@@ -60,16 +59,13 @@ def thumbnail(row: pd.Series, size: int = THUMB) -> Image.Image:
     placeholder = Image.new("RGB", (size // 2, size // 2), (235, 235, 235))
     if row["review_reason"] == "error":
         return placeholder
-    key = row["path_bytes"]
-    box = BOX_KEY.match(key)  # a box on a page (batch_infer/manifest.py): the page, cut to the box
-    if box:
-        key = box[1]
-    img = open_as_shown(key)
+    box = parse_box_key(row["path_bytes"])  # a box on a page (batch_infer/manifest.py): the page, cut to the box
+    img = open_as_shown(box[0] if box else row["path_bytes"])
     if img is None:
         return placeholder
     left = top = 0
     if box:
-        left, top, w, h = (int(v) for v in box.groups()[1:])
+        left, top, w, h = box[1]
         img = img.crop((left, top, left + w, top + h))
     scale = size / max(img.size)
     if scale < 1:

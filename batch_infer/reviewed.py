@@ -22,14 +22,13 @@ import pyarrow.parquet as pq
 from batch_infer import output
 from batch_infer.box_stage import decode_box_batch, page_batches
 from batch_infer.options import PredictOptions
-from batch_infer.schema import SCHEMA
+from batch_infer.schema import KEY_COLUMNS, SCHEMA
 from batch_infer.stages import DECODED_SCHEMA, decode_batch, pixel_array
 from kmnist_core import decisions, storage
 from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
 from kmnist_core.reviewed import MIN_REVIEWED, ReviewedCrops, combine
 
-LISTING_KEYS = ("path", "path_bytes", "rel_path", "input_root")  # a listing's own columns (batch_infer/chunks.py)
 ROW_FACTS = ("sha256", "run_id", "model_id")  # of the prediction row: the bytes the reviewer saw, and who made it
 DECODE_BATCH = 1024  # rows read at a time: bounds the file bytes held at once, as predict's --batch-size does
 
@@ -42,7 +41,7 @@ def reviewed_rows(out: storage.Location, keys: pa.Array) -> pa.Table:
     for name in output.shard_names(out):
         loc = folder.join(name)
         manifest_columns = [n for n in pq.read_schema(loc.path, filesystem=loc.fs).names if n not in SCHEMA.names]
-        shard = output.read_shard(folder, name, [*LISTING_KEYS, *ROW_FACTS, *manifest_columns])
+        shard = output.read_shard(folder, name, [*KEY_COLUMNS, *ROW_FACTS, *manifest_columns])
         parts.append(shard.filter(pc.is_in(shard["path_bytes"], value_set=keys)))
     return pa.concat_tables(parts, promote_options="permissive").sort_by("path_bytes")
 

@@ -1,6 +1,14 @@
-"""The Parquet output schema: a contract with downstream pipelines. Bump SCHEMA_VERSION on any change."""
+"""The Parquet output schema: a contract with downstream pipelines. Bump SCHEMA_VERSION on any change.
+
+The one place for the schema's facts: the columns (SCHEMA), a row's key columns (KEY_COLUMNS, the listing a
+worker reads: LISTING_SCHEMA), the keys of every shard's footer (FOOTER_*, `footer`), and the key of a box
+on a page (`box_key`, `parse_box_key`).
+"""
 
 from __future__ import annotations
+
+import json
+import re
 
 import pyarrow as pa
 
@@ -42,3 +50,36 @@ SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("node_id", pa.string()),  # Ray node that ran the model
 ])
+
+# Where a row's crop was found; `path_bytes`, the exact name, is the row's key. A listing (what a worker
+# reads: batch_infer/chunks.py, manifest.py) is these columns, then a manifest's own.
+KEY_COLUMNS = ("path", "path_bytes", "rel_path", "input_root")
+LISTING_SCHEMA = pa.schema([(name, SCHEMA.field(name).type) for name in KEY_COLUMNS])
+
+# Every shard's footer (Parquet key-value metadata): the schema version, the run that wrote it (run.json's
+# fields as the run began, its decision policy included), the model card, and the chunk it holds.
+FOOTER_SCHEMA_VERSION = b"kmnist_batch.schema_version"
+FOOTER_RUN = b"kmnist_batch.run"
+FOOTER_MODEL_CARD = b"kmnist_batch.model_card"
+FOOTER_CHUNK = b"kmnist_batch.chunk"  # predict's shards only (batch_infer/output.py chunk_meta)
+
+
+def footer(run: dict, card: dict) -> dict[bytes, bytes]:
+    """The footer of the shards of one run (FOOTER_CHUNK is added per shard)."""
+    return {FOOTER_SCHEMA_VERSION: SCHEMA_VERSION.encode(), FOOTER_RUN: json.dumps(run, ensure_ascii=False).encode(),
+            FOOTER_MODEL_CARD: json.dumps(card, ensure_ascii=False).encode()}
+
+
+# A box on a page (a manifest of boxes, batch_infer/manifest.py): its key is the page's path plus a W3C
+# media fragment, `page.png#xywh=X,Y,W,H`.
+BOX_KEY = re.compile(rb"^(.*)#xywh=(\d+),(\d+),(\d+),(\d+)$", re.DOTALL)
+
+
+def box_key(page: str, x, y, w, h) -> str:
+    return f"{page}#xywh={x},{y},{w},{h}"
+
+
+def parse_box_key(key: bytes) -> tuple[bytes, tuple[int, int, int, int]] | None:
+    """A box row's page key and box (x, y, width, height); None for a key that is not a box on a page."""
+    box = BOX_KEY.match(key)
+    return (box[1], tuple(int(v) for v in box.groups()[1:])) if box else None  # type: ignore[return-value]

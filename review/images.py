@@ -7,7 +7,8 @@ import io
 
 from PIL import Image, ImageDraw
 
-from batch_infer.review_sheet import BOX_KEY, open_as_shown, thumbnail
+from batch_infer.review_sheet import open_as_shown, thumbnail
+from batch_infer.schema import BOX_KEY
 
 CROP_PX = 160  # longer side of a tile's crop
 PAGE_PX = 1400  # longer side of a page as shown
