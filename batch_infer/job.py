@@ -10,7 +10,6 @@ starting Ray (batch_infer/dispatch.py), so their output is the same.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 import threading
@@ -31,7 +30,7 @@ from batch_infer.options import PredictOptions
 from batch_infer.plan import Plan
 from batch_infer.progress import RunProgress
 from batch_infer.report import write_report_set
-from batch_infer.schema import SCHEMA_VERSION
+from batch_infer.schema import SCHEMA_VERSION, footer
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, storage
 from kmnist_core.card import ModelCard
@@ -39,7 +38,8 @@ from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.options import option_args
 from kmnist_core.run_record import end_run, new_run_id, write_run
 from kmnist_core.model_dir import build_predictor, load_bundle
-from kmnist_core.precision import ModelBundle, Precision
+from kmnist_core.policy import DecisionPolicy
+from kmnist_core.precision import ModelBundle
 from kmnist_core.storage import Location
 
 # Up to this many files, a job with no Ray cluster to join runs in this process: starting Ray and its
@@ -191,9 +191,8 @@ class Checked:
     out: Location
     opts: PredictOptions
     manifest: Manifest | None
-    bundle: ModelBundle  # its precision is what this CPU runs (the int8 probe ran here)
-    review_below: float  # the run's: --review-below, or the model's at its precision
-    ood_threshold: float | None
+    bundle: ModelBundle  # the model every worker loads
+    policy: DecisionPolicy  # what every row is decided with: decided here (the int8 probe ran on this CPU)
     started: float  # perf_counter() when the run began
 
 
@@ -236,13 +235,10 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PredictOptions) -> 
         check_inputs(inputs)
     check_out(out_loc)
     bundle = load_bundle(opts.model, opts.precision, "cuda" if opts.gpus_per_worker > 0 else "cpu")
-    # Fail here, before OUT or Ray, on a bad model; int8 brings its own calibration (refitted on its logits).
-    check = build_predictor(bundle, device="cpu")
-    if check.precision != bundle.precision.used:  # the int8 twin failed its probe on this CPU: the run is fp32
-        bundle = replace(bundle, twin=None, precision=Precision(bundle.precision.requested, "fp32", check.precision_note))
-    review_below = opts.review_below if opts.review_below is not None else check.review_below
-    ood_threshold = opts.ood_threshold if opts.ood_threshold is not None else check.ood_threshold
-    return Checked(inputs, out_loc, opts, manifest, bundle, review_below, ood_threshold, started)
+    # Fail here, before OUT or Ray, on a bad model; and decide the run's policy once, on this CPU.
+    policy = build_predictor(bundle, device="cpu", review_below=opts.review_below,
+                             ood_threshold=opts.ood_threshold).policy
+    return Checked(inputs, out_loc, opts, manifest, bundle, policy, started)
 
 
 def resumed_options(opts: PredictOptions, metas: dict) -> PredictOptions:
@@ -261,24 +257,18 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
     output.recover(out)
     metas = output.footers(out)
     replacing = opts.overwrite and bool(metas or storage.exists(output.predictions_dir(out)))
-    previous = previous_chunks(out, metas, opts, card.model_id, checked.bundle.precision.used)
+    previous = previous_chunks(out, metas, opts, card.model_id, checked.policy.used)
     if previous:
         opts = resumed_options(opts, metas)
     if not replacing:
         storage.make_dirs(output.predictions_dir(out))
-    meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card.model_id,
-            "precision": checked.bundle.precision.used, "precision_note": checked.bundle.precision.note,
+    meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card.model_id, **checked.policy.record(),
             "inputs": [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i))
                        for i in checked.inputs],
-            "out": out.uri, "options": asdict(opts), "resume_args": option_args(opts), "review_below": checked.review_below,
-            "ood_threshold": checked.ood_threshold, "took_over_lock_from": killed_holder,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    job = JobSpec(out=out.uri, run_id=run_id, review_below=opts.review_below, ood_threshold=opts.ood_threshold,
-                  read_retries=opts.read_retries,
-                  retry_backoff_s=opts.retry_backoff_s, batch_size=opts.batch_size, metadata={
-                      "kmnist_batch.schema_version": SCHEMA_VERSION,
-                      "kmnist_batch.run": json.dumps(meta, ensure_ascii=False),
-                      "kmnist_batch.model_card": json.dumps(card.raw, ensure_ascii=False)})
+            "out": out.uri, "options": asdict(opts), "resume_args": option_args(opts),
+            "took_over_lock_from": killed_holder, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    job = JobSpec(out=out.uri, run_id=run_id, policy=checked.policy, read_retries=opts.read_retries,
+                  retry_backoff_s=opts.retry_backoff_s, batch_size=opts.batch_size, metadata=footer(meta, card.raw))
     return Run(checked, opts, meta, job, Plan(out, previous, opts.retry_errors), previous, metas, replacing,
                Tally(on_chunk, progress.chunk_done if progress else None), Counter(), old_output_kept=replacing)
 

@@ -34,11 +34,12 @@ from batch_infer import output
 from batch_infer.dispatch import pool_size
 from batch_infer.options import PredictOptions
 from batch_infer.paths import name_text
-from batch_infer.schema import SCHEMA, SCHEMA_VERSION
+from batch_infer.schema import FOOTER_RUN, KEY_COLUMNS, SCHEMA, SCHEMA_VERSION, footer
 from batch_infer.stages import DECODED_SCHEMA, RowBuilder, decode_batch, decode_files, decoded_fields, decoded_table
 from batch_infer.worker import counts
 from kmnist_core import out_lock, storage
 from kmnist_core.errors import KmnistError
+from kmnist_core.policy import DecisionPolicy, PolicyDisagrees
 from kmnist_core.precision import ModelBundle
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, prepare_image
 from kmnist_core.run_record import new_run_id
@@ -47,11 +48,9 @@ if TYPE_CHECKING:
     import ray
     import ray.data
 
-KEYS = ("path", "path_bytes", "rel_path", "input_root")
 SOURCES = ("bytes", "image")  # where a row's crop is, in this order of preference; else its `path` is read
 # Names an input column cannot have: they are the output's own (or the decoded stage's).
 RESERVED = frozenset(SCHEMA.names) | frozenset(DECODED_SCHEMA.names)
-RUN_KEY = b"kmnist_batch.run"
 # The options of `predict` that mean something for a Dataset (PredictOptions: same defaults and checks).
 DATASET_OPTIONS = ("precision", "batch_size", "workers", "cpus_per_worker", "gpus_per_worker", "review_below",
                    "ood_threshold")
@@ -95,7 +94,7 @@ def listing(batch: pa.Table, source: str) -> pa.Table:
                           f"rename them first (ds.rename_columns)")
     columns = {name: pa.array(values, DECODED_SCHEMA.field(name).type) for name, values in key_columns(batch).items()}
     columns.update({f.name: batch.column(f.name) for f in passed})
-    return pa.Table.from_pydict(columns, schema=pa.schema([*(DECODED_SCHEMA.field(k) for k in KEYS), *passed]))
+    return pa.Table.from_pydict(columns, schema=pa.schema([*(DECODED_SCHEMA.field(k) for k in KEY_COLUMNS), *passed]))
 
 
 def encoded_bytes(column: pa.ChunkedArray) -> list[bytes] | None:
@@ -156,14 +155,10 @@ def decode(batch: pa.Table, input_size: int) -> pa.Table:
 
 def footer_metadata(rows: RowBuilder) -> dict[bytes, bytes]:
     """What every table CropPredictor returns carries in its schema metadata, and write_predictions puts in
-    each shard's footer: the CLI's kmnist_batch.* keys, for this actor's model and precision."""
-    model = rows.model
-    run = {"run_id": rows.run_id, "schema_version": SCHEMA_VERSION, "model_id": model.model_id,
-           "precision": model.precision, "precision_note": model.precision_note, "review_below": rows.review_below,
-           "ood_threshold": model.ood_threshold, "executor": "ray-data"}
-    return {b"kmnist_batch.schema_version": SCHEMA_VERSION.encode(),
-            RUN_KEY: json.dumps(run, ensure_ascii=False).encode(),
-            b"kmnist_batch.model_card": json.dumps(model.card.raw, ensure_ascii=False).encode()}
+    each shard's footer: the CLI's footer (batch_infer/schema.py), with the policy its rows were decided by."""
+    run = {"run_id": rows.run_id, "schema_version": SCHEMA_VERSION, "model_id": rows.model.model_id,
+           **rows.policy.record(), "executor": "ray-data"}
+    return footer(run, rows.model.card.raw)
 
 
 class CropPredictor:
@@ -172,15 +167,18 @@ class CropPredictor:
 
     `model`: a ModelBundle, or an ObjectRef of one (how predict_dataset sends it: through the object store,
     so actors need no access to the model directory), or a model directory / "default" loaded in each
-    actor at `precision` on `device` ("cuda" with num_gpus). The int8 twin's probe runs on each actor's CPU,
-    as in predict's workers; rows name the precision they ran at. `batch_size`: crops per model call;
+    actor at `precision` on `device` ("cuda" with num_gpus). `batch_size`: crops per model call;
     `threads`: torch and ONNX Runtime threads (0: Ray's default for the actor, OMP_NUM_THREADS);
-    `review_below`, `ood_threshold`: None for the model's own thresholds; `run_id`: the rows' run_id (None: one per actor).
+    `review_below`, `ood_threshold`: None for the model's own thresholds; `run_id`: the rows' run_id (None:
+    one per actor). `policy`: the decision policy of the pipeline's driver (predict_dataset's), which the
+    actor follows, or refuses, failing each batch, where its CPU fails the int8 probe the driver's passed;
+    without one, each actor decides its own (its probe, the thresholds given). The footer records the
+    policy the rows were decided by.
     """
 
     def __init__(self, model: str | os.PathLike | ModelBundle | ray.ObjectRef = "default", *, precision: str = "auto",
                  device: str = "cpu", batch_size: int = 1024, threads: int = 0, review_below: float | None = None,
-                 ood_threshold: float | None = None, run_id: str | None = None):
+                 ood_threshold: float | None = None, run_id: str | None = None, policy: DecisionPolicy | None = None):
         import ray
         import torch
 
@@ -192,13 +190,21 @@ class CropPredictor:
         if threads:
             torch.set_num_threads(threads)
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        self.rows = RowBuilder(build_predictor(bundle, threads=threads or None), run_id or new_run_id(),
-                               review_below, node_id, ood_threshold=ood_threshold)
         self.input_size = bundle.card.input_size
         self.batch_size = batch_size
+        self.refusal: PolicyDisagrees | None = None
+        try:
+            predictor = build_predictor(bundle, threads=threads or None, policy=policy, review_below=review_below,
+                                        ood_threshold=ood_threshold)
+        except PolicyDisagrees as e:
+            self.refusal = e
+            return
+        self.rows = RowBuilder(predictor, run_id or new_run_id(), node_id)
         self.metadata = footer_metadata(self.rows)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.refusal is not None:
+            raise self.refusal
         if not isinstance(batch, pa.Table):
             raise TypeError(f"CropPredictor takes pyarrow batches: map_batches(..., batch_format=\"pyarrow\"), "
                             f"got {type(batch).__name__}")
@@ -241,14 +247,14 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | os.PathLike = "default"
 
     device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
     bundle = load_bundle(opts.model, opts.precision, device)
-    build_predictor(bundle, device="cpu")
+    # The pipeline's policy, decided once here (as predict's driver does) and followed by every actor.
+    policy = build_predictor(bundle, device="cpu", review_below=opts.review_below, ood_threshold=opts.ood_threshold).policy
     workers, cpus = actor_pool(ray, opts)
     threads = max(1, int(opts.cpus_per_worker)) if device == "cpu" else 1  # as predict's workers
     return ds.map_batches(
         CropPredictor, batch_size=opts.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"model": ray.put(bundle), "batch_size": opts.batch_size, "threads": threads,
-                               "review_below": opts.review_below, "ood_threshold": opts.ood_threshold,
-                               "run_id": new_run_id()},
+                               "policy": policy, "run_id": new_run_id()},
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus, num_gpus=opts.gpus_per_worker or None)
 
 
@@ -265,7 +271,7 @@ def write_shard(batch: pa.Table, folder: str) -> pa.Table:
     """Commit one batch of CropPredictor's rows as a Parquet shard (whole or not at all, batch_infer/output.py);
     returns its name and counts."""
     meta = batch.schema.metadata or {}
-    if RUN_KEY not in meta:
+    if FOOTER_RUN not in meta:
         raise KmnistError("write_predictions writes CropPredictor's rows; this batch does not carry their "
                           f"kmnist_batch footer (columns: {', '.join(batch.column_names)})")
     stats = {"shard": [], "rows": [], "counts": []}

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from batch_infer.schema import SCHEMA
+from batch_infer.schema import KEY_COLUMNS, SCHEMA
 from kmnist_core import storage
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, decode_many
 from kmnist_core.review import review_reasons
@@ -115,7 +115,7 @@ def decoded_table(batch: pa.Table, results: list[tuple]) -> pa.Table:
     """The listing's key columns, each row's DECODED_FIELDS, then the listing's other columns (a
     manifest's page and pass-through columns, batch_infer/manifest.py) unchanged."""
     columns = {name: batch.column(name).cast(DECODED_SCHEMA.field(name).type)
-               for name in ("path", "path_bytes", "rel_path", "input_root")}
+               for name in KEY_COLUMNS}
     for name, values in zip(DECODED_FIELDS, zip(*results) if results else [[]] * len(DECODED_FIELDS)):
         columns[name] = pa.array(values, type=DECODED_SCHEMA.field(name).type)
     extra = [f for f in batch.schema if f.name not in columns]
@@ -135,15 +135,13 @@ def pixel_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
 
 
 class RowBuilder:
-    """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table)."""
+    """Holds one loaded model; turns decoded batches into finished output rows (an Arrow table), decided
+    under the model's policy (kmnist_core/policy.py) and nothing else."""
 
-    def __init__(self, model, run_id: str, review_below: float | None, node_id: str | None, topk: int = 3,
-                 ood_threshold: float | None = None):
+    def __init__(self, model, run_id: str, node_id: str | None, topk: int = 3):
         self.model = model
+        self.policy = model.policy
         self.run_id = run_id
-        # None: the model's own threshold for the precision it runs at (int8 and fp32 each have theirs).
-        self.review_below = model.review_below if review_below is None else review_below
-        self.ood_threshold = ood_threshold  # None: the model's own (its `unknown`)
         self.topk = min(topk, len(self.model.classes))
         self.node_id = node_id
         self.chars = np.array(self.model.classes.chars, dtype=object)
@@ -160,22 +158,20 @@ class RowBuilder:
         unknown = np.zeros(n, bool)
         fp32_rows = np.full(n, self.model.precision == "fp32")
         if ok.any():  # blank rows' pixels are background; run with the rest so the buffer stays one array
-            a = self.model.assess(pixel_array(batch.column("pixels"), size), review_below=self.review_below,
-                                  ood_threshold=self.ood_threshold)
+            a = self.model.assess(pixel_array(batch.column("pixels"), size))
             probs[ok], ood[ok], unknown[ok], fp32_rows[ok] = a.probabilities, a.ood_score, a.unknown, a.fp32_rows
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
         top_p = np.take_along_axis(probs, top, axis=1)
         confidence = np.where(predicted, top_p[:, 0], np.nan)
         margin = top_p[:, 0] - (top_p[:, 1] if self.topk > 1 else 0)
-        reasons = review_reasons(~ok, blank, unknown & predicted, confidence, self.review_below)
+        reasons = review_reasons(~ok, blank, unknown & predicted, confidence, self.policy.review_below)
         null_unless_predicted = lambda values, type_: pa.array(values, type=type_, mask=~predicted)  # noqa: E731
         # Lists built from flat arrays and offsets: no Python object per row.
         offsets = pa.array(np.arange(0, (n + 1) * self.topk, self.topk, dtype=np.int32))
         list_column = lambda values, type_: pa.ListArray.from_arrays(  # noqa: E731
             offsets, pa.array(values.ravel(), type=type_), mask=pa.array(~predicted))
-        columns = {name: batch.column(name) for name in ("path", "path_bytes", "rel_path", "input_root", "sha256",
-                                                         "size_bytes", "width", "height", "inverted",
-                                                         "ink_x", "ink_y", "ink_w", "ink_h")}
+        columns = {name: batch.column(name) for name in (*KEY_COLUMNS, "sha256", "size_bytes", "width", "height",
+                                                         "inverted", "ink_x", "ink_y", "ink_w", "ink_h")}
         columns.update({
             "pred_index": null_unless_predicted(top[:, 0].astype(np.int32), pa.int32()),
             "pred_char": null_unless_predicted(self.chars[top[:, 0]], pa.string()),

@@ -15,9 +15,10 @@ import pyarrow.compute as pc
 
 from batch_infer import output
 from batch_infer.box_stage import decode_box_batch, page_batches
-from batch_infer.schema import SCHEMA
+from batch_infer.schema import KEY_COLUMNS, SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
 from kmnist_core import storage
+from kmnist_core.policy import DecisionPolicy, PolicyDisagrees
 from kmnist_core.precision import ModelBundle
 from kmnist_core.review import REVIEW_REASONS
 
@@ -28,12 +29,11 @@ class JobSpec:
 
     out: str  # OUT, a local path or a URI
     run_id: str
-    review_below: float | None  # --review-below; None: each worker's model's own (it depends on its precision)
-    ood_threshold: float | None  # --ood-threshold; None: likewise
+    policy: DecisionPolicy  # the driver's: precision and thresholds every worker decides with (or refuses)
     read_retries: int
     retry_backoff_s: float
     batch_size: int
-    metadata: dict  # footer key-values every shard carries (schema version, run, model card)
+    metadata: dict[bytes, bytes]  # the footer every shard carries (batch_infer/schema.py footer)
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ def counts(table: pa.Table) -> dict:
 
 
 class ChunkWorker:
+    """Predicts and commits chunks under the driver's policy. A worker that cannot follow it (its CPU fails
+    the int8 probe the driver's passed) fails every chunk it is given, loudly, rather than deciding its
+    rows under other thresholds than the run records."""
+
     def __init__(self, bundle: ModelBundle, job: JobSpec, threads: int = 0, node_id: str | None = None):
         import torch
 
@@ -64,9 +68,11 @@ class ChunkWorker:
             torch.set_num_threads(threads)
         self.job = job
         self.input_size = bundle.card.input_size
-        model = build_predictor(bundle, threads=threads or None)
-        self.rows = RowBuilder(model, job.run_id, job.review_below, node_id, ood_threshold=job.ood_threshold)
-        self.metadata = {k.encode(): v.encode() for k, v in job.metadata.items()}
+        self.refusal: PolicyDisagrees | None = None
+        try:
+            self.rows = RowBuilder(build_predictor(bundle, threads=threads or None, policy=job.policy), job.run_id, node_id)
+        except PolicyDisagrees as e:
+            self.refusal = e
         self.out = storage.resolve(job.out)
 
     def predict(self, listing: pa.Table) -> pa.Table:
@@ -84,6 +90,8 @@ class ChunkWorker:
 
     def run(self, task: ChunkTask) -> dict:
         """Predict and commit one chunk; returns its counts."""
+        if self.refusal is not None:
+            raise PolicyDisagrees(f"chunk {task.chunk_id}: {self.refusal}")
         started = time.perf_counter()
         folder = storage.resolve(task.folder) if task.folder else output.predictions_dir(self.out)
         name = output.shard_name(task.chunk_id)
@@ -94,13 +102,12 @@ class ChunkWorker:
             redo = pc.fill_null(redo, False)
             again = old.filter(redo)
             # The listing columns: the keys plus any a manifest carried (page, box, pass-through), kept as written.
-            listing = [c for c in again.column_names if c in ("path", "path_bytes", "rel_path", "input_root")
-                       or c not in SCHEMA.names]
+            listing = [c for c in again.column_names if c in KEY_COLUMNS or c not in SCHEMA.names]
             new = self.predict(again.select(listing))
             table = pa.concat_tables([old.filter(pc.invert(redo)), new])
         else:
             table = new = self.predict(task.listing)
-        meta = {**self.metadata, output.CHUNK_KEY: output.chunk_meta(task.chunk_id, task.first, task.last, table)}
+        meta = {**self.job.metadata, output.CHUNK_KEY: output.chunk_meta(task.chunk_id, task.first, task.last, table)}
         output.publish(folder, name, output.encode_shard(table, meta))
         redone = task.redo_kinds is not None
         return {"chunk_id": task.chunk_id, "rows": 0 if redone else new.num_rows, "replaced": new.num_rows if redone else 0,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kmnist_core import calibration
+from kmnist_core.evaluate import review_decisions
 from kmnist_core.experiment import IN_SET_KEEP, REVIEW_LEVEL, REVIEW_PRECISION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,9 @@ def fit(logits: np.ndarray, labels: np.ndarray, neg_logits: np.ndarray) -> dict:
 
 def apply(fitted: dict, logits: np.ndarray, labels: np.ndarray, neg_logits: np.ndarray) -> dict:
     """What predict would do with these rows under `fitted`: accepted share, its precision and bound."""
-    probs = calibration.softmax(logits, fitted["temperature"])
-    known = calibration.ood_score(logits, fitted["ood_score"]) <= fitted["ood_threshold"]
-    accepted = known & (probs.max(1) >= fitted["review_below"])
+    probs, _, accepted = review_decisions(logits, fitted["temperature"], fitted)  # predict's accept rule
     errors = int((accepted & (probs.argmax(1) != labels)).sum())
-    neg_known = calibration.ood_score(neg_logits, fitted["ood_score"]) <= fitted["ood_threshold"]
-    neg_accepted = neg_known & (calibration.softmax(neg_logits, fitted["temperature"]).max(1) >= fitted["review_below"])
+    neg_accepted = review_decisions(neg_logits, fitted["temperature"], fitted)[2]
     n_acc = int(accepted.sum())
     return {"n": int(len(labels)), "accuracy": float((logits.argmax(1) == labels).mean()),
             "auto_accepted_share": n_acc / len(labels), "auto_accepted": n_acc, "auto_accepted_errors": errors,

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from kmnist_core.policy import accepted, out_of_set
+
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = logits / temperature
@@ -194,8 +196,8 @@ def fit_review(val_logits: np.ndarray, val_labels: np.ndarray, neg_logits: np.nd
     method = max(aurocs, key=aurocs.get)
     fitted = fit_thresholds(val_logits, val_labels, temperature, method, target, in_set_keep, level)
     s_out = ood_score(neg_logits, method)
-    confidence = softmax(neg_logits, temperature).max(1).astype(np.float64)  # as predict compares (review_metrics)
-    neg_accepted = (s_out <= fitted["ood_threshold"]) & (confidence >= fitted["review_below"])
+    neg_accepted = accepted(out_of_set(s_out, fitted["ood_threshold"]), softmax(neg_logits, temperature).max(1),
+                            fitted["review_below"])  # as predict decides (kmnist_core/policy.py)
     fitted["review_promise"].update({
         "negatives_n": int(len(neg_logits)), "negatives_accepted_share": float(neg_accepted.mean()),
         "negatives_accepted_upper_bound": rate_upper_bound(int(neg_accepted.sum()), len(neg_logits), level)})

@@ -27,12 +27,14 @@ class Calibration:
     review_below: float = 0.0  # low_confidence below this calibrated confidence
     ood_score: str = "energy"  # kmnist_core.calibration.OOD_SCORES
     ood_threshold: float | None = None  # unknown_character above it; None: the card has none
+    review_promise: dict | None = None  # what auto-accepted rows are promised at these thresholds (calibration.fit_review)
 
     @classmethod
     def from_json(cls, section: dict) -> "Calibration":
         threshold = section.get("ood_threshold")
         return cls(float(section.get("temperature", 1.0)), float(section.get("review_below", 0.0)),
-                   section.get("ood_score", "energy"), None if threshold is None else float(threshold))
+                   section.get("ood_score", "energy"), None if threshold is None else float(threshold),
+                   section.get("review_promise"))
 
     def review_params(self) -> dict:
         """What review_metrics (kmnist_core/evaluate.py) needs."""
@@ -78,7 +80,9 @@ class ModelCard:
 
     def calibration_for(self, precision: str) -> Calibration:
         """int8 runs on the temperature and thresholds refitted on its own logits when the build, unless
-        the card's fp32 calibration was changed since (a hand-tuned card is then honoured as is)."""
+        the card's fp32 calibration was changed since (a hand-tuned card is then honoured as is). The one
+        place this rule is written: the decision policy (kmnist_core/policy.py) and the audit's promise
+        (kmnist_core/decisions.py) both read it here."""
         section = self.int8 or {}
         if precision == "int8" and section.get("fitted_against") == calibration_key(self.raw.get("calibration") or {}):
             return Calibration.from_json({**(self.raw.get("calibration") or {}), **section["calibration"]})

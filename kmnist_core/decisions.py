@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from kmnist_core import storage
 from kmnist_core.calibration import rate_upper_bound
-from kmnist_core.card import ModelCard, calibration_key
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.safe_text import terminal
 from kmnist_core.storage import Location
@@ -278,11 +278,7 @@ AUDIT_LEVEL = 0.95  # the audit interval: two-sided, as a measurement is reporte
 def review_promise(card: ModelCard, precision: str | None = None) -> dict | None:
     """What the card promises of auto-accepted rows (fitted on validation): the int8 twin's own when
     `precision` is int8 and its refit is current, else the fp32 model's; None for a card without one."""
-    section = card.raw.get("calibration") or {}
-    int8 = card.int8 or {}
-    if precision == "int8" and int8.get("fitted_against") == calibration_key(section):
-        section = {**section, **(int8.get("calibration") or {})}
-    return section.get("review_promise")
+    return card.calibration_for(precision or "fp32").review_promise
 
 
 def clopper_pearson(hits: int, n: int, level: float = AUDIT_LEVEL) -> tuple[float, float]:

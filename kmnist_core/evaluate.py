@@ -10,6 +10,7 @@ import numpy as np
 from kmnist_core import calibration
 from kmnist_core.classmap import ClassMap
 from kmnist_core.datasets import Split
+from kmnist_core.policy import accepted, out_of_set
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -41,14 +42,11 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
 
 
 def review_decisions(logits: np.ndarray, temperature: float, review: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row, as predict decides under a card's two thresholds: calibrated probabilities, the
-    out-of-set flag and auto-accepted."""
+    """Per row, as predict decides under a card's two thresholds (the accept rule of kmnist_core/policy.py):
+    calibrated probabilities, the out-of-set flag and auto-accepted."""
     probs = calibration.softmax(logits, temperature)
-    unknown = calibration.ood_score(logits, review["ood_score"]) > review["ood_threshold"]
-    # Compared in float64, as predict does (review.review_reasons): a float32 confidence of 1.0 would
-    # otherwise pass the accept-nothing threshold just above 1.0 that a model with no safe line gets.
-    accepted = ~unknown & (probs.max(1).astype(np.float64) >= review["review_below"])
-    return probs, unknown, accepted
+    unknown = out_of_set(calibration.ood_score(logits, review["ood_score"]), review["ood_threshold"])
+    return probs, unknown, accepted(unknown, probs.max(1), review["review_below"])
 
 
 def review_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float, review: dict) -> dict:

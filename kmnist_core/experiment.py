@@ -266,18 +266,15 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
     if len(predictor.classes) != len(data.classes) or predictor.input_size != data.input_size:
         raise KmnistError(f"model has {len(predictor.classes)} classes at {predictor.input_size}px, "
                           f"dataset {data.name} has {len(data.classes)} at {data.input_size}px")
-    logits, fp32_rows = predictor.decided_logits(part.images, 1024, predictor.review_below, predictor.ood_threshold)
+    policy = predictor.policy
+    logits, fp32_rows = predictor.decided_logits(part.images, 1024)
     metrics = classification_metrics(part.labels, logits.argmax(1), data.classes)
-    metrics["calibration"] = calibration_report(logits, part.labels, predictor.temperature)
-    metrics["review"] = {"review_below": predictor.review_below, "ood_score": predictor.ood_method,
-                         "ood_threshold": predictor.ood_threshold,
-                         **review_metrics(logits, part.labels, predictor.temperature,
-                                          {"ood_score": predictor.ood_method, "review_below": predictor.review_below,
-                                           "ood_threshold": np.inf if predictor.ood_threshold is None
-                                           else predictor.ood_threshold})}
+    metrics["calibration"] = calibration_report(logits, part.labels, policy.temperature)
+    metrics["review"] = {"review_below": policy.review_below, "ood_score": policy.ood_score,
+                         "ood_threshold": policy.ood_threshold,
+                         **review_metrics(logits, part.labels, policy.temperature, policy.calibration.review_params())}
     metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id,
-                    "precision": predictor.precision, "precision_note": predictor.precision_note,
-                    "int8_probe": predictor.probe})
+                    "precision": policy.used, "precision_note": policy.precision.note, "int8_probe": predictor.probe})
     if predictor.int8 is not None:  # what int8 changes on this split, against the same model in fp32
         fp32, fp32_logits = predictor.card.calibration, predictor.torch_logits(part.images)
         twin_alone = predictor.int8.logits(part.images)  # before fp32 recomputes the rows near a decision

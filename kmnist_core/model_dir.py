@@ -14,6 +14,7 @@ it; `load_model` does both.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -29,6 +30,7 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text, temp_name
 from kmnist_core.card import CARD_FILE, FORMAT_VERSION, ModelCard, read_card
 from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_probe, check_twin, near_decision
+from kmnist_core.policy import DecisionPolicy, after_probe, decide_policy, follow, out_of_set
 from kmnist_core.precision import Int8Twin, ModelBundle, resolve_precision
 from kmnist_core.models import create_model, optimize_for_inference, predict_logits
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
@@ -99,41 +101,47 @@ class Assessment:
 
 
 class Predictor:
-    """A loaded model plus everything needed to turn crops into calibrated class probabilities.
+    """A loaded model plus everything needed to turn crops into calibrated class probabilities and decisions.
 
-    `precision` "fp32" runs the torch model; "int8" runs `int8` (an OrtModel), the torch model recomputing
-    the rows near a decision, and takes the temperature and review thresholds refitted on int8 logits
-    (ModelCard.calibration_for). `precision_note` says why a
-    model runs fp32 where int8 was possible (or why an explicit int8 is doubtful); `probe` is the int8
-    twin's probe result on this CPU (kmnist_core/int8.py check_probe)."""
+    Everything it decides comes from `policy` (kmnist_core/policy.py): the precision ("fp32" runs the torch
+    model; "int8" runs `int8`, an OrtModel, with the torch model recomputing the rows near a decision), the
+    temperature and both review thresholds. `probe` is the int8 twin's probe result on this CPU
+    (kmnist_core/int8.py check_probe). `temperature`, `review_below`, ... read the policy."""
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, device: str = "cpu", precision: str = "fp32",
-                 int8: OrtModel | None = None, note: str | None = None, probe: dict | None = None):
-        if (precision == "int8") != (int8 is not None):
+    def __init__(self, model: torch.nn.Module, card: ModelCard, policy: DecisionPolicy, device: str = "cpu",
+                 int8: OrtModel | None = None, probe: dict | None = None):
+        if (policy.used == "int8") != (int8 is not None):
             raise ValueError("an int8 Predictor needs its OrtModel, and only it")
         self.model = optimize_for_inference(model.to(device))
         self.card = card
+        self.policy = policy
         self.device = device
-        self.precision = precision
-        self.precision_note = note
         self.probe = probe
         self.int8 = int8
         self.classes = card.classes
         self.input_size = card.input_size
-        self.calibration = card.calibration_for(precision)
-        self.temperature = self.calibration.temperature
-        self.review_below = self.calibration.review_below
-        self.ood_method = self.calibration.ood_score
-        self.ood_threshold = self.calibration.ood_threshold  # None: the card has no out-of-set threshold
         self.model_id = card.model_id
+
+    precision = property(lambda self: self.policy.used)
+    precision_note = property(lambda self: self.policy.precision.note)
+    calibration = property(lambda self: self.policy.calibration)
+    temperature = property(lambda self: self.policy.temperature)
+    review_below = property(lambda self: self.policy.review_below)
+    ood_method = property(lambda self: self.policy.ood_score)
+    ood_threshold = property(lambda self: self.policy.ood_threshold)  # None: the card has no out-of-set threshold
+
+    def with_thresholds(self, review_below: float | None = None, ood_threshold: float | None = None) -> "Predictor":
+        """The same loaded model deciding with the user's thresholds (DecisionPolicy.with_thresholds)."""
+        other = copy.copy(self)
+        other.policy = self.policy.with_thresholds(review_below, ood_threshold)
+        return other
 
     def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """uint8 (N, S, S) light-on-dark -> raw logits (N, C), near-decision rows from fp32 when int8 runs."""
-        return self.decided_logits(pixels, batch_size, self.review_below, self.ood_threshold)[0]
+        return self.decided_logits(pixels, batch_size)[0]
 
-    def decided_logits(self, pixels: np.ndarray, batch_size: int, review_below: float,
-                       ood_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and the rows the fp32 model computed. At int8, the rows near one of these thresholds
+    def decided_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the rows the fp32 model computed. At int8, the rows near one of the policy's thresholds
         (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows."""
         if self.int8 is None:
             out = self.torch_logits(pixels, batch_size)
@@ -141,7 +149,8 @@ class Predictor:
         out = self.int8.logits(pixels, batch_size)
         if not len(out):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, bool)
-        near = near_decision(out, self.temperature, review_below, self.ood_method, ood_threshold)
+        p = self.policy
+        near = near_decision(out, p.temperature, p.review_below, p.ood_score, p.ood_threshold)
         if near.any():
             out[near] = self.torch_logits(pixels[near], batch_size)
         return out, near
@@ -157,17 +166,14 @@ class Predictor:
 
         return softmax(self.logits(pixels, batch_size), self.temperature)
 
-    def assess(self, pixels: np.ndarray, batch_size: int = 1024, review_below: float | None = None,
-               ood_threshold: float | None = None) -> Assessment:
-        """Calibrated probabilities, an out-of-set score and the unknown flag for model inputs.
-        `review_below`, `ood_threshold`: the thresholds the caller decides with (None: the model's own)."""
+    def assess(self, pixels: np.ndarray, batch_size: int = 1024) -> Assessment:
+        """Calibrated probabilities, an out-of-set score and the unknown flag for model inputs, under the
+        policy (with_thresholds for other thresholds)."""
         from kmnist_core.calibration import ood_score, softmax
 
-        review_below = self.review_below if review_below is None else review_below
-        ood_threshold = self.ood_threshold if ood_threshold is None else ood_threshold
-        logits, fp32_rows = self.decided_logits(pixels, batch_size, review_below, ood_threshold)
-        score = ood_score(logits, self.ood_method).astype(np.float32)
-        unknown = score > ood_threshold if ood_threshold is not None else np.zeros(len(score), bool)
+        logits, fp32_rows = self.decided_logits(pixels, batch_size)
+        score = ood_score(logits, self.policy.ood_score).astype(np.float32)
+        unknown = out_of_set(score, self.policy.ood_threshold)
         return Assessment(softmax(logits, self.temperature).astype(np.float32), score, unknown, fp32_rows)
 
     def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
@@ -223,26 +229,30 @@ def load_bundle(name_or_path: str | Path = "default", precision: str = "auto", d
     return ModelBundle(card, weights, twin if chosen.used == "int8" else None, chosen, device, str(model_dir))
 
 
-def build_predictor(bundle: ModelBundle, threads: int | None = None, device: str | None = None) -> Predictor:
-    """The bundle's Predictor, in the process that will run it. An int8 twin is first run on its probe
-    on this process's CPU: where it does not compute what it computed at build time, precision auto runs
-    fp32 here (the Predictor's `precision_note` says why); an explicit int8 runs anyway, with the note.
-    `threads`: ONNX Runtime intra-op threads (default: torch.get_num_threads() at each call). `device`
-    overrides the bundle's (a driver checks a GPU job's model on its own CPU)."""
+def build_predictor(bundle: ModelBundle, threads: int | None = None, device: str | None = None,
+                    policy: DecisionPolicy | None = None, review_below: float | None = None,
+                    ood_threshold: float | None = None) -> Predictor:
+    """The bundle's Predictor, in the process that will run it. An int8 twin is first run on its probe on
+    this process's CPU (kmnist_core/policy.py after_probe: where it fails, auto runs fp32, saying why).
+    Its policy is decided here from the card, that precision and `review_below` / `ood_threshold` (None:
+    the card's); or `policy` is the driver's, which a worker follows or refuses (PolicyDisagrees) when
+    its own probe decides otherwise. `threads`: ONNX Runtime intra-op threads (default:
+    torch.get_num_threads() at each call). `device` overrides the bundle's (a driver checks a GPU job's
+    model on its own CPU)."""
     model = load_torch_model(bundle.card, bundle.weights, bundle.source)
     device = pick_device(device or bundle.device)
-    if bundle.twin is None:
-        return Predictor(model, bundle.card, device, note=bundle.precision.note)
-    runner = OrtModel(bundle.twin.onnx, threads)
-    probe = check_probe(runner, bundle.twin.probe)
-    if probe["passed"]:
-        return Predictor(model, bundle.card, device, "int8", runner, probe=probe)
-    note = (f"the int8 twin fails its probe on this CPU ({probe['new_disagreements_with_fp32']} new top-1 "
-            f"disagreements with fp32, logits off by up to {probe['max_abs_logit_deviation']:.3f} "
-            f"> {probe['tolerance']})")
-    if bundle.precision.requested == "int8":
-        return Predictor(model, bundle.card, device, "int8", runner, note=note, probe=probe)
-    return Predictor(model, bundle.card, device, note=note + ": running fp32", probe=probe)
+    runner = probe = None
+    if bundle.twin is not None and (policy is None or policy.used == "int8"):
+        runner = OrtModel(bundle.twin.onnx, threads)
+        probe = check_probe(runner, bundle.twin.probe)
+    own = after_probe(bundle.precision, probe)
+    if policy is None:
+        policy = decide_policy(bundle.card, own, review_below, ood_threshold)
+    elif review_below is not None or ood_threshold is not None:
+        raise ValueError("a Predictor follows the policy it is given: its thresholds are already in it")
+    elif policy.used == "int8":
+        follow(policy, own, f"this worker ({probe['cpu']['model']})" if probe else "this worker")
+    return Predictor(model, bundle.card, policy, device, runner if policy.used == "int8" else None, probe)
 
 
 def load_torch_model(card: ModelCard, weights: bytes, source: str) -> torch.nn.Module:

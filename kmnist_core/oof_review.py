@@ -26,6 +26,7 @@ import numpy as np
 
 from kmnist_core import calibration
 from kmnist_core.datasets import LabelledPool, load_labelled_pool
+from kmnist_core.evaluate import review_decisions
 from kmnist_core.negatives import candidate_glyphs, glyph_pool, is_kana, make_negatives
 from kmnist_core.recipe import Recipe, fold_dataset, hand_fonts, held_hands, stratified_folds
 
@@ -118,10 +119,8 @@ def fit(logits: np.ndarray, labels: np.ndarray, neg_logits: np.ndarray, margin: 
 
 
 def accepted(fitted: dict, logits: np.ndarray) -> np.ndarray:
-    """Rows predict would auto-accept under `fitted` (float64 comparisons, as evaluate.review_decisions)."""
-    confidence = calibration.softmax(logits, fitted["temperature"]).max(1).astype(np.float64)
-    known = calibration.ood_score(logits, fitted["ood_score"]) <= fitted["ood_threshold"]
-    return known & (confidence >= fitted["review_below"])
+    """Rows predict would auto-accept under `fitted` (the one accept rule: evaluate.review_decisions)."""
+    return review_decisions(logits, fitted["temperature"], fitted)[2]
 
 
 def apply(fitted: dict, logits: np.ndarray, labels: np.ndarray) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kmnist_core.policy import confident
+
 REVIEW_REASONS = ("error", "blank", "unknown_character", "low_confidence")
 
 
@@ -20,8 +22,7 @@ def review_reasons(error: np.ndarray, blank: np.ndarray, unknown: np.ndarray, co
     already decided by an earlier reason.
     """
     error, blank, unknown = (np.asarray(a, dtype=bool) for a in (error, blank, unknown))
-    confidence = np.asarray(confidence, dtype=np.float64)
-    low = ~(confidence >= review_below)  # NaN counts as low: never auto-accept a missing confidence
+    low = ~confident(confidence, review_below)  # NaN counts as low: never auto-accept a missing confidence
     reasons = np.full(len(error), None, dtype=object)
     # Assign from the lowest precedence up so a higher reason overwrites a lower one.
     for name, mask in zip(REVIEW_REASONS[::-1], (low, unknown, blank, error)):

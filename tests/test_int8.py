@@ -190,11 +190,11 @@ def test_int8_rows_near_a_decision_are_decided_by_fp32(tmp_path, crops):
     near_threshold = confidence[row] - int8.RECHECK_ABOVE / 2
     far_threshold = confidence[row] - 2 * int8.RECHECK_BELOW
     # An out-of-set threshold no crop is near (max-softmax scores lie in [-1, -0.1]): the review band decides.
-    a = q.assess(pixels, review_below=near_threshold, ood_threshold=1.0)
+    a = q.with_thresholds(review_below=near_threshold, ood_threshold=1.0).assess(pixels)
     assert a.fp32_rows[row] and not a.fp32_rows[clear & (confidence >= near_threshold + int8.RECHECK_ABOVE)].any()
     # fp32's probabilities (to float rounding: torch's kernels depend a little on the batch size)
     np.testing.assert_allclose(a.probabilities[a.fp32_rows], fp32.assess(pixels).probabilities[a.fp32_rows], atol=1e-6)
-    assert not q.assess(pixels, review_below=far_threshold, ood_threshold=1.0).fp32_rows[row]
+    assert not q.with_thresholds(review_below=far_threshold, ood_threshold=1.0).assess(pixels).fp32_rows[row]
     for threshold, expected in ((near_threshold, "fp32"), (far_threshold, "int8")):
         out = tmp_path / f"out-{expected}"
         r = invoke("predict", crops, "--out", out, "--precision", "int8", "--review-below", f"{threshold:.6f}",

@@ -121,7 +121,7 @@ def test_review_below_sets_the_low_confidence_line(tmp_path, kmnist_dev):
     images = kmnist_dev.test.images[:40]
     p = float(np.median(model.assess(images).probabilities.max(1)))
     # What predict computes under P (at int8, the rows near P are fp32's).
-    a = model.assess(images, review_below=p)
+    a = model.with_thresholds(review_below=p).assess(images)
     conf = a.probabilities.max(1)
     known = ~a.unknown
     assert (known & (conf >= model.review_below) & (conf < p)).any()  # crops the card's own threshold accepts

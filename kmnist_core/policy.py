@@ -1,0 +1,132 @@
+"""What decides a row, decided once per process: the `DecisionPolicy`, and the one accept rule.
+
+A policy is built (`decide_policy`) from three things and nothing else: the model card, the precision that
+runs (the card's choice, kmnist_core/precision.py `resolve_precision`, then the int8 twin's probe on this
+CPU, `after_probe`) and the user's overrides (--review-below, --ood-threshold). It holds the precision and
+why, the calibration for that precision (the int8 twin's refit when current, ModelCard.calibration_for)
+with the user's thresholds in place of the card's, and the card's review promise.
+
+Everything that decides or records a decision reads a policy: `Predictor.assess` and `predict`
+(kmnist_core/model_dir.py), predict's `RowBuilder` and workers (batch_infer/stages.py, worker.py), the
+Ray Data stage and its footer (batch_infer/ray_data.py), run.json and every shard's footer
+(batch_infer/job.py, `record`). A worker is handed its driver's policy and follows it, or refuses
+(`PolicyDisagrees`): a CPU whose int8 probe fails where the driver's passed does not switch to fp32 on
+its own, since its rows would then be decided under other thresholds than the run records.
+
+The accept rule (`out_of_set`, `confident`, `accepted`) is written here once: predict's review reasons
+(kmnist_core/review.py), evaluate's and the k-fold fitting's figures (kmnist_core/evaluate.py
+`review_decisions`, kmnist_core/oof_review.py, kmnist_core/calibration.py `fit_review`) all use it.
+No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from kmnist_core.card import Calibration, ModelCard
+from kmnist_core.errors import KmnistError
+from kmnist_core.precision import Precision
+
+
+def out_of_set(score: np.ndarray, ood_threshold: float | None) -> np.ndarray:
+    """unknown_character: an out-of-set score above the threshold; no row without one. The threshold is
+    compared as given (a Python float against a float32 score compares in float32, as predict always has)."""
+    return score > ood_threshold if ood_threshold is not None else np.zeros(len(score), bool)
+
+
+def confident(confidence: np.ndarray, review_below: float) -> np.ndarray:
+    """Confidence at or above review_below, compared in float64: a float32 confidence of 1.0 would
+    otherwise pass the accept-nothing threshold just above 1.0 that a model with no safe line gets. A
+    missing confidence (NaN: error and blank rows) is never confident."""
+    return np.asarray(confidence, dtype=np.float64) >= review_below
+
+
+def accepted(unknown: np.ndarray, confidence: np.ndarray, review_below: float) -> np.ndarray:
+    """The accept rule: a row is auto-accepted when it is not out of set and is confident."""
+    return ~np.asarray(unknown, dtype=bool) & confident(confidence, review_below)
+
+
+class PolicyDisagrees(KmnistError):
+    """A worker cannot follow the policy its driver decided (its CPU fails the int8 probe)."""
+
+
+@dataclass(frozen=True)
+class DecisionPolicy:
+    precision: Precision  # what runs, what was asked for, and why it differs
+    calibration: Calibration  # the card's for that precision, the user's thresholds in place of its own
+    overridden: tuple[str, ...] = ()  # the thresholds the user set: review_below, ood_threshold
+
+    @property
+    def used(self) -> str:
+        return self.precision.used
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature
+
+    @property
+    def review_below(self) -> float:
+        return self.calibration.review_below
+
+    @property
+    def ood_score(self) -> str:
+        return self.calibration.ood_score
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.calibration.ood_threshold
+
+    @property
+    def review_promise(self) -> dict | None:
+        """What the card promises of the rows it auto-accepts (at its own thresholds)."""
+        return self.calibration.review_promise
+
+    def with_thresholds(self, review_below: float | None = None, ood_threshold: float | None = None) -> "DecisionPolicy":
+        """This policy with the user's thresholds (None: keep the one in place)."""
+        given = {"review_below": review_below, "ood_threshold": ood_threshold}
+        given = {k: v for k, v in given.items() if v is not None}
+        if not given:
+            return self
+        return replace(self, calibration=replace(self.calibration, **given),
+                       overridden=tuple(k for k in ("review_below", "ood_threshold") if k in given or k in self.overridden))
+
+    def record(self) -> dict:
+        """What run.json, every shard's footer and the Ray Data stage's footer say was decided."""
+        return {"precision": self.precision.used, "precision_note": self.precision.note,
+                "review_below": self.review_below, "ood_threshold": self.ood_threshold,
+                "temperature": self.temperature, "ood_score": self.ood_score,
+                "thresholds_set_by_user": list(self.overridden)}
+
+
+def probe_note(probe: dict) -> str:
+    return (f"the int8 twin fails its probe on this CPU ({probe['new_disagreements_with_fp32']} new top-1 "
+            f"disagreements with fp32, logits off by up to {probe['max_abs_logit_deviation']:.3f} "
+            f"> {probe['tolerance']})")
+
+
+def after_probe(chosen: Precision, probe: dict | None) -> Precision:
+    """The card's choice, given the int8 twin's probe on this CPU (kmnist_core/int8.py check_probe): where
+    the twin does not compute what it computed at build time, auto runs fp32 (saying why); an explicit
+    int8 runs anyway, with the same note."""
+    if chosen.used != "int8" or probe is None or probe["passed"]:
+        return chosen
+    if chosen.requested == "int8":
+        return Precision("int8", "int8", probe_note(probe))
+    return Precision(chosen.requested, "fp32", probe_note(probe) + ": running fp32")
+
+
+def decide_policy(card: ModelCard, precision: Precision, review_below: float | None = None,
+                  ood_threshold: float | None = None) -> DecisionPolicy:
+    """The policy of a process running `card` at `precision` (after the probe), with the user's thresholds."""
+    return DecisionPolicy(precision, card.calibration_for(precision.used)).with_thresholds(review_below, ood_threshold)
+
+
+def follow(policy: DecisionPolicy, own: Precision, where: str) -> None:
+    """Refuse (PolicyDisagrees) where this process's own precision after its probe is not the policy's."""
+    if own.used != policy.used:
+        raise PolicyDisagrees(
+            f"{where} would run {own.used} ({own.note}), but the run decided {policy.used} on the driver's CPU; "
+            f"every worker of a run decides alike: run on CPUs of one kind, or pass --precision fp32 "
+            f"(or --precision int8 to run the twin everywhere)")
