@@ -243,3 +243,27 @@ def test_cli_predict_missing_input_is_one_line(tmp_path):
     r = subprocess.run([CLI, "predict", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == f"error: input {tmp_path / 'nope'} does not exist"
+
+
+def test_a_worker_whose_probe_disagrees_with_the_drivers_policy_fails_its_chunk_loudly(tmp_path, kmnist_dev, ray_session):
+    """A Ray worker on a CPU that fails the int8 probe the driver's CPU passed (the saturating copy stands for
+    that CPU) does not switch to fp32 on its own: its chunk fails with one line that says why, nothing is
+    committed, and the error is one a user can act on."""
+    from batch_infer.dispatch import run_on_ray
+    from batch_infer.job import failure_reason, user_facing
+    from batch_infer.worker import ChunkTask
+    from kmnist_core.model_dir import build_predictor, load_bundle
+    from kmnist_core.storage import resolve
+    from tests.test_int8_twin import saturating_copy
+    from tests.test_policy import crop_listing, job_for
+
+    driver = build_predictor(load_bundle("default"), device="cpu").policy
+    bundle = load_bundle(saturating_copy(tmp_path))
+    (tmp_path / "out" / "predictions").mkdir(parents=True)
+    task = ChunkTask("c0", b"", b"", crop_listing(tmp_path, kmnist_dev.test.images[:4]))
+    with pytest.raises(Exception) as failed:
+        list(run_on_ray(ray_session, bundle, job_for(tmp_path, driver), [task], 1, 0.5, 0.0))
+    assert user_facing(failed.value)
+    reason = failure_reason(failed.value, resolve(tmp_path / "out"))
+    assert reason.startswith("chunk c0: this worker") and "fails its probe" in reason and "--precision fp32" in reason
+    assert "\n" not in reason and not list((tmp_path / "out" / "predictions").iterdir())

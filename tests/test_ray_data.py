@@ -22,7 +22,7 @@ from batch_infer.job import PredictOptions, run_predict
 from batch_infer.output import read_predictions
 from batch_infer.paths import name_text
 from batch_infer.ray_data import CropPredictor, actor_pool, predict_dataset, write_predictions
-from batch_infer.schema import SCHEMA, SCHEMA_VERSION
+from batch_infer.schema import FOOTER_RUN, SCHEMA, SCHEMA_VERSION
 from kmnist_core.errors import KmnistError
 from kmnist_core.model_dir import load_bundle
 from tests.actor_faults import KillOnce
@@ -245,3 +245,48 @@ def test_the_clis_small_job_path_does_not_import_ray_data():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def shard_footers_and_rows(out: Path) -> tuple[list[dict], pa.Table]:
+    shards = sorted((out / "predictions").glob("*.parquet"))
+    return [json.loads(pq.read_schema(s).metadata[FOOTER_RUN]) for s in shards], pq.read_table(out / "predictions")
+
+
+def test_threshold_overrides_are_recorded_exactly_as_the_rows_used_them(listed, tmp_path, ray_session):
+    """--review-below and --ood-threshold given to the stage: every footer records those values (not the
+    card's), and every row's review reason is the one they give."""
+    import ray.data
+
+    review_below, ood_threshold = 0.9995, -0.97
+    ds = ray.data.from_items(listed, override_num_blocks=3)
+    write_predictions(predict_dataset(ds, batch_size=4, workers=1, review_below=review_below,
+                                      ood_threshold=ood_threshold), tmp_path / "out", rows_per_file=8)
+    footers, rows = shard_footers_and_rows(tmp_path / "out")
+    card = load_bundle("default").card.calibration
+    assert len(footers) > 1 and (review_below, ood_threshold) != (card.review_below, card.ood_threshold)
+    for run in footers:
+        assert (run["review_below"], run["ood_threshold"]) == (review_below, ood_threshold)
+        assert run["thresholds_set_by_user"] == ["review_below", "ood_threshold"] and run["temperature"] == card.temperature
+    df = rows.to_pandas()
+    known = df[df.error.isna() & df.pred_char.notna()]
+    unknown = known.ood_score.to_numpy() > np.float32(ood_threshold)
+    low = ~unknown & ~(known.confidence.to_numpy().astype(np.float64) >= review_below)
+    assert [r if isinstance(r, str) else None for r in known.review_reason] == ["unknown_character" if u else "low_confidence" if lo else None
+                                         for u, lo in zip(unknown, low)]
+    assert unknown.any() and low.any() and not (unknown | low).all()
+    # The card's thresholds would have decided some of these rows otherwise.
+    assert (known.ood_score.to_numpy() > np.float32(card.ood_threshold)).sum() < unknown.sum()
+
+
+def test_a_stage_whose_int8_probe_fails_runs_fp32_and_says_so_in_footer_and_rows(listed, tmp_path, ray_session):
+    import ray.data
+
+    from tests.test_int8_twin import saturating_copy
+
+    model_dir = saturating_copy(tmp_path)
+    ds = ray.data.from_items(listed[:12], override_num_blocks=2)
+    write_predictions(predict_dataset(ds, model_dir, batch_size=4, workers=1), tmp_path / "out")
+    footers, rows = shard_footers_and_rows(tmp_path / "out")
+    for run in footers:
+        assert run["precision"] == "fp32" and "fails its probe on this CPU" in run["precision_note"]
+    assert set(rows.column("precision").to_pylist()) == {"fp32"}
