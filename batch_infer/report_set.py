@@ -169,9 +169,10 @@ def current(out: Location) -> Location | None:
     """The folder of the current complete report (resolved once: read a whole set through it), or None."""
     if out.local:
         link = os.path.join(out.path, LINK)
-        if not os.path.islink(link):
+        if not os.path.isdir(link):
             return None
-        gen = storage.resolve(os.path.realpath(link))
+        # A copy of OUT made by a tool that follows links holds the report itself: read it there.
+        gen = storage.resolve(os.path.realpath(link) if os.path.islink(link) else link)
     else:
         try:
             pointer = json.loads(storage.read_bytes(out.join(MARKER)))
