@@ -61,75 +61,86 @@ def epoch_printer(total: int):
     return show
 
 
+def train_flag(name: str, **overrides):
+    """train's option `name` as a typer Option: default, flag and help from TrainConfig."""
+    from kmnist_core.options import cli_option
+    from kmnist_core.train_options import TrainConfig
+
+    return cli_option(TrainConfig, name, **overrides)
+
+
 @app.command()
 @user_errors
 def train(
-    dataset: str = typer.Option("kmnist-dev", help="kmnist-dev (bundled), kmnist, k49 or kkanji"),
-    model: Optional[str] = typer.Option(None, help="simple-cnn (the study's), compact-cnn, compact-cnn-wide, vgg-cnn, "
-                                                   "vgg-cnn-half, vgg-cnn-slim; default: --init's architecture, "
-                                                   "else simple-cnn"),
-    epochs: int = typer.Option(10),
-    lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(64),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
-    optimizer: str = typer.Option("adam", help="adam (the study's) or adamw"),
-    weight_decay: float = typer.Option(0.0),
-    schedule: str = typer.Option("constant", help="constant or onecycle"),
-    augment: str = typer.Option("study", help="none, study (±10° rotation) or strong"),
-    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)"),
-    mixup: float = typer.Option(0.0, help="mixup Beta(a, a) parameter; 0 = off"),
-    teacher: Optional[List[Path]] = typer.Option(None, help="model directory to distill from (its predictions on "
-                                                            "each augmented batch become the targets); repeat "
-                                                            "for an ensemble, whose mean probabilities are used"),
-    distill_temperature: float = typer.Option(1.0, help="softmax temperature of the distillation loss"),
-    init: Optional[str] = typer.Option(None, help="model directory (or 'default') whose weights start the run"),
-    negatives: Optional[str] = typer.Option(None, help="none, or synth: outlier exposure with synthetic "
-                                                       "non-characters; default: --init's, else none"),
-    outlier_weight: float = typer.Option(0.5, help="weight of the outlier-exposure loss"),
-    negative_font: Optional[List[Path]] = typer.Option(None, help="extra font for rendered non-character glyphs "
-                                                                  "(IPAexGothic is always used); repeatable"),
-    data_dir: Optional[Path] = typer.Option(None, help="directory with (or receiving) the official files"),
-    reviews: Optional[List[str]] = typer.Option(None, "--reviews", help="a predict OUT whose review decisions to "
-                                                                        "learn from (labelled crops; not_a_character "
-                                                                        "as outlier exposure); repeatable"),
-    review_share: float = typer.Option(0.5, help="with --reviews: share of each epoch's images that are reviewed "
-                                                 "crops (the rest: the dataset's training split)"),
-    review_holdout: float = typer.Option(0.3, help="with --reviews: share of the reviewed crops held out (per "
-                                                   "label, seeded by --seed) to measure before/after"),
+    dataset: str = train_flag("dataset"),
+    model: Optional[str] = train_flag("model", default=None),  # None: --init's architecture, else TrainConfig's
+    epochs: int = train_flag("epochs"),
+    lr: float = train_flag("lr"),
+    batch_size: int = train_flag("batch_size"),
+    seed: int = train_flag("seed"),
+    device: str = train_flag("device"),
+    optimizer: str = train_flag("optimizer"),
+    weight_decay: float = train_flag("weight_decay"),
+    schedule: str = train_flag("schedule"),
+    augment: str = train_flag("augment"),
+    threads: int = train_flag("threads"),
+    mixup: float = train_flag("mixup"),
+    teachers: Optional[List[Path]] = train_flag("teachers"),
+    distill_temperature: float = train_flag("distill_temperature"),
+    init: Optional[str] = train_flag("init"),
+    negatives: Optional[str] = train_flag("negatives", default=None),  # None: --init's, else TrainConfig's
+    outlier_weight: float = train_flag("outlier_weight"),
+    negative_fonts: Optional[List[Path]] = train_flag("negative_fonts"),
+    data_dir: Optional[Path] = train_flag("data_dir"),
+    reviews: Optional[List[str]] = train_flag("reviews"),
+    review_share: float = train_flag("review_share"),
+    review_holdout: float = train_flag("review_holdout"),
     out: Path = typer.Option(..., help="model directory to write"),
 ):
     """Train a model; writes a model directory (weights, model card, history, plots)."""
-    from kmnist_core.card import read_card
+    given = {name: value for name, value in locals().items() if name != "out"}  # TrainConfig's fields, as given
     from kmnist_core.experiment import run_train
+
+    cfg = train_config(given)
+    data, reviewed = training_reviews(cfg)
+    card = run_train(cfg, out, on_epoch=epoch_printer(cfg.epochs), data=data, reviewed=reviewed)
+    print_trained(card, cfg.dataset, out)
+
+
+def train_config(given: dict):
+    """The checked TrainConfig of train's options: an option not given takes TrainConfig's default, paths
+    become text. A fine-tune keeps the --init model's architecture and outlier exposure unless told
+    otherwise: without its negatives it forgets what is no character (docs/training.md, learning from reviews)."""
+    from kmnist_core.card import read_card
     from kmnist_core.model_dir import resolve_model_path
-    from kmnist_core.train import TrainConfig
+    from kmnist_core.train_options import TrainConfig
 
-    if init:  # a fine-tune keeps the --init model's architecture and outlier exposure unless told otherwise:
-        # without its negatives it forgets what is no character (docs/training.md, learning from reviews)
-        init_card = read_card(resolve_model_path(init))
-        model = model or init_card.architecture
-        negatives = negatives or (init_card.raw.get("training") or {}).get("config", {}).get("negatives")
-    model, negatives = model or "simple-cnn", negatives or "none"
-    cfg = TrainConfig(dataset=dataset, model=model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                      device=device, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-                      augment=augment, threads=threads, data_dir=str(data_dir) if data_dir else None,
-                      mixup=mixup, teachers=[str(t) for t in teacher or []], distill_temperature=distill_temperature,
-                      init=init, negatives=negatives, outlier_weight=outlier_weight,
-                      negative_fonts=[str(f) for f in negative_font or []], reviews=list(reviews or []),
-                      review_share=review_share, review_holdout=review_holdout)
+    if given["init"]:
+        init_card = read_card(resolve_model_path(given["init"]))
+        given["model"] = given["model"] or init_card.architecture
+        given["negatives"] = given["negatives"] or (init_card.raw.get("training") or {}).get("config", {}).get("negatives")
+    text = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v  # noqa: E731
+    cfg = TrainConfig(**{name: text(value) for name, value in given.items() if value is not None})
     cfg.validate()
-    data = reviewed = None
-    if cfg.reviews:
-        from batch_infer.reviewed import gather_reviews
-        from kmnist_core.datasets import load_dataset
-        from kmnist_core.reviewed import describe
+    return cfg
 
-        data = load_dataset(cfg.dataset, cfg.data_dir)
-        reviewed = gather_reviews(cfg.reviews, data.classes, data.input_size)
-        typer.echo(f"reviews: {len(reviewed.labels)} labelled crops and {len(reviewed.negatives)} not_a_character "
-                   f"from {len(cfg.reviews)} OUT(s) ({describe(reviewed.sources)})")
-    card = run_train(cfg, out, on_epoch=epoch_printer(epochs), data=data, reviewed=reviewed)
+
+def training_reviews(cfg) -> tuple:
+    """With --reviews: the dataset and the crops people labelled in those OUTs; else (None, None)."""
+    if not cfg.reviews:
+        return None, None
+    from batch_infer.reviewed import gather_reviews
+    from kmnist_core.datasets import load_dataset
+    from kmnist_core.reviewed import describe
+
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    reviewed = gather_reviews(cfg.reviews, data.classes, data.input_size)
+    typer.echo(f"reviews: {len(reviewed.labels)} labelled crops and {len(reviewed.negatives)} not_a_character "
+               f"from {len(cfg.reviews)} OUT(s) ({describe(reviewed.sources)})")
+    return data, reviewed
+
+
+def print_trained(card: dict, dataset: str, out: Path) -> None:
     test = card["metrics"]["test"]
     typer.echo(f"{dataset} test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}) "
                f"on {test['n']} images; ECE {card['calibration']['ece_before']:.2%} -> "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,68 +23,7 @@ from kmnist_core.model_dir import load_model, read_model_files
 from kmnist_core.models import create_model, optimize_for_inference, predict_logits
 from kmnist_core.errors import KmnistError
 from kmnist_core.reviewed import ReviewedCrops
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = "kmnist-dev"
-    model: str = "simple-cnn"
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "auto"
-    optimizer: str = "adam"  # the study's; "adamw" for the stronger recipe
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # or "onecycle"
-    augment: str = "study"  # a key of transforms.AUGMENTATIONS
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    data_dir: str | None = None
-    eval_batch_size: int = 1024
-    # Knowledge distillation: trained model directories whose averaged predictions on the *same*
-    # augmented batch are the student's targets ("consistent" distillation, Beyer et al. 2022).
-    teachers: list[str] = field(default_factory=list)
-    distill_temperature: float = 1.0
-    mixup: float = 0.0  # Beta(a, a) mixing of image pairs; 0 = off
-    init: str | None = None  # a model directory whose weights start the run (fine-tuning)
-    # Outlier exposure (Hendrycks et al. 2019): synthetic non-characters (kmnist_core.negatives) are
-    # pushed towards the uniform distribution, so "none of these" gets a low score.
-    negatives: str = "none"  # or "synth"
-    outlier_weight: float = 0.5
-    negative_fonts: list[str] = field(default_factory=list)  # fonts beside IPAexGothic for rendered glyphs
-    negative_mix: dict[str, float] = field(default_factory=dict)  # kind -> share (negatives.KINDS); {} = DEFAULT_MIX
-    # Learning from review decisions (docs/training.md): crops people labelled in predict runs, read from
-    # these OUTs by the CLI (batch_infer/reviewed.py) and handed to run_train as a ReviewedCrops.
-    reviews: list[str] = field(default_factory=list)
-    review_share: float = 0.5  # of each epoch's images (and negatives), the share that are reviewed crops
-    review_holdout: float = 0.3  # of the reviewed crops, held out (seeded, per label) to measure before/after
-
-    def validate(self) -> None:
-        if self.augment not in transforms.AUGMENTATIONS:
-            raise KmnistError(f"unknown augmentation {self.augment!r}; choose from: {', '.join(transforms.AUGMENTATIONS)}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise KmnistError(f"unknown optimizer {self.optimizer!r}; choose adam or adamw")
-        if self.schedule not in ("constant", "onecycle"):
-            raise KmnistError(f"unknown schedule {self.schedule!r}; choose constant or onecycle")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise KmnistError("epochs and batch size must be >= 1 and lr > 0")
-        if not self.distill_temperature > 0 or self.mixup < 0:
-            raise KmnistError("distill temperature must be > 0 and mixup >= 0")
-        if self.negatives not in ("none", "synth") or self.outlier_weight < 0:
-            raise KmnistError(f"unknown negatives {self.negatives!r} (choose none or synth), or outlier weight < 0")
-        if not (0 < self.review_share < 1 and 0 < self.review_holdout < 1):
-            raise KmnistError("review share and review holdout must be between 0 and 1 (exclusive)")
-        from kmnist_core.negatives import KINDS
-
-        unknown = sorted(set(self.negative_mix) - set(KINDS))
-        if unknown or any(v < 0 for v in self.negative_mix.values()):
-            raise KmnistError(f"negative mix: unknown kinds {unknown} or a negative share; kinds: {', '.join(KINDS)}")
-        missing = [f for f in self.negative_fonts if not Path(f).is_file()]
-        if missing:
-            raise KmnistError(f"font file not found: {', '.join(missing)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from kmnist_core.train_options import TrainConfig
 
 
 @dataclass

@@ -121,3 +121,31 @@ def test_train_help_names_every_registry_model():
     assert r.returncode == 0, r.stderr
     listed = set(re.findall(r"[a-z][a-z-]*-cnn[a-z-]*", r.stdout))  # a whole name, not a prefix of another
     assert set(MODELS) <= listed, set(MODELS) - listed
+
+
+def test_train_options_are_train_configs_fields():
+    """`train`'s flags, defaults and help come from TrainConfig (kmnist_core/train_options.py), and what is
+    given becomes the TrainConfig: paths as text, lists as lists, what is not given at TrainConfig's default;
+    --init lends its architecture and outlier exposure unless told otherwise."""
+    import dataclasses
+
+    import typer.main
+
+    from jobs.cli import app, train_config
+    from kmnist_core.train_options import TrainConfig
+
+    command = typer.main.get_command(app).commands["train"]
+    params = {p.name: p for p in command.params}
+    flagged = [f for f in dataclasses.fields(TrainConfig) if "flag" in f.metadata]
+    assert {f.name for f in flagged} == set(params) - {"out"}
+    for f in flagged:
+        p = params[f.name]
+        assert p.opts == [f.metadata["flag"]] and p.help == f.metadata["help"]
+        if f.name not in ("model", "negatives") and f.default is not dataclasses.MISSING:
+            assert p.default == f.default, f.name  # model, negatives: None, so --init's can take their place
+    context = command.make_context("train", ["--out", "m", "--epochs", "3", "--teacher", "t1", "--teacher", "t2",
+                                             "--data-dir", "d"])
+    given = {k: v for k, v in context.params.items() if k != "out"}
+    assert train_config(dict(given)) == TrainConfig(epochs=3, teachers=["t1", "t2"], data_dir="d")
+    tuned = train_config({**given, "init": "default", "teachers": None})
+    assert (tuned.model, tuned.negatives) == ("compact-cnn-wide", "synth")  # the default model's
