@@ -136,6 +136,21 @@ def parse_kaggle(table: pa.Table, folder: str, pages_dir: str | None) -> pa.Tabl
     return pa.table({k: pa.array(v, pa.int32() if k in BOX_INPUT else pa.string()) for k, v in cols.items()})
 
 
+def box_coordinates(table: pa.Table) -> dict[str, pa.Array]:
+    """The manifest's BOX_INPUT columns as int32; an empty CSV cell is a missing coordinate (a bad_box row)."""
+    coords = {}
+    for c in BOX_INPUT:
+        col = table.column(c)
+        if pa.types.is_string(col.type):
+            col = pc.utf8_trim_whitespace(col)
+            col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        try:
+            coords[c] = col.cast(pa.int32())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise KmnistError(f"manifest column {c!r} must hold whole pixel numbers") from None
+    return coords
+
+
 def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
     """Read and check a manifest; returns the listing rows in listing order (by key)."""
     loc = storage.resolve(source)
@@ -164,16 +179,7 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
                           f"(output columns are listed in the README's schema)")
     paths = resolve_paths(table.column("path"), folder)
     if boxes:
-        coords = {}
-        for c in BOX_INPUT:
-            col = table.column(c)
-            if pa.types.is_string(col.type):  # CSV text: an empty cell is a missing coordinate (a bad_box row)
-                col = pc.utf8_trim_whitespace(col)
-                col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
-            try:
-                coords[c] = col.cast(pa.int32())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise KmnistError(f"manifest column {c!r} must hold whole pixel numbers") from None
+        coords = box_coordinates(table)
         keys = [box_key(p, *v) for p, *v in zip(paths, *(coords[c].to_pylist() for c in BOX_INPUT))]
         # Before anything is written: every page must have a file name of its own (batch_infer/page_ids.py).
         page_ids(paths, repeat(folder), table.column("image_id").to_pylist() if "image_id" in names else None)
