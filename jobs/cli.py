@@ -244,10 +244,10 @@ def model_int8(
     from kmnist_core.experiment import build_twin
 
     card = build_twin(model, data_dir)
-    gate = card.int8["gate"]
+    gate = card.int8.gate
     typer.echo(f"int8 twin of {model}: validation top-1 agreement {gate['agreement']:.2%}, accuracy "
                f"{gate['accuracy_int8']:.2%} vs {gate['accuracy_fp32']:.2%} fp32; "
-               + ("enabled" if card.int8["enabled"] else f"not enabled ({card.int8['fallback']})"))
+               + ("enabled" if card.int8.enabled else f"not enabled ({card.int8.fallback})"))
 
 
 def print_summary(summary: dict, out: str) -> None:

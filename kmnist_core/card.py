@@ -1,15 +1,16 @@
 """The model card, read and validated in one place (as timm's PretrainedCfg is one typed structure).
 
 `ModelCard.from_json` checks a card's JSON once and gives typed fields for everything the code reads: the
-architecture, classes, input size, the calibration for each runtime and the int8 section. `raw` keeps the
-JSON exactly as written: it is what travels into run records and every shard's footer. Cards are written
-by `train` (kmnist_core/experiment.py) and `kmnist-batch model int8`. No torch here.
+architecture, classes, input size, the calibration for each runtime and the int8 section (`Int8Section`,
+written only through its `to_json`). `raw` keeps the JSON exactly as written: it is what travels into run
+records and every shard's footer. Cards are written by `train` (kmnist_core/experiment.py) and
+`kmnist-batch model int8`. No torch here.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kmnist_core.classmap import ClassMap
@@ -48,6 +49,44 @@ def calibration_key(calib: dict) -> dict:
 
 
 @dataclass(frozen=True)
+class Int8Probe:
+    """The int8 twin's probe file: crops with the logits measured where the gate ran (kmnist_core/int8.py)."""
+
+    file: str
+    sha256: str
+    images: int
+    split: str
+    tolerance: float  # max |int8 logit on this CPU - int8 logit at build|
+
+
+@dataclass(frozen=True)
+class Int8Section:
+    """A card's `int8` section: the int8 twin's file, how it was built and checked, its calibration and its
+    verdict (kmnist_core/int8.py build_int8). JSON keys are the field names, in this order."""
+
+    file: str
+    sha256: str
+    method: str
+    runtime: str
+    calibration_data: dict  # dataset, split, images, seed: what quantization calibrated on
+    calibration: dict  # int8's temperature, ood_score, thresholds (refitted on its logits, or the card's own)
+    fitted_against: dict  # calibration_key() of the fp32 calibration the refit started from
+    gate: dict  # the check against fp32 on validation, and the CPU it ran on
+    probe: Int8Probe
+    enabled: bool  # passed the gate: precision auto may run it
+    fallback: str | None  # why not, when not
+    val: dict  # int8 against fp32 on validation and test (kmnist_core/int8.py compare)
+    test: dict
+
+    @classmethod
+    def from_json(cls, section: dict) -> "Int8Section":
+        return cls(**{**section, "probe": Int8Probe(**section["probe"])})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     model_id: str
     architecture: str
@@ -55,7 +94,7 @@ class ModelCard:
     input_size: int
     classes: ClassMap
     calibration: Calibration  # the fp32 model's
-    int8: dict | None  # the int8 twin's section: files' sha256, gate, probe, figures (kmnist_core/int8.py)
+    int8: Int8Section | None  # the int8 twin's section: files' sha256, gate, probe, figures (kmnist_core/int8.py)
     training_dataset: str | None
     training_data_dir: str | None
     raw: dict
@@ -72,7 +111,8 @@ class ModelCard:
             return cls(model_id=raw.get("model_id", "unknown"), architecture=raw["architecture"]["name"],
                        num_classes=int(raw["architecture"]["num_classes"]), input_size=int(raw["input"]["size"]),
                        classes=ClassMap.from_records(raw["classes"]),
-                       calibration=Calibration.from_json(raw.get("calibration") or {}), int8=raw.get("int8"),
+                       calibration=Calibration.from_json(raw.get("calibration") or {}),
+                       int8=Int8Section.from_json(raw["int8"]) if raw.get("int8") is not None else None,
                        training_dataset=training.get("dataset"),
                        training_data_dir=(training.get("config") or {}).get("data_dir"), raw=raw)
         except (KeyError, TypeError, ValueError) as e:
@@ -83,13 +123,13 @@ class ModelCard:
         the card's fp32 calibration was changed since (a hand-tuned card is then honoured as is). The one
         place this rule is written: the decision policy (kmnist_core/policy.py) and the audit's promise
         (kmnist_core/decisions.py) both read it here."""
-        section = self.int8 or {}
-        if precision == "int8" and section.get("fitted_against") == calibration_key(self.raw.get("calibration") or {}):
-            return Calibration.from_json({**(self.raw.get("calibration") or {}), **section["calibration"]})
+        calib = self.raw.get("calibration") or {}
+        if precision == "int8" and self.int8 is not None and self.int8.fitted_against == calibration_key(calib):
+            return Calibration.from_json({**calib, **self.int8.calibration})
         return self.calibration
 
-    def with_int8(self, section: dict) -> "ModelCard":
-        return ModelCard.from_json({**self.raw, "int8": section})
+    def with_int8(self, section: Int8Section) -> "ModelCard":
+        return ModelCard.from_json({**self.raw, "int8": section.to_json()})
 
 
 def read_card(model_dir: Path) -> ModelCard:

@@ -24,7 +24,7 @@ from kmnist_core.evaluate import calibration_report, classification_metrics, rev
 from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
 from kmnist_core.review import REVIEW_REASONS, review_reasons
 from kmnist_core.files import json_text, write_json_atomic
-from kmnist_core.card import CARD_FILE, ModelCard, read_card
+from kmnist_core.card import CARD_FILE, Int8Section, ModelCard, read_card
 from kmnist_core.int8 import build_int8, compare
 from kmnist_core.precision import Int8Twin
 from kmnist_core.model_dir import (Predictor, load_model, load_torch_model, pick_device, read_model_files,
@@ -189,7 +189,7 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
     return card
 
 
-def make_int8(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[Int8Twin, dict]:
+def int8_twin(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[Int8Twin, Int8Section]:
     """The model's int8 twin, calibrated on its training images and checked on val (kmnist_core/int8.py)."""
     fp32 = optimize_for_inference(model.cpu())
     logits = lambda images: predict_logits(fp32, images, "cpu", batch_size)  # noqa: E731
@@ -197,6 +197,12 @@ def make_int8(model: torch.nn.Module, card: dict, data: Dataset, device: str, ba
                                (data.test.images, data.test.labels), logits, data.name)
     model.to(device)
     return twin, section
+
+
+def make_int8(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[Int8Twin, dict]:
+    """int8_twin, with the section as the JSON of a card being built (Int8Section.to_json)."""
+    twin, section = int8_twin(model, card, data, device, batch_size)
+    return twin, section.to_json()
 
 
 def build_twin(name_or_path: str, data_dir: str | None = None) -> ModelCard:
@@ -208,7 +214,7 @@ def build_twin(name_or_path: str, data_dir: str | None = None) -> ModelCard:
     if not card.training_dataset:
         raise KmnistError(f"{model_dir}'s card names no training dataset: its int8 twin cannot be calibrated")
     data = load_dataset(card.training_dataset, data_dir or card.training_data_dir, allow_download=False)
-    twin, section = make_int8(model, card.raw, data, "cpu", 1024)
+    twin, section = int8_twin(model, card.raw, data, "cpu", 1024)
     card = card.with_int8(section)
     try:
         write_files(model_dir, [*twin_files(twin), (CARD_FILE, json_text(card.raw).encode("utf-8"))])
@@ -283,7 +289,8 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
                       predictor.temperature, fp32.review_params(), predictor.calibration.review_params()),
             "fp32_rows_share": float(fp32_rows.mean()) if len(fp32_rows) else 0.0,
             "twin_alone_agreement": float((twin_alone.argmax(1) == fp32_logits.argmax(1)).mean()) if len(logits) else 1.0,
-            "card_check": {k: predictor.card.int8.get(k) for k in ("gate", "enabled", "fallback")}}
+            "card_check": {"gate": predictor.card.int8.gate, "enabled": predictor.card.int8.enabled,
+                           "fallback": predictor.card.int8.fallback}}
     out.mkdir(parents=True, exist_ok=True)
     write_evaluation_plots(out, part, logits, predictor.temperature, data.classes, f"{data.name} {split}")
     if unknown is not None:

@@ -66,7 +66,7 @@ import numpy as np
 
 from kmnist_core import calibration
 from kmnist_core.errors import KmnistError
-from kmnist_core.card import Calibration, calibration_key
+from kmnist_core.card import Calibration, Int8Probe, Int8Section, calibration_key
 from kmnist_core.precision import Int8Twin
 from kmnist_core.transforms import MEAN, STD
 
@@ -363,7 +363,7 @@ def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray
 
 def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], fp32_logits: Callable[[np.ndarray], np.ndarray],
-               dataset: str) -> tuple[Int8Twin, dict]:
+               dataset: str) -> tuple[Int8Twin, Int8Section]:
     """Quantize an inference-ready fp32 model and measure it. Returns the twin's files and the card's
     `int8` section (calibration refitted on int8 val logits, the gate's verdict and the CPU it ran on,
     test figures, the probe)."""
@@ -396,38 +396,37 @@ def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.n
     val_report = compare(val_fp32, val_int8, val_y, t_fp32, t_int8, *reviews)
     probe_x = probe_sample(val_x)
     probe = make_probe(probe_x, fp32_logits(probe_x), runner.logits(probe_x))
-    drop = val_report["fp32"]["accuracy"] - val_report["int8"]["accuracy"]
-    reasons = []
     low, high = weight_range(onnx_int8)
-    if max(-low, high) > MAX_WEIGHT:
-        reasons.append(f"int8 weights reach {max(-low, high)} (> {MAX_WEIGHT}): AVX2 kernels could saturate")
+    reasons = gate_failures(val_report, max(-low, high))
+    section = Int8Section(
+        file=INT8_FILE, sha256=sha256(onnx_int8), method=METHOD, runtime=f"onnxruntime {onnxruntime.__version__}",
+        calibration_data={"dataset": dataset, "split": "train", "images": int(len(sample)), "seed": CALIBRATION_SEED},
+        calibration=int8_calib, fitted_against=calibration_key(calib),
+        gate={"split": "val", "min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP,
+              "agreement": val_report["agreement"], "accuracy_fp32": val_report["fp32"]["accuracy"],
+              "accuracy_int8": val_report["int8"]["accuracy"], "weight_range": [low, high], "cpu": cpu_features()},
+        probe=Int8Probe(PROBE_FILE, sha256(probe), int(len(probe_x)), "val", PROBE_TOLERANCE),
+        enabled=not reasons, fallback="; ".join(reasons) + ": precision auto runs fp32" if reasons else None,
+        val=val_report, test=compare(fp32_logits(test_x), runner.logits(test_x), test_y, t_fp32, t_int8, *reviews))
+    return Int8Twin(onnx_int8, probe), section
+
+
+def gate_failures(val_report: dict, max_weight: int) -> list[str]:
+    """Why a twin may not run under precision auto (none: it passed its gate)."""
+    reasons = []
+    drop = val_report["fp32"]["accuracy"] - val_report["int8"]["accuracy"]
+    if max_weight > MAX_WEIGHT:
+        reasons.append(f"int8 weights reach {max_weight} (> {MAX_WEIGHT}): AVX2 kernels could saturate")
     if val_report["agreement"] < MIN_AGREEMENT:
         reasons.append(f"validation top-1 agreement {val_report['agreement']:.4f} < {MIN_AGREEMENT}")
     if drop > MAX_ACCURACY_DROP + 1e-12:
         reasons.append(f"validation accuracy drops {drop * 100:.2f} points (> {MAX_ACCURACY_DROP * 100:.1f})")
-    section = {
-        "file": INT8_FILE, "sha256": sha256(onnx_int8), "method": METHOD, "runtime": f"onnxruntime {onnxruntime.__version__}",
-        "calibration_data": {"dataset": dataset, "split": "train", "images": int(len(sample)), "seed": CALIBRATION_SEED},
-        "calibration": int8_calib, "fitted_against": calibration_key(calib),
-        "gate": {"split": "val", "min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP,
-                 "agreement": val_report["agreement"], "accuracy_fp32": val_report["fp32"]["accuracy"],
-                 "accuracy_int8": val_report["int8"]["accuracy"], "weight_range": [low, high],
-                 "cpu": cpu_features()},
-        "probe": {"file": PROBE_FILE, "sha256": sha256(probe), "images": int(len(probe_x)), "split": "val",
-                  "tolerance": PROBE_TOLERANCE},
-        "enabled": not reasons,
-        "fallback": "; ".join(reasons) + ": precision auto runs fp32" if reasons else None,
-        "val": val_report,
-        "test": compare(fp32_logits(test_x), runner.logits(test_x), test_y, t_fp32, t_int8,
-                        *reviews),
-    }
-    return Int8Twin(onnx_int8, probe), section
+    return reasons
 
 
-def check_twin(twin: Int8Twin, section: dict, source: str) -> None:
-    """Refuse int8 files that are not the ones the card names (or a card that names none)."""
-    for name, data, expected in ((INT8_FILE, twin.onnx, section.get("sha256")),
-                                 (PROBE_FILE, twin.probe, (section.get("probe") or {}).get("sha256"))):
+def check_twin(twin: Int8Twin, section: Int8Section, source: str) -> None:
+    """Refuse int8 files that are not the ones the card names."""
+    for name, data, expected in ((INT8_FILE, twin.onnx, section.sha256), (PROBE_FILE, twin.probe, section.probe.sha256)):
         actual = sha256(data)
         if actual != expected:
             raise KmnistError(f"int8 model of {source} is not the one its card names: {name} hashes to "

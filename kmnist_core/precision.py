@@ -61,13 +61,12 @@ def resolve_precision(requested: str, device: str, card: ModelCard, twin: Int8Tw
         if twin is None:
             raise KmnistError(f"{source} has no int8 twin (model.int8.onnx); build it with `{twin_command(source)}`")
         return Precision("int8", "int8")
-    section = card.int8 or {}
     if device != "cpu":
         return Precision("auto", "fp32", f"int8 is a CPU path; device {device} runs fp32")
-    if twin is None:
+    if twin is None or card.int8 is None:
         return Precision("auto", "fp32", f"no int8 twin in {source}; `{twin_command(source)}` builds one")
-    if not section.get("enabled"):
-        return Precision("auto", "fp32", section.get("fallback") or "the int8 twin failed its gate")
+    if not card.int8.enabled:
+        return Precision("auto", "fp32", card.int8.fallback or "the int8 twin failed its gate")
     return Precision("auto", "int8")
 
 

@@ -3,6 +3,7 @@ every trained model directory gets a checked int8 twin, precision auto falls bac
 fails or there is no twin, and `predict --precision` reaches the rows. Building a twin explicitly and
 the probe: tests/test_int8_twin.py."""
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -28,9 +29,10 @@ from tests.test_cli import invoke
 def test_default_model_ships_its_int8_twin_with_unchanged_accuracy(kmnist_dev):
     card, weights = read_model_files("default")
     section = card.int8
-    assert sha256((DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()) == section["sha256"]
-    assert section["enabled"] and section["fallback"] is None
-    assert section["calibration_data"] == {"dataset": "kmnist-dev", "split": "train", "images": 2048, "seed": 0}
+    assert sha256((DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()) == section.sha256
+    assert section.enabled and section.fallback is None
+    assert section.calibration_data == {"dataset": "kmnist-dev", "split": "train", "images": 2048, "seed": 0}
+    assert section.to_json() == card.raw["int8"]  # the card's JSON, key for key, is its dataclass's
     fp32, q = load_model("default", precision="fp32"), load_model("default")  # auto on CPU: int8
     assert (fp32.precision, q.precision) == ("fp32", "int8")
     test = kmnist_dev.test
@@ -48,13 +50,13 @@ def test_default_model_ships_its_int8_twin_with_unchanged_accuracy(kmnist_dev):
     nll = lambda logits: float(-np.log(calibration.softmax(logits, q.temperature)[np.arange(len(logits)), test.labels]).mean())  # noqa: E731
     assert abs(nll(i) - nll(f)) <= max(0.1 * nll(f), 0.002)
     # The card's figures are the ones measured here.
-    assert section["test"]["agreement"] == pytest.approx(agreement)
-    assert section["test"]["int8"]["accuracy"] == pytest.approx(acc_i)
+    assert section.test["agreement"] == pytest.approx(agreement)
+    assert section.test["int8"]["accuracy"] == pytest.approx(acc_i)
     # Its thresholds come from out-of-fold predictions (int8_refit false): int8 runs on them, not on a
     # refit on images it was trained on.
     assert card.raw["calibration"]["int8_refit"] is False
     assert (q.temperature, q.review_below, q.ood_threshold) == (fp32.temperature, fp32.review_below, fp32.ood_threshold)
-    assert q.review_below == section["calibration"]["review_below"]
+    assert q.review_below == section.calibration["review_below"]
 
 
 def test_int8_predictor_from_a_bundle_as_a_worker_receives_it(kmnist_dev):
@@ -214,7 +216,7 @@ def test_auto_precision_is_fp32_on_cuda_and_follows_the_check():
     assert decide("fp32", "cpu") == "fp32"
     with pytest.raises(KmnistError, match="CPU only"):
         decide("int8", "cuda")
-    assert decide("auto", "cpu", card=card.with_int8({**card.int8, "enabled": False})) == "fp32"
+    assert decide("auto", "cpu", card=card.with_int8(dataclasses.replace(card.int8, enabled=False))) == "fp32"
     assert decide("auto", "cpu", twin=None) == "fp32"
 
 
