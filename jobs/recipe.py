@@ -68,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=1, help="folds at once, each in a process of its own")
     parser.add_argument("--results", type=Path, help="default recipes/RECIPE (committed)")
-    parser.add_argument("--work", type=Path, help="default runs/recipes/RECIPE (checkpoints)")
+    parser.add_argument("--work", type=Path, help="checkpoints; default recipes/RECIPE/checkpoints (committed while a "
+                                                  "fold runs, a few MB, so a session on another machine resumes it)")
     args = parser.parse_args(argv)
     recipe = Recipe(args.recipe, args.folds, args.results or Path("recipes") / args.recipe,
-                    args.work or Path("runs") / "recipes" / args.recipe, threads=args.threads)
+                    args.work or Path("recipes") / args.recipe / "checkpoints", threads=args.threads)
     if args.stage == "review":
         write_review(recipe)
     elif args.stage == "final":

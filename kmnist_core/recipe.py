@@ -14,7 +14,9 @@ machine carries on):
     recipe.json     the recipe, fold count, seeds, the hands each fold held out, the machine
     fold-K.npz      index (into the pool), labels, source, logits, the wall time and epochs of the fold
     fold-K.pt       the fold model's weights (a plain state dict)
-and in the work folder (not committed) a checkpoint every few epochs, so a killed fold resumes there.
+and in the work folder (by default recipes/RECIPE/checkpoints/, committed while a fold is unfinished: 2 MB)
+a checkpoint every few epochs, so a killed fold resumes there, on this machine or another; a finished
+fold's checkpoint is deleted.
 Entry point: `python -m jobs.recipe folds` (`make default-model`).
 """
 
@@ -122,7 +124,7 @@ class Recipe:
     name: str
     folds: int
     results: Path  # committed record: recipe.json, fold-K.npz, fold-K.pt
-    work: Path  # checkpoints (not committed)
+    work: Path  # checkpoints of unfinished folds
     seed: int = 0
     threads: int = 1
 
@@ -189,6 +191,7 @@ def run_fold(recipe: Recipe, k: int, pool: LabelledPool | None = None) -> Path:
     np.savez_compressed(tmp, index=held, labels=data.test.labels, source=pool.source[held], logits=logits,
                         wall_s=np.float64(wall), epochs=np.int64(len(run.history)))
     os.replace(tmp, done)
+    (recipe.work / f"fold-{k}.ckpt.pt").unlink(missing_ok=True)  # the fold's results replace its checkpoint
     acc = float((logits.argmax(1) == data.test.labels).mean())
     print(f"fold {k}: held-out accuracy {acc:.4f} on {len(held)} images, {wall / 60:.1f} min", flush=True)
     return done

@@ -47,6 +47,7 @@ def train_final(recipe: Recipe, data: Dataset) -> torch.nn.Module:
         tmp = weights.with_suffix(".tmp")
         torch.save({n: t.detach().cpu() for n, t in run.model.state_dict().items()}, tmp)
         os.replace(tmp, weights)
+        (recipe.work / "all.ckpt.pt").unlink(missing_ok=True)
         print(f"{recipe.name} on all {len(data.train):,}: {wall / 60:.1f} min", flush=True)
     model = create_model(RECIPES[recipe.name]["model"], len(data.classes), data.input_size)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

@@ -76,6 +76,7 @@ def test_a_killed_fold_resumes_and_the_review_and_the_final_model_come_from_the_
         recipe.run_fold(r, 0, pool)
     assert (r.work / "fold-0.ckpt.pt").exists() and not (r.results / "fold-0.npz").exists()
     recipe.run_fold(r, 0, pool)  # resumes at epoch 2
+    assert not (r.work / "fold-0.ckpt.pt").exists()  # the fold's results replace its checkpoint
     monkeypatch.setattr(recipe, "train_model", real)
     recipe.run_fold(r, 1, pool)
     fold0 = np.load(r.results / "fold-0.npz")
