@@ -14,7 +14,7 @@ import pyarrow as pa
 
 # 2: ink box, ood_score, review_reason; prediction fields null on blank crops too.
 # 3: rows unchanged; one shard per listing chunk (chunk-<id>.parquet) with its chunk record in the footer.
-# 4: precision (int8 or fp32: the runtime that produced the row; a worker whose CPU fails the int8 probe runs fp32,
+# 4: precision (int8 or fp32: the runtime that produced the row; a run whose driver's CPU fails the int8 probe runs fp32,
 #    and an int8 run computes its rows near a decision in fp32).
 SCHEMA_VERSION = "4"
 
