@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.oof_folds import (RECIPES, RESULTS, ROOT, TEACHER_RECIPE, all_images, recipe_config,  # noqa: E402
-                              train_resumable, trained_model)
+from bench.oof_folds import RECIPES, RESULTS, ROOT, TEACHER_RECIPE, all_images, recipe_config, trained_model  # noqa: E402,E501
+from kmnist_core.recipe import train_resumable  # noqa: E402
 from bench.oof_thresholds import load_folds  # noqa: E402
 from kmnist_core.datasets import Dataset  # noqa: E402
 from kmnist_core.evaluate import calibration_report, classification_metrics  # noqa: E402
@@ -52,7 +52,7 @@ def train_all(recipe: str, threads: int) -> torch.nn.Module:
     weights = RESULTS / recipe / "all.pt"
     if not weights.is_file():
         teachers = [train_all(TEACHER_RECIPE[recipe], threads)] if recipe in TEACHER_RECIPE else []
-        run, wall = train_resumable(f"{recipe} all", cfg, data, WORK / recipe / "all.ckpt.pt", 5, teachers)
+        run, wall = train_resumable(f"{recipe} all", cfg, data, WORK / recipe / "all.ckpt.pt", teachers)
         tmp = weights.with_suffix(".tmp")
         torch.save({n: t.detach().cpu() for n, t in run.model.state_dict().items()}, tmp)
         tmp.replace(weights)

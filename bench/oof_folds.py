@@ -11,7 +11,7 @@ What a fold leaves, in `--results` (committed: a few hundred KB a fold, so the n
 machine picks up where this one stopped):
     fold-K.npz      index (into the 8,000), labels, logits, neg_logits, and the wall time of the fold
     fold-K.pt       the fold model's weights (a plain state dict)
-and in `--work` (not committed): a checkpoint every `--checkpoint-every` epochs, so a killed fold resumes
+and in `--work` (not committed): a checkpoint every 5 epochs (kmnist_core.recipe.train_resumable), so a killed fold resumes
 at its last checkpoint instead of epoch 1.
 
     nice -n 19 .venv/bin/python bench/oof_folds.py --recipe plain-oe --parallel 2
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,9 @@ import torch
 from kmnist_core.datasets import Dataset, Split, load_dataset
 from kmnist_core.files import write_json_atomic
 from kmnist_core.models import create_model, predict_logits
-from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
+from jobs.recipe import run_in_parallel
+from kmnist_core.recipe import train_resumable
+from kmnist_core.train import TrainConfig, validation_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLD_SEED = 20261204
@@ -102,32 +103,9 @@ def trained_model(recipe: str, weights: Path, data: Dataset) -> torch.nn.Module:
     return model.eval()
 
 
-def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path, checkpoint_every: int,
-                    teachers: list[torch.nn.Module]) -> tuple[TrainRun, float]:
-    """Train, saving a checkpoint every `checkpoint_every` epochs and resuming from `ckpt` if it exists.
-    Returns the run and its wall time in seconds, summed over resumptions."""
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
-    spent = float(state.pop("wall_s")) if state else 0.0
-    started = time.perf_counter()
-    if state:
-        print(f"{name}: resuming after epoch {len(state['history'])}", flush=True)
-
-    def on_epoch(metrics: dict, run: TrainRun) -> None:
-        print(f"{name} epoch {metrics['epoch']}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
-              f"{metrics['epoch_time_s']:.1f}s", flush=True)
-        if metrics["epoch"] % checkpoint_every == 0 or metrics["epoch"] == cfg.epochs:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({**run.state_dict(), "wall_s": spent + time.perf_counter() - started}, tmp)
-            os.replace(tmp, ckpt)
-
-    run = train_model(cfg, data, "cpu", on_epoch, resume_state=state, teacher_models=teachers)
-    return run, spent + time.perf_counter() - started
-
-
 def run_fold(k: int, cfg: TrainConfig, data: Dataset, held: np.ndarray, work: Path, results: Path,
-             checkpoint_every: int, teachers: list[torch.nn.Module]) -> None:
-    run, trained_s = train_resumable(f"fold {k}", cfg, data, work / f"fold-{k}.ckpt.pt", checkpoint_every, teachers)
+             teachers: list[torch.nn.Module]) -> None:
+    run, trained_s = train_resumable(f"fold {k}", cfg, data, work / f"fold-{k}.ckpt.pt", teachers)
     started = time.perf_counter()
     logits = predict_logits(run.model, data.test.images, "cpu")
     neg_images, _ = validation_negatives(cfg, data)
@@ -143,24 +121,6 @@ def run_fold(k: int, cfg: TrainConfig, data: Dataset, held: np.ndarray, work: Pa
     print(f"fold {k}: held-out accuracy {acc:.4f} on {len(held)} images, {wall / 60:.1f} min", flush=True)
 
 
-def run_in_parallel(parallel: int, argv: list[str]) -> None:
-    """Each fold as `oof_folds.py ARGV --fold K`, `parallel` at a time; fails if any fold failed."""
-    argv = [a for i, a in enumerate(argv) if a != "--parallel" and (i == 0 or argv[i - 1] != "--parallel")]
-    folds = int(argv[argv.index("--folds") + 1]) if "--folds" in argv else 5
-    pending, running, failed = list(range(folds)), [], []
-    while pending or running:
-        while pending and len(running) < parallel:
-            k = pending.pop(0)
-            running.append((k, subprocess.Popen([sys.executable, __file__, *argv, "--fold", str(k)])))
-        time.sleep(1)
-        for k, proc in [r for r in running if r[1].poll() is not None]:
-            running.remove((k, proc))
-            if proc.returncode:
-                failed.append(k)
-    if failed:
-        raise SystemExit(f"error: fold(s) {', '.join(map(str, failed))} failed; rerun the same command to resume")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="plain-oe", choices=sorted(RECIPES))
@@ -168,14 +128,14 @@ def main() -> None:
     parser.add_argument("--fold", type=int, help="run this fold only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--results", type=Path, help="default bench/results/oof/RECIPE")
     parser.add_argument("--work", type=Path, help="default runs/oof/RECIPE")
     parser.add_argument("--parallel", type=int, default=1,
                         help="folds trained at once, each in a process of its own (2 on 2 cores, --threads 1)")
     args = parser.parse_args()
     if args.parallel > 1 and args.fold is None:
-        run_in_parallel(args.parallel, [a for a in sys.argv[1:]])
+        argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--parallel" and (i == 0 or sys.argv[i] != "--parallel")]
+        run_in_parallel([sys.executable, __file__, *argv], args.folds, args.parallel)
         return
 
     results = args.results or RESULTS / args.recipe
@@ -197,7 +157,7 @@ def main() -> None:
         # The teacher recipe's model of fold k: trained on the same folds as this student.
         teachers = [trained_model(teacher_recipe, results.parent / teacher_recipe / f"fold-{k}.pt", data)
                     ] if teacher_recipe else []
-        run_fold(k, cfg, data, np.flatnonzero(fold == k), work, results, args.checkpoint_every, teachers)
+        run_fold(k, cfg, data, np.flatnonzero(fold == k), work, results, teachers)
 
 
 if __name__ == "__main__":

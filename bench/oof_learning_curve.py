@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.oof_folds import (RECIPES, RESULTS, ROOT, all_images, fold_dataset, recipe_config,  # noqa: E402
-                             stratified_folds, train_resumable)
+from bench.oof_folds import RECIPES, RESULTS, ROOT, all_images, fold_dataset, recipe_config, stratified_folds  # noqa: E402,E501
+from kmnist_core.recipe import train_resumable  # noqa: E402
 from kmnist_core.datasets import Dataset, Split  # noqa: E402
 from kmnist_core.models import predict_logits  # noqa: E402
 
@@ -72,7 +72,7 @@ def main() -> None:
     fold = stratified_folds(full.labels, 5)
     data = subset(fold_dataset(full, base, fold, args.fold), args.fraction)
     ckpt = ROOT / "runs" / "oof" / args.recipe / "curve" / f"fold-{args.fold}-{args.fraction:g}.ckpt.pt"
-    run, wall = train_resumable(f"fold {args.fold} at {args.fraction:g}", recipe_config(args.recipe), data, ckpt, 5, [])
+    run, wall = train_resumable(f"fold {args.fold} at {args.fraction:g}", recipe_config(args.recipe), data, ckpt)
     logits = predict_logits(run.model, data.test.images, "cpu")
     tmp = out.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, labels=data.test.labels, logits=logits, train_images=np.int64(len(data.train.labels)),

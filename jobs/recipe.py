@@ -15,13 +15,13 @@ from pathlib import Path
 from kmnist_core.recipe import RECIPES, Recipe, run_fold
 
 
-def run_in_parallel(recipe: Recipe, parallel: int, argv: list[str]) -> None:
-    """Each fold as `python -m jobs.recipe ARGV --fold K`, `parallel` at a time; fails if any fold failed."""
-    pending, running, failed = list(range(recipe.folds)), [], []
+def run_in_parallel(command: list[str], folds: int, parallel: int) -> None:
+    """`command --fold K` for every fold, `parallel` processes at a time; fails if any fold failed."""
+    pending, running, failed = list(range(folds)), [], []
     while pending or running:
         while pending and len(running) < parallel:
             k = pending.pop(0)
-            running.append((k, subprocess.Popen([sys.executable, "-m", "jobs.recipe", *argv, "--fold", str(k)])))
+            running.append((k, subprocess.Popen([*command, "--fold", str(k)])))
         time.sleep(1)
         for k, proc in [r for r in running if r[1].poll() is not None]:
             running.remove((k, proc))
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.parallel > 1:
         passed = ["folds", "--recipe", recipe.name, "--folds", str(recipe.folds), "--threads", str(recipe.threads),
                   "--results", str(recipe.results), "--work", str(recipe.work)]
-        run_in_parallel(recipe, args.parallel, passed)
+        run_in_parallel([sys.executable, "-m", "jobs.recipe", *passed], recipe.folds, args.parallel)
     else:
         for k in range(recipe.folds):
             run_fold(recipe, k)

@@ -27,6 +27,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -149,9 +150,10 @@ def fold_dataset(pool: LabelledPool, fold: np.ndarray, k: int) -> Dataset:
                    held_split, f"pooled fold {k}: trained on the other folds", "accuracy")
 
 
-def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path) -> tuple[TrainRun, float]:
-    """Train, saving a checkpoint every CHECKPOINT_EVERY epochs and resuming from `ckpt` if it exists.
-    Returns the run and its wall time in seconds, summed over resumptions."""
+def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path,
+                    teachers: Sequence[torch.nn.Module] = ()) -> tuple[TrainRun, float]:
+    """Train (distilling from `teachers`, if any), saving a checkpoint every CHECKPOINT_EVERY epochs and
+    resuming from `ckpt` if it exists. Returns the run and its wall time in seconds, summed over resumptions."""
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
     spent = float(state.pop("wall_s")) if state else 0.0
@@ -167,7 +169,7 @@ def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path) -> t
             torch.save({**run.state_dict(), "wall_s": spent + time.perf_counter() - started}, tmp)
             os.replace(tmp, ckpt)
 
-    run = train_model(cfg, data, "cpu", on_epoch, resume_state=state)
+    run = train_model(cfg, data, "cpu", on_epoch, resume_state=state, teacher_models=teachers)
     return run, spent + time.perf_counter() - started
 
 

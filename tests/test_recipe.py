@@ -63,12 +63,12 @@ def test_a_killed_fold_resumes_and_the_review_and_the_final_model_come_from_the_
     r, pool = tiny
     real = recipe.train_model
 
-    def killed_after_first_epoch(cfg, data, device, on_epoch, resume_state=None):
+    def killed_after_first_epoch(cfg, data, device, on_epoch, resume_state=None, teacher_models=()):
         def stop(metrics, run):
             on_epoch(metrics, run)
             if resume_state is None:
                 raise Killed  # after epoch 1's checkpoint
-        return real(cfg, data, device, stop, resume_state=resume_state)
+        return real(cfg, data, device, stop, resume_state=resume_state, teacher_models=teacher_models)
 
     monkeypatch.setattr(recipe, "train_model", killed_after_first_epoch)
     monkeypatch.setattr(recipe, "CHECKPOINT_EVERY", 1)
