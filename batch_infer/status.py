@@ -20,9 +20,7 @@ Alive or not:
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shlex
 import time
 from pathlib import Path
@@ -37,30 +35,13 @@ from batch_infer.report import SUMMARY_DIR
 from kmnist_core import decisions, storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
-from kmnist_core.out_lock import LOCK_FILE, holder_alive, read_holder, store_holder
+from kmnist_core.out_lock import holder_alive, probe, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
 from kmnist_core.review import REVIEW_REASONS
 from kmnist_core.run_record import RUN_FILE
 from kmnist_core.storage import Location
 
 GRID_FILE = "grid.json"
-
-
-def probe_lock(out: Path) -> tuple[bool, dict | None]:
-    """(is the lock held by a live process, the holder named in the file)."""
-    try:
-        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False, None
-    try:
-        holder = read_holder(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True, holder
-        return False, holder
-    finally:
-        os.close(fd)  # releases the probe's shared lock
 
 
 def read_json(out: Location, name: str) -> dict | None:
@@ -131,7 +112,7 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
     loc = storage.resolve(out)
     now = time.time() if now is None else now
     if loc.local:
-        alive, holder = probe_lock(Path(loc.path))
+        alive, holder = probe(Path(loc.path))
         judged_by = "lock"
     else:
         holder = store_holder(loc)

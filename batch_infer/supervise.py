@@ -13,7 +13,6 @@ all of that itself, and the parent only reads and writes run.json once the child
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from kmnist_core import storage
-from kmnist_core.out_lock import LOCK_FILE, read_holder, store_holder
+from kmnist_core.out_lock import store_holder, take_if_free
 from kmnist_core.run_record import read_run, write_run
 
 OUTCOMES = ("completed", "user_error", "interrupted", "bug")
@@ -79,19 +78,12 @@ def mark_failed(out: str, child: int, reason: str) -> bool:
     location = storage.resolve(out)
     if not location.local:
         return mark_failed_in_store(location, child, reason)
-    out = Path(location.path)
     try:
-        fd = os.open(out / LOCK_FILE, os.O_RDWR)
-    except OSError:
-        return False  # the child stopped before it locked OUT
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else may have started on OUT meanwhile
-        holder = read_holder(fd)
-        return mark_run(location, holder, child, reason)
+        # no lock file: the child stopped before it locked OUT; a held one: someone else started on OUT meanwhile
+        with take_if_free(Path(location.path)) as holder:
+            return mark_run(location, holder, child, reason)
     except (OSError, ValueError):
         return False
-    finally:
-        os.close(fd)
 
 
 def mark_failed_in_store(out: storage.Location, child: int, reason: str) -> bool:

@@ -95,6 +95,37 @@ def held_here(holder: dict | None) -> bool:
         and holder.get("pid_start") == process_start(os.getpid())
 
 
+def probe(out: Path) -> tuple[bool, dict | None]:
+    """(is OUT/.lock held by a live process, the holder the file names) for a local OUT; (False, None)
+    when there is no OUT or no lock file yet. Takes a shared lock for an instant, never waits. The one
+    place outside `hold` that tries the flock: `refuse_if_busy`, `status` and the supervisor ask here."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, read_holder(fd)
+        return False, read_holder(fd)  # under the shared lock: no run writes the record meanwhile
+    finally:
+        os.close(fd)  # releases the probe's shared lock
+
+
+@contextmanager
+def take_if_free(out: Path) -> Iterator[dict | None]:
+    """Hold OUT/.lock exclusively for the block, without writing to it, and yield the holder the file
+    still names (a run that died without a clean end leaves its record there). Raises OSError when there
+    is no lock file or a live process holds it (BlockingIOError): nobody may start on OUT meanwhile."""
+    fd = os.open(out / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield read_holder(fd)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def refuse_if_busy(out: Path | Location) -> None:
     """Fail fast, before the slow checks (torch, the model), when another run holds OUT. Only a probe:
     `hold` takes the lock itself later."""
@@ -105,19 +136,9 @@ def refuse_if_busy(out: Path | Location) -> None:
                 raise KmnistError(busy_message(out.uri, holder))
             return
         out = Path(out.path)
-    try:
-        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return  # no OUT or no lock file yet: nobody holds it
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KmnistError(busy_message(out, read_holder(fd))) from None
-        if held_here(read_holder(fd)):
-            raise KmnistError(busy_message(out, read_holder(fd)))
-    finally:
-        os.close(fd)
+    held, holder = probe(out)
+    if held or held_here(holder):
+        raise KmnistError(busy_message(out, holder))
 
 
 def holder_record(run_id: str) -> dict:
