@@ -38,10 +38,8 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.out_lock import holder_alive, probe, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
 from kmnist_core.review import REVIEW_REASONS
-from kmnist_core.run_record import RUN_FILE
+from kmnist_core.run_record import GRID_FILE, RUN_FILE
 from kmnist_core.storage import Location
-
-GRID_FILE = "grid.json"
 
 
 def read_json(out: Location, name: str) -> dict | None:

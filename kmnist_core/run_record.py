@@ -1,6 +1,7 @@
 """A run's identity and its record, OUT/run.json: what predict writes at its start and end (status,
 reason, options, figures), what the supervisor marks failed when the process died, what `status` and
-`report` read. The one place that names the file and reads or writes it."""
+`report` read. The one place that names the file and reads or writes it; and the name of tune's end
+record, OUT/grid.json, which tune writes and `status` reads (run records of both stages live here)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kmnist_core.files import json_text
 from kmnist_core.storage import Location
 
 RUN_FILE = "run.json"
+GRID_FILE = "grid.json"  # a tune run's summary at its end: trials, by status, best
 
 
 def new_run_id() -> str:

@@ -26,6 +26,7 @@ from batch_infer.status import run_status
 from kmnist_core import load_model
 from kmnist_core.errors import KmnistError
 from kmnist_core.progress import PROGRESS_FILE
+from kmnist_core.run_record import GRID_FILE
 from tests.crop_tree import HOLD_ENV, release
 from tests.processes import CLI, wait_for
 from tests.tune_helpers import hold, small_data_dir, trial_epochs  # noqa: F401 (small_data_dir: a fixture)
@@ -139,7 +140,7 @@ def test_grid_writes_tables_history_plots_and_best(grid_run):
     ok = trials[trials.lr == 0.001]
     assert (ok.status == "completed").all() and (ok.epochs_run == 2).all()
     # best/ is chosen on val and is a model directory predict and evaluate accept.
-    summary = json.loads((out / "grid.json").read_text(encoding="utf-8"))
+    summary = json.loads((out / GRID_FILE).read_text(encoding="utf-8"))
     best = summary["best"]
     assert best["best_val_acc"] == pytest.approx(trials.best_val_acc[trials.status == "completed"].max())
     model = load_model(out / "best")
@@ -152,7 +153,7 @@ def test_too_high_learning_rate_is_recorded_as_diverged_and_grid_goes_on(grid_ru
     trials = pd.read_parquet(grid_run.out / "trials.parquet")
     high = trials[trials.lr == 0.1]
     assert (high.status == "diverged").all(), high[["lr", "batch_size", "status", "final_val_acc"]]
-    summary = json.loads((grid_run.out / "grid.json").read_text(encoding="utf-8"))
+    summary = json.loads((grid_run.out / GRID_FILE).read_text(encoding="utf-8"))
     assert summary["errors"] == [] and summary["best"]["lr"] == 0.001
 
 
@@ -299,4 +300,4 @@ def test_asha_stops_a_trailing_trial_early_and_a_failing_trial_fails_the_command
     strong_at_rung = history[(history.lr == 0.003) & (history.epoch == 1)].val_acc.iloc[0]
     assert trials.epochs_run[0.003] == 2 and trials.epochs_run[1e-05] == 1
     assert trials.final_val_acc[1e-05] < strong_at_rung  # why ASHA stopped it
-    assert json.loads((out / "grid.json").read_text(encoding="utf-8"))["best"]["lr"] == 0.003
+    assert json.loads((out / GRID_FILE).read_text(encoding="utf-8"))["best"]["lr"] == 0.003

@@ -30,7 +30,7 @@ from kmnist_core.model_dir import pick_device
 from kmnist_core.options import option_args
 from kmnist_core.models import create_model
 from kmnist_core.ray_runtime import init_ray
-from kmnist_core.run_record import new_run_id
+from kmnist_core.run_record import GRID_FILE, new_run_id
 from kmnist_core.safe_text import csv_frame
 from kmnist_core.train import TrainConfig, TrainRun, train_model
 from tune.plots import write_grid_plots
@@ -258,5 +258,5 @@ def fit_grid(cfg: GridConfig, out: Path, data: Dataset, run_id: str, progress: G
                "by_status": trials.status.value_counts().to_dict(), "best": best,
                "errors": trials[trials.status == "error"][["trial", "lr", "batch_size", "error"]].to_dict("records"),
                "split_note": data.split_note}
-    write_json_atomic(out / "grid.json", summary)
+    write_json_atomic(out / GRID_FILE, summary)
     return summary
