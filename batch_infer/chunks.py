@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from batch_infer.discover import ListedFile
 from batch_infer.paths import name_text
-from batch_infer.schema import LISTING_SCHEMA
+from kmnist_core.schema import LISTING_SCHEMA
 
 
 

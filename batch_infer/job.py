@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from batch_infer import output, report_set
 from batch_infer.chunks import chunked
 from batch_infer.discover import check_inputs, count_ahead, iter_files
 from batch_infer.dispatch import pool_size, run_in_process, run_on_ray
@@ -29,18 +28,19 @@ from batch_infer.manifest import Manifest, manifest_chunks, read_manifest
 from batch_infer.options import PredictOptions
 from batch_infer.plan import Plan
 from batch_infer.progress import RunProgress
-from batch_infer.report import write_report_set
-from batch_infer.schema import SCHEMA_VERSION, footer
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
-from kmnist_core import out_lock, storage
+from kmnist_core import out_lock, predictions, storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import Interrupted, KmnistError
-from kmnist_core.options import option_args
-from kmnist_core.run_record import end_run, new_run_id, write_run
 from kmnist_core.model_dir import build_predictor, load_bundle
+from kmnist_core.options import option_args
 from kmnist_core.policy import DecisionPolicy
 from kmnist_core.precision import ModelBundle
+from kmnist_core.run_record import end_run, new_run_id, write_run
+from kmnist_core.schema import SCHEMA_VERSION, footer
 from kmnist_core.storage import Location
+from reviews import report_set
+from reviews.report import write_report_set
 
 # Up to this many files, a job with no Ray cluster to join runs in this process: starting Ray and its
 # workers costs seconds, which a small job never wins back (docs/benchmarks.md, "small jobs").
@@ -62,7 +62,7 @@ def make_out(out: Location) -> None:
 
 
 def previous_chunks(out: Location, metas: dict, opts: PredictOptions, model_id: str,
-                    precision: str) -> dict[str, output.ChunkRecord]:
+                    precision: str) -> dict[str, predictions.ChunkRecord]:
     """Check OUT's committed shards against --resume / --overwrite and the model; returns the chunks they
     hold, for resume to skip. Deletes nothing: --overwrite replaces the old shards at the first commit."""
     if not metas or opts.overwrite:
@@ -70,8 +70,8 @@ def previous_chunks(out: Location, metas: dict, opts: PredictOptions, model_id: 
     if not opts.resume:
         raise KmnistError(f"{out.uri} already holds predictions ({len(metas)} shards); "
                           f"pass --resume to finish that run or --overwrite to start again")
-    output.refuse_other_schema(out, metas, "writes")
-    runs = output.run_metadata(metas)[0]
+    predictions.refuse_other_schema(out, metas, "writes")
+    runs = predictions.run_metadata(metas)[0]
     previous = {run.get("model_id") for run in runs}
     if previous - {model_id}:
         raise KmnistError(f"{out.uri} was written by model {', '.join(sorted(previous))}, not {model_id}; "
@@ -81,7 +81,7 @@ def previous_chunks(out: Location, metas: dict, opts: PredictOptions, model_id: 
     if precisions - {precision}:
         raise KmnistError(f"{out.uri} was predicted at precision {', '.join(sorted(precisions))}, this run would use "
                           f"{precision}; resume with --precision {sorted(precisions)[0]} or use --overwrite")
-    return output.chunk_records(metas)
+    return predictions.chunk_records(metas)
 
 
 def ray_requested(opts: PredictOptions) -> bool:
@@ -205,7 +205,7 @@ class Run:
     meta: dict  # run.json's fields, every shard's footer "run"
     job: JobSpec
     plan: Plan
-    previous: dict[str, output.ChunkRecord]  # chunks committed before this run
+    previous: dict[str, predictions.ChunkRecord]  # chunks committed before this run
     metas: dict  # OUT's shard footers when the run began
     replacing: bool  # --overwrite with earlier output present
     tally: Tally
@@ -244,7 +244,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PredictOptions) -> 
 def resumed_options(opts: PredictOptions, metas: dict) -> PredictOptions:
     """--resume cuts the listing as the first run did, so its committed chunks are recognized by id (and
     their error rows can be re-read), and writes the page exports it asked for (rebuilt from all rows)."""
-    earlier = output.run_metadata(metas)[0][-1]["options"]
+    earlier = predictions.run_metadata(metas)[0][-1]["options"]
     return replace(opts, rows_per_shard=earlier["rows_per_shard"],
                    export=opts.export or tuple(earlier.get("export") or ()))
 
@@ -254,14 +254,14 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
     """With OUT locked: recover from a killed run, check OUT's earlier output against this run, and
     record what this run starts from."""
     out, card, opts = checked.out, checked.bundle.card, checked.opts
-    output.recover(out)
-    metas = output.footers(out)
-    replacing = opts.overwrite and bool(metas or storage.exists(output.predictions_dir(out)))
+    predictions.recover(out)
+    metas = predictions.footers(out)
+    replacing = opts.overwrite and bool(metas or storage.exists(predictions.predictions_dir(out)))
     previous = previous_chunks(out, metas, opts, card.model_id, checked.policy.used)
     if previous:
         opts = resumed_options(opts, metas)
     if not replacing:
-        storage.make_dirs(output.predictions_dir(out))
+        storage.make_dirs(predictions.predictions_dir(out))
     meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card.model_id, **checked.policy.record(),
             "inputs": [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i))
                        for i in checked.inputs],
@@ -299,7 +299,7 @@ def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]
     out = run.checked.out
 
     def swap(old: list[str]) -> None:
-        output.swap_in(out, run.meta["run_id"], old)
+        predictions.swap_in(out, run.meta["run_id"], old)
         report_set.withdraw(out)
 
     first = next(tasks, None)
@@ -308,8 +308,8 @@ def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]
         run.old_output_kept = False
         return iter(())
     if out.local:
-        first = staged(first, output.staging_dir(out, run.meta["run_id"]))
-    old = [n for n in run.metas if n != output.shard_name(first.chunk_id)]
+        first = staged(first, predictions.staging_dir(out, run.meta["run_id"]))
+    old = [n for n in run.metas if n != predictions.shard_name(first.chunk_id)]
     run.after_first = lambda: swap(old)
     return itertools.chain([first], tasks)
 
@@ -346,7 +346,7 @@ def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
     """Record the completed run, then write its summary and page outputs from every row in OUT."""
     out, card = run.checked.out, run.checked.bundle.card
     phases = summary.pop("phases_s")
-    output.write_run_record(out, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
+    predictions.write_run_record(out, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
     write_run(out, {**summary, "model_card": card.raw})
     if progress:
         progress.finish("completed")
@@ -407,7 +407,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
                 on_chunk: Callable[[dict], None] | None = None, progress: RunProgress | None = None) -> dict:
     """Predict every image under `inputs` (folders, files or object-store prefixes), or every row of
     `opts.manifest`, into `out`, then write OUT/summary/ (and, for boxes on pages, the page outputs:
-    batch_infer/pages_out.py).
+    reviews/pages_out.py).
 
     Everything is checked (options, inputs, the model, OUT and its lock, earlier output) before anything
     is written; on failure or Ctrl-C, run.json says why and every committed shard stays: a user's error

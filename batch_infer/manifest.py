@@ -12,7 +12,7 @@ Paths: a relative path resolves against the manifest's folder; absolute paths an
 manifest itself may be local or on an object store (read through pyarrow.fs).
 
 Every other column is passed through to the output rows unchanged, with its type. A column whose name
-is an output column (batch_infer/schema.py, plus the page columns below) is refused, not renamed: a
+is an output column (kmnist_core/schema.py, plus the page columns below) is refused, not renamed: a
 downstream join should find the manifest's names exactly as they were.
 
 The row key (`path_bytes`, `path`): for a crop row, the resolved path; for a box row, the page's path
@@ -41,22 +41,14 @@ import pyarrow.fs as pafs
 
 from batch_infer.chunks import boundary_hash
 from batch_infer.discover import ListedFile, order_key
-from batch_infer.page_ids import page_ids
-from batch_infer.schema import SCHEMA, box_key
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
+from kmnist_core.page_ids import page_ids
 from kmnist_core.pages import reading_order
+from kmnist_core.schema import PAGE_COLUMNS, SCHEMA, box_key
 
 BOX_INPUT = ("x", "y", "width", "height")
 KAGGLE_INPUT = ("image_id", "labels")
-# Output columns of a box row beyond schema.py's (width/height there are the box's size).
-PAGE_COLUMNS = pa.schema([
-    pa.field("page", pa.string()),  # the page image's path or URI
-    pa.field("box_x", pa.int32()), pa.field("box_y", pa.int32()),  # the box in page pixels
-    pa.field("box_w", pa.int32()), pa.field("box_h", pa.int32()),
-    pa.field("reading_index", pa.int32()),  # position in the page's text, from 0
-    pa.field("column_index", pa.int32()),  # column, 0 = rightmost
-])
 PAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # tried in this order for Kaggle
 
 
@@ -181,7 +173,7 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
     if boxes:
         coords = box_coordinates(table)
         keys = [box_key(p, *v) for p, *v in zip(paths, *(coords[c].to_pylist() for c in BOX_INPUT))]
-        # Before anything is written: every page must have a file name of its own (batch_infer/page_ids.py).
+        # Before anything is written: every page must have a file name of its own (kmnist_core/page_ids.py).
         page_ids(paths, repeat(folder), table.column("image_id").to_pylist() if "image_id" in names else None)
     else:
         keys = paths

@@ -12,18 +12,18 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable, Iterator
 
-from batch_infer import output
 from batch_infer.chunks import Chunk
 from batch_infer.discover import order_key
 from batch_infer.stages import TRANSIENT_KINDS
 from batch_infer.worker import ChunkTask
+from kmnist_core import predictions
 from kmnist_core.storage import Location
 
 CACHED_SHARDS = 8  # committed shards' keys kept while consecutive new chunks overlap them
 
 
 class Plan:
-    def __init__(self, out: Location, previous: dict[str, output.ChunkRecord], retry_errors: bool):
+    def __init__(self, out: Location, previous: dict[str, predictions.ChunkRecord], retry_errors: bool):
         self.out = out
         self.previous = previous
         self.retry_errors = retry_errors
@@ -31,14 +31,14 @@ class Plan:
         self.keys_cache: OrderedDict[str, set[bytes]] = OrderedDict()
         self.files_listed = self.already_done = self.files_to_predict = self.rows_to_reread = 0
 
-    def rereads(self, record: output.ChunkRecord) -> int:
+    def rereads(self, record: predictions.ChunkRecord) -> int:
         if self.retry_errors:
             return sum(record.errors.values())
         return sum(n for kind, n in record.errors.items() if kind in TRANSIENT_KINDS)
 
-    def committed_keys(self, record: output.ChunkRecord) -> set[bytes]:
+    def committed_keys(self, record: predictions.ChunkRecord) -> set[bytes]:
         if record.shard not in self.keys_cache:
-            table = output.read_shard(output.predictions_dir(self.out), record.shard, ["path_bytes"])
+            table = predictions.read_shard(predictions.predictions_dir(self.out), record.shard, ["path_bytes"])
             self.keys_cache[record.shard] = set(table.column("path_bytes").to_pylist())
             if len(self.keys_cache) > CACHED_SHARDS:
                 self.keys_cache.popitem(last=False)

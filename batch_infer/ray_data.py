@@ -3,7 +3,7 @@
 `CropPredictor` is a callable class for `ds.map_batches(..., compute=ActorPoolStrategy(...),
 batch_format="pyarrow")`: each row's crop (a `bytes` column of encoded image bytes, an `image` column of
 arrays or Hugging Face-style {bytes, path} structs, or only a `path` to read) becomes one row of the
-prediction columns of batch_infer/schema.py, decoded and flagged for review exactly as `kmnist-batch
+prediction columns of kmnist_core/schema.py, decoded and flagged for review exactly as `kmnist-batch
 predict` does (the same decode_files / RowBuilder). A crop that cannot be decoded is a row with `error`
 set, never an exception. The row's other columns pass through unchanged, after the prediction columns.
 
@@ -30,19 +30,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch_infer import output
 from batch_infer.dispatch import pool_size
 from batch_infer.options import PredictOptions
 from batch_infer.paths import name_text
-from batch_infer.schema import FOOTER_RUN, KEY_COLUMNS, SCHEMA, SCHEMA_VERSION, footer
 from batch_infer.stages import DECODED_SCHEMA, RowBuilder, decode_batch, decode_files, decoded_fields, decoded_table
 from batch_infer.worker import counts
-from kmnist_core import out_lock, storage
+from kmnist_core import out_lock, predictions, storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.policy import DecisionPolicy, PolicyDisagrees
 from kmnist_core.precision import ModelBundle
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, prepare_image
 from kmnist_core.run_record import new_run_id
+from kmnist_core.schema import FOOTER_RUN, KEY_COLUMNS, SCHEMA, SCHEMA_VERSION, footer
 
 if TYPE_CHECKING:
     import ray
@@ -155,7 +154,7 @@ def decode(batch: pa.Table, input_size: int) -> pa.Table:
 
 def footer_metadata(rows: RowBuilder) -> dict[bytes, bytes]:
     """What every table CropPredictor returns carries in its schema metadata, and write_predictions puts in
-    each shard's footer: the CLI's footer (batch_infer/schema.py), with the policy its rows were decided by."""
+    each shard's footer: the CLI's footer (kmnist_core/schema.py), with the policy its rows were decided by."""
     run = {"run_id": rows.run_id, "schema_version": SCHEMA_VERSION, "model_id": rows.model.model_id,
            **rows.policy.record(), "executor": "ray-data"}
     return footer(run, rows.model.card.raw)
@@ -268,7 +267,7 @@ def plain_column(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def write_shard(batch: pa.Table, folder: str) -> pa.Table:
-    """Commit one batch of CropPredictor's rows as a Parquet shard (whole or not at all, batch_infer/output.py);
+    """Commit one batch of CropPredictor's rows as a Parquet shard (whole or not at all, kmnist_core/predictions.py);
     returns its name and counts."""
     meta = batch.schema.metadata or {}
     if FOOTER_RUN not in meta:
@@ -278,7 +277,7 @@ def write_shard(batch: pa.Table, folder: str) -> pa.Table:
     if batch.num_rows:
         table = pa.table({name: plain_column(batch.column(name)) for name in batch.column_names})
         name = f"part-{uuid.uuid4().hex}.parquet"
-        output.publish(storage.resolve(folder), name, output.encode_shard(table, meta))
+        predictions.publish(storage.resolve(folder), name, predictions.encode_shard(table, meta))
         stats = {"shard": [name], "rows": [table.num_rows], "counts": [json.dumps(counts(table))]}
     return pa.table(stats, schema=pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("counts", pa.string())]))
 
@@ -301,9 +300,9 @@ def write_predictions(ds: "ray.data.Dataset", out: str | os.PathLike, rows_per_f
     check_out(loc)
     make_out(loc)
     with out_lock.hold(loc, new_run_id()):
-        if output.shard_names(loc):
+        if predictions.shard_names(loc):
             raise KmnistError(f"{loc.uri} already holds predictions; write to an OUT without any")
-        folder = output.predictions_dir(loc)
+        folder = predictions.predictions_dir(loc)
         storage.make_dirs(folder)
         written = ds.map_batches(write_shard, fn_kwargs={"folder": folder.uri}, batch_size=rows_per_file,
                                  batch_format="pyarrow").take_all()

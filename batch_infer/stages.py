@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from batch_infer.schema import KEY_COLUMNS, SCHEMA
+from kmnist_core.schema import KEY_COLUMNS, SCHEMA
 from kmnist_core import storage
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, decode_many
-from kmnist_core.review import review_reasons
+from kmnist_core.review_reasons import review_reasons
 
 
 DECODED_SCHEMA = pa.schema([

@@ -27,19 +27,18 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from batch_infer import output
-from batch_infer.final import HISTORY_COLUMNS, review_lines
 from batch_infer.progress import head_text
-from batch_infer import report_set
-from batch_infer.report import SUMMARY_DIR
-from kmnist_core import decisions, storage
+from kmnist_core import predictions, storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.out_lock import holder_alive, probe, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
-from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.run_record import GRID_FILE, RUN_FILE
 from kmnist_core.storage import Location
+from reviews import report_set, store
+from reviews.final import HISTORY_COLUMNS, review_lines
+from reviews.report import SUMMARY_DIR
 
 
 def read_json(out: Location, name: str) -> dict | None:
@@ -61,7 +60,7 @@ def predict_resume_command(out: Location, given: str, record: dict) -> str | Non
         return None
     mode = "--resume"
     if options.get("overwrite"):  # did it commit a shard? Its shards carry its run id in their footers
-        runs = output.run_metadata(output.footers(out))[0]
+        runs = predictions.run_metadata(predictions.footers(out))[0]
         if record.get("run_id") not in {r.get("run_id") for r in runs}:
             mode = "--overwrite"
     positional = [] if options.get("manifest") else inputs
@@ -85,23 +84,23 @@ def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
     """What people settled, from OUT/reviews/ (the latest decision per key, on rows of the run's model);
     None when nobody decided anything. `ended`: the run completed, so the flagged counts in summary.json
     are its rows' (and `left` can be given)."""
-    history = decisions.read_history(out, HISTORY_COLUMNS)
+    history = store.read_history(out, HISTORY_COLUMNS)
     if history.num_rows == 0:
         return None
     card = ModelCard.from_json(run["model_card"], "run.json's model card") if (run or {}).get("model_card") else None
-    decided = decisions.latest(history)
+    decided = store.latest(history)
     if card is not None:
         decided = decided.filter(pc.fill_null(pc.equal(decided["model_id"], card.model_id), False))
-    reviewed = output.value_counts(pc.fill_null(decided["review_reason"], ""))  # "": auto-accepted rows
+    reviewed = predictions.value_counts(pc.fill_null(decided["review_reason"], ""))  # "": auto-accepted rows
     report = report_set.current(out) if ended else None  # the published report, on a file system or an object store
     flagged = (read_json(report.join(SUMMARY_DIR), "summary.json") or {}).get("review_reasons") if report else None
-    return {"decisions": history.num_rows, "reviewers": output.value_counts(decided["reviewer"]),
+    return {"decisions": history.num_rows, "reviewers": predictions.value_counts(decided["reviewer"]),
             "by_reason": {r: {"flagged": flagged.get(r, 0) if flagged else None, "reviewed": reviewed.get(r, 0),
                               "left": max(0, flagged.get(r, 0) - reviewed.get(r, 0)) if flagged else None}
                           for r in REVIEW_REASONS},
             "auto_accepted": {"reviewed": reviewed.get("", 0)},
-            "conflicts": decisions.conflicts(history).num_rows,
-            "audit": decisions.audit_summary(history, card, (run or {}).get("precision"))}
+            "conflicts": store.conflicts(history).num_rows,
+            "audit": store.audit_summary(history, card, (run or {}).get("precision"))}
 
 
 def run_status(out: str | Path, now: float | None = None) -> dict:
@@ -152,7 +151,7 @@ def run_status(out: str | Path, now: float | None = None) -> dict:
     if kind == "predict":
         status["reviews"] = review_status(loc, run if run and run.get("run_id") == status["run_id"] else None,
                                           ended=status["state"] == "completed")
-        status["reviews_set_aside"] = decisions.quarantined(loc)  # after review_status, which sets them aside
+        status["reviews_set_aside"] = store.quarantined(loc)  # after review_status, which sets them aside
     if status["state"] in ("failed", "interrupted"):
         if kind == "predict":
             source = run if run and run.get("run_id") == status["run_id"] else (progress or {}).get("start") or {}
@@ -210,7 +209,7 @@ def status_text(s: dict) -> str:
         aside = s["reviews_set_aside"]
         more = f" and {len(aside) - 10:,} more" if len(aside) > 10 else ""
         lines.append(f"set aside {len(aside):,} file{'s' * (len(aside) != 1)} of reviews/ holding no decisions, in "
-                     f"{s['out']}/{decisions.REVIEWS_DIR}/{decisions.QUARANTINE_DIR}: {', '.join(aside[:10])}{more}")
+                     f"{s['out']}/{store.REVIEWS_DIR}/{store.QUARANTINE_DIR}: {', '.join(aside[:10])}{more}")
     if s.get("resume_command"):
         lines.append(f"to finish {s['resume_command']}")
     return "\n".join(lines)

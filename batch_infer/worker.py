@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch_infer import output
+from kmnist_core import predictions as output
 from batch_infer.box_stage import decode_box_batch, page_batches
-from batch_infer.schema import KEY_COLUMNS, SCHEMA
+from kmnist_core.schema import KEY_COLUMNS, SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
 from kmnist_core import storage
 from kmnist_core.policy import DecisionPolicy, PolicyDisagrees
 from kmnist_core.precision import ModelBundle
-from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.review_reasons import REVIEW_REASONS
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,9 @@ def training_reviews(cfg) -> tuple:
     """With --reviews: the dataset and the crops people labelled in those OUTs; else (None, None)."""
     if not cfg.reviews:
         return None, None
-    from batch_infer.reviewed import gather_reviews
+    from batch_infer.gathered_crops import gather_reviews
     from kmnist_core.datasets import load_dataset
-    from kmnist_core.reviewed import describe
+    from kmnist_core.labelled_crops import describe
 
     data = load_dataset(cfg.dataset, cfg.data_dir)
     reviewed = gather_reviews(cfg.reviews, data.classes, data.input_size)
@@ -197,7 +197,7 @@ def evaluate(
     predictor = load_model(model, precision=precision)
     reviewed = None
     if reviews:
-        from batch_infer.reviewed import gather_reviews
+        from batch_infer.gathered_crops import gather_reviews
 
         reviewed = gather_reviews(reviews, predictor.classes, predictor.input_size)
     metrics = run_evaluate(predictor, load_dataset(dataset, data_dir), split, out, unknown, reviewed)
@@ -269,7 +269,7 @@ def print_summary(summary: dict, out: str) -> None:
     ]))
     reviews = summary.get("reviews") or {}
     if reviews.get("decisions"):
-        from batch_infer.final import review_lines
+        from reviews.final import review_lines
 
         typer.echo("\n".join(f"{label:<12} {text}" for label, text in review_lines(reviews)))
     if summary.get("pages"):
@@ -399,7 +399,7 @@ def report(out: str = typer.Argument(..., help="a predict output folder or objec
     """Rebuild OUT/summary/ (plots, by_folder.csv, summary.json), OUT/final/ (the review decisions in
     OUT/reviews/ folded into the rows) and the page outputs (with the exports the run asked for) from the
     Parquet output, and publish them as one set: readers see the old report or the new one, never half."""
-    from batch_infer.report import write_report_set
+    from reviews.report import write_report_set
     from kmnist_core.storage import resolve
 
     location = resolve(out)
@@ -427,9 +427,9 @@ def review(
 ):
     """Review the rows predict flagged in a local web app: prints its URL (with its access token) and
     serves until Ctrl-C. Each decision is appended to OUT/reviews/ before the page shows it as saved."""
-    from kmnist_core.decisions import default_reviewer
+    from reviews.store import default_reviewer
     from kmnist_core.storage import resolve
-    from review.queue import open_run
+    from reviews.queue import open_run
 
     if audit < 0:
         raise KmnistError("--audit takes a number of rows >= 0")
@@ -442,20 +442,20 @@ def review(
     if import_csv is not None or conflicts:
         open_run(location)  # anything but a predict output is one error line (serve checks it too)
     if import_csv is not None:
-        from batch_infer.review_import import import_decisions
+        from reviews.import_csv import import_decisions
 
         count = import_decisions(location, import_csv, reviewer)
         typer.echo(f"recorded {count:,} decisions from {import_csv} in {location.uri}/reviews")
         return
     if conflicts:
-        from kmnist_core.decisions import conflicts as find_conflicts, read_history
+        from reviews.store import conflicts as find_conflicts, read_history
 
         found = find_conflicts(read_history(location))
         for row in found.to_pylist():
             typer.echo(f"{terminal(row['path'])}: {terminal(row['labels'])}")  # names and reviewers from data
         typer.echo(f"{found.num_rows:,} keys with different labels from different reviewers")
         return
-    from review.server import serve
+    from reviews.server import serve
 
     serve(out, host, port, reviewer, audit, seed, echo=typer.echo, certfile=ssl_certfile, keyfile=ssl_keyfile)
 

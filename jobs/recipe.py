@@ -33,7 +33,7 @@ def run_in_parallel(command: list[str], folds: int, parallel: int) -> None:
 
 def write_review(recipe: Recipe) -> None:
     from kmnist_core.files import write_json_atomic
-    from kmnist_core.oof_review import review_report, score_fold_negatives
+    from kmnist_core.recipe_thresholds import review_report, score_fold_negatives
 
     done = [k for k in range(recipe.folds) if (recipe.results / f"fold-{k}.npz").exists()]
     for k in done:

@@ -122,7 +122,7 @@ class ModelCard:
         """int8 runs on the temperature and thresholds refitted on its own logits when the build, unless
         the card's fp32 calibration was changed since (a hand-tuned card is then honoured as is). The one
         place this rule is written: the decision policy (kmnist_core/policy.py) and the audit's promise
-        (kmnist_core/decisions.py) both read it here."""
+        (reviews/store.py) both read it here."""
         calib = self.raw.get("calibration") or {}
         if precision == "int8" and self.int8 is not None and self.int8.fitted_against == calibration_key(calib):
             return Calibration.from_json({**calib, **self.int8.calibration})

@@ -18,19 +18,19 @@ import numpy as np
 import torch
 
 from kmnist_core import calibration, plots
+from kmnist_core.card import CARD_FILE, Int8Section, ModelCard, read_card
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics, review_metrics, write_evaluation_plots
-from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
-from kmnist_core.review import REVIEW_REASONS, review_reasons
 from kmnist_core.files import json_text, write_json_atomic
-from kmnist_core.card import CARD_FILE, Int8Section, ModelCard, read_card
 from kmnist_core.int8 import build_int8, compare
 from kmnist_core.precision import Int8Twin
+from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
+from kmnist_core.review_reasons import REVIEW_REASONS, review_reasons
 from kmnist_core.model_dir import (Predictor, load_model, load_torch_model, pick_device, read_model_files,
                                    resolve_model_path, save_model_dir, twin_files, write_files)
+from kmnist_core.labelled_crops import ReviewedCrops, review_figures, split_held_out
 from kmnist_core.models import optimize_for_inference, predict_logits
-from kmnist_core.reviewed import ReviewedCrops, review_figures, split_held_out
 from kmnist_core.safe_text import csv_cell
 from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD
@@ -95,7 +95,7 @@ def run_train(cfg: TrainConfig, out: Path, on_epoch: Callable[[dict, TrainRun], 
               data: Dataset | None = None, make_plots: bool = True, reviewed: ReviewedCrops | None = None) -> dict:
     """Train, calibrate on val, score on test, write the model directory. Returns the model card.
 
-    `reviewed`: the crops of `cfg.reviews` (batch_infer/reviewed.py). A seeded part is held out; the rest
+    `reviewed`: the crops of `cfg.reviews` (batch_infer/gathered_crops.py). A seeded part is held out; the rest
     is mixed into training; the card's `reviews` section records where they came from and the held-out
     part's figures before (the --init model) and after.
     """
@@ -265,7 +265,7 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
 
     Beside accuracy and calibration: the share `predict` auto-accepts and its precision, with `unknown`
     (a folder of crops that are none of the model's characters, sub-folders = kinds) the share of those it
-    would auto-accept, and with `reviewed` (crops people labelled in predict runs, batch_infer/reviewed.py)
+    would auto-accept, and with `reviewed` (crops people labelled in predict runs, batch_infer/gathered_crops.py)
     the same figures on them, at the model's own precision and thresholds.
     """
     part = getattr(data, split)

@@ -185,7 +185,7 @@ class Predictor:
         """Predict PIL images or uint8 arrays of any size and either polarity."""
         if not len(images):
             return []
-        from kmnist_core.review import review_reasons
+        from kmnist_core.review_reasons import review_reasons
 
         prepared = [self.prepare(im) for im in images]
         pixels = np.stack([p.pixels for p in prepared])

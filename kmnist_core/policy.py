@@ -14,8 +14,8 @@ Ray Data stage and its footer (batch_infer/ray_data.py), run.json and every shar
 its own, since its rows would then be decided under other thresholds than the run records.
 
 The accept rule (`out_of_set`, `confident`, `accepted`) is written here once: predict's review reasons
-(kmnist_core/review.py), evaluate's and the k-fold fitting's figures (kmnist_core/evaluate.py
-`review_decisions`, kmnist_core/oof_review.py, kmnist_core/calibration.py `fit_review`) all use it.
+(kmnist_core/review_reasons.py), evaluate's and the k-fold fitting's figures (kmnist_core/evaluate.py
+`review_decisions`, kmnist_core/recipe_thresholds.py, kmnist_core/calibration.py `fit_review`) all use it.
 No torch here.
 """
 

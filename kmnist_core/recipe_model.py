@@ -1,6 +1,6 @@
 """The shipped default model from a k-fold recipe: the recipe (kmnist_core/recipe.py) trained on all 14,000
 bundled images and every hand, with the temperature and thresholds fitted on the folds' out-of-fold
-predictions (kmnist_core/oof_review.py, recipes/RECIPE/review.json), and a card that carries those figures.
+predictions (kmnist_core/recipe_thresholds.py, recipes/RECIPE/review.json), and a card that carries those figures.
 
 Resumable like a fold (a checkpoint every few epochs under the work folder); the weights land in
 recipes/RECIPE/all.pt (committed, a few hundred KB) so a later session need not retrain. The int8 twin is
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
+from kmnist_core.card import CARD_FILE
 from kmnist_core.datasets import Dataset, Split, load_dataset, load_labelled_pool
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics
 from kmnist_core.experiment import build_card, make_int8
-from kmnist_core.card import CARD_FILE
 from kmnist_core.int8 import INT8_FILE, PROBE_FILE
 from kmnist_core.model_dir import DEFAULT_MODEL_DIR, WEIGHTS_FILE, save_model_dir, write_files
 from kmnist_core.models import create_model
-from kmnist_core.oof_review import REVIEW_PRECISION, load_oof
 from kmnist_core.recipe import RECIPES, Recipe, train_resumable
+from kmnist_core.recipe_thresholds import REVIEW_PRECISION, load_oof
 
 
 def all_images() -> tuple[Dataset, Dataset]:
@@ -68,7 +68,7 @@ def final_card(recipe: Recipe, model: torch.nn.Module, data: Dataset) -> dict:
     promise = {**chosen["held_out_checks"]["pooled folds"], "target_precision": REVIEW_PRECISION,
                "negatives_n": sum(f["n"] for f in chosen["fit_negatives"].values()),
                "margin": fitted["margin"], "measured_on": "every out-of-fold row, scored by thresholds fitted "
-                                                          "without its fold (kmnist_core/oof_review.py)"}
+                                                          "without its fold (kmnist_core/recipe_thresholds.py)"}
     review = {k: fitted[k] for k in ("ood_score", "ood_threshold", "review_below")} | {"review_promise": promise}
     cfg = recipe.config(None)
     card = build_card(cfg, data, [], "completed", oof_metrics,

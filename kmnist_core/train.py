@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from kmnist_core import transforms
 from kmnist_core.datasets import Dataset, Split
+from kmnist_core.errors import KmnistError
+from kmnist_core.labelled_crops import ReviewedCrops
 from kmnist_core.model_dir import load_model, read_model_files
 from kmnist_core.models import create_model, optimize_for_inference, predict_logits
-from kmnist_core.errors import KmnistError
-from kmnist_core.reviewed import ReviewedCrops
 from kmnist_core.train_options import TrainConfig
 
 

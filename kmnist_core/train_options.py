@@ -47,7 +47,7 @@ class TrainConfig:
                                        factory=list)  # fonts beside IPAexGothic for rendered glyphs
     negative_mix: dict[str, float] = field(default_factory=dict)  # kind -> share (negatives.KINDS); {} = DEFAULT_MIX
     # Learning from review decisions (docs/training.md): crops people labelled in predict runs, read from
-    # these OUTs by the CLI (batch_infer/reviewed.py) and handed to run_train as a ReviewedCrops.
+    # these OUTs by the CLI (batch_infer/gathered_crops.py) and handed to run_train as a ReviewedCrops.
     reviews: list[str] = option(None, "--reviews", "a predict OUT whose review decisions to learn from (labelled "
                                                    "crops; not_a_character as outlier exposure); repeatable",
                                 factory=list)

@@ -65,7 +65,7 @@ def upload_tree(env: dict, root: Path, bucket: str, prefix: str) -> set[str]:
 
 def report_root(fs: pafs.FileSystem, out: str) -> str:
     """The current report of an object-store OUT ("bucket/prefix"), as a downstream reader finds it with
-    pyarrow alone: OUT/report.json names the generation (batch_infer/report_set.py)."""
+    pyarrow alone: OUT/report.json names the generation (reviews/report_set.py)."""
     import json
 
     with fs.open_input_stream(f"{out}/report.json") as f:

@@ -38,9 +38,9 @@ from PIL import Image
 from batch_infer.chunks import chunked
 from batch_infer.discover import iter_files
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.output import read_predictions
 from batch_infer.paths import unescape_name
 from kmnist_core.errors import KmnistError
+from kmnist_core.predictions import read_predictions
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
 from tests.processes import CliProcesses, wait_for
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from batch_infer.output import read_predictions
 from kmnist_core import calibration, int8
 from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import build_twin
 from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_twin, sha256
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, build_predictor, load_bundle, load_model, read_model_files
 from kmnist_core.precision import Int8Twin, Precision, resolve_precision
+from kmnist_core.predictions import read_predictions
 from tests.test_cli import invoke
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from kmnist_core import calibration
-from kmnist_core.negatives import LOOKALIKES, candidate_glyphs, glyph_pool, make_negatives, IPAEX_GOTHIC
-from kmnist_core.review import REVIEW_REASONS, review_reasons
+from kmnist_core.negatives import IPAEX_GOTHIC, LOOKALIKES, candidate_glyphs, glyph_pool, make_negatives
+from kmnist_core.review_reasons import REVIEW_REASONS, review_reasons
 
 
 def test_review_reasons_follow_the_precedence():

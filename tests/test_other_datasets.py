@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.output import read_predictions
 from kmnist_core import load_model
 from kmnist_core.classmap import codepoint_to_char
 from kmnist_core.datasets import load_dataset
 from kmnist_core.experiment import run_train
+from kmnist_core.predictions import read_predictions
 from kmnist_core.train import TrainConfig
 from tests.test_datasets import make_kkanji_tar, write_k49_files
 

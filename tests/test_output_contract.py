@@ -132,7 +132,7 @@ def test_run_record_and_run_json(crop_out):
 
 
 def test_prediction_fields_are_null_exactly_on_error_and_blank_rows(crop_out):
-    from batch_infer.output import read_predictions
+    from kmnist_core.predictions import read_predictions
 
     df = read_predictions(crop_out).to_pandas().set_index("rel_path")
     unpredicted = df.review_reason.isin(["error", "blank"])

@@ -16,16 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batch_infer import report_set
 from batch_infer.job import PredictOptions, run_predict
 from batch_infer.manifest import manifest_chunks, read_manifest
-from batch_infer.pages_out import ALTO_NS, GETA
-from batch_infer.report import write_report_set
 from bench.compose_pages import PAPER, compose_page
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.pages import decode_page, page_from_gray, prepare_box, reading_order
 from kmnist_core.preprocess import DecodeError, decode_bytes
+from reviews import report_set
+from reviews.pages_out import ALTO_NS, GETA
+from reviews.report import write_report_set
 
 LAYOUTS = {  # columns, per column, layout options
     "plain": (8, 10, {}),
@@ -353,7 +353,7 @@ def test_tsv_manifest_blank_boxes_a_resorted_resume_and_the_overlay_cap(tmp_path
     """A TSV manifest; a run cut off after its first page, resumed with the manifest re-sorted: each box one
     row, the first page's rows kept. 〓 stands in the text for a blank box and for a box off its page's
     edge; n_columns counts the columns. Overlays are capped (README: up to 20 pages, most review first)."""
-    from batch_infer import pages_out
+    from reviews import pages_out
 
     rows = blank_and_bad_boxes(tmp_path, kmnist_dev.test.images, np.random.default_rng(5))
     manifest = tmp_path / "boxes.tsv"

@@ -13,16 +13,16 @@ import pytest
 from PIL import Image
 
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.output import read_predictions
 from batch_infer.ray_data import CropPredictor
-from batch_infer.schema import FOOTER_RUN, LISTING_SCHEMA, footer
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import calibration
 from kmnist_core.evaluate import review_decisions
 from kmnist_core.model_dir import build_predictor, load_bundle, load_model
-from kmnist_core.oof_review import accepted as oof_accepted
 from kmnist_core.policy import PolicyDisagrees, accepted, confident, decide_policy, out_of_set
 from kmnist_core.precision import Precision
+from kmnist_core.predictions import read_predictions
+from kmnist_core.recipe_thresholds import accepted as oof_accepted
+from kmnist_core.schema import FOOTER_RUN, LISTING_SCHEMA, footer
 from tests.test_int8_twin import saturating_copy
 
 

@@ -16,13 +16,13 @@ import pytest
 
 from batch_infer.dispatch import pool_size
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.output import read_predictions
-from batch_infer.report import write_report_set
 from kmnist_core.errors import KmnistError
 from kmnist_core.out_lock import LOCK_FILE
+from kmnist_core.predictions import read_predictions
+from reviews.report import write_report_set
 from tests.crop_tree import HOLD_ENV, hold_file, mixed_tree, plain_tree, release
-from tests.test_cli import invoke
 from tests.processes import CLI
+from tests.test_cli import invoke
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

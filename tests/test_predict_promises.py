@@ -19,8 +19,8 @@ from PIL import Image
 from batch_infer.chunks import chunked
 from batch_infer.discover import iter_files
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.output import read_predictions
 from kmnist_core.errors import KmnistError
+from kmnist_core.predictions import read_predictions
 from tests.crop_tree import plain_tree, save
 
 

@@ -19,12 +19,12 @@ import pytest
 
 from batch_infer.discover import iter_files
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.output import read_predictions
 from batch_infer.paths import name_text
 from batch_infer.ray_data import CropPredictor, actor_pool, predict_dataset, write_predictions
-from batch_infer.schema import FOOTER_RUN, SCHEMA, SCHEMA_VERSION
 from kmnist_core.errors import KmnistError
 from kmnist_core.model_dir import load_bundle
+from kmnist_core.predictions import read_predictions
+from kmnist_core.schema import FOOTER_RUN, SCHEMA, SCHEMA_VERSION
 from tests.actor_faults import KillOnce
 from tests.crop_tree import mixed_tree
 

@@ -1,5 +1,5 @@
 """The default model's k-fold recipe (kmnist_core/recipe.py) and its review thresholds
-(kmnist_core/oof_review.py), run for real on a small pool: folds stratified by source and class, hands held
+(kmnist_core/recipe_thresholds.py), run for real on a small pool: folds stratified by source and class, hands held
 out per fold, a killed fold resuming from its checkpoint, and the held-out checks and hand figures."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from kmnist_core import oof_review, recipe
+from kmnist_core import recipe, recipe_thresholds
 from kmnist_core.datasets import LabelledPool, load_labelled_pool
 from kmnist_core.negatives import IPAEX_GOTHIC, is_kana
 
@@ -85,15 +85,15 @@ def test_a_killed_fold_resumes_and_the_review_and_the_final_model_come_from_the_
     assert record["held_out_hands"] == {"0": ["a"], "1": ["b"]} and record["images"] == 200
 
     for k in (0, 1):
-        oof_review.score_fold_negatives(r, k, pool)
-    report = oof_review.review_report(r)
+        recipe_thresholds.score_fold_negatives(r, k, pool)
+    report = recipe_thresholds.review_report(r)
     chosen = report["scores"]["chosen"]
     assert set(chosen["held_out_checks"]) == {"fold 0", "fold 1", "pooled folds", "one (fitted on the other split)",
                                               "two (fitted on the other split)"}
     assert chosen["held_out_checks"]["pooled folds"]["n"] == 200
     assert set(chosen["held_out_hands"]["by_script"]) == {"kana", "kanji"}
     assert set(chosen["held_out_hands"]["by_hand"]) == {"a", "b"}
-    assert set(chosen["other_kinds"]) == set(oof_review.NON_GLYPH)
+    assert set(chosen["other_kinds"]) == set(recipe_thresholds.NON_GLYPH)
     assert set(report["scores"]) == {"chosen", "energy", "max-softmax", "max-logit"}
 
     # The final model: every image, thresholds from the folds, not from a val split.

@@ -1,5 +1,5 @@
-"""Every page keeps its own text, and every report is whole or absent (batch_infer/page_ids.py,
-batch_infer/report_set.py): two volumes with the same page file names, unsafe manifest ids refused before
+"""Every page keeps its own text, and every report is whole or absent (kmnist_core/page_ids.py,
+reviews/report_set.py): two volumes with the same page file names, unsafe manifest ids refused before
 anything is written, and `report` stopped at every write or killed at random never leaving half a set."""
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from batch_infer import report_set
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.pages_out import ALTO_NS
-from batch_infer.report import write_report_set
 from kmnist_core import storage
 from kmnist_core.errors import KmnistError
+from reviews import report_set
+from reviews.pages_out import ALTO_NS
+from reviews.report import write_report_set
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "pages"
 

@@ -22,10 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kmnist_core import decisions, storage
+from kmnist_core import storage
 from kmnist_core.card import read_card
 from kmnist_core.model_dir import DEFAULT_MODEL_DIR
 from kmnist_core.safe_text import csv_cell, csv_frame, terminal
+from reviews import store
 from tests.object_store import client, put_objects
 from tests.test_object_store import bucket, s3_env  # noqa: F401 (fixtures)
 
@@ -33,7 +34,7 @@ CHARS = read_card(DEFAULT_MODEL_DIR).classes.chars
 
 
 def batch(*keys: bytes, reviewer: str = "alice") -> pa.Table:
-    return decisions.decision_table([{"key": k, "path": k.decode(), "label": CHARS[0], "reviewer": reviewer,
+    return store.decision_table([{"key": k, "path": k.decode(), "label": CHARS[0], "reviewer": reviewer,
                                       "decided_at": datetime(2026, 1, 1, tzinfo=timezone.utc)} for k in keys], CHARS)
 
 
@@ -46,7 +47,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def not_decisions() -> dict[str, bytes]:
     """Files a reviews/ folder may meet that hold no decisions, each for another reason."""
     good = parquet_bytes(batch(b"/x.png"))
-    nullable = pa.schema([f.with_nullable(True) for f in decisions.SCHEMA])
+    nullable = pa.schema([f.with_nullable(True) for f in store.SCHEMA])
     return {
         "text.parquet": b"key,label\n/a.png,x\n",  # not Parquet
         "cut.parquet": good[: len(good) // 2],  # a copy cut short
@@ -98,17 +99,17 @@ def test_a_durable_write_fsyncs_the_folder_after_the_rename_and_a_fast_one_fsync
 
 def test_a_decision_batch_is_durable_with_the_folders_it_creates(tmp_path, fsyncs):
     out = tmp_path / "out"
-    decisions.append(storage.resolve(out), batch(b"/a.png"))
+    store.append(storage.resolve(out), batch(b"/a.png"))
     # out/ and out/reviews/ were created: each is on disk in its parent; then the file, then its rename.
     assert [(kind, path) for kind, path, _ in fsyncs.calls if kind == "dir"] == \
         [("dir", str(tmp_path)), ("dir", str(out)), ("dir", str(out / "reviews"))]
     assert [kind for kind, _, _ in fsyncs.calls] == ["dir", "dir", "file", "dir"]
     fsyncs.calls.clear()
-    decisions.append(storage.resolve(out), batch(b"/b.png"))  # reviews/ exists: its entry in out/ is fsynced all the same
+    store.append(storage.resolve(out), batch(b"/b.png"))  # reviews/ exists: its entry in out/ is fsynced all the same
     assert [(kind, path) for kind, path, _ in fsyncs.calls if kind == "dir"] == \
         [("dir", str(out)), ("dir", str(out / "reviews"))]
     assert [kind for kind, _, _ in fsyncs.calls] == ["dir", "file", "dir"]
-    assert decisions.read_history(storage.resolve(out)).num_rows == 2
+    assert store.read_history(storage.resolve(out)).num_rows == 2
 
 
 # ------------------------------------------------------------------------------ files of no decisions
@@ -116,7 +117,7 @@ def test_a_decision_batch_is_durable_with_the_folders_it_creates(tmp_path, fsync
 
 def test_files_that_hold_no_decisions_are_set_aside_with_a_warning_and_the_rest_count(tmp_path, capsys):
     out = storage.resolve(tmp_path / "out")
-    good = [decisions.append(out, batch(b"/a.png")), decisions.append(out, batch(b"/b.png", reviewer="bob"))]
+    good = [store.append(out, batch(b"/a.png")), store.append(out, batch(b"/b.png", reviewer="bob"))]
     reviews = tmp_path / "out" / "reviews"
     bad = not_decisions()
     for name, data in bad.items():
@@ -124,7 +125,7 @@ def test_files_that_hold_no_decisions_are_set_aside_with_a_warning_and_the_rest_
     (reviews / "_quarantine").mkdir()
     (reviews / "_quarantine" / "text.parquet").write_bytes(b"set aside earlier")  # never overwritten
 
-    history = decisions.read_history(out)
+    history = store.read_history(out)
     assert sorted(history["key"].to_pylist()) == [b"/a.png", b"/b.png"]
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == len(bad)
@@ -134,36 +135,36 @@ def test_files_that_hold_no_decisions_are_set_aside_with_a_warning_and_the_rest_
     assert "(no column key, path, label" in next(w for w in warnings if "other.parquet" in w)
     assert "non-nullable" in next(w for w in warnings if "nullkey.parquet" in w)
     assert sorted(p.name for p in reviews.glob("*.parquet")) == sorted(good)
-    assert decisions.quarantined(out) == sorted([*bad, "text.parquet.1"])
+    assert store.quarantined(out) == sorted([*bad, "text.parquet.1"])
     assert (reviews / "_quarantine" / "text.parquet").read_bytes() == b"set aside earlier"
     assert (reviews / "_quarantine" / "text.parquet.1").read_bytes() == bad["text.parquet"]  # moved, not lost
 
     # Set aside once: the next reader warns of nothing; any column subset reads the same files.
-    assert decisions.read_history(out, ["key"]).num_rows == 2 and capsys.readouterr().err == ""
+    assert store.read_history(out, ["key"]).num_rows == 2 and capsys.readouterr().err == ""
     # "_quarantine" keeps out of a Parquet dataset reader's way too (pandas, pyarrow, Spark read reviews/).
     assert pq.read_table(reviews).num_rows == 2
 
 
 def test_a_file_that_cannot_be_read_now_stays_in_place_and_is_warned_about_once(tmp_path, capsys):
     out = storage.resolve(tmp_path / "out")
-    decisions.append(out, batch(b"/a.png"))
+    store.append(out, batch(b"/a.png"))
     stuck = tmp_path / "out" / "reviews" / "stuck.parquet"
     stuck.mkdir()  # its bytes cannot be read (as a file without read permission, but for root too)
     warned: set[str] = set()
-    folder = decisions.reviews_dir(out)
-    assert decisions.read_batch(folder, stuck.name, warned=warned) is None
-    assert decisions.read_batch(folder, stuck.name, warned=warned) is None
+    folder = store.reviews_dir(out)
+    assert store.read_batch(folder, stuck.name, warned=warned) is None
+    assert store.read_batch(folder, stuck.name, warned=warned) is None
     err = capsys.readouterr().err
     assert err.count("warning: cannot read") == 1 and f"{stuck} (" in err and "left out until it can be read" in err
-    assert decisions.read_history(out).num_rows == 1 and stuck.exists() and decisions.quarantined(out) == []
+    assert store.read_history(out).num_rows == 1 and stuck.exists() and store.quarantined(out) == []
     stuck.rmdir()
     stuck.write_bytes(parquet_bytes(batch(b"/b.png")))
-    assert decisions.read_history(out).num_rows == 2  # readable now: it counts
+    assert store.read_history(out).num_rows == 2  # readable now: it counts
 
 
 def test_a_read_only_out_warns_and_leaves_the_file_in_place(tmp_path, capsys, monkeypatch):
     out = storage.resolve(tmp_path / "out")
-    decisions.append(out, batch(b"/a.png"))
+    store.append(out, batch(b"/a.png"))
     reviews = tmp_path / "out" / "reviews"
     (reviews / "junk.parquet").write_bytes(b"junk")
 
@@ -171,7 +172,7 @@ def test_a_read_only_out_warns_and_leaves_the_file_in_place(tmp_path, capsys, mo
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(os, "rename", read_only)
-    assert decisions.read_history(out).num_rows == 1
+    assert store.read_history(out).num_rows == 1
     err = capsys.readouterr().err
     assert "junk.parquet holds no review decisions" in err and "left out; it could not be moved" in err
     assert (reviews / "junk.parquet").exists()
@@ -180,12 +181,12 @@ def test_a_read_only_out_warns_and_leaves_the_file_in_place(tmp_path, capsys, mo
 @pytest.mark.timeout(120)
 def test_on_an_object_store_a_file_of_no_decisions_is_copied_aside_then_deleted(bucket, s3_env, capsys):  # noqa: F811
     out = storage.resolve(f"s3://{bucket}/out")
-    good = decisions.append(out, batch(b"/a.png"))
+    good = store.append(out, batch(b"/a.png"))
     put_objects(s3_env, [(f"{bucket}/out/reviews/junk.parquet", b"junk")])
-    assert decisions.read_history(out)["key"].to_pylist() == [b"/a.png"]
+    assert store.read_history(out)["key"].to_pylist() == [b"/a.png"]
     assert f"s3://{bucket}/out/reviews/junk.parquet holds no review decisions" in capsys.readouterr().err
-    assert storage.list_names(decisions.reviews_dir(out)) == [good]
-    assert decisions.quarantined(out) == ["junk.parquet"]
+    assert storage.list_names(store.reviews_dir(out)) == [good]
+    assert store.quarantined(out) == ["junk.parquet"]
     with client(s3_env).open_input_stream(f"{bucket}/out/reviews/_quarantine/junk.parquet") as f:
         assert f.read() == b"junk"
 
@@ -219,7 +220,7 @@ def test_stale_temp_files_of_dead_writers_go_a_live_writer_s_stay(tmp_path):
                                                                f".c.parquet.{dead}.tmp", ".e.parquet.tmp", "f.parquet"])
     # read_history tidies reviews/ the same way.
     os.utime(folder / f".c.parquet.{dead}.tmp", (now - 3600, now - 3600))
-    decisions.read_history(storage.resolve(tmp_path))
+    store.read_history(storage.resolve(tmp_path))
     assert not (folder / f".c.parquet.{dead}.tmp").exists() and (folder / f".b.parquet.{os.getpid()}.tmp").exists()
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kmnist_core import decisions
 from kmnist_core.storage import resolve
-from tests.review_server import Server, make_run
+from reviews import store
+from tests.decisions_server import Server, make_run
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
@@ -117,7 +117,7 @@ def press(driver, *keys: str) -> None:
 
 def standing(out: Path) -> dict[str, tuple[str, str]]:
     """path -> (label, reviewer) of every key's standing decision, read from OUT/reviews/."""
-    return {r["path"]: (r["label"], r["reviewer"]) for r in decisions.latest(decisions.read_history(resolve(out))).to_pylist()}
+    return {r["path"]: (r["label"], r["reviewer"]) for r in store.latest(store.read_history(resolve(out))).to_pylist()}
 
 
 def test_label_with_keys_accept_the_page_undo_one_and_reload(out, servers, browser):

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from batch_infer.output import read_predictions
 from kmnist_core import load_model
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR
+from kmnist_core.predictions import read_predictions
 from tests.test_cli import invoke
 
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"

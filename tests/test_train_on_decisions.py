@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_infer.output import read_predictions
-from batch_infer.reviewed import gather_reviews
-from kmnist_core import decisions, storage
+from batch_infer.gathered_crops import gather_reviews
+from kmnist_core import storage
+from kmnist_core.labelled_crops import MIN_REVIEWED, review_figures, split_held_out
 from kmnist_core.model_dir import load_model
-from kmnist_core.review import review_reasons
-from kmnist_core.reviewed import MIN_REVIEWED, review_figures, split_held_out
+from kmnist_core.predictions import read_predictions
+from kmnist_core.review_reasons import review_reasons
+from reviews import store
 from tests.test_cli import assert_one_line_error, invoke
 
 ARCHIVE_CHARACTERS = 400
@@ -63,12 +64,12 @@ def archive(tmp_path_factory, kmnist_dev):
         path = crops / "noise" / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(255 - image).resize((40, 40)).save(path)
-        truth[path] = decisions.NOT_A_CHARACTER
+        truth[path] = store.NOT_A_CHARACTER
     Image.new("L", (30, 30), 250).save(crops / "noise" / "blank.png")
-    truth[crops / "noise" / "blank.png"] = decisions.NOT_A_CHARACTER
+    truth[crops / "noise" / "blank.png"] = store.NOT_A_CHARACTER
     for name in ("torn-1.png", "torn-2.png"):
         (crops / "noise" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-        truth[crops / "noise" / name] = decisions.UNREADABLE
+        truth[crops / "noise" / name] = store.UNREADABLE
 
     out = tmp / "out"
     r = invoke("predict", crops, "--out", out, "--executor", "local")
@@ -88,8 +89,8 @@ def archive(tmp_path_factory, kmnist_dev):
     first = settle[0]
     wrong = next(c for c in chars if c != first["label"]) if first["label"] in chars else chars[0]
     # An earlier, corrected decision (the latest wins), and a decision on a key predict never listed.
-    decisions.append(location, decisions.decision_table([{**first, "label": wrong, "reviewer": "cho"}], chars))
-    decisions.append(location, decisions.decision_table(
+    store.append(location, store.decision_table([{**first, "label": wrong, "reviewer": "cho"}], chars))
+    store.append(location, store.decision_table(
         settle + [{"key": b"/gone/crop.png", "path": "/gone/crop.png", "label": chars[0], "reviewer": "ana"}], chars))
     # A file replaced after predict read it: its reviewer saw other bytes, so its decision is not used.
     changed = [Path(row["path"]) for row in flagged if truth[Path(row["path"])] in chars][-1]
@@ -101,12 +102,12 @@ def archive(tmp_path_factory, kmnist_dev):
     assert blanks >= 1  # blank.png
     expected = {
         "labels": {"character": sum(l in chars for l in labels) + 1,
-                   decisions.NOT_A_CHARACTER: labels.count(decisions.NOT_A_CHARACTER),
-                   decisions.UNREADABLE: labels.count(decisions.UNREADABLE)},
-        "left_out": {decisions.UNREADABLE: 2, "no_prediction_row": 1, "changed_since_predict": 1, "undecodable": 0,
+                   store.NOT_A_CHARACTER: labels.count(store.NOT_A_CHARACTER),
+                   store.UNREADABLE: labels.count(store.UNREADABLE)},
+        "left_out": {store.UNREADABLE: 2, "no_prediction_row": 1, "changed_since_predict": 1, "undecodable": 0,
                      "blank": blanks},
         "used": {"characters": sum(l in chars for l in labels) - 1,
-                 "negatives": labels.count(decisions.NOT_A_CHARACTER) - blanks},
+                 "negatives": labels.count(store.NOT_A_CHARACTER) - blanks},
         "run_ids": sorted({row["run_id"] for row in rows}),
     }
     return {"out": out, "truth": truth, "expected": expected, "changed": changed, "tmp": tmp}
@@ -247,7 +248,7 @@ def evaluate_matches_a_direct_computation(model_dir: str | Path, archive, classe
     reviewed = gather_reviews([str(archive["out"])], classes, 28)
     model = load_model(model_dir)  # the precision evaluate runs by default
     assert metrics["precision"] == model.precision
-    # What predict would decide for each crop (kmnist_core/review.py), from the model's own outputs.
+    # What predict would decide for each crop (kmnist_core/review_reasons.py), from the model's own outputs.
     assessed = model.assess(reviewed.images)
     none = np.zeros(len(reviewed.labels), bool)
     reasons = review_reasons(none, none, assessed.unknown, assessed.probabilities.max(1), model.review_below)
@@ -313,7 +314,7 @@ def test_too_few_reviewed_crops_are_refused(archive, small_data_dir, tmp_path, k
     chars = kmnist_dev.classes.chars
     few = [{"key": k, "path": p, "label": archive["truth"][Path(p)], "reviewer": "ana"}
            for k, p in zip(rows.path_bytes, rows.path) if archive["truth"][Path(p)] in chars][: MIN_REVIEWED - 1]
-    decisions.append(storage.resolve(out), decisions.decision_table(few, chars))
+    store.append(storage.resolve(out), store.decision_table(few, chars))
     r = invoke(*train_args(small_data_dir, tmp_path / "m", "--reviews", out))
     assert r.exit_code == 2
     assert_one_line_error(r, f"{MIN_REVIEWED - 1} reviewed crops labelled with a character; at least {MIN_REVIEWED}")
@@ -330,7 +331,7 @@ def test_a_label_outside_the_models_characters_is_refused(archive, small_data_di
     out = copy_of_run(archive, tmp_path)
     key = read_predictions(out).to_pandas().path_bytes.iloc[0]
     other_model = ("亜", "唖")  # decisions written against another model's card
-    decisions.append(storage.resolve(out), decisions.decision_table(
+    store.append(storage.resolve(out), store.decision_table(
         [{"key": key, "path": "x", "label": "亜", "reviewer": "ana"}], other_model))
     r = invoke(*train_args(small_data_dir, tmp_path / "m", "--reviews", out))
     assert r.exit_code == 2
@@ -348,7 +349,7 @@ def test_page_boxes_are_cut_from_their_page_as_predict_cuts_them(tmp_path, kmnis
     assert r.exit_code == 0, r.output
     rows = read_predictions(out).to_pylist()
     chars = kmnist_dev.classes.chars
-    decisions.append(storage.resolve(out), decisions.decision_table(
+    store.append(storage.resolve(out), store.decision_table(
         [{"key": row["path_bytes"], "path": row["path"], "label": row["truth"], "reviewer": "ana"} for row in rows],
         chars))
     reviewed = gather_reviews([str(out)], kmnist_dev.classes, 28)

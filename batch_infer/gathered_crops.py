@@ -1,4 +1,4 @@
-"""The crops people labelled in a predict run: each key's latest decision (kmnist_core/decisions.py) joined to
+"""The crops people labelled in a predict run: each key's latest decision (reviews/store.py) joined to
 its prediction row, the file (or the page box) read and decoded exactly as predict decoded it, by the same
 decode stages (batch_infer/stages.py, box_stage.py) with predict's default read retries.
 
@@ -19,15 +19,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch_infer import output
 from batch_infer.box_stage import decode_box_batch, page_batches
 from batch_infer.options import PredictOptions
-from batch_infer.schema import KEY_COLUMNS, SCHEMA
 from batch_infer.stages import DECODED_SCHEMA, decode_batch, pixel_array
-from kmnist_core import decisions, storage
+from kmnist_core import predictions, storage
 from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
-from kmnist_core.reviewed import MIN_REVIEWED, ReviewedCrops, combine
+from kmnist_core.labelled_crops import MIN_REVIEWED, ReviewedCrops, combine
+from kmnist_core.schema import KEY_COLUMNS, SCHEMA
+from reviews import store
 
 ROW_FACTS = ("sha256", "run_id", "model_id")  # of the prediction row: the bytes the reviewer saw, and who made it
 DECODE_BATCH = 1024  # rows read at a time: bounds the file bytes held at once, as predict's --batch-size does
@@ -36,12 +36,12 @@ DECODE_BATCH = 1024  # rows read at a time: bounds the file bytes held at once, 
 def reviewed_rows(out: storage.Location, keys: pa.Array) -> pa.Table:
     """The prediction rows of `keys`, sorted by key: the listing columns (the keys and any a manifest
     carried: page, box, pass-through) and ROW_FACTS."""
-    folder = output.predictions_dir(out)
+    folder = predictions.predictions_dir(out)
     parts = []
-    for name in output.shard_names(out):
+    for name in predictions.shard_names(out):
         loc = folder.join(name)
         manifest_columns = [n for n in pq.read_schema(loc.path, filesystem=loc.fs).names if n not in SCHEMA.names]
-        shard = output.read_shard(folder, name, [*KEY_COLUMNS, *ROW_FACTS, *manifest_columns])
+        shard = predictions.read_shard(folder, name, [*KEY_COLUMNS, *ROW_FACTS, *manifest_columns])
         parts.append(shard.filter(pc.is_in(shard["path_bytes"], value_set=keys)))
     return pa.concat_tables(parts, promote_options="permissive").sort_by("path_bytes")
 
@@ -64,22 +64,22 @@ def reviewed_crops(out: str, classes: ClassMap, input_size: int) -> ReviewedCrop
     """The crops of OUT's latest decisions in the model's input form, with their source record: OUT's uri,
     the run and model ids of the rows, decisions per label kind, crops used and crops left out with why."""
     location = storage.resolve(out)
-    if not output.shard_names(location):
+    if not predictions.shard_names(location):
         raise KmnistError(f"{location.uri} is not a predict run: it holds no predictions "
-                          f"({output.PREDICTIONS_DIR}/*.parquet)")
-    history = decisions.read_history(location)
-    latest = decisions.latest(history)
+                          f"({predictions.PREDICTIONS_DIR}/*.parquet)")
+    history = store.read_history(location)
+    latest = store.latest(history)
     if latest.num_rows == 0:
-        raise KmnistError(f"{location.uri} has no review decisions ({decisions.REVIEWS_DIR}/*.parquet"
+        raise KmnistError(f"{location.uri} has no review decisions ({store.REVIEWS_DIR}/*.parquet"
                           + (", every one withdrawn" if history.num_rows else "")
                           + f"): settle its flagged rows with `kmnist-batch review {out}` or import labels first")
     try:
-        decisions.check_labels(latest["label"].to_pylist(), classes.chars)
+        store.check_labels(latest["label"].to_pylist(), classes.chars)
     except KmnistError as e:
         raise KmnistError(f"{location.uri}: {e}") from None
 
     label_of = dict(zip(latest["key"].to_pylist(), latest["label"].to_pylist()))
-    unreadable = pc.equal(latest["label"], decisions.UNREADABLE).to_numpy(zero_copy_only=False)
+    unreadable = pc.equal(latest["label"], store.UNREADABLE).to_numpy(zero_copy_only=False)
     rows = reviewed_rows(location, latest["key"].filter(pa.array(~unreadable)))
     if "page" in rows.column_names:
         rows = rows.sort_by([("page", "ascending"), ("path_bytes", "ascending")])
@@ -92,7 +92,7 @@ def reviewed_crops(out: str, classes: ClassMap, input_size: int) -> ReviewedCrop
     unchanged = pc.fill_null(pc.equal(decoded["sha256"], rows["sha256"]), False).to_numpy(zero_copy_only=False)
     usable = ok & ~blank & unchanged
     labels = np.array([label_of[k] for k in rows["path_bytes"].to_pylist()], dtype=object)
-    negative = usable & (labels == decisions.NOT_A_CHARACTER)
+    negative = usable & (labels == store.NOT_A_CHARACTER)
     character = usable & ~negative
     index = {c: i for i, c in enumerate(classes.chars)}
     used_chars = labels[character]
@@ -103,14 +103,14 @@ def reviewed_crops(out: str, classes: ClassMap, input_size: int) -> ReviewedCrop
         "run_ids": sorted(set(rows["run_id"].to_pylist())),
         "model_ids": sorted(set(rows["model_id"].to_pylist())),
         "decisions": latest.num_rows,
-        "labels": {"character": sum(label not in decisions.SPECIAL_LABELS for label in given),
-                   decisions.NOT_A_CHARACTER: given.count(decisions.NOT_A_CHARACTER),
-                   decisions.UNREADABLE: given.count(decisions.UNREADABLE)},
+        "labels": {"character": sum(label not in store.SPECIAL_LABELS for label in given),
+                   store.NOT_A_CHARACTER: given.count(store.NOT_A_CHARACTER),
+                   store.UNREADABLE: given.count(store.UNREADABLE)},
         "by_decision_kind": {k: int(v) for k, v in zip(*np.unique(latest["kind"].to_numpy(zero_copy_only=False),
                                                                     return_counts=True))},
         "used": {"characters": int(character.sum()), "negatives": int(negative.sum())},
         "by_character": {c: int((used_chars == c).sum()) for c in classes.chars if (used_chars == c).any()},
-        "left_out": {decisions.UNREADABLE: int(unreadable.sum()),
+        "left_out": {store.UNREADABLE: int(unreadable.sum()),
                      "no_prediction_row": int((~unreadable).sum()) - rows.num_rows,
                      "changed_since_predict": int((ok & ~unchanged).sum()),
                      "undecodable": int((~ok).sum()),
@@ -121,5 +121,5 @@ def reviewed_crops(out: str, classes: ClassMap, input_size: int) -> ReviewedCrop
 
 
 def gather_reviews(outs: list[str], classes: ClassMap, input_size: int, minimum: int = MIN_REVIEWED) -> ReviewedCrops:
-    """The reviewed crops of every OUT, as one set (kmnist_core/reviewed.py combine: refused under `minimum`)."""
+    """The reviewed crops of every OUT, as one set (kmnist_core/labelled_crops.py combine: refused under `minimum`)."""
     return combine([reviewed_crops(out, classes, input_size) for out in outs], minimum)

@@ -44,14 +44,14 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batch_infer.review_sheet import FONT
-from kmnist_core import decisions, storage
+from kmnist_core import storage
 from kmnist_core.errors import KmnistError
-from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.storage import Location
-from review import images
-from review.ledger import Ledger
-from review.queue import AUDIT, PAGE_SIZE, TABS, Queue, StaleIndex, open_run, parse_row_id
+from reviews import images, store
+from reviews.ledger import Ledger
+from reviews.queue import AUDIT, PAGE_SIZE, TABS, Queue, StaleIndex, open_run, parse_row_id
+from reviews.sheet import FONT
 
 CLASS_KEYS = "1234567890"  # a key per class for the first ten classes (a KMNIST card has exactly ten)
 STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -101,8 +101,8 @@ class Review:
         """The measured error rate of auto-accepted rows (recomputed only when decisions were added)."""
         seen = len(self.ledger.batches)
         if self.audit_figure[0] != seen:
-            summary = decisions.audit_summary(self.ledger.history(), self.card)
-            self.audit_figure = (seen, summary and {**summary, "text": decisions.audit_text(summary)})
+            summary = store.audit_summary(self.ledger.history(), self.card)
+            self.audit_figure = (seen, summary and {**summary, "text": store.audit_text(summary)})
         return self.audit_figure[1]
 
     def info(self) -> dict:
@@ -110,7 +110,7 @@ class Review:
         return {"out": self.out.uri, "reviewer": self.reviewer, "model_id": self.card.model_id,
                 "classes": [{"char": c, "codepoint": cp, "key": CLASS_KEYS[i] if i < len(CLASS_KEYS) else None}
                             for i, (c, cp) in enumerate(zip(self.classes, self.card.classes.codepoints))],
-                "special": list(decisions.SPECIAL_LABELS), "tabs": self.tabs(), "page_size": PAGE_SIZE,
+                "special": list(store.SPECIAL_LABELS), "tabs": self.tabs(), "page_size": PAGE_SIZE,
                 "audit": self.audit() if self.audit_size else None}
 
     def fresh(self, read: Callable[[], T]) -> T:
@@ -148,12 +148,12 @@ class Review:
         labels = [item.get("label") for item in items]
         if not all(isinstance(i, str) for i in ids) or not all(lab is None or isinstance(lab, str) for lab in labels):
             raise BadRequest(400, "each decision is {\"id\": row id, \"label\": text or null}")
-        decisions.check_labels(labels, self.classes)
+        store.check_labels(labels, self.classes)
         rows = self.rows_by_id(ids)
         unknown = [i for i, row in zip(ids, rows) if row is None]
         if unknown:
             raise BadRequest(404, f"no queued row has id {unknown[0]!r}")
-        table = decisions.decision_table([
+        table = store.decision_table([
             {"key": row["path_bytes"], "path": row["path"], "label": label, "reviewer": self.reviewer,
              "kind": "audit" if row["review_reason"] is None else "review", "source": "ui",
              "model_id": row["model_id"], "run_id": row["run_id"], "pred_char": row["pred_char"],
@@ -322,7 +322,7 @@ def parse_json(body: bytes) -> object:
 
 
 def static_text(name: str) -> str:
-    return resources.files("review").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("reviews").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def build_app(review: Review, token: str, listen: Listen) -> ASGIApp:
@@ -384,7 +384,7 @@ def build_app(review: Review, token: str, listen: Listen) -> ASGIApp:
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except OSError as e:  # reviews/ not writable, disk full: the page shows the tiles as not saved
-            return JSONResponse({"error": f"could not write {decisions.reviews_dir(review.out).uri}: {e}"}, status_code=503)
+            return JSONResponse({"error": f"could not write {store.reviews_dir(review.out).uri}: {e}"}, status_code=503)
         return JSONResponse(result)
 
     def not_found(request: Request, exc: Exception) -> Response:
@@ -452,7 +452,7 @@ def serve(out: str, host: str, port: int, reviewer: str, audit_size: int = 0, se
     listen = Listen(host, port, tls)
     shown = "127.0.0.1" if host in WILDCARD else url_host(host)
     tabs = ", ".join(f"{t['name']} {t['left']:,}/{t['total']:,}" for t in review.tabs())
-    echo(f"review queue of {location.uri} (left/total): {tabs}; decisions go to {decisions.reviews_dir(location).uri} "
+    echo(f"review queue of {location.uri} (left/total): {tabs}; decisions go to {store.reviews_dir(location).uri} "
          f"as {reviewer}")
     echo(f"open {listen.scheme}://{shown}:{port}/?token={token}")
     echo("Ctrl-C stops the server (every decision shown as saved is already on disk)")
@@ -463,4 +463,4 @@ def serve(out: str, host: str, port: int, reviewer: str, audit_size: int = 0, se
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the normal way to stop
         pass
-    echo(f"stopped; decisions are in {decisions.reviews_dir(location).uri}")
+    echo(f"stopped; decisions are in {store.reviews_dir(location).uri}")

@@ -36,12 +36,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from batch_infer import output
+from kmnist_core import predictions
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
-from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.storage import Location
-from review import audit
+from reviews import audit
 
 AUDIT = "audit"
 TABS = (*REVIEW_REASONS, AUDIT)
@@ -73,14 +73,14 @@ def parse_row_id(text: str) -> int | None:
 def open_run(out: Location) -> ModelCard:
     """The model card of the predict run in OUT; anything else is refused with one line."""
     try:
-        metas = output.footers(out)
+        metas = predictions.footers(out)
     except (OSError, pa.ArrowInvalid) as e:
         raise KmnistError(f"cannot read the predictions in {out.uri}: {e}") from None
     if not metas:
-        raise KmnistError(f"{out.uri} is not a predict output: {output.predictions_dir(out).uri} holds no committed "
+        raise KmnistError(f"{out.uri} is not a predict output: {predictions.predictions_dir(out).uri} holds no committed "
                           f"shard (a run that has not committed one yet: see `kmnist-batch status`)")
-    output.refuse_other_schema(out, metas, "reads")
-    _, card = output.run_metadata(metas)
+    predictions.refuse_other_schema(out, metas, "reads")
+    _, card = predictions.run_metadata(metas)
     if card is None:
         raise KmnistError(f"{out.uri} is not a predict output: its shards carry no model card")
     return card
@@ -182,7 +182,7 @@ class Queue:
 
     def __init__(self, out: Location, classes: tuple[str, ...], audit_size: int = 0, seed: int = 0):
         self.out, self.classes, self.audit_size, self.seed = out, classes, audit_size, seed
-        self.folder = output.predictions_dir(out)
+        self.folder = predictions.predictions_dir(out)
         self.lock = threading.RLock()
         self.cache: OrderedDict[str, pa.Table] = OrderedDict()
         self.build(shard_stamps(self.folder))

@@ -24,11 +24,12 @@ from PIL import Image
 from scipy.stats import beta
 
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.review_import import import_decisions
-from kmnist_core import decisions, storage
+from kmnist_core import storage
 from kmnist_core.card import read_card
 from kmnist_core.errors import KmnistError
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, weights_id
+from reviews import store
+from reviews.import_csv import import_decisions
 from tests.test_cli import invoke
 from tests.test_int8 import bare_copy
 
@@ -115,7 +116,7 @@ def truths() -> dict[str, str]:
         return {r["rel_path"]: r["char"] for r in csv.DictReader(f)}
 
 
-# ------------------------------------------------------------------------------ decisions.py
+# ------------------------------------------------------------------------------ store.py
 
 
 def test_latest_decision_wins_history_is_kept_withdrawal_and_conflicts(tmp_path):
@@ -125,38 +126,38 @@ def test_latest_decision_wins_history_is_kept_withdrawal_and_conflicts(tmp_path)
                [decision(a, "き", "bob", 2)],  # bob disagrees with alice on a: a conflict; bob's is the latest
                [decision(b, None, "alice", 3)],  # alice withdraws b (an undo)
                [decision(c, "つ", "alice", 4)]]  # alice changes her own mind on c: no conflict
-    names = [decisions.append(out, decisions.decision_table(rows, CHARS)) for rows in batches]
+    names = [store.append(out, store.decision_table(rows, CHARS)) for rows in batches]
     assert len(set(names)) == 4 and sorted(review_files(tmp_path / "out")) == sorted(names)
     on_disk = read_dir(tmp_path / "out" / "reviews")
-    assert on_disk.num_rows == 6 and on_disk.schema.equals(decisions.SCHEMA)  # every decision kept, as written
+    assert on_disk.num_rows == 6 and on_disk.schema.equals(store.SCHEMA)  # every decision kept, as written
 
-    history = decisions.read_history(out)
+    history = store.read_history(out)
     assert history.num_rows == 6 and history["decided_at"].to_pylist() == sorted(history["decided_at"].to_pylist())
-    now = {r["key"]: r for r in decisions.latest(history).to_pylist()}
+    now = {r["key"]: r for r in store.latest(history).to_pylist()}
     assert set(now) == {a, c}  # b withdrawn
     assert (now[a]["label"], now[a]["reviewer"], now[c]["label"]) == ("き", "bob", "つ")
-    found = decisions.conflicts(history).to_pylist()
+    found = store.conflicts(history).to_pylist()
     assert [(r["key"], r["labels"], r["current"]) for r in found] == [(a, "お (alice) / き (bob)", "き")]
-    assert decisions.conflicts_text(decisions.conflicts(history)).splitlines()[1] == "/x/a.png\tお (alice) / き (bob)\tき"
+    assert store.conflicts_text(store.conflicts(history)).splitlines()[1] == "/x/a.png\tお (alice) / き (bob)\tき"
     # alice comes round to bob's label: the conflict is gone, and the history still holds both of hers.
-    decisions.append(out, decisions.decision_table([decision(a, "き", "alice", 5)], CHARS))
-    history = decisions.read_history(out)
-    assert decisions.conflicts(history).num_rows == 0 and history.num_rows == 7
-    assert decisions.conflicts_text(decisions.conflicts(history)).startswith("no conflicts")
+    store.append(out, store.decision_table([decision(a, "き", "alice", 5)], CHARS))
+    history = store.read_history(out)
+    assert store.conflicts(history).num_rows == 0 and history.num_rows == 7
+    assert store.conflicts_text(store.conflicts(history)).startswith("no conflicts")
     # Only some columns: decided_at comes along, since it orders the history.
-    assert decisions.read_history(out, ["key", "label"]).column_names == ["key", "label", "decided_at"]
+    assert store.read_history(out, ["key", "label"]).column_names == ["key", "label", "decided_at"]
 
 
 def test_a_label_outside_the_card_is_refused_and_nothing_written(tmp_path):
     out = storage.resolve(tmp_path / "out")
     with pytest.raises(KmnistError, match="'x' is not one of the model's characters"):  # the batch, not half of it
-        decisions.append(out, decisions.decision_table([decision(b"/a.png", "お", "alice", 1),
+        store.append(out, store.decision_table([decision(b"/a.png", "お", "alice", 1),
                                                         decision(b"/b.png", "x", "alice", 1)], CHARS))
     with pytest.raises(KmnistError, match="kind must be"):
-        decisions.append(out, decisions.decision_table([decision(b"/a.png", "お", "alice", 1, kind="guess")], CHARS))
+        store.append(out, store.decision_table([decision(b"/a.png", "お", "alice", 1, kind="guess")], CHARS))
     assert review_files(tmp_path / "out") == {}
-    assert decisions.decision_table([decision(b"/a.png", decisions.NOT_A_CHARACTER, "a", 1),
-                                     decision(b"/b.png", decisions.UNREADABLE, "a", 1)], CHARS).num_rows == 2
+    assert store.decision_table([decision(b"/a.png", store.NOT_A_CHARACTER, "a", 1),
+                                     decision(b"/b.png", store.UNREADABLE, "a", 1)], CHARS).num_rows == 2
 
 
 def audits(n: int, wrong: int, wrong_label: str = "き", folder: str = "audit", **overrides) -> list[dict]:
@@ -166,39 +167,39 @@ def audits(n: int, wrong: int, wrong_label: str = "き", folder: str = "audit", 
 
 
 def history_of(rows: list[dict]) -> pa.Table:
-    return decisions.decision_table(rows, CHARS)
+    return store.decision_table(rows, CHARS)
 
 
 def test_audit_summary_error_rate_interval_and_the_cards_promise():
     promise = CARD.raw["calibration"]["review_promise"]
-    s = decisions.audit_summary(history_of(audits(200, 3)), CARD)
+    s = store.audit_summary(history_of(audits(200, 3)), CARD)
     assert (s["audited"], s["wrong"], s["error_rate"]) == (200, 3, 3 / 200)
     # The two-sided 95 % Clopper-Pearson interval, as scipy's beta quantiles give it.
     assert s["interval"] == pytest.approx([beta.ppf(0.025, 3, 198), beta.ppf(0.975, 4, 197)], rel=1e-6)
     assert s["promise"]["max_error_rate"] == pytest.approx(1 - promise["target_precision"])
     assert s["promise"]["validation_precision_lower_bound"] == promise["precision_lower_bound"]
     assert s["verdict"] == "open"  # 1.5 % measured, but the interval reaches below 0.5 %
-    assert decisions.audit_summary(history_of(audits(1000, 0)), CARD)["verdict"] == "kept"  # upper end 0.37 %
-    assert decisions.audit_summary(history_of(audits(100, 5)), CARD)["verdict"] == "broken"  # lower end 1.6 %
-    assert decisions.audit_summary(history_of(audits(10, 0)), CARD)["interval"][0] == 0.0
-    assert "error rate 1.50%" in decisions.audit_text(s) and "open" not in decisions.audit_text(s)
+    assert store.audit_summary(history_of(audits(1000, 0)), CARD)["verdict"] == "kept"  # upper end 0.37 %
+    assert store.audit_summary(history_of(audits(100, 5)), CARD)["verdict"] == "broken"  # lower end 1.6 %
+    assert store.audit_summary(history_of(audits(10, 0)), CARD)["interval"][0] == 0.0
+    assert "error rate 1.50%" in store.audit_text(s) and "open" not in store.audit_text(s)
 
 
 def test_audit_counts_not_a_character_and_unreadable_as_wrong_latest_per_key_and_this_model_only():
-    rows = audits(10, 2, wrong_label=decisions.NOT_A_CHARACTER)
-    rows.append({**rows[5], "label": decisions.UNREADABLE, "decided_at": T0 + timedelta(minutes=9)})  # replaces a right one
+    rows = audits(10, 2, wrong_label=store.NOT_A_CHARACTER)
+    rows.append({**rows[5], "label": store.UNREADABLE, "decided_at": T0 + timedelta(minutes=9)})  # replaces a right one
     rows.append({**rows[0], "label": "お", "decided_at": T0 + timedelta(minutes=9)})  # a wrong one corrected
     rows += audits(4, 4, folder="other", model_id="another-model")  # another model's rows: not this model's error rate
     rows += [decision(b"/flagged.png", "き", "a", 1, kind="audit")]  # a flagged row is no auto-accepted row
     rows += [decision(b"/reviewed.png", "き", "a", 1, review_reason=None)]  # a review, not an audit
     rows += [decision(b"/withdrawn.png", "き", "a", 1, kind="audit", review_reason=None),
              decision(b"/withdrawn.png", None, "a", 2, kind="audit", review_reason=None)]
-    s = decisions.audit_summary(history_of(rows), CARD)
+    s = store.audit_summary(history_of(rows), CARD)
     assert (s["audited"], s["wrong"], s["other_model"]) == (10, 2, 4)
     assert s["wrong_by"] == {"other_character": 0, "not_a_character": 1, "unreadable": 1}
-    assert decisions.audit_summary(history_of(audits(3, 0, model_id="another-model")), CARD) is None
-    assert decisions.audit_summary(decisions.SCHEMA.empty_table(), CARD) is None
-    assert decisions.audit_summary(history_of(audits(5, 1)), None)["verdict"] is None  # no card, no promise
+    assert store.audit_summary(history_of(audits(3, 0, model_id="another-model")), CARD) is None
+    assert store.audit_summary(store.SCHEMA.empty_table(), CARD) is None
+    assert store.audit_summary(history_of(audits(5, 1)), None)["verdict"] is None  # no card, no promise
 
 
 # -------------------------------------------------------------------------------------- import
@@ -212,7 +213,7 @@ def test_import_records_decisions_exactly_as_the_ui_does(crops_out, tmp_path):
     assert len(flagged) >= 5
     lines, expected = [], {}
     for i, r in enumerate(flagged):
-        label = truth.get(r["rel_path"], decisions.NOT_A_CHARACTER)  # blank.png, broken.png: no character
+        label = truth.get(r["rel_path"], store.NOT_A_CHARACTER)  # blank.png, broken.png: no character
         who = "carol" if i % 2 else ""  # the reviewer column, or else the argument
         lines.append([r["path"], label, who])
         expected[r["path_bytes"]] = (label, who or "dave")
@@ -238,7 +239,7 @@ def test_import_records_decisions_exactly_as_the_ui_does(crops_out, tmp_path):
     tsv = tmp_path / "more.tsv"
     tsv.write_text("\ufeffkey\tlabel\n" + f"{accepted['path_bytes'].hex()}\tき\n", encoding="utf-8")
     assert import_decisions(storage.resolve(crops_out), tsv, "erin") == 1
-    latest = decisions.latest(decisions.read_history(storage.resolve(crops_out))).to_pylist()
+    latest = store.latest(store.read_history(storage.resolve(crops_out))).to_pylist()
     assert next(d for d in latest if d["key"] == accepted["path_bytes"])["label"] == "き"
 
 
@@ -288,7 +289,7 @@ def test_report_writes_final_one_row_per_prediction_row_with_every_decision(crop
     accepted = [r for r in rows if not r["needs_review"]]
     corrected, undecided = flagged[0], flagged[-1]
     labels = {corrected["path_bytes"]: other_char(corrected["pred_char"] or "お"),
-              flagged[1]["path_bytes"]: decisions.NOT_A_CHARACTER, flagged[2]["path_bytes"]: decisions.UNREADABLE,
+              flagged[1]["path_bytes"]: store.NOT_A_CHARACTER, flagged[2]["path_bytes"]: store.UNREADABLE,
               accepted[1]["path_bytes"]: other_char(accepted[1]["pred_char"])}  # a review that corrects an accepted row
     by_key = {r["path_bytes"]: r for r in rows}
     write_csv(tmp_path / "l.csv", ["key", "label"], [[k.hex(), v] for k, v in labels.items()])
@@ -296,7 +297,7 @@ def test_report_writes_final_one_row_per_prediction_row_with_every_decision(crop
     audit = [decision(r["path_bytes"], r["pred_char"] if i else other_char(r["pred_char"]), "auditor", 0, kind="audit",
                       pred_char=r["pred_char"], review_reason=None) | {"decided_at": None, "path": r["path"], "run_id": r["run_id"]}
              for i, r in enumerate(accepted[2:22])]  # 20 audits, one wrong
-    decisions.append(storage.resolve(crops_out), decisions.decision_table(audit, CHARS))
+    store.append(storage.resolve(crops_out), store.decision_table(audit, CHARS))
     labels.update({d["key"]: d["label"] for d in audit})
 
     result = invoke("report", crops_out)
@@ -320,7 +321,7 @@ def test_report_writes_final_one_row_per_prediction_row_with_every_decision(crop
         if f["path_bytes"] in labels:
             label = labels[f["path_bytes"]]
             assert (f["final_source"], f["review_label"]) == ("review", label)
-            assert f["final_char"] == (None if label in decisions.SPECIAL_LABELS else label)
+            assert f["final_char"] == (None if label in store.SPECIAL_LABELS else label)
             assert f["reviewer"] in ("dave", "auditor") and f["reviewed_at"] is not None
         elif row["needs_review"]:
             assert (f["final_char"], f["final_source"], f["reviewer"]) == (None, None, None)
@@ -342,7 +343,7 @@ def test_report_writes_final_one_row_per_prediction_row_with_every_decision(crop
 
     # A second report, after a decision is withdrawn (its row is undecided again) and one is made on a key
     # no row has (counted, not folded in).
-    decisions.append(storage.resolve(crops_out), decisions.decision_table(
+    store.append(storage.resolve(crops_out), store.decision_table(
         [{"key": corrected["path_bytes"], "path": corrected["path"], "label": None, "reviewer": "dave"},
          {"key": b"/gone.png", "path": "/gone.png", "label": "お", "reviewer": "dave"}], CHARS))
     again = invoke("report", crops_out)
@@ -362,7 +363,7 @@ def test_status_shows_reviewed_left_per_reason_and_the_audit(crops_out, tmp_path
     import_decisions(storage.resolve(crops_out), tmp_path / "l.csv", "dave")
     before = invoke("status", crops_out)
     assert before.exit_code == 0 and "audit" not in before.output
-    decisions.append(storage.resolve(crops_out), decisions.decision_table(
+    store.append(storage.resolve(crops_out), store.decision_table(
         [decision(r["path_bytes"], r["pred_char"], "auditor", 1, kind="audit", pred_char=r["pred_char"], review_reason=None)
          for r in accepted[:30]], CHARS))
     result = invoke("status", crops_out)
@@ -386,8 +387,8 @@ def test_page_corrections_reach_text_kaggle_and_alto(pages_out, tmp_path):
     fixed, unread = flagged[0], flagged[1]
     dropped = next(r for r in order if not r["needs_review"])
     label = other_char(fixed["pred_char"])
-    write_csv(tmp_path / "l.csv", ["path", "label"], [[fixed["path"], label], [dropped["path"], decisions.NOT_A_CHARACTER],
-                                                      [unread["path"], decisions.UNREADABLE]])
+    write_csv(tmp_path / "l.csv", ["path", "label"], [[fixed["path"], label], [dropped["path"], store.NOT_A_CHARACTER],
+                                                      [unread["path"], store.UNREADABLE]])
     import_decisions(storage.resolve(pages_out), tmp_path / "l.csv", "dave")
     result = invoke("report", pages_out)
     assert result.exit_code == 0, result.output
@@ -446,7 +447,7 @@ def another_model(tmp: Path) -> Path:
 def test_resume_and_overwrite_keep_reviews_and_count_the_rows_predicted_again(crops_out, tmp_path):
     rows = predictions(crops_out)
     flagged = [r for r in rows if r["needs_review"]][:4]
-    write_csv(tmp_path / "l.csv", ["path", "label"], [[r["path"], decisions.UNREADABLE] for r in flagged])
+    write_csv(tmp_path / "l.csv", ["path", "label"], [[r["path"], store.UNREADABLE] for r in flagged])
     import_decisions(storage.resolve(crops_out), tmp_path / "l.csv", "dave")
     kept = review_files(crops_out)
     inputs = json.loads((crops_out / "run.json").read_text(encoding="utf-8"))["inputs"]
@@ -482,13 +483,13 @@ def run_copy(crop_run, tmp_path) -> Path:
 
 
 def test_a_file_of_no_decisions_fails_neither_the_app_nor_report_nor_status_and_each_names_it(run_copy, capsys):
-    from review.queue import key_hashes
-    from review.server import Review
+    from reviews.queue import key_hashes
+    from reviews.server import Review
 
     out = storage.resolve(run_copy)
     low = [r for r in predictions(run_copy) if r["review_reason"] == "low_confidence"]
     decided = low[:2]
-    decisions.append(out, decisions.decision_table(
+    store.append(out, store.decision_table(
         [decision(r["path_bytes"], r["pred_char"], "dave", 1) for r in decided], CHARS))
     reviews = run_copy / "reviews"
 
@@ -527,7 +528,7 @@ def test_a_file_of_no_decisions_fails_neither_the_app_nor_report_nor_status_and_
 def test_conflicts_escape_control_characters_in_names_and_reviewers(run_copy):
     out = storage.resolve(run_copy)
     key = "/x/\x1b]0;owned\x07\x1b[2J\u202egnp.exe".encode()
-    decisions.append(out, decisions.decision_table([decision(key, "お", "alice\x1b[31m", 1),
+    store.append(out, store.decision_table([decision(key, "お", "alice\x1b[31m", 1),
                                                     decision(key, "き", "bob", 2)], CHARS))
     result = invoke("review", run_copy, "--conflicts")
     assert result.exit_code == 0, result.output

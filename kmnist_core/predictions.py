@@ -30,11 +30,11 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch_infer.schema import FOOTER_CHUNK, FOOTER_MODEL_CARD, FOOTER_RUN, FOOTER_SCHEMA_VERSION, SCHEMA, SCHEMA_VERSION
 from kmnist_core import storage
 from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
+from kmnist_core.schema import FOOTER_CHUNK, FOOTER_MODEL_CARD, FOOTER_RUN, FOOTER_SCHEMA_VERSION, SCHEMA, SCHEMA_VERSION
 from kmnist_core.storage import Location
 
 PREDICTIONS_DIR = "predictions"
@@ -195,7 +195,7 @@ def staging_dir(out: Location, run_id: str) -> Location:
 
 def swap_in(out: Location, run_id: str, old_shards: list[str]) -> None:
     """Make the overwrite run's first shard the whole output; the earlier output goes (its report is
-    withdrawn by the caller: batch_infer/report_set.py)."""
+    withdrawn by the caller: reviews/report_set.py)."""
     if out.local:
         fresh = staging_dir(out, run_id).path
         os.makedirs(fresh, exist_ok=True)  # a run that found no files still replaces the old output

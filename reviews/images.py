@@ -7,8 +7,8 @@ import io
 
 from PIL import Image, ImageDraw
 
-from batch_infer.review_sheet import open_as_shown, thumbnail
-from batch_infer.schema import BOX_KEY
+from kmnist_core.schema import BOX_KEY
+from reviews.sheet import open_as_shown, thumbnail
 
 CROP_PX = 160  # longer side of a tile's crop
 PAGE_PX = 1400  # longer side of a page as shown

@@ -1,6 +1,6 @@
 """Crops people labelled in predict runs' review decisions, as training and evaluation data.
 
-`batch_infer/reviewed.py` reads them from an OUT (each key's latest decision joined to its prediction row,
+`batch_infer/gathered_crops.py` reads them from an OUT (each key's latest decision joined to its prediction row,
 the crop decoded exactly as predict decoded it); this module holds what comes out, splits off the seeded
 held-out part `train --reviews` measures itself on, and computes the figures `train` writes into the card
 and `evaluate --reviews` prints. No torch and no batch_infer here.

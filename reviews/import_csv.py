@@ -1,5 +1,5 @@
 """`kmnist-batch review OUT --import FILE`: decisions made elsewhere (a spreadsheet, another tool), recorded
-exactly as the review UI records them (kmnist_core/decisions.py: kind `review`, source `import:<file
+exactly as the review UI records them (reviews/store.py: kind `review`, source `import:<file
 name>`, with the model, run, predicted character, confidence and review reason of the matched row).
 
 The file: CSV, or TSV when named `.tsv` or `.tab`; UTF-8 (a spreadsheet's byte-order mark is fine); a
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from batch_infer import output
-from kmnist_core import decisions
+from kmnist_core import predictions
 from kmnist_core.classmap import ClassMap
 from kmnist_core.errors import KmnistError
 from kmnist_core.storage import Location
+from reviews import store
 
 # Of the matched row: what a decision records.
 SEEN = ["path", "path_bytes", "model_id", "run_id", "pred_char", "confidence", "review_reason"]
@@ -48,7 +48,7 @@ class Line:
 
 def label_of(text: str, classes: ClassMap) -> str | None:
     """The decision label a cell names (a character, its code point, or a special label); None if none."""
-    if text in classes.chars or text in decisions.SPECIAL_LABELS:
+    if text in classes.chars or text in store.SPECIAL_LABELS:
         return text
     if text.upper() in classes.codepoints:
         return classes.chars[classes.codepoints.index(text.upper())]
@@ -58,7 +58,7 @@ def label_of(text: str, classes: ClassMap) -> str | None:
 def refusal(text: str, classes: ClassMap) -> str:
     shown = f" ({''.join(classes.chars)})" if len(classes) <= 50 else ""
     return (f"label {text!r} is not one of the model's {len(classes)} characters{shown} nor "
-            f"{' / '.join(decisions.SPECIAL_LABELS)}")
+            f"{' / '.join(store.SPECIAL_LABELS)}")
 
 
 def read_lines(csv_path: Path, classes: ClassMap, reviewer: str) -> tuple[str, list[Line], list[tuple[int, str]], int]:
@@ -125,12 +125,12 @@ def check_header(csv_path: Path, columns: list[str]) -> str:
 def matching_rows(out: Location, key_column: str, keys: set) -> dict:
     """{key: the prediction row's SEEN columns} for the keys present in OUT, a shard at a time."""
     column = "path" if key_column == "path" else "path_bytes"
-    folder, found = output.predictions_dir(out), {}
-    for name in output.shard_names(out):
-        shard_keys = output.read_shard(folder, name, [column])[column].to_pylist()
+    folder, found = predictions.predictions_dir(out), {}
+    for name in predictions.shard_names(out):
+        shard_keys = predictions.read_shard(folder, name, [column])[column].to_pylist()
         hits = [i for i, k in enumerate(shard_keys) if k in keys]
         if hits:
-            rows = output.read_shard(folder, name, SEEN).take(pa.array(hits, pa.int64()))
+            rows = predictions.read_shard(folder, name, SEEN).take(pa.array(hits, pa.int64()))
             found.update(zip(rows[column].to_pylist(), rows.to_pylist()))
     return found
 
@@ -138,11 +138,11 @@ def matching_rows(out: Location, key_column: str, keys: set) -> dict:
 def import_decisions(out: Location, csv_path: Path, reviewer: str) -> int:
     """Record the decisions of `csv_path` (module doc) in OUT/reviews/ as one batch; returns how many.
     Raises KmnistError, recording nothing, on a bad file or any refused line."""
-    metas = output.footers(out)
+    metas = predictions.footers(out)
     if not metas:
-        raise KmnistError(f"{out.uri} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet): not a predict output")
-    output.refuse_other_schema(out, metas, "reads")
-    card = output.run_metadata(metas)[1]
+        raise KmnistError(f"{out.uri} holds no predictions ({predictions.PREDICTIONS_DIR}/*.parquet): not a predict output")
+    predictions.refuse_other_schema(out, metas, "reads")
+    card = predictions.run_metadata(metas)[1]
     if card is None:
         raise KmnistError(f"{out.uri}: its shards carry no model card, so the labels cannot be checked")
     key_column, lines, problems, data = read_lines(Path(csv_path), card.classes, reviewer)
@@ -162,5 +162,5 @@ def import_decisions(out: Location, csv_path: Path, reviewer: str) -> int:
     source = f"import:{Path(csv_path).name}"
     rows = [{**{k: v for k, v in found[line.key].items() if k != "path_bytes"}, "key": found[line.key]["path_bytes"],
              "label": line.label, "reviewer": line.reviewer, "kind": "review", "source": source} for line in lines]
-    decisions.append(out, decisions.decision_table(rows, card.classes.chars))
+    store.append(out, store.decision_table(rows, card.classes.chars))
     return len(rows)

@@ -19,9 +19,9 @@ import matplotlib_fontja
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from batch_infer.schema import parse_box_key
 from kmnist_core import storage
-from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.review_reasons import REVIEW_REASONS
+from kmnist_core.schema import parse_box_key
 
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"  # IPAexGothic: has the kana
 SHEET_LIMIT = 120  # crops per reason on the sheet

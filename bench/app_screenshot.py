@@ -2,7 +2,7 @@
 the demo crops (examples/crops), `kmnist-batch review` on it, and a few tiles settled from the keyboard,
 in Debian's headless chromium driven by Selenium (nothing downloaded).
 
-    .venv/bin/python bench/review_screenshot.py   # rewrites docs/img/review.png
+    .venv/bin/python bench/app_screenshot.py   # rewrites docs/img/review.png
 """
 
 from __future__ import annotations

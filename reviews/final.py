@@ -1,6 +1,6 @@
-"""OUT/final/: the predictions with the review decisions (kmnist_core/decisions.py) folded in, what an
+"""OUT/final/: the predictions with the review decisions (reviews/store.py) folded in, what an
 archive publishes. `kmnist-batch report OUT` (and every predict run, at its end) rewrites it, as part of
-the report set (batch_infer/report_set.py: a new generation, published whole).
+the report set (reviews/report_set.py: a new generation, published whole).
 
 One file per predictions shard, under the shard's name, one row per prediction row in the shard's
 order: the key columns (`path`, `path_bytes`; on pages `page`, `box_x`, `box_y`, `box_w`, `box_h`,
@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch_infer import output
-from batch_infer.manifest import PAGE_COLUMNS
-from kmnist_core import decisions, storage
+from kmnist_core import predictions, storage
 from kmnist_core.card import ModelCard
-from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.review_reasons import REVIEW_REASONS
+from kmnist_core.schema import PAGE_COLUMNS
 from kmnist_core.storage import Location
+from reviews import store
 
 FINAL_DIR = "final"
 BOX_COLUMNS = ["page", "box_x", "box_y", "box_w", "box_h", "reading_index"]
@@ -58,12 +58,12 @@ def match(rows: pa.Table, decided: pa.Table) -> pa.Array:
 
 def fold(rows: pa.Table, decided: pa.Table, index: pa.Array | None = None) -> pa.Table:
     """`rows` (path_bytes, pred_char, review_reason) with FOLDED's columns appended (module doc).
-    `decided`: one decision per key, none withdrawn (decisions.latest); `index`: match(rows, decided),
+    `decided`: one decision per key, none withdrawn (store.latest); `index`: match(rows, decided),
     when the caller has it already."""
     index = match(rows, decided) if index is None else index
     has = pc.is_valid(index)
     label = decided["label"].take(index)  # null where the row was not decided
-    special = pc.fill_null(pc.is_in(label, value_set=pa.array(decisions.SPECIAL_LABELS)), False)
+    special = pc.fill_null(pc.is_in(label, value_set=pa.array(store.SPECIAL_LABELS)), False)
     accepted = pc.is_null(rows["review_reason"])
     null_text = pa.scalar(None, pa.string())
     model_char = pc.if_else(accepted, rows["pred_char"], null_text)
@@ -76,9 +76,9 @@ def fold(rows: pa.Table, decided: pa.Table, index: pa.Array | None = None) -> pa
 
 
 def final_schema(rows: pa.Schema) -> pa.Schema:
-    keys = [f for f in output.SCHEMA if f.name in ("path", "path_bytes")]
+    keys = [f for f in predictions.SCHEMA if f.name in ("path", "path_bytes")]
     boxes = [PAGE_COLUMNS.field(n) for n in BOX_COLUMNS if n in rows.names]
-    what = [output.SCHEMA.field("pred_char"), output.SCHEMA.field("review_reason")]
+    what = [predictions.SCHEMA.field("pred_char"), predictions.SCHEMA.field("review_reason")]
     return pa.schema([*keys, *boxes, *what, *FOLDED])
 
 
@@ -97,9 +97,9 @@ class Tally:
         """`seen`: per row, the model_id and run_id its decision was made on (null: not decided)."""
         decided = pc.is_valid(folded["review_label"])
         reason = pc.fill_null(folded["review_reason"], "")  # "": auto-accepted
-        self.flagged.update(output.value_counts(folded["review_reason"]))
-        self.reviewed.update(output.value_counts(reason.filter(decided)))
-        self.labels.update(output.value_counts(folded["review_label"].filter(decided)))
+        self.flagged.update(predictions.value_counts(folded["review_reason"]))
+        self.reviewed.update(predictions.value_counts(reason.filter(decided)))
+        self.labels.update(predictions.value_counts(folded["review_label"].filter(decided)))
         self.auto_accepted += int(pc.sum(pc.equal(reason, "").cast(pa.int64())).as_py() or 0)
         self.matched += int(pc.sum(decided.cast(pa.int64())).as_py() or 0)
         changed = pc.fill_null(pc.not_equal(folded["review_label"], folded["pred_char"]), True)
@@ -107,7 +107,7 @@ class Tally:
         other_model = pc.fill_null(pc.not_equal(seen["model_id"], folded["model_id"]), True)
         self.other_model += int(pc.sum(pc.and_(decided, other_model).cast(pa.int64())).as_py() or 0)
         other_run = pc.and_(decided, pc.fill_null(pc.not_equal(seen["run_id"], folded["run_id"]), True))
-        self.predicted_again.update(output.value_counts(folded["run_id"].filter(other_run)))
+        self.predicted_again.update(predictions.value_counts(folded["run_id"].filter(other_run)))
 
     def summary(self, decided: int) -> dict:
         return {
@@ -116,7 +116,7 @@ class Tally:
                               "left": self.flagged.get(r, 0) - self.reviewed.get(r, 0)} for r in REVIEW_REASONS},
             "auto_accepted": {"rows": self.auto_accepted, "reviewed": self.reviewed.get("", 0)},
             "corrected": self.corrected,  # decided with a label other than the model's character
-            "labels": {label: self.labels.get(label, 0) for label in decisions.SPECIAL_LABELS},
+            "labels": {label: self.labels.get(label, 0) for label in store.SPECIAL_LABELS},
             # Decided rows predicted again since the decision (--overwrite, or --resume re-reading an error
             # row), by the run that did; and of them, those predicted by another model now.
             "predicted_again": sum(self.predicted_again.values()),
@@ -129,17 +129,17 @@ class Tally:
 def write_final(out: Location, target: Location, history: pa.Table, card: ModelCard | None = None,
                 precision: str | None = None) -> dict:
     """Write `target`/final/ (module doc) from OUT's committed shards and `history` (the review history,
-    decisions.read_history with HISTORY_COLUMNS); returns the review figures summary.json keeps: decisions,
+    store.read_history with HISTORY_COLUMNS); returns the review figures summary.json keeps: decisions,
     reviewers, reviewed and left per reason, corrections, conflicts, and the audit of auto-accepted rows
-    against `card`'s promise (decisions.audit_summary)."""
-    decided = decisions.latest(history)
+    against `card`'s promise (store.audit_summary)."""
+    decided = store.latest(history)
     folder = target.join(FINAL_DIR)
     storage.make_dirs(folder)
     tally = Tally()
-    for name in output.shard_names(out):
-        loc = output.predictions_dir(out).join(name)
+    for name in predictions.shard_names(out):
+        loc = predictions.predictions_dir(out).join(name)
         present = pq.read_schema(loc.path, filesystem=loc.fs).names
-        rows = output.read_shard(output.predictions_dir(out), name, READ + [c for c in BOX_COLUMNS if c in present])
+        rows = predictions.read_shard(predictions.predictions_dir(out), name, READ + [c for c in BOX_COLUMNS if c in present])
         index = match(rows, decided)
         folded = fold(rows, decided, index)
         tally.add(folded, decided.select(["model_id", "run_id"]).take(index))
@@ -149,10 +149,10 @@ def write_final(out: Location, target: Location, history: pa.Table, card: ModelC
         pq.write_table(table, buf, compression="zstd")
         storage.write_bytes_atomic(folder.join(name), buf.getvalue())
     return {"decisions": history.num_rows,
-            "reviewers": output.value_counts(decided["reviewer"]),
+            "reviewers": predictions.value_counts(decided["reviewer"]),
             **tally.summary(decided.num_rows),
-            "conflicts": decisions.conflicts(history).num_rows,
-            "audit": decisions.audit_summary(history, card, precision)}
+            "conflicts": store.conflicts(history).num_rows,
+            "audit": store.audit_summary(history, card, precision)}
 
 
 def review_lines(reviews: dict) -> list[tuple[str, str]]:
@@ -182,5 +182,5 @@ def review_lines(reviews: dict) -> list[tuple[str, str]]:
                                  f"({reviews.get('made_on_another_model') or 0:,} by another model); "
                                  f"decisions on keys no prediction row has: {reviews.get('not_in_predictions') or 0:,}"))
     if reviews.get("audit"):
-        lines.append(("audit", decisions.audit_text(reviews["audit"])))
+        lines.append(("audit", store.audit_text(reviews["audit"])))
     return lines

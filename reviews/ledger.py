@@ -2,12 +2,12 @@
 
 Reading: every file in reviews/ is read once; listing the folder again (at most every REFRESH_S) picks
 up the files other servers, reviewers and imports publish, and only those are read. A file that holds no
-decisions is set aside with a warning (kmnist_core.decisions.read_batch), never failing a page; the temp
+decisions is set aside with a warning (reviews.store.read_batch), never failing a page; the temp
 files of writers that died mid-write are removed when the server starts. Per key the
 standing decision is the latest in read_history's order (decided_at, then file name, then row), so the
 server shows what `report` will fold in; a withdrawn decision (label null) leaves the key undecided.
 
-Writing: a request's decisions are on disk (kmnist_core.decisions.append: fsync, then rename) before the
+Writing: a request's decisions are on disk (reviews.store.append: fsync, then rename) before the
 request is answered, so the browser shows "saved" only for what a kill -9 cannot lose. Requests that
 arrive while a file is being written are group-committed: the next writer publishes all of them in one
 file. The browser sends a burst of keys as one request, so a file holds one burst of keystrokes (one
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from kmnist_core import decisions, storage
+from kmnist_core import storage
 from kmnist_core.storage import Location
-from review.queue import key_hashes
+from reviews import store
+from reviews.queue import key_hashes
 
 REFRESH_S = 1.0
 
@@ -52,7 +53,7 @@ class Ticket:
 class Ledger:
     def __init__(self, out: Location):
         self.out = out
-        self.folder = decisions.reviews_dir(out)
+        self.folder = store.reviews_dir(out)
         self.lock = threading.Lock()  # guards batches and standing
         self.batches: dict[str, pa.Table] = {}  # every file read: the history, for the audit figure
         self.standing: dict[int, Standing] = {}  # key hash -> its latest decision
@@ -72,7 +73,7 @@ class Ledger:
         self.listed_at = time.monotonic()
         new = [n for n in storage.list_names(self.folder, ".parquet") if n not in self.batches]
         with ThreadPoolExecutor(2 if self.out.local else 8) as pool:
-            tables = list(pool.map(lambda n: decisions.read_batch(self.folder, n, warned=self.warned), new))
+            tables = list(pool.map(lambda n: store.read_batch(self.folder, n, warned=self.warned), new))
         changed: dict[int, bool] = {}
         for name, table in zip(new, tables):
             if table is not None:
@@ -109,7 +110,7 @@ class Ledger:
 
     def history(self) -> pa.Table:
         with self.lock:
-            return decisions.history_of(dict(self.batches))
+            return store.history_of(dict(self.batches))
 
     def commit(self, table: pa.Table) -> tuple[str, dict[int, bool]]:
         """Publish `table` (with whatever else is pending) and fold it in; returns the file name and
@@ -123,7 +124,7 @@ class Ledger:
                     batch, self.pending = self.pending, []
                 try:
                     combined = pa.concat_tables([t.table for t in batch])
-                    name = decisions.append(self.out, combined)
+                    name = store.append(self.out, combined)
                     self.absorb(name, combined)
                     for t in batch:
                         t.name = name

@@ -1,9 +1,9 @@
 """The report of an OUT: summary/ (plots, a per-folder table and summary.json), computed from the Parquet
 output alone (rows plus the run options and model card in shard footers and predictions/_run-*.json;
 run.json, when present, adds throughput), with final/ (the review decisions folded into the rows,
-batch_infer/final.py; summary.json's `reviews` holds what they settled) and the page outputs
-(batch_infer/pages_out.py). `write_report_set` builds them all from one read of the review history and
-publishes them whole (batch_infer/report_set.py); `kmnist-batch report OUT` reruns it.
+reviews/final.py; summary.json's `reviews` holds what they settled) and the page outputs
+(reviews/pages_out.py). `write_report_set` builds them all from one read of the review history and
+publishes them whole (reviews/report_set.py); `kmnist-batch report OUT` reruns it.
 
 Memory is bounded by one shard: the rows are read a shard at a time, only the columns needed, and
 folded into running counts, a confidence histogram, per-folder sums and, per review reason, the few
@@ -23,16 +23,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch_infer import output, report_set
-from batch_infer.final import HISTORY_COLUMNS, write_final
-from batch_infer.review_sheet import SHEET_LIMIT, sheet_order, write_review_sheet
-from batch_infer.schema import KEY_COLUMNS
-from kmnist_core.run_record import read_run
-from kmnist_core import decisions, storage
+from kmnist_core import predictions, storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
-from kmnist_core.review import REVIEW_REASONS
+from kmnist_core.review_reasons import REVIEW_REASONS
+from kmnist_core.run_record import read_run
+from kmnist_core.schema import KEY_COLUMNS
 from kmnist_core.storage import Location
+from reviews import report_set, store
+from reviews.final import HISTORY_COLUMNS, write_final
+from reviews.sheet import SHEET_LIMIT, sheet_order, write_review_sheet
 
 SUMMARY_DIR = "summary"
 BINS = np.linspace(0, 1, 41)
@@ -81,8 +81,8 @@ class Summary:
         self.histogram += np.histogram(conf, BINS)[0]
         self.inverted += int(pc.sum(ok.column("inverted")).as_py() or 0)
         for name, counter in (("error_kind", self.errors_by_kind), ("review_reason", self.reasons)):
-            counter.update(output.value_counts(t.column(name)))
-        self.chars.update(output.value_counts(ok.column("pred_char")))
+            counter.update(predictions.value_counts(t.column(name)))
+        self.chars.update(predictions.value_counts(ok.column("pred_char")))
         self.models.update(pc.unique(t.column("model_id")).to_pylist())
         self.add_folders(t, predicted)
         self.add_sheet(t)
@@ -141,13 +141,13 @@ def write_summary(out: Location, target: Location, metas: dict, reviews: dict) -
     figures."""
     from kmnist_core import plots  # matplotlib: only when a report is drawn
 
-    runs, card = output.run_metadata(metas)
+    runs, card = predictions.run_metadata(metas)
     latest = runs[-1] if runs else {}
-    record = output.latest_run_record(out)
+    record = predictions.latest_run_record(out)
     run = read_run(out) or {}
 
     s = Summary()
-    for table in output.iter_tables(out, COLUMNS):
+    for table in predictions.iter_tables(out, COLUMNS):
         s.add(table)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,24 +192,24 @@ def write_summary(out: Location, target: Location, metas: dict, reviews: dict) -
 
 def write_report_set(out: str | Path | Location, export: tuple[str, ...] | None = None) -> dict:
     """Every report output of OUT (final/, summary/, the page outputs) from one read of the review history,
-    built in a new generation and published whole (batch_infer/report_set.py). `export`: the page exports
+    built in a new generation and published whole (reviews/report_set.py). `export`: the page exports
     (None: those the latest run asked for). Returns summary.json's content with `pages` added."""
-    from batch_infer.pages_out import write_pages
+    from reviews.pages_out import write_pages
 
     out = out if isinstance(out, Location) else storage.resolve(out)
-    metas = output.footers(out)
+    metas = predictions.footers(out)
     if not metas:
-        raise KmnistError(f"{out.uri} holds no predictions ({output.PREDICTIONS_DIR}/*.parquet)")
-    output.refuse_other_schema(out, metas, "reads")
-    runs, card = output.run_metadata(metas)
+        raise KmnistError(f"{out.uri} holds no predictions ({predictions.PREDICTIONS_DIR}/*.parquet)")
+    predictions.refuse_other_schema(out, metas, "reads")
+    runs, card = predictions.run_metadata(metas)
     latest = runs[-1] if runs else {}
     if export is None:
         export = tuple(latest.get("options", {}).get("export") or ())
-    history = decisions.read_history(out, HISTORY_COLUMNS)  # the one read: final/ and pages agree
+    history = store.read_history(out, HISTORY_COLUMNS)  # the one read: final/ and pages agree
     gen = report_set.new_generation(out)
     reviews = write_final(out, gen, history, card, latest.get("precision"))
     summary = write_summary(out, gen, metas, reviews)
-    summary["pages"] = write_pages(out, gen, export, decisions.latest(history))
+    summary["pages"] = write_pages(out, gen, export, store.latest(history))
     report_set.publish(out, gen, {"export": list(export), "decisions_read": history.num_rows,
                                   "runs": summary["runs"]})
     # Where a reader finds it: OUT itself on a file system (its links), the generation on an object store.

@@ -25,15 +25,14 @@ import pytest
 from PIL import Image
 
 from batch_infer.job import PredictOptions, run_predict
-from batch_infer.output import read_predictions
-from kmnist_core import decisions
+from kmnist_core.predictions import read_predictions
 from kmnist_core.storage import resolve
-from review import audit
-from review.queue import AUDIT, TABS, Queue, key_hashes, row_id
-from review.server import Review
+from reviews import audit, store
+from reviews.queue import AUDIT, TABS, Queue, key_hashes, row_id
+from reviews.server import Review
 from tests.crop_tree import plain_tree
+from tests.decisions_server import CLI, Server, make_run, self_signed
 from tests.object_store import upload_tree
-from tests.review_server import CLI, Server, make_run, self_signed
 from tests.test_object_store import bucket, s3_env  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +77,7 @@ def flagged(out: Path) -> dict[str, set[str]]:
 
 
 def history(out: Path):
-    return decisions.read_history(resolve(out))
+    return store.read_history(resolve(out))
 
 
 def test_every_request_without_the_token_is_refused(out, servers):
@@ -156,7 +155,7 @@ def test_decisions_are_on_disk_with_what_the_reviewer_saw(out, servers, run):
     assert [t["decision"]["label"] for t in page["tiles"]] == [first["top"][1][0], "not_a_character", "unreadable"]
 
     assert server.post([{"id": first["id"], "label": None}])[0] == 200  # undo: withdrawn
-    assert first["path"] not in {r["path"] for r in decisions.latest(history(out)).to_pylist()}
+    assert first["path"] not in {r["path"] for r in store.latest(history(out)).to_pylist()}
     assert server.get_json("/api/queue?tab=low_confidence&size=3")["tiles"][0]["decision"] is None
     assert len(list((out / "reviews").iterdir())) == 2
     assert server.stop() == 0  # Ctrl-C: a normal stop
@@ -218,7 +217,7 @@ def test_two_reviewers_on_two_servers_lose_nothing(out, servers):
     h = history(out)
     assert h.num_rows == sum(len(p) for p in plan.values())
     assert Counter(h["reviewer"].to_pylist()) == {"alice": len(plan[alice]), "bob": len(plan[bob])}
-    clash = decisions.conflicts(h)
+    clash = store.conflicts(h)
     assert sorted(row_id(k) for k in key_hashes(clash["key"].to_pylist())) == sorted(shared)
     # each server shows the other's decisions once it lists reviews/ again (at most every second)
     time.sleep(1.2)
@@ -275,7 +274,7 @@ def test_an_out_on_an_object_store(out, bucket, s3_env, servers):  # noqa: F811
     assert server.request("GET", f"/api/crop/{tile['id']}.png")[0] == 200
     status, answer = server.post([{"id": tile["id"], "label": "を"}])
     assert status == 200
-    saved = decisions.read_history(resolve(f"s3://{bucket}/out")).to_pylist()
+    saved = store.read_history(resolve(f"s3://{bucket}/out")).to_pylist()
     assert [(r["path"], r["label"], r["reviewer"]) for r in saved] == [(tile["path"], "を", "remote")]
     assert not (out / "reviews").exists()
 

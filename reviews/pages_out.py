@@ -1,10 +1,10 @@
 """Page outputs of a box-manifest run, from the finished OUT/predictions/ and the review decisions in
-OUT/reviews/ alone, written into a report generation (batch_infer/report_set.py; `kmnist-batch report`
-reruns it). Each page is named by its page id (batch_infer/page_ids.py): its path relative to the
+OUT/reviews/ alone, written into a report generation (reviews/report_set.py; `kmnist-batch report`
+reruns it). Each page is named by its page id (kmnist_core/page_ids.py): its path relative to the
 manifest's folder without the extension (`vol1/0001`), or the manifest's `image_id`.
 
 A box's reading: the reviewer's label where the box was decided (the latest decision, as in OUT/final/,
-batch_infer/final.py), else the model's top-1; 〓 for a box with no prediction (an error or a blank)
+reviews/final.py), else the model's top-1; 〓 for a box with no prediction (an error or a blank)
 or one a reviewer found `unreadable`. A box a reviewer found `not_a_character` is left out of the text,
 the Kaggle CSV and ALTO.
 
@@ -41,15 +41,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from batch_infer import final, output
-from batch_infer.manifest import PAGE_COLUMNS
-from batch_infer.page_ids import page_ids
-from batch_infer.schema import SCHEMA
-from kmnist_core import storage
-from kmnist_core.decisions import NOT_A_CHARACTER, UNREADABLE
+from kmnist_core import predictions, storage
 from kmnist_core.files import json_text
+from kmnist_core.page_ids import page_ids
 from kmnist_core.safe_text import csv_cell
+from kmnist_core.schema import PAGE_COLUMNS, SCHEMA
 from kmnist_core.storage import Location
+from reviews import final
+from reviews.store import NOT_A_CHARACTER, UNREADABLE
 
 PAGES_FILE = "pages.parquet"
 KAGGLE_FILE = "pages_kaggle.csv"
@@ -73,7 +72,7 @@ OWN = READ + final.FOLDED.names  # the columns the page outputs compute with; th
 def box_rows(out: Location, decided: pa.Table) -> pd.DataFrame | None:
     """The box rows' columns the page outputs need, plus the pass-through columns, with `decided` (the
     latest decision per key) folded in; None for a run without boxes."""
-    names = output.shard_names(out)
+    names = predictions.shard_names(out)
     if not names:
         return None
     first = predictions_schema(out, names[0])
@@ -81,7 +80,7 @@ def box_rows(out: Location, decided: pa.Table) -> pd.DataFrame | None:
         return None
     extra = [n for n in first.names if n not in SCHEMA.names and n not in PAGE_COLUMNS.names]
     tables = [final.fold(t, decided).drop_columns(["path_bytes"])
-              for t in output.iter_tables(out, ["path_bytes", *READ, *extra])]
+              for t in predictions.iter_tables(out, ["path_bytes", *READ, *extra])]
     return pa.concat_tables(tables).to_pandas()
 
 
@@ -102,7 +101,7 @@ def codepoint(char: str) -> str:
 
 
 def predictions_schema(out: Location, name: str) -> pa.Schema:
-    loc = output.predictions_dir(out).join(name)
+    loc = predictions.predictions_dir(out).join(name)
     return pq.read_schema(loc.path, filesystem=loc.fs)
 
 
@@ -114,7 +113,7 @@ def truth_char(value) -> str | None:
 
 
 def ids_of(rows: pd.DataFrame) -> dict[str, str]:
-    """page -> its id (batch_infer/page_ids.py), the name of its ALTO file, overlay and Kaggle row."""
+    """page -> its id (kmnist_core/page_ids.py), the name of its ALTO file, overlay and Kaggle row."""
     image_ids = rows["image_id"] if "image_id" in rows.columns else None
     return page_ids(rows["page"], rows["input_root"], image_ids)
 
@@ -213,7 +212,7 @@ def alto_xml(page: str, g: pd.DataFrame, size: tuple[int, int] | None) -> bytes:
 def overlay(img: Image.Image, g: pd.DataFrame) -> Image.Image:
     """The page with its boxes coloured by review reason, each box's character to its left, and the
     reading order as a faint line through the box centres."""
-    from batch_infer.review_sheet import FONT
+    from reviews.sheet import FONT
 
     scale = min(OVERLAY_MAX_SIDE, max(OVERLAY_MIN_SIDE, max(img.size))) / max(img.size)
     page = img.convert("RGB")
@@ -245,7 +244,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def write_pages(out: Location, target: Location, export: tuple[str, ...], decided: pa.Table) -> dict | None:
     """Write the page outputs (module doc) of a box-manifest run into the report folder `target`; None when
-    OUT holds no box rows. `decided`: the latest decision per key (decisions.latest)."""
+    OUT holds no box rows. `decided`: the latest decision per key (store.latest)."""
     rows = box_rows(out, decided)
     if rows is None:
         return None

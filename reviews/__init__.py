@@ -1,2 +1,2 @@
 """`kmnist-batch review`: a local web app where people settle the rows predict flagged (and audit a sample
-of the rows it accepted), recording each decision in OUT/reviews/ (kmnist_core/decisions.py)."""
+of the rows it accepted), recording each decision in OUT/reviews/ (reviews/store.py)."""

@@ -1,8 +1,8 @@
 """The Parquet output schema: a contract with downstream pipelines. Bump SCHEMA_VERSION on any change.
 
 The one place for the schema's facts: the columns (SCHEMA), a row's key columns (KEY_COLUMNS, the listing a
-worker reads: LISTING_SCHEMA), the keys of every shard's footer (FOOTER_*, `footer`), and the key of a box
-on a page (`box_key`, `parse_box_key`).
+worker reads: LISTING_SCHEMA), a box row's page columns (PAGE_COLUMNS), the keys of every shard's footer
+(FOOTER_*, `footer`), and the key of a box on a page (`box_key`, `parse_box_key`).
 """
 
 from __future__ import annotations
@@ -56,12 +56,22 @@ SCHEMA = pa.schema([
 KEY_COLUMNS = ("path", "path_bytes", "rel_path", "input_root")
 LISTING_SCHEMA = pa.schema([(name, SCHEMA.field(name).type) for name in KEY_COLUMNS])
 
+# Output columns of a box row (a manifest of boxes, batch_infer/manifest.py) beyond SCHEMA's (width/height there
+# are the box's size).
+PAGE_COLUMNS = pa.schema([
+    pa.field("page", pa.string()),  # the page image's path or URI
+    pa.field("box_x", pa.int32()), pa.field("box_y", pa.int32()),  # the box in page pixels
+    pa.field("box_w", pa.int32()), pa.field("box_h", pa.int32()),
+    pa.field("reading_index", pa.int32()),  # position in the page's text, from 0
+    pa.field("column_index", pa.int32()),  # column, 0 = rightmost
+])
+
 # Every shard's footer (Parquet key-value metadata): the schema version, the run that wrote it (run.json's
 # fields as the run began, its decision policy included), the model card, and the chunk it holds.
 FOOTER_SCHEMA_VERSION = b"kmnist_batch.schema_version"
 FOOTER_RUN = b"kmnist_batch.run"
 FOOTER_MODEL_CARD = b"kmnist_batch.model_card"
-FOOTER_CHUNK = b"kmnist_batch.chunk"  # predict's shards only (batch_infer/output.py chunk_meta)
+FOOTER_CHUNK = b"kmnist_batch.chunk"  # predict's shards only (kmnist_core/predictions.py chunk_meta)
 
 
 def footer(run: dict, card: dict) -> dict[bytes, bytes]:
