@@ -36,7 +36,7 @@ from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.run_record import GRID_FILE, RUN_FILE
 from kmnist_core.storage import Location
-from reviews import report_set, store
+from reviews import report_set, stats, store
 from reviews.final import HISTORY_COLUMNS, review_lines
 from reviews.report import SUMMARY_DIR
 
@@ -99,8 +99,8 @@ def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
                               "left": max(0, flagged.get(r, 0) - reviewed.get(r, 0)) if flagged else None}
                           for r in REVIEW_REASONS},
             "auto_accepted": {"reviewed": reviewed.get("", 0)},
-            "conflicts": store.conflicts(history).num_rows,
-            "audit": store.audit_summary(history, card, (run or {}).get("precision"))}
+            "conflicts": stats.conflicts(history).num_rows,
+            "audit": stats.audit_summary(history, card, (run or {}).get("precision"))}
 
 
 def run_status(out: str | Path, now: float | None = None) -> dict:

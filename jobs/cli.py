@@ -448,12 +448,10 @@ def review(
         typer.echo(f"recorded {count:,} decisions from {import_csv} in {location.uri}/reviews")
         return
     if conflicts:
-        from reviews.store import conflicts as find_conflicts, read_history
+        from reviews.stats import conflicts as find_conflicts, conflicts_text
+        from reviews.store import read_history
 
-        found = find_conflicts(read_history(location))
-        for row in found.to_pylist():
-            typer.echo(f"{terminal(row['path'])}: {terminal(row['labels'])}")  # names and reviewers from data
-        typer.echo(f"{found.num_rows:,} keys with different labels from different reviewers")
+        typer.echo(conflicts_text(find_conflicts(read_history(location))))
         return
     from reviews.server import serve
 

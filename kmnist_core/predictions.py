@@ -121,6 +121,39 @@ def refuse_other_schema(out: Location, metas: dict[str, dict[bytes, bytes]], doi
                           f"schema {SCHEMA_VERSION}: use --overwrite or another --out")
 
 
+@dataclass(frozen=True)
+class Opened:
+    """A predict OUT as its readers open it (open_predictions): every committed shard's footer, the runs
+    that wrote them (oldest first) and the latest model card (None: the shards carry none)."""
+
+    metas: dict[str, dict[bytes, bytes]]
+    runs: list[dict]
+    card: ModelCard | None
+
+    @property
+    def latest(self) -> dict:
+        """The newest run's footer record ({} when none)."""
+        return self.runs[-1] if self.runs else {}
+
+
+def open_predictions(out: Location, need_card: bool = False) -> Opened:
+    """Open the predict run in OUT for reading (the review app, an import, a report); anything else is
+    refused with one line: a folder that cannot be read, one with no committed shard, shards of another
+    schema, and (`need_card`) shards that carry no model card."""
+    try:
+        metas = footers(out)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise KmnistError(f"cannot read the predictions in {out.uri}: {e}") from None
+    if not metas:
+        raise KmnistError(f"{out.uri} is not a predict output: it holds no predictions ({PREDICTIONS_DIR}/*.parquet; "
+                          f"a run that has not committed a shard yet: see `kmnist-batch status`)")
+    refuse_other_schema(out, metas, "reads")
+    runs, card = run_metadata(metas)
+    if need_card and card is None:
+        raise KmnistError(f"{out.uri} is not a predict output: its shards carry no model card")
+    return Opened(metas, runs, card)
+
+
 def output_schema(table: pa.Table) -> pa.Schema:
     """SCHEMA, then any columns a manifest adds (page columns, pass-through columns) with their own types."""
     return pa.schema([*SCHEMA, *(f for f in table.schema if f.name not in SCHEMA.names)])

@@ -3,7 +3,7 @@
 Strata are (predicted class, confidence tercile among the auto-accepted rows). Each stratum gets its
 share of N by proportional allocation (largest remainder), so the sample mirrors the accepted rows and
 its plain error rate estimates theirs without weights, which is what the Clopper-Pearson interval of
-reviews.store.audit_summary assumes. Rows are drawn without replacement by a numpy Generator
+reviews.stats.audit_summary assumes. Rows are drawn without replacement by a numpy Generator
 seeded with --seed, stratum by stratum in a fixed order: the same OUT and seed give the same sample on
 every server and after every restart, so an audit can be continued.
 """

@@ -34,7 +34,7 @@ from kmnist_core.card import ModelCard
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.schema import PAGE_COLUMNS
 from kmnist_core.storage import Location
-from reviews import store
+from reviews import stats, store
 
 FINAL_DIR = "final"
 BOX_COLUMNS = ["page", "box_x", "box_y", "box_w", "box_h", "reading_index"]
@@ -126,13 +126,12 @@ class Tally:
         }
 
 
-def write_final(out: Location, target: Location, history: pa.Table, card: ModelCard | None = None,
-                precision: str | None = None) -> dict:
+def write_final(out: Location, target: Location, history: pa.Table, decided: pa.Table,
+                card: ModelCard | None = None, precision: str | None = None) -> dict:
     """Write `target`/final/ (module doc) from OUT's committed shards and `history` (the review history,
-    store.read_history with HISTORY_COLUMNS); returns the review figures summary.json keeps: decisions,
-    reviewers, reviewed and left per reason, corrections, conflicts, and the audit of auto-accepted rows
-    against `card`'s promise (store.audit_summary)."""
-    decided = store.latest(history)
+    store.read_history with HISTORY_COLUMNS; `decided`: its store.latest); returns the review figures
+    summary.json keeps: decisions, reviewers, reviewed and left per reason, corrections, conflicts, and the
+    audit of auto-accepted rows against `card`'s promise (stats.audit_summary)."""
     folder = target.join(FINAL_DIR)
     storage.make_dirs(folder)
     tally = Tally()
@@ -151,8 +150,8 @@ def write_final(out: Location, target: Location, history: pa.Table, card: ModelC
     return {"decisions": history.num_rows,
             "reviewers": predictions.value_counts(decided["reviewer"]),
             **tally.summary(decided.num_rows),
-            "conflicts": store.conflicts(history).num_rows,
-            "audit": store.audit_summary(history, card, precision)}
+            "conflicts": stats.conflicts(history).num_rows,
+            "audit": stats.audit_summary(history, card, precision)}
 
 
 def review_lines(reviews: dict) -> list[tuple[str, str]]:
@@ -182,5 +181,5 @@ def review_lines(reviews: dict) -> list[tuple[str, str]]:
                                  f"({reviews.get('made_on_another_model') or 0:,} by another model); "
                                  f"decisions on keys no prediction row has: {reviews.get('not_in_predictions') or 0:,}"))
     if reviews.get("audit"):
-        lines.append(("audit", store.audit_text(reviews["audit"])))
+        lines.append(("audit", stats.audit_text(reviews["audit"])))
     return lines

@@ -32,8 +32,6 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.storage import Location
 from reviews import store
 
-# Of the matched row: what a decision records.
-SEEN = ["path", "path_bytes", "model_id", "run_id", "pred_char", "confidence", "review_reason"]
 LISTED = 20  # refused lines named in the error; the rest are counted
 TAB_SUFFIXES = (".tsv", ".tab")
 
@@ -123,14 +121,14 @@ def check_header(csv_path: Path, columns: list[str]) -> str:
 
 
 def matching_rows(out: Location, key_column: str, keys: set) -> dict:
-    """{key: the prediction row's SEEN columns} for the keys present in OUT, a shard at a time."""
+    """{key: the prediction row's store.SEEN columns} for the keys present in OUT, a shard at a time."""
     column = "path" if key_column == "path" else "path_bytes"
     folder, found = predictions.predictions_dir(out), {}
     for name in predictions.shard_names(out):
         shard_keys = predictions.read_shard(folder, name, [column])[column].to_pylist()
         hits = [i for i, k in enumerate(shard_keys) if k in keys]
         if hits:
-            rows = predictions.read_shard(folder, name, SEEN).take(pa.array(hits, pa.int64()))
+            rows = predictions.read_shard(folder, name, store.SEEN).take(pa.array(hits, pa.int64()))
             found.update(zip(rows[column].to_pylist(), rows.to_pylist()))
     return found
 
@@ -138,13 +136,7 @@ def matching_rows(out: Location, key_column: str, keys: set) -> dict:
 def import_decisions(out: Location, csv_path: Path, reviewer: str) -> int:
     """Record the decisions of `csv_path` (module doc) in OUT/reviews/ as one batch; returns how many.
     Raises KmnistError, recording nothing, on a bad file or any refused line."""
-    metas = predictions.footers(out)
-    if not metas:
-        raise KmnistError(f"{out.uri} holds no predictions ({predictions.PREDICTIONS_DIR}/*.parquet): not a predict output")
-    predictions.refuse_other_schema(out, metas, "reads")
-    card = predictions.run_metadata(metas)[1]
-    if card is None:
-        raise KmnistError(f"{out.uri}: its shards carry no model card, so the labels cannot be checked")
+    card = predictions.open_predictions(out, need_card=True).card  # the labels are checked against its card
     key_column, lines, problems, data = read_lines(Path(csv_path), card.classes, reviewer)
     found = matching_rows(out, key_column, {line.key for line in lines})
     for line in lines:
@@ -160,7 +152,6 @@ def import_decisions(out: Location, csv_path: Path, reviewer: str) -> int:
     if not lines:
         return 0
     source = f"import:{Path(csv_path).name}"
-    rows = [{**{k: v for k, v in found[line.key].items() if k != "path_bytes"}, "key": found[line.key]["path_bytes"],
-             "label": line.label, "reviewer": line.reviewer, "kind": "review", "source": source} for line in lines]
+    rows = [store.decision_row(found[line.key], line.label, line.reviewer, "review", source) for line in lines]
     store.append(out, store.decision_table(rows, card.classes.chars))
     return len(rows)

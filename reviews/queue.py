@@ -38,7 +38,6 @@ import pyarrow.parquet as pq
 
 from kmnist_core import predictions
 from kmnist_core.card import ModelCard
-from kmnist_core.errors import KmnistError
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.storage import Location
 from reviews import audit
@@ -72,18 +71,7 @@ def parse_row_id(text: str) -> int | None:
 
 def open_run(out: Location) -> ModelCard:
     """The model card of the predict run in OUT; anything else is refused with one line."""
-    try:
-        metas = predictions.footers(out)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise KmnistError(f"cannot read the predictions in {out.uri}: {e}") from None
-    if not metas:
-        raise KmnistError(f"{out.uri} is not a predict output: {predictions.predictions_dir(out).uri} holds no committed "
-                          f"shard (a run that has not committed one yet: see `kmnist-batch status`)")
-    predictions.refuse_other_schema(out, metas, "reads")
-    _, card = predictions.run_metadata(metas)
-    if card is None:
-        raise KmnistError(f"{out.uri} is not a predict output: its shards carry no model card")
-    return card
+    return predictions.open_predictions(out, need_card=True).card
 
 
 def shard_stamps(folder: Location) -> dict[str, tuple[int, int]]:

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kmnist_core import predictions, storage
-from kmnist_core.errors import KmnistError
 from kmnist_core.files import json_text
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.run_record import read_run
@@ -136,13 +135,12 @@ def upload(summary_dir: Path, target: Location) -> None:
         storage.write_bytes_atomic(target.join(SUMMARY_DIR, path.name), path.read_bytes())
 
 
-def write_summary(out: Location, target: Location, metas: dict, reviews: dict) -> dict:
-    """`target`/summary/ (module doc) from OUT's rows; `metas`: the shards' footers; `reviews`: write_final's
-    figures."""
+def write_summary(out: Location, target: Location, opened: predictions.Opened, reviews: dict) -> dict:
+    """`target`/summary/ (module doc) from OUT's rows; `opened`: OUT as open_predictions gave it (its runs and
+    card); `reviews`: write_final's figures."""
     from kmnist_core import plots  # matplotlib: only when a report is drawn
 
-    runs, card = predictions.run_metadata(metas)
-    latest = runs[-1] if runs else {}
+    runs, card, latest = opened.runs, opened.card, opened.latest
     record = predictions.latest_run_record(out)
     run = read_run(out) or {}
 
@@ -197,19 +195,15 @@ def write_report_set(out: str | Path | Location, export: tuple[str, ...] | None 
     from reviews.pages_out import write_pages
 
     out = out if isinstance(out, Location) else storage.resolve(out)
-    metas = predictions.footers(out)
-    if not metas:
-        raise KmnistError(f"{out.uri} holds no predictions ({predictions.PREDICTIONS_DIR}/*.parquet)")
-    predictions.refuse_other_schema(out, metas, "reads")
-    runs, card = predictions.run_metadata(metas)
-    latest = runs[-1] if runs else {}
+    opened = predictions.open_predictions(out)
     if export is None:
-        export = tuple(latest.get("options", {}).get("export") or ())
+        export = tuple(opened.latest.get("options", {}).get("export") or ())
     history = store.read_history(out, HISTORY_COLUMNS)  # the one read: final/ and pages agree
+    decided = store.latest(history)
     gen = report_set.new_generation(out)
-    reviews = write_final(out, gen, history, card, latest.get("precision"))
-    summary = write_summary(out, gen, metas, reviews)
-    summary["pages"] = write_pages(out, gen, export, store.latest(history))
+    reviews = write_final(out, gen, history, decided, opened.card, opened.latest.get("precision"))
+    summary = write_summary(out, gen, opened, reviews)
+    summary["pages"] = write_pages(out, gen, export, decided)
     report_set.publish(out, gen, {"export": list(export), "decisions_read": history.num_rows,
                                   "runs": summary["runs"]})
     # Where a reader finds it: OUT itself on a file system (its links), the generation on an object store.

@@ -24,6 +24,8 @@ import os
 import secrets
 from datetime import datetime, timezone
 
+import pyarrow.fs as pafs
+
 from kmnist_core import storage
 from kmnist_core.files import json_text
 from kmnist_core.storage import Location
@@ -55,8 +57,6 @@ def files_under(folder: Location) -> dict[str, int]:
                 path = os.path.join(root, name)
                 found[os.path.relpath(path, folder.path).replace(os.sep, "/")] = os.path.getsize(path)
         return dict(sorted(found.items()))
-    import pyarrow.fs as pafs
-
     infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True, allow_not_found=True))
     return dict(sorted((i.path[len(folder.path) + 1 :], i.size) for i in infos if i.type == pafs.FileType.File))
 
@@ -138,8 +138,6 @@ def generation_names(out: Location) -> list[str]:
             return sorted(n for n in os.listdir(folder.path) if not n.startswith("."))
         except FileNotFoundError:
             return []
-    import pyarrow.fs as pafs
-
     infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 

@@ -48,7 +48,7 @@ from kmnist_core import storage
 from kmnist_core.errors import KmnistError
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.storage import Location
-from reviews import images, store
+from reviews import images, stats, store
 from reviews.ledger import Ledger
 from reviews.queue import AUDIT, PAGE_SIZE, TABS, Queue, StaleIndex, open_run, parse_row_id
 from reviews.sheet import FONT
@@ -101,8 +101,8 @@ class Review:
         """The measured error rate of auto-accepted rows (recomputed only when decisions were added)."""
         seen = len(self.ledger.batches)
         if self.audit_figure[0] != seen:
-            summary = store.audit_summary(self.ledger.history(), self.card)
-            self.audit_figure = (seen, summary and {**summary, "text": store.audit_text(summary)})
+            summary = stats.audit_summary(self.ledger.history(), self.card)
+            self.audit_figure = (seen, summary and {**summary, "text": stats.audit_text(summary)})
         return self.audit_figure[1]
 
     def info(self) -> dict:
@@ -154,10 +154,7 @@ class Review:
         if unknown:
             raise BadRequest(404, f"no queued row has id {unknown[0]!r}")
         table = store.decision_table([
-            {"key": row["path_bytes"], "path": row["path"], "label": label, "reviewer": self.reviewer,
-             "kind": "audit" if row["review_reason"] is None else "review", "source": "ui",
-             "model_id": row["model_id"], "run_id": row["run_id"], "pred_char": row["pred_char"],
-             "confidence": row["confidence"], "review_reason": row["review_reason"]}
+            store.decision_row(row, label, self.reviewer, "audit" if row["review_reason"] is None else "review", "ui")
             for row, label in zip(rows, labels)], self.classes)
         name, changed = self.ledger.commit(table)
         self.queue.mark(np.array(list(changed), np.uint64), np.array(list(changed.values()), bool))

@@ -16,6 +16,8 @@ A file in `reviews/` that holds no decisions (not Parquet, damaged, another sche
 first to meet it moves it to `reviews/_quarantine/` with a warning, and the decisions of every other file
 count (`kmnist-batch status` lists what was set aside). Readers also remove the temp files of writers that
 died mid-write (kmnist_core.storage.remove_stale_temps).
+
+What the history says (conflicts, the audit figure) is computed in reviews/stats.py.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kmnist_core import storage
-from kmnist_core.calibration import rate_upper_bound
-from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 from kmnist_core.safe_text import terminal
 from kmnist_core.storage import Location
@@ -61,6 +61,8 @@ SCHEMA = pa.schema([
     pa.field("review_reason", pa.string()),  # ... and why it was flagged (null: auto-accepted)
 ])
 SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+# Of the prediction row decided on: what a decision records of it (decision_row).
+SEEN = ["path", "path_bytes", "model_id", "run_id", "pred_char", "confidence", "review_reason"]
 
 
 def default_reviewer() -> str:
@@ -103,6 +105,14 @@ def decision_table(rows: list[dict], classes: tuple[str, ...]) -> pa.Table:
     columns["kind"] = [r.get("kind") or "review" for r in rows]
     columns["source"] = [r.get("source") or "ui" for r in rows]
     return pa.table(columns, schema=SCHEMA)
+
+
+def decision_row(row: dict, label: str | None, reviewer: str, kind: str, source: str) -> dict:
+    """A decision on prediction row `row` (a dict holding SEEN's columns), for decision_table: its key
+    and what the reviewer saw of it, with the label given (None withdraws), who gave it, the kind (review
+    or audit) and the source ("ui", or "import:<file name>")."""
+    return {"key": row["path_bytes"], "path": row["path"], "label": label, "reviewer": reviewer, "kind": kind,
+            "source": source, **{c: row[c] for c in SEEN if c not in ("path", "path_bytes")}}
 
 
 def append(out: Location, table: pa.Table) -> str:
@@ -224,45 +234,6 @@ def latest(history: pa.Table) -> pa.Table:
     return table.filter(pc.is_valid(table["label"]))
 
 
-def conflicts(history: pa.Table) -> pa.Table:
-    """Keys whose reviewers disagree: each reviewer's latest label per key, where more than one label remains.
-    A reviewer changing their own mind is not a conflict; a withdrawn decision takes that reviewer out.
-    `current`: the label that counts now (the key's latest decision; null when that was a withdrawal)."""
-    if history.num_rows == 0:
-        return pa.table({"key": pa.array([], pa.binary()), "path": pa.array([], pa.string()),
-                         "labels": pa.array([], pa.string()), "reviewers": pa.array([], pa.string()),
-                         "current": pa.array([], pa.string())})
-    per_reviewer = latest_by(history, ["key", "reviewer"])
-    per_reviewer = per_reviewer.filter(pc.is_valid(per_reviewer["label"]))
-    rows = per_reviewer.select(["key", "path", "label", "reviewer"]).to_pylist()
-    by_key: dict[bytes, list[dict]] = {}
-    for r in rows:
-        by_key.setdefault(r["key"], []).append(r)
-    found = [rs for rs in by_key.values() if len({r["label"] for r in rs}) > 1]
-    found.sort(key=lambda rs: rs[0]["key"])
-    now = latest(history)
-    current = dict(zip(now["key"].to_pylist(), now["label"].to_pylist())) if found else {}
-    return pa.table({
-        "key": pa.array([rs[0]["key"] for rs in found], pa.binary()),
-        "path": pa.array([rs[0]["path"] for rs in found], pa.string()),
-        "labels": pa.array([" / ".join(f"{r['label']} ({r['reviewer']})" for r in sorted(rs, key=lambda r: r["reviewer"]))
-                            for rs in found], pa.string()),
-        "reviewers": pa.array([", ".join(sorted({r["reviewer"] for r in rs})) for rs in found], pa.string()),
-        "current": pa.array([current.get(rs[0]["key"]) for rs in found], pa.string()),
-    })
-
-
-def conflicts_text(found: pa.Table) -> str:
-    """`review --conflicts`: a header, then one tab-separated line per conflicting key (path, each
-    reviewer's label, the label that counts now); a line saying so when there is none."""
-    if found.num_rows == 0:
-        return "no conflicts: no key was given different labels"
-    lines = ["path\tlabels (reviewer)\tcounts now"]
-    for r in found.select(["path", "labels", "current"]).to_pylist():
-        lines.append(f"{terminal(r['path'])}\t{terminal(r['labels'])}\t{terminal(r['current'] or 'none (withdrawn)')}")
-    return "\n".join(lines)
-
-
 def latest_by(history: pa.Table, keys: list[str]) -> pa.Table:
     """The last row of `history` (in decision order) for each combination of `keys`, in decision order."""
     if history.num_rows == 0:
@@ -270,85 +241,3 @@ def latest_by(history: pa.Table, keys: list[str]) -> pa.Table:
     numbered = history.append_column("_i", pa.array(range(history.num_rows), pa.int64()))
     last = numbered.group_by(keys).aggregate([("_i", "max")])["_i_max"]
     return history.take(np.sort(last.to_numpy()))
-
-
-AUDIT_LEVEL = 0.95  # the audit interval: two-sided, as a measurement is reported (the card's promise is one-sided)
-
-
-def review_promise(card: ModelCard, precision: str | None = None) -> dict | None:
-    """What the card promises of auto-accepted rows (fitted on validation): the int8 twin's own when
-    `precision` is int8 and its refit is current, else the fp32 model's; None for a card without one."""
-    return card.calibration_for(precision or "fp32").review_promise
-
-
-def clopper_pearson(hits: int, n: int, level: float = AUDIT_LEVEL) -> tuple[float, float]:
-    """Two-sided Clopper-Pearson interval of a rate measured as hits / n: each end a one-sided bound at
-    (1 + level) / 2."""
-    one_sided = (1 + level) / 2
-    low = 0.0 if hits == 0 else 1.0 - rate_upper_bound(n - hits, n, one_sided)
-    return low, rate_upper_bound(hits, n, one_sided)
-
-
-def audit_summary(history: pa.Table, card: ModelCard | None, precision: str | None = None) -> dict | None:
-    """The measured error rate of the auto-accepted rows of a run, from its audit decisions, next to the
-    card's promise; None when no audit decision counts.
-
-    Counted: each key's latest decision of kind "audit" (a withdrawn one takes the key out), made on a
-    row that was auto-accepted (review_reason null) by the card's model; audits of another model's rows
-    (an OUT predicted again with --overwrite) are only counted in `other_model`.
-    Wrong: the reviewer's label differs from the character the model gave the row (`pred_char` as the
-    reviewer saw it). `not_a_character` and `unreadable` count as wrong too: auto-accepting a row promises
-    it is that character, and a crop nobody can read cannot be confirmed as one.
-    `error_rate` comes with its two-sided 95 % Clopper-Pearson interval. The card promises precision >=
-    target (one-sided, at its confidence level), so error rate <= 1 - target: `verdict` is "kept" when
-    the interval's upper end is at or below that, "broken" when its lower end is above it, "open" in
-    between (audit more rows). The rate is that of all auto-accepted rows when every one had the same
-    chance to be sampled (a simple random sample, or one stratified in proportion).
-    """
-    audits = history.filter(pc.equal(history["kind"], "audit"))
-    audits = latest_by(audits, ["key"])
-    audits = audits.filter(pc.and_(pc.is_valid(audits["label"]), pc.is_null(audits["review_reason"])))
-    if card is not None:
-        ours = audits.filter(pc.fill_null(pc.equal(audits["model_id"], card.model_id), False))
-        other_model, audits = audits.num_rows - ours.num_rows, ours
-    else:
-        other_model = 0
-    n = audits.num_rows
-    if n == 0:
-        return None
-    labels, predicted = audits["label"].to_pylist(), audits["pred_char"].to_pylist()
-    wrong_by = {"other_character": 0, NOT_A_CHARACTER: 0, UNREADABLE: 0}
-    for label, pred in zip(labels, predicted):
-        if label != pred:
-            wrong_by[label if label in SPECIAL_LABELS else "other_character"] += 1
-    wrong = sum(wrong_by.values())
-    low, high = clopper_pearson(wrong, n)
-    promise = review_promise(card, precision) if card is not None else None
-    summary = {"audited": n, "wrong": wrong, "wrong_by": wrong_by, "error_rate": wrong / n,
-               "interval": [low, high], "interval_level": AUDIT_LEVEL, "model_id": card.model_id if card else None,
-               "other_model": other_model, "promise": None, "verdict": None}
-    if promise and promise.get("target_precision") is not None:
-        max_error = 1.0 - float(promise["target_precision"])
-        summary["promise"] = {"max_error_rate": max_error, "target_precision": promise["target_precision"],
-                              "confidence_level": promise.get("confidence_level"),
-                              "validation_precision_lower_bound": promise.get("precision_lower_bound"),
-                              "validation_auto_accepted_share": promise.get("auto_accepted_share")}
-        summary["verdict"] = "kept" if high <= max_error else "broken" if low > max_error else "open"
-    return summary
-
-
-VERDICTS = {"kept": "the promise holds", "broken": "the promise is broken on this archive",
-            "open": "not settled: audit more rows"}
-
-
-def audit_text(audit: dict) -> str:
-    """The audit figure in one line (status, report)."""
-    low, high = audit["interval"]
-    text = (f"{audit['audited']:,} auto-accepted rows checked, {audit['wrong']:,} wrong: error rate "
-            f"{audit['error_rate']:.2%} (95% CI {low:.2%}-{high:.2%})")
-    promise = audit.get("promise")
-    if promise:
-        text += f"; the card promises <= {promise['max_error_rate']:.2%}: {VERDICTS[audit['verdict']]}"
-    if audit.get("other_model"):
-        text += f" ({audit['other_model']:,} audits of another model's rows not counted)"
-    return text

@@ -27,7 +27,7 @@ from PIL import Image
 from batch_infer.job import PredictOptions, run_predict
 from kmnist_core.predictions import read_predictions
 from kmnist_core.storage import resolve
-from reviews import audit, store
+from reviews import audit, stats, store
 from reviews.queue import AUDIT, TABS, Queue, key_hashes, row_id
 from reviews.server import Review
 from tests.crop_tree import plain_tree
@@ -217,7 +217,7 @@ def test_two_reviewers_on_two_servers_lose_nothing(out, servers):
     h = history(out)
     assert h.num_rows == sum(len(p) for p in plan.values())
     assert Counter(h["reviewer"].to_pylist()) == {"alice": len(plan[alice]), "bob": len(plan[bob])}
-    clash = store.conflicts(h)
+    clash = stats.conflicts(h)
     assert sorted(row_id(k) for k in key_hashes(clash["key"].to_pylist())) == sorted(shared)
     # each server shows the other's decisions once it lists reviews/ again (at most every second)
     time.sleep(1.2)

@@ -28,7 +28,7 @@ from kmnist_core import storage
 from kmnist_core.card import read_card
 from kmnist_core.errors import KmnistError
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, weights_id
-from reviews import store
+from reviews import stats, store
 from reviews.import_csv import import_decisions
 from tests.test_cli import invoke
 from tests.test_int8 import bare_copy
@@ -136,14 +136,15 @@ def test_latest_decision_wins_history_is_kept_withdrawal_and_conflicts(tmp_path)
     now = {r["key"]: r for r in store.latest(history).to_pylist()}
     assert set(now) == {a, c}  # b withdrawn
     assert (now[a]["label"], now[a]["reviewer"], now[c]["label"]) == ("き", "bob", "つ")
-    found = store.conflicts(history).to_pylist()
+    found = stats.conflicts(history).to_pylist()
     assert [(r["key"], r["labels"], r["current"]) for r in found] == [(a, "お (alice) / き (bob)", "き")]
-    assert store.conflicts_text(store.conflicts(history)).splitlines()[1] == "/x/a.png\tお (alice) / き (bob)\tき"
+    assert stats.conflicts_text(stats.conflicts(history)).splitlines() == [
+        "/x/a.png: お (alice) / き (bob)", "1 keys with different labels from different reviewers"]
     # alice comes round to bob's label: the conflict is gone, and the history still holds both of hers.
     store.append(out, store.decision_table([decision(a, "き", "alice", 5)], CHARS))
     history = store.read_history(out)
-    assert store.conflicts(history).num_rows == 0 and history.num_rows == 7
-    assert store.conflicts_text(store.conflicts(history)).startswith("no conflicts")
+    assert stats.conflicts(history).num_rows == 0 and history.num_rows == 7
+    assert stats.conflicts_text(stats.conflicts(history)) == "0 keys with different labels from different reviewers"
     # Only some columns: decided_at comes along, since it orders the history.
     assert store.read_history(out, ["key", "label"]).column_names == ["key", "label", "decided_at"]
 
@@ -172,17 +173,17 @@ def history_of(rows: list[dict]) -> pa.Table:
 
 def test_audit_summary_error_rate_interval_and_the_cards_promise():
     promise = CARD.raw["calibration"]["review_promise"]
-    s = store.audit_summary(history_of(audits(200, 3)), CARD)
+    s = stats.audit_summary(history_of(audits(200, 3)), CARD)
     assert (s["audited"], s["wrong"], s["error_rate"]) == (200, 3, 3 / 200)
     # The two-sided 95 % Clopper-Pearson interval, as scipy's beta quantiles give it.
     assert s["interval"] == pytest.approx([beta.ppf(0.025, 3, 198), beta.ppf(0.975, 4, 197)], rel=1e-6)
     assert s["promise"]["max_error_rate"] == pytest.approx(1 - promise["target_precision"])
     assert s["promise"]["validation_precision_lower_bound"] == promise["precision_lower_bound"]
     assert s["verdict"] == "open"  # 1.5 % measured, but the interval reaches below 0.5 %
-    assert store.audit_summary(history_of(audits(1000, 0)), CARD)["verdict"] == "kept"  # upper end 0.37 %
-    assert store.audit_summary(history_of(audits(100, 5)), CARD)["verdict"] == "broken"  # lower end 1.6 %
-    assert store.audit_summary(history_of(audits(10, 0)), CARD)["interval"][0] == 0.0
-    assert "error rate 1.50%" in store.audit_text(s) and "open" not in store.audit_text(s)
+    assert stats.audit_summary(history_of(audits(1000, 0)), CARD)["verdict"] == "kept"  # upper end 0.37 %
+    assert stats.audit_summary(history_of(audits(100, 5)), CARD)["verdict"] == "broken"  # lower end 1.6 %
+    assert stats.audit_summary(history_of(audits(10, 0)), CARD)["interval"][0] == 0.0
+    assert "error rate 1.50%" in stats.audit_text(s) and "open" not in stats.audit_text(s)
 
 
 def test_audit_counts_not_a_character_and_unreadable_as_wrong_latest_per_key_and_this_model_only():
@@ -194,12 +195,12 @@ def test_audit_counts_not_a_character_and_unreadable_as_wrong_latest_per_key_and
     rows += [decision(b"/reviewed.png", "き", "a", 1, review_reason=None)]  # a review, not an audit
     rows += [decision(b"/withdrawn.png", "き", "a", 1, kind="audit", review_reason=None),
              decision(b"/withdrawn.png", None, "a", 2, kind="audit", review_reason=None)]
-    s = store.audit_summary(history_of(rows), CARD)
+    s = stats.audit_summary(history_of(rows), CARD)
     assert (s["audited"], s["wrong"], s["other_model"]) == (10, 2, 4)
     assert s["wrong_by"] == {"other_character": 0, "not_a_character": 1, "unreadable": 1}
-    assert store.audit_summary(history_of(audits(3, 0, model_id="another-model")), CARD) is None
-    assert store.audit_summary(store.SCHEMA.empty_table(), CARD) is None
-    assert store.audit_summary(history_of(audits(5, 1)), None)["verdict"] is None  # no card, no promise
+    assert stats.audit_summary(history_of(audits(3, 0, model_id="another-model")), CARD) is None
+    assert stats.audit_summary(store.SCHEMA.empty_table(), CARD) is None
+    assert stats.audit_summary(history_of(audits(5, 1)), None)["verdict"] is None  # no card, no promise
 
 
 # -------------------------------------------------------------------------------------- import
