@@ -179,15 +179,11 @@ class CropPredictor:
                  device: str = "cpu", batch_size: int = 1024, threads: int = 0, review_below: float | None = None,
                  ood_threshold: float | None = None, run_id: str | None = None, policy: DecisionPolicy | None = None):
         import ray
-        import torch
-
         from kmnist_core.model_dir import build_predictor, load_bundle
 
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
         bundle = model if isinstance(model, ModelBundle) else load_bundle(model, precision, device)
-        if threads:
-            torch.set_num_threads(threads)
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.input_size = bundle.card.input_size
         self.batch_size = batch_size

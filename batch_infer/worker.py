@@ -60,12 +60,8 @@ class ChunkWorker:
     rows under other thresholds than the run records."""
 
     def __init__(self, bundle: ModelBundle, job: JobSpec, threads: int = 0, node_id: str | None = None):
-        import torch
-
         from kmnist_core.model_dir import build_predictor
 
-        if threads:
-            torch.set_num_threads(threads)
         self.job = job
         self.input_size = bundle.card.input_size
         self.refusal: PolicyDisagrees | None = None

@@ -29,12 +29,11 @@ from kmnist_core.recipe import train_resumable  # noqa: E402
 from bench.oof_thresholds import load_folds  # noqa: E402
 from kmnist_core.datasets import Dataset  # noqa: E402
 from kmnist_core.evaluate import calibration_report, classification_metrics  # noqa: E402
-from kmnist_core.experiment import REVIEW_PRECISION, build_card, make_int8  # noqa: E402
-from kmnist_core.model_dir import DEFAULT_MODEL_DIR, save_model_dir  # noqa: E402
+from kmnist_core.experiment import REVIEW_PRECISION, build_card, build_twins  # noqa: E402
+from kmnist_core.model_dir import DEFAULT_MODEL_DIR, MODEL_FILES, save_model_dir  # noqa: E402
 from kmnist_core.train import TrainConfig  # noqa: E402
 
 WORK = ROOT / "runs" / "oof"
-MODEL_FILES = ("model.pt", "model_card.json", "model.int8.onnx", "model.int8.probe.npz")
 
 
 def all_data() -> tuple[Dataset, Dataset]:
@@ -103,14 +102,14 @@ def main() -> None:
     cfg = recipe_config(args.recipe, args.threads)
     card = out_of_fold_card(args.recipe, model, cfg, data)
     # int8 calibrated on dev train, checked on dev val: as `kmnist-batch model int8` rebuilds it.
-    twin, card["int8"] = make_int8(model, card, dev, "cpu", cfg.eval_batch_size)
-    card = save_model_dir(args.out, model, card, twin)
+    card = save_model_dir(args.out, model, card, build_twins(model, card, dev, "cpu", cfg.eval_batch_size))
     gate = card["int8"]["gate"]
     print(f"{args.out}: model_id {card['model_id']}; int8 {'enabled' if card['int8']['enabled'] else 'off'} "
           f"(agreement {gate['agreement']:.4f}, weights {gate['weight_range']})")
     if args.install:
         for name in MODEL_FILES:
-            shutil.copy(args.out / name, DEFAULT_MODEL_DIR / name)
+            if (args.out / name).exists():
+                shutil.copy(args.out / name, DEFAULT_MODEL_DIR / name)
 
 
 if __name__ == "__main__":

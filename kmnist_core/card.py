@@ -1,8 +1,8 @@
 """The model card, read and validated in one place (as timm's PretrainedCfg is one typed structure).
 
 `ModelCard.from_json` checks a card's JSON once and gives typed fields for everything the code reads: the
-architecture, classes, input size, the calibration for each runtime and the int8 section (`Int8Section`,
-written only through its `to_json`). `raw` keeps the JSON exactly as written: it is what travels into run
+architecture, classes, input size, the calibration for each runtime, the int8 twin's section (`Int8Section`)
+and the fp32 twin's (`Fp32OnnxSection`), each written only through its `to_json`. `raw` keeps the JSON exactly as written: it is what travels into run
 records and every shard's footer. Cards are written by `train` (kmnist_core/experiment.py) and
 `kmnist-batch model int8`. No torch here.
 """
@@ -87,6 +87,27 @@ class Int8Section:
 
 
 @dataclass(frozen=True)
+class Fp32OnnxSection:
+    """A card's `fp32_onnx` section: the fp32 twin every CPU row runs on (kmnist_core/onnx_export.py
+    build_fp32_twin), its sha256 and its check against the torch model. JSON keys are the field names."""
+
+    file: str
+    sha256: str
+    runtime: str
+    opset: int
+    check: dict  # images, max_abs_logit_diff, max_allowed, decisions_differ: against torch where it was built
+    enabled: bool  # passed the check: CPU fp32 runs it rather than torch
+    fallback: str | None  # why not, when not
+
+    @classmethod
+    def from_json(cls, section: dict) -> "Fp32OnnxSection":
+        return cls(**section)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     model_id: str
     architecture: str
@@ -95,6 +116,7 @@ class ModelCard:
     classes: ClassMap
     calibration: Calibration  # the fp32 model's
     int8: Int8Section | None  # the int8 twin's section: files' sha256, gate, probe, figures (kmnist_core/int8.py)
+    fp32_onnx: Fp32OnnxSection | None  # the fp32 twin's section (kmnist_core/onnx_export.py)
     training_dataset: str | None
     training_data_dir: str | None
     raw: dict
@@ -113,6 +135,7 @@ class ModelCard:
                        classes=ClassMap.from_records(raw["classes"]),
                        calibration=Calibration.from_json(raw.get("calibration") or {}),
                        int8=Int8Section.from_json(raw["int8"]) if raw.get("int8") is not None else None,
+                       fp32_onnx=Fp32OnnxSection.from_json(raw["fp32_onnx"]) if raw.get("fp32_onnx") is not None else None,
                        training_dataset=training.get("dataset"),
                        training_data_dir=(training.get("config") or {}).get("data_dir"), raw=raw)
         except (KeyError, TypeError, ValueError) as e:
@@ -128,8 +151,9 @@ class ModelCard:
             return Calibration.from_json({**calib, **self.int8.calibration})
         return self.calibration
 
-    def with_int8(self, section: Int8Section) -> "ModelCard":
-        return ModelCard.from_json({**self.raw, "int8": section.to_json()})
+    def with_sections(self, **sections: "Int8Section | Fp32OnnxSection") -> "ModelCard":
+        """The card with its `int8` and/or `fp32_onnx` section replaced."""
+        return ModelCard.from_json({**self.raw, **{name: s.to_json() for name, s in sections.items()}})
 
 
 def read_card(model_dir: Path) -> ModelCard:

@@ -18,16 +18,15 @@ import numpy as np
 import torch
 
 from kmnist_core import calibration, plots
-from kmnist_core.card import CARD_FILE, Int8Section, ModelCard, read_card
+from kmnist_core.card import CARD_FILE, ModelCard, read_card
 from kmnist_core.datasets import Dataset, load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics, review_metrics, write_evaluation_plots
 from kmnist_core.files import json_text, write_json_atomic
-from kmnist_core.int8 import build_int8, compare
-from kmnist_core.precision import Int8Twin
-from kmnist_core.preprocess import DecodeError, PreparedImage, decode_bytes
-from kmnist_core.review_reasons import REVIEW_REASONS, review_reasons
-from kmnist_core.model_dir import (Predictor, load_model, load_torch_model, pick_device, read_model_files,
+from kmnist_core.int8 import build_int8
+from kmnist_core.onnx_export import build_fp32_twin
+from kmnist_core.precision import Twins
+from kmnist_core.model_dir import (load_model, load_torch_model, pick_device, read_model_files,
                                    resolve_model_path, save_model_dir, twin_files, write_files)
 from kmnist_core.labelled_crops import ReviewedCrops, review_figures, split_held_out
 from kmnist_core.models import optimize_for_inference, predict_logits
@@ -146,10 +145,10 @@ def init_figures(init: str, held_out: ReviewedCrops, data: Dataset) -> tuple[dic
     """The --init model's figures on the held-out reviewed crops, in fp32 at its card's thresholds, and its
     accuracy on the dataset's test split."""
     model = load_model(init, precision="fp32")
-    figures = review_figures(model.torch_logits(held_out.images), held_out.labels,
-                             model.torch_logits(held_out.negatives), model.temperature,
+    figures = review_figures(model.fp32_logits(held_out.images), held_out.labels,
+                             model.fp32_logits(held_out.negatives), model.temperature,
                              model.calibration.review_params())
-    test_accuracy = float((model.torch_logits(data.test.images).argmax(1) == data.test.labels).mean())
+    test_accuracy = float((model.fp32_logits(data.test.images).argmax(1) == data.test.labels).mean())
     return {"model_id": model.model_id, **figures}, test_accuracy
 
 
@@ -178,8 +177,7 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
         after = review_figures(predict_logits(model, held.images, device, cfg.eval_batch_size), held.labels,
                                predict_logits(model, held.negatives, device, cfg.eval_batch_size), temperature, review)
         card["reviews"] = reviews.section(after, test_metrics["accuracy"])
-    twin, card["int8"] = make_int8(model, card, data, device, cfg.eval_batch_size)
-    card = save_model_dir(out, model, card, twin)
+    card = save_model_dir(out, model, card, build_twins(model, card, data, device, cfg.eval_batch_size))
     write_history(out / "history.csv", history)
     write_json_atomic(out / "test_metrics.json", {**test_metrics, "calibration": calib, "split_note": data.split_note})
     if make_plots:
@@ -189,124 +187,33 @@ def write_model_dir(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: D
     return card
 
 
-def int8_twin(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[Int8Twin, Int8Section]:
-    """The model's int8 twin, calibrated on its training images and checked on val (kmnist_core/int8.py)."""
+def build_twins(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> Twins:
+    """The model's fp32 twin, checked against torch on val and test, and its int8 twin, calibrated on its
+    training images and checked on val (kmnist_core/onnx_export.py, kmnist_core/int8.py)."""
     fp32 = optimize_for_inference(model.cpu())
     logits = lambda images: predict_logits(fp32, images, "cpu", batch_size)  # noqa: E731
-    twin, section = build_int8(fp32, card, data.train.images, (data.val.images, data.val.labels),
-                               (data.test.images, data.test.labels), logits, data.name)
+    checked = np.concatenate([data.val.images, data.test.images])
+    fp32_onnx, fp32_section = build_fp32_twin(fp32, card, checked if len(checked) else data.train.images, logits)
+    int8, int8_section = build_int8(fp32_onnx, card, data.train.images, (data.val.images, data.val.labels),
+                                    (data.test.images, data.test.labels), logits, data.name)
     model.to(device)
-    return twin, section
-
-
-def make_int8(model: torch.nn.Module, card: dict, data: Dataset, device: str, batch_size: int) -> tuple[Int8Twin, dict]:
-    """int8_twin, with the section as the JSON of a card being built (Int8Section.to_json)."""
-    twin, section = int8_twin(model, card, data, device, batch_size)
-    return twin, section.to_json()
+    return Twins(fp32_onnx, fp32_section, int8, int8_section)
 
 
 def build_twin(name_or_path: str, data_dir: str | None = None) -> ModelCard:
-    """`kmnist-batch model int8 DIR`: (re)build a model directory's int8 twin from its card's training data
-    and write it with the card's new int8 section. The one place, besides `train`, that writes int8 files."""
+    """`kmnist-batch model int8 DIR`: (re)build a model directory's twins (fp32 and int8 ONNX) from its card's
+    training data and write them with the card's new sections. The one place, besides `train` and the
+    recipe, that writes twin files."""
     model_dir = resolve_model_path(name_or_path)
     card, weights = read_model_files(model_dir)
     model = load_torch_model(card, weights, str(model_dir))
     if not card.training_dataset:
         raise KmnistError(f"{model_dir}'s card names no training dataset: its int8 twin cannot be calibrated")
     data = load_dataset(card.training_dataset, data_dir or card.training_data_dir, allow_download=False)
-    twin, section = int8_twin(model, card.raw, data, "cpu", 1024)
-    card = card.with_int8(section)
+    twins = build_twins(model, card.raw, data, "cpu", 1024)
+    card = card.with_sections(int8=twins.int8_section, fp32_onnx=twins.fp32_section)
     try:
-        write_files(model_dir, [*twin_files(twin), (CARD_FILE, json_text(card.raw).encode("utf-8"))])
+        write_files(model_dir, [*twin_files(twins), (CARD_FILE, json_text(card.raw).encode("utf-8"))])
     except OSError as e:
         raise KmnistError(f"cannot write the int8 twin into {model_dir}: {e.strerror or e}") from None
     return card
-
-
-def read_unknown_tree(root: Path, size: int) -> tuple[list[PreparedImage], list[str], int]:
-    """Every image file under `root`, decoded exactly as `predict` decodes it, with its kind (the first
-    sub-folder, or "." for files directly in `root`). Undecodable files are counted, not returned."""
-    prepared, kinds, errors = [], [], 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)):
-        try:
-            prepared.append(decode_bytes(path.read_bytes(), size))
-        except DecodeError:
-            errors += 1
-            continue
-        rel = path.relative_to(root).parts
-        kinds.append(rel[0] if len(rel) > 1 else ".")
-    return prepared, kinds, errors
-
-
-def unknown_report(predictor: Predictor, root: Path) -> tuple[dict, np.ndarray]:
-    """Share of a folder of out-of-set crops that `predict` would auto-accept, overall and per kind."""
-    prepared, kinds, errors = read_unknown_tree(root, predictor.input_size)
-    if not prepared:
-        raise KmnistError(f"no decodable image under {root}")
-    a = predictor.assess(np.stack([p.pixels for p in prepared]))
-    blank = np.array([p.blank for p in prepared])
-    reasons = review_reasons(np.zeros(len(prepared), bool), blank, a.unknown, a.probabilities.max(1),
-                             predictor.review_below)
-    accepted = np.array([r is None for r in reasons])
-    kinds = np.array(kinds)
-    per_kind = {}
-    for kind in sorted(set(kinds)):
-        mine = kinds == kind
-        per_kind[kind] = {"n": int(mine.sum()), "auto_accepted_share": float(accepted[mine].mean()),
-                          "reasons": {r or "accepted": int(((reasons == r) & mine).sum()) for r in (*REVIEW_REASONS[1:], None)}}
-    report = {"dir": str(root), "n": len(prepared), "undecodable": errors,
-              "auto_accepted_share": float(accepted.mean()), "by_kind": per_kind}
-    return report, a.ood_score[~blank]
-
-
-def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unknown: Path | None = None,
-                 reviewed: ReviewedCrops | None = None) -> dict:
-    """Score a loaded model on one split of a dataset; writes metrics.json and the plots into `out`.
-
-    Beside accuracy and calibration: the share `predict` auto-accepts and its precision, with `unknown`
-    (a folder of crops that are none of the model's characters, sub-folders = kinds) the share of those it
-    would auto-accept, and with `reviewed` (crops people labelled in predict runs, batch_infer/gathered_crops.py)
-    the same figures on them, at the model's own precision and thresholds.
-    """
-    part = getattr(data, split)
-    if len(predictor.classes) != len(data.classes) or predictor.input_size != data.input_size:
-        raise KmnistError(f"model has {len(predictor.classes)} classes at {predictor.input_size}px, "
-                          f"dataset {data.name} has {len(data.classes)} at {data.input_size}px")
-    policy = predictor.policy
-    logits, fp32_rows = predictor.decided_logits(part.images, 1024)
-    metrics = classification_metrics(part.labels, logits.argmax(1), data.classes)
-    metrics["calibration"] = calibration_report(logits, part.labels, policy.temperature)
-    metrics["review"] = {"review_below": policy.review_below, "ood_score": policy.ood_score,
-                         "ood_threshold": policy.ood_threshold,
-                         **review_metrics(logits, part.labels, policy.temperature, policy.calibration.review_params())}
-    metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id,
-                    "precision": policy.used, "precision_note": policy.precision.note, "int8_probe": predictor.probe})
-    if predictor.int8 is not None:  # what int8 changes on this split, against the same model in fp32
-        fp32, fp32_logits = predictor.card.calibration, predictor.torch_logits(part.images)
-        twin_alone = predictor.int8.logits(part.images)  # before fp32 recomputes the rows near a decision
-        metrics["int8_vs_fp32"] = {
-            **compare(fp32_logits, logits, part.labels, fp32.temperature,
-                      predictor.temperature, fp32.review_params(), predictor.calibration.review_params()),
-            "fp32_rows_share": float(fp32_rows.mean()) if len(fp32_rows) else 0.0,
-            "twin_alone_agreement": float((twin_alone.argmax(1) == fp32_logits.argmax(1)).mean()) if len(logits) else 1.0,
-            "card_check": {"gate": predictor.card.int8.gate, "enabled": predictor.card.int8.enabled,
-                           "fallback": predictor.card.int8.fallback}}
-    out.mkdir(parents=True, exist_ok=True)
-    write_evaluation_plots(out, part, logits, predictor.temperature, data.classes, f"{data.name} {split}")
-    if unknown is not None:
-        metrics["unknown"], out_scores = unknown_report(predictor, unknown)
-        in_scores = calibration.ood_score(logits, predictor.ood_method)
-        if len(out_scores):  # blank crops have no score: they never reach the model's decision
-            metrics["unknown"]["auroc"] = calibration.auroc(in_scores, out_scores)
-            plots.ood_histogram(in_scores, out_scores, predictor.ood_threshold, predictor.ood_method,
-                                out / "ood_scores.png")
-        by_kind = metrics["unknown"]["by_kind"]
-        plots.bar_chart(list(by_kind), np.array([k["auto_accepted_share"] for k in by_kind.values()]),
-                        out / "unknown_accepted.png", "Out-of-set crops auto-accepted, per kind", "share auto-accepted")
-    if reviewed is not None:
-        metrics["reviews"] = {"sources": list(reviewed.sources), "precision": predictor.precision,
-                              **review_figures(predictor.logits(reviewed.images), reviewed.labels,
-                                               predictor.logits(reviewed.negatives), predictor.temperature,
-                                               predictor.calibration.review_params())}
-    write_json_atomic(out / "metrics.json", metrics)
-    return metrics

@@ -15,15 +15,11 @@ quantization guide names reduce_range and U8U8 as the remedies; U8U8 also satura
 default model at half the speed on a VNNI CPU (5.1k against 10.9k images/s on one thread), which VNNI
 does not accelerate. `weight_range` reads the bound back from a twin; tests hold every shipped twin to it.
 
-Why the first conv is unfolded: a conv over the one-channel image (K = 9 products per output) took a quarter
-of the twin's time in ORT's QLinearConv for 1 % of its multiply-adds. `unfold_first_conv` turns it into
-a 1x1 conv over the 3x3 neighbourhoods (9 channels, gathered by OrtModel from the normalized image, zero
-padded as the conv pads): the same weights, scales and integer sums, so the same logits bit for bit, and
-the twin runs ~7 % faster. The twin's metadata names the unfold (UNFOLD_KEY); a twin without it takes
-the image as it is.
+The twin is the fp32 twin (kmnist_core/onnx_export.py: batch norm folded, first conv unfolded) quantized;
+kmnist_core/ort_model.py runs both.
 
 How a model gets its int8 twin (`build_int8`, run by `train` and by `kmnist-batch model int8`; loading a
-model never builds one): the fp32 model (batch norm folded) is exported to ONNX,
+model never builds one): the fp32 twin is
 calibrated on CALIBRATION_IMAGES images of its TRAINING split (a seeded draw), quantized, and then
 measured against fp32 on validation: temperature and both review thresholds are refitted on the int8
 validation logits, and the int8 path is enabled only if its top-1 agreement with fp32 on validation is
@@ -52,14 +48,11 @@ something else fails it, and precision auto runs fp32 there, saying so.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import io
 import os
 import logging
 import platform
 import tempfile
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -67,8 +60,9 @@ import numpy as np
 from kmnist_core import calibration
 from kmnist_core.errors import KmnistError
 from kmnist_core.card import Calibration, Int8Probe, Int8Section, calibration_key
+from kmnist_core.onnx_export import fp32_twin_bytes, input_unfold, sha256
+from kmnist_core.ort_model import OrtModel, model_input
 from kmnist_core.precision import Int8Twin
-from kmnist_core.transforms import MEAN, STD
 
 INT8_FILE = "model.int8.onnx"
 PROBE_FILE = "model.int8.probe.npz"
@@ -78,7 +72,6 @@ CALIBRATION_IMAGES = 2048
 CALIBRATION_SEED = 0
 MIN_AGREEMENT = 0.999  # top-1 agreement with fp32 on validation, or the model stays on fp32
 MAX_ACCURACY_DROP = 0.001  # 0.1 point
-OPSET = 17
 METHOD = ("ONNX Runtime static quantization: QDQ, per-channel int8 weights in 7 bits (reduce_range) and uint8 "
           "activations (U8S8), MinMax calibration")
 MAX_WEIGHT = 64  # |int8 weight| <= 64: 255 * 64 * 2 fits VPMADDUBSW's int16 sums, so no CPU saturates
@@ -88,87 +81,6 @@ RECHECK_BELOW, RECHECK_ABOVE = 0.15, 0.06  # around review_below
 RECHECK_OOD = {"max-softmax": 0.15, "energy": 2.5, "max-logit": 2.5}  # around ood_threshold, on its scale
 # (logit-scale scores move at most as much as a logit; the largest |int8 - fp32 logit| out of fold was 2.38)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (N, S, S) light-on-dark -> float32 (N, 1, S, S) in [-1, 1], as transforms.to_model_tensor."""
-    return ((pixels.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
-
-
-def export_onnx(model, input_size: int) -> bytes:
-    """fp32 ONNX of an inference-ready torch model (batch norm folded), batch dimension dynamic."""
-    import torch
-
-    # A copy: .to() changes a module in place. The exporter traces either memory layout the same.
-    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
-    buffer = io.BytesIO()
-    # The TorchScript exporter: deterministic bytes for the same weights, and no onnxscript needed; it
-    # warns that it is deprecated on every call.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (torch.zeros(1, 1, input_size, input_size),), buffer, input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-                          opset_version=OPSET, dynamo=False)
-    return buffer.getvalue()
-
-
-UNFOLD_KEY = "kmnist.input_unfold"  # ONNX metadata: the k of a k x k first conv unfolded into k*k input channels
-
-
-def unfold_first_conv(fp32_onnx: bytes) -> bytes:
-    """The model with its first conv, when it reads the one-channel input with a k x k kernel, stride 1 and
-    "same" zero padding, rewritten as a 1x1 conv over k*k input channels (the image's k x k neighbourhoods,
-    `unfold`); any other model is returned as it is."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load_from_string(fp32_onnx)
-    graph = model.graph
-    conv = next((n for n in graph.node if graph.input[0].name in n.input), None)
-    if conv is None or conv.op_type != "Conv":
-        return fp32_onnx
-    attrs = {a.name: list(a.ints) if a.ints else a.i for a in conv.attribute}
-    weights = next(t for t in graph.initializer if t.name == conv.input[1])
-    w = numpy_helper.to_array(weights)
-    k = w.shape[-1]
-    if (w.shape[1] != 1 or w.shape[2] != k or k % 2 == 0 or attrs.get("group", 1) != 1
-            or set(attrs.get("strides", [1])) != {1} or set(attrs.get("dilations", [1])) != {1}
-            or set(attrs.get("pads", [0])) != {k // 2}):
-        return fp32_onnx
-    weights.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.reshape(w.shape[0], k * k, 1, 1)), weights.name))
-    for a in conv.attribute:
-        if a.name == "kernel_shape":
-            a.ints[:] = [1, 1]
-        elif a.name == "pads":
-            a.ints[:] = [0, 0, 0, 0]
-    graph.input[0].type.tensor_type.shape.dim[1].dim_value = k * k
-    onnx.helper.set_model_props(model, {UNFOLD_KEY: str(k)})
-    return model.SerializeToString()
-
-
-def unfold(x: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
-    """(N, 1, S, S) -> (N, k*k, S, S): channel dy*k+dx holds each pixel's neighbour at (dy - k//2, dx - k//2),
-    0 beyond the edge (the conv's zero padding). `out`: a zeroed buffer to fill (its edges stay 0)."""
-    n, _, h, w = x.shape
-    r = k // 2
-    out = np.zeros((n, k * k, h, w), np.float32) if out is None else out[:n]
-    for dy in range(k):
-        for dx in range(k):
-            y0, y1, x0, x1 = max(0, r - dy), h - max(0, dy - r), max(0, r - dx), w - max(0, dx - r)
-            out[:, dy * k + dx, y0:y1, x0:x1] = x[:, 0, y0 + dy - r : y1 + dy - r, x0 + dx - r : x1 + dx - r]
-    return out
-
-
-def input_unfold(onnx_bytes: bytes) -> int:
-    """The k of a twin's unfolded first conv (1: it takes the image as it is)."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load_from_string(onnx_bytes).metadata_props}
-    return int(props.get(UNFOLD_KEY, 1))
 
 
 def calibration_sample(train_images: np.ndarray, n: int = CALIBRATION_IMAGES) -> np.ndarray:
@@ -210,14 +122,8 @@ def quantize(fp32_onnx: bytes, calibration_images: np.ndarray, batch_size: int =
 
 
 def quantize_model(fp32_model, input_size: int, calibration_images: np.ndarray) -> bytes:
-    """A torch model's int8 twin: exported, its first conv unfolded, quantized (build_int8's recipe)."""
-    return quantize(unfold_first_conv(export_onnx(fp32_model, input_size)), calibration_images)
-
-
-def model_input(pixels: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
-    """What an ONNX model whose first conv is unfolded by k (1: not) reads for uint8 pixels."""
-    x = normalize(pixels)
-    return x if k == 1 else unfold(x, k, out)
+    """A torch model's int8 twin: its fp32 twin, quantized (build_int8's recipe)."""
+    return quantize(fp32_twin_bytes(fp32_model, input_size), calibration_images)
 
 
 def weight_range(onnx_int8: bytes) -> tuple[int, int]:
@@ -234,59 +140,6 @@ def no_preprocessing_tip(record: logging.LogRecord) -> bool:
     """The quantizer logs a tip (shape pre-processing, which a plain conv net does not need) on the root
     logger at every call; drop just that."""
     return "pre-processing" not in record.getMessage()
-
-
-class OrtModel:
-    """An ONNX model on ONNX Runtime's CPU provider; uint8 pixels in, logits out.
-
-    Intra-op threads: `threads`, or torch's current setting (torch.set_num_threads, which Ray's
-    OMP_NUM_THREADS=1 also sets) read at each call, the session being rebuilt when it changes.
-    """
-
-    def __init__(self, onnx_bytes: bytes, threads: int | None = None):
-        self.onnx_bytes = onnx_bytes
-        self.fixed_threads = threads
-        self.threads = 0
-        self.session = None
-        self.unfold = 1  # read from the model's metadata with the session (ORT parses it anyway; onnx is slow to import)
-        self.buffer: np.ndarray | None = None  # reused unfold input: a fresh 28 MB array per batch page-faults
-
-    def _input(self, pixels: np.ndarray) -> np.ndarray:
-        """One batch's model input; an unfolded twin's is written into the reused buffer."""
-        if self.unfold > 1 and (self.buffer is None or len(self.buffer) < len(pixels)
-                                or self.buffer.shape[2:] != pixels.shape[1:]):
-            self.buffer = np.zeros((len(pixels), self.unfold ** 2, *pixels.shape[1:]), np.float32)
-        return model_input(pixels, self.unfold, self.buffer)
-
-    def _session(self):
-        threads = self.fixed_threads or torch_threads()
-        if self.session is None or threads != self.threads:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            # Idle threads sleep instead of spinning: a model actor shares its cores with decode tasks.
-            # (2 idle threads: spinning gave ~17 % more images/s for ~25 % more CPU time, the same per core.)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.log_severity_level = 3
-            self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
-            self.unfold = int(self.session.get_modelmeta().custom_metadata_map.get(UNFOLD_KEY, 1))
-            self.threads = threads
-        return self.session
-
-    def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        session = self._session()
-        out = [session.run(None, {"x": self._input(pixels[s : s + batch_size])})[0]
-               for s in range(0, len(pixels), batch_size)]
-        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return max(1, torch.get_num_threads())
 
 
 def cpu_features() -> dict:
@@ -361,17 +214,16 @@ def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray
             "int8": side(int8_logits, temperature_int8, review_int8)}
 
 
-def build_int8(fp32_model, card: dict, train_images: np.ndarray, val: tuple[np.ndarray, np.ndarray],
+def build_int8(fp32_onnx: bytes, card: dict, train_images: np.ndarray, val: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], fp32_logits: Callable[[np.ndarray], np.ndarray],
                dataset: str) -> tuple[Int8Twin, Int8Section]:
-    """Quantize an inference-ready fp32 model and measure it. Returns the twin's files and the card's
-    `int8` section (calibration refitted on int8 val logits, the gate's verdict and the CPU it ran on,
+    """Quantize a model's fp32 twin (kmnist_core/onnx_export.py) and measure it against the torch model's
+    logits (`fp32_logits`). Returns the twin's files and the card's `int8` section (calibration refitted on int8 val logits, the gate's verdict and the CPU it ran on,
     test figures, the probe)."""
     import onnxruntime
 
-    size = int(card["input"]["size"])
     sample = calibration_sample(train_images)
-    onnx_int8 = quantize_model(fp32_model, size, sample)
+    onnx_int8 = quantize(fp32_onnx, sample)
     runner = OrtModel(onnx_int8)
     calib = card.get("calibration", {})
     t_fp32 = float(calib.get("temperature", 1.0))

@@ -2,14 +2,16 @@
 
     model.pt         state_dict only, loaded with torch.load(weights_only=True): no code is unpickled
     model_card.json  architecture, classes, normalization, input, calibration, training data and
-                     split, metrics, code version; `int8`: the int8 twin's sha256, calibration, figures
+                     split, metrics, code version; `int8` and `fp32_onnx`: the twins' sha256 and checks
+    model.fp32.onnx  the fp32 twin every CPU row runs on (kmnist_core/onnx_export.py), ONNX protobuf
     model.int8.onnx  the int8 CPU model (kmnist_core/int8.py), ONNX protobuf, and
-    model.int8.probe.npz  its probe (plain arrays): both written by `train` or `kmnist-batch model int8`;
-                     loading reads them and never writes into the directory
+    model.int8.probe.npz  its probe (plain arrays): all three written by `train` or `kmnist-batch model
+                     int8`; loading reads them and never writes into the directory
 
 `load_bundle` reads and checks a directory (a path, or "default" = the model embedded in the package) and
 decides its precision once; `build_predictor` turns a bundle into a Predictor in whichever process runs
-it; `load_model` does both.
+it; `load_model` does both. On CPU nothing here imports torch: both twins run on ONNX Runtime. torch (the
+`[train]` extra) runs fp32 on a GPU, or on CPU for a directory without a usable fp32 twin.
 """
 
 from __future__ import annotations
@@ -23,39 +25,45 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from kmnist_core.errors import KmnistError
+from kmnist_core.errors import KmnistError, require_torch
 from kmnist_core.files import json_text, temp_name
 from kmnist_core.card import CARD_FILE, FORMAT_VERSION, ModelCard, read_card
-from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_probe, check_twin, near_decision
+from kmnist_core.int8 import INT8_FILE, PROBE_FILE, check_probe, check_twin, near_decision
+from kmnist_core.onnx_export import FP32_FILE, sha256
+from kmnist_core.ort_model import OrtModel
 from kmnist_core.policy import DecisionPolicy, after_probe, decide_policy, follow, out_of_set
-from kmnist_core.precision import Int8Twin, ModelBundle, resolve_precision
-from kmnist_core.models import create_model, optimize_for_inference, predict_logits
+from kmnist_core.precision import Int8Twin, ModelBundle, Twins, resolve_precision
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
 
 WEIGHTS_FILE = "model.pt"
+MODEL_FILES = (WEIGHTS_FILE, FP32_FILE, INT8_FILE, PROBE_FILE, CARD_FILE)  # a directory's files, the card last
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
-def save_model_dir(out: Path, model: torch.nn.Module, card: dict, twin: Int8Twin | None = None) -> dict:
-    """Write weights, the int8 twin (when given; its section is already in `card`) and the card; the
-    card gains `model_id`, the weights' sha256 prefix."""
+def save_model_dir(out: Path, model, card: dict, twins: Twins | None = None) -> dict:
+    """Write a torch model's weights, its twins (when given; their sections are added to `card`) and the
+    card; the card gains `model_id`, the weights' sha256 prefix."""
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     weights = buffer.getvalue()
-    card = {**card, "format_version": FORMAT_VERSION, "model_id": weights_id(weights)}
+    card = {**card, **(twins.card_sections() if twins else {}), "format_version": FORMAT_VERSION,
+            "model_id": weights_id(weights)}
     # All files are complete on disk before any is replaced; a crash between the renames leaves a set
     # that loading refuses (a hash no longer matches), never a silently mislabelled model.
-    write_files(out, [(WEIGHTS_FILE, weights), *twin_files(twin), (CARD_FILE, json_text(card).encode("utf-8"))])
+    write_files(out, [(WEIGHTS_FILE, weights), *twin_files(twins), (CARD_FILE, json_text(card).encode("utf-8"))])
     return card
 
 
-def twin_files(twin: Int8Twin | None) -> list[tuple[str, bytes]]:
-    return [(INT8_FILE, twin.onnx), (PROBE_FILE, twin.probe)] if twin is not None else []
+def twin_files(twins: Twins | None) -> list[tuple[str, bytes]]:
+    if twins is None:
+        return []
+    return [(FP32_FILE, twins.fp32_onnx), (INT8_FILE, twins.int8.onnx), (PROBE_FILE, twins.int8.probe)]
 
 
 def write_files(out: Path, files: list[tuple[str, bytes]]) -> None:
@@ -88,7 +96,7 @@ class Prediction:
     confidence: float | None  # calibrated probability of `index`
     probabilities: np.ndarray | None  # (num_classes,), calibrated
     ood_score: float | None  # higher = less like any of the model's classes
-    review_reason: str | None  # None = auto-accepted; see kmnist_core.review
+    review_reason: str | None  # None = auto-accepted; see kmnist_core.review_reasons
     precision: str  # the runtime that computed it: int8, or fp32 (also for int8's rows near a decision)
 
 
@@ -103,19 +111,20 @@ class Assessment:
 class Predictor:
     """A loaded model plus everything needed to turn crops into calibrated class probabilities and decisions.
 
-    Everything it decides comes from `policy` (kmnist_core/policy.py): the precision ("fp32" runs the torch
-    model; "int8" runs `int8`, an OrtModel, with the torch model recomputing the rows near a decision), the
-    temperature and both review thresholds. `probe` is the int8 twin's probe result on this CPU
-    (kmnist_core/int8.py check_probe). `temperature`, `review_below`, ... read the policy."""
+    Everything it decides comes from `policy` (kmnist_core/policy.py): the precision ("fp32" runs `fp32`;
+    "int8" runs `int8`, an OrtModel, with `fp32` recomputing the rows near a decision), the temperature and
+    both review thresholds. `fp32` computes fp32 logits: an OrtModel of the fp32 twin on CPU, or a
+    TorchModel (kmnist_core/models.py) on a GPU or for a directory without a usable twin. `probe` is the
+    int8 twin's probe result on this CPU (kmnist_core/int8.py check_probe). `temperature`, `review_below`,
+    ... read the policy."""
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, policy: DecisionPolicy, device: str = "cpu",
-                 int8: OrtModel | None = None, probe: dict | None = None):
+    def __init__(self, fp32, card: ModelCard, policy: DecisionPolicy, int8: OrtModel | None = None,
+                 probe: dict | None = None):
         if (policy.used == "int8") != (int8 is not None):
             raise ValueError("an int8 Predictor needs its OrtModel, and only it")
-        self.model = optimize_for_inference(model.to(device))
+        self.fp32 = fp32
         self.card = card
         self.policy = policy
-        self.device = device
         self.probe = probe
         self.int8 = int8
         self.classes = card.classes
@@ -144,7 +153,7 @@ class Predictor:
         """Logits and the rows the fp32 model computed. At int8, the rows near one of the policy's thresholds
         (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows."""
         if self.int8 is None:
-            out = self.torch_logits(pixels, batch_size)
+            out = self.fp32_logits(pixels, batch_size)
             return out, np.ones(len(out), bool)
         out = self.int8.logits(pixels, batch_size)
         if not len(out):
@@ -152,12 +161,12 @@ class Predictor:
         p = self.policy
         near = near_decision(out, p.temperature, p.review_below, p.ood_score, p.ood_threshold)
         if near.any():
-            out[near] = self.torch_logits(pixels[near], batch_size)
+            out[near] = self.fp32_logits(pixels[near], batch_size)
         return out, near
 
-    def torch_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """The fp32 torch model's logits, whatever the precision (int8 is measured against these)."""
-        out = predict_logits(self.model, pixels, self.device, batch_size)
+    def fp32_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """The fp32 model's logits, whatever the precision (int8 is measured against these)."""
+        out = self.fp32.logits(pixels, batch_size)
         return out if len(out) else np.zeros((0, len(self.classes)), np.float32)
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -201,6 +210,9 @@ class Predictor:
 
 
 def pick_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    torch = require_torch(f"--device {device}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -218,15 +230,27 @@ def read_twin(model_dir: Path, card: ModelCard) -> Int8Twin | None:
     return twin
 
 
+def read_fp32_twin(model_dir: Path, card: ModelCard) -> bytes | None:
+    """The directory's fp32 twin when its card names it; refused when it is not the one it names."""
+    if card.fp32_onnx is None or not (model_dir / FP32_FILE).exists():
+        return None
+    data = (model_dir / FP32_FILE).read_bytes()
+    if sha256(data) != card.fp32_onnx.sha256:
+        raise KmnistError(f"fp32 ONNX model of {model_dir} is not the one its card names: {FP32_FILE} hashes to "
+                          f"{sha256(data)[:16]}, the card says {card.fp32_onnx.sha256[:16]}")
+    return data
+
+
 def load_bundle(name_or_path: str | Path = "default", precision: str = "auto", device: str = "cpu") -> ModelBundle:
     """Read and check a model directory and decide its precision. Never writes into the directory."""
     model_dir = resolve_model_path(name_or_path)
     card, weights = read_model_files(model_dir)
     check_weights_id(card, weights, str(model_dir))
     device = pick_device(device) if device == "auto" else device  # an explicit device is the workers': not checked here
-    twin = read_twin(model_dir, card)
-    chosen = resolve_precision(precision, device, card, twin, str(model_dir))
-    return ModelBundle(card, weights, twin if chosen.used == "int8" else None, chosen, device, str(model_dir))
+    twin, fp32_onnx = read_twin(model_dir, card), read_fp32_twin(model_dir, card)
+    chosen = resolve_precision(precision, device, card, twin, str(model_dir), fp32_onnx is not None)
+    return ModelBundle(card, weights, twin if chosen.used == "int8" else None, chosen, device, str(model_dir),
+                       fp32_onnx if chosen.fp32_runtime == "onnxruntime" else None)
 
 
 def build_predictor(bundle: ModelBundle, threads: int | None = None, device: str | None = None,
@@ -236,11 +260,16 @@ def build_predictor(bundle: ModelBundle, threads: int | None = None, device: str
     this process's CPU (kmnist_core/policy.py after_probe: where it fails, auto runs fp32, saying why).
     Its policy is decided here from the card, that precision and `review_below` / `ood_threshold` (None:
     the card's); or `policy` is the driver's, which a worker follows or refuses (PolicyDisagrees) when
-    its own probe decides otherwise. `threads`: ONNX Runtime intra-op threads (default:
-    torch.get_num_threads() at each call). `device` overrides the bundle's (a driver checks a GPU job's
+    its own probe decides otherwise. `threads`: intra-op threads of ONNX Runtime and torch (default:
+    kmnist_core/ort_model.py default_threads). `device` overrides the bundle's (a driver checks a GPU job's
     model on its own CPU)."""
-    model = load_torch_model(bundle.card, bundle.weights, bundle.source)
     device = pick_device(device or bundle.device)
+    if bundle.fp32_onnx is not None and device == "cpu":
+        fp32 = OrtModel(bundle.fp32_onnx, threads)
+    else:
+        from kmnist_core.models import TorchModel
+
+        fp32 = TorchModel(load_torch_model(bundle.card, bundle.weights, bundle.source), device, threads)
     runner = probe = None
     if bundle.twin is not None and (policy is None or policy.used == "int8"):
         runner = OrtModel(bundle.twin.onnx, threads)
@@ -252,10 +281,15 @@ def build_predictor(bundle: ModelBundle, threads: int | None = None, device: str
         raise ValueError("a Predictor follows the policy it is given: its thresholds are already in it")
     elif policy.used == "int8":
         follow(policy, own, f"this worker ({probe['cpu']['model']})" if probe else "this worker")
-    return Predictor(model, bundle.card, policy, device, runner if policy.used == "int8" else None, probe)
+    return Predictor(fp32, bundle.card, policy, runner if policy.used == "int8" else None, probe)
 
 
-def load_torch_model(card: ModelCard, weights: bytes, source: str) -> torch.nn.Module:
+def load_torch_model(card: ModelCard, weights: bytes, source: str):
+    """The card's architecture with `weights` (torch, the `[train]` extra: a clear error without it)."""
+    torch = require_torch(f"running {source}, which has no usable fp32 ONNX twin ({FP32_FILE}; "
+                          f"`kmnist-batch model int8 {source}` builds one),")
+    from kmnist_core.models import create_model
+
     model = create_model(card.architecture, card.num_classes, card.input_size)
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)

@@ -100,6 +100,21 @@ def create_model(name: str, num_classes: int, input_size: int) -> nn.Module:
     return MODELS[name](num_classes, input_size)
 
 
+class TorchModel:
+    """A torch model ready for inference on a device (batch norm folded, channels-last): fp32 logits on a GPU,
+    or on CPU for a model directory without a usable fp32 ONNX twin. `threads`: torch's intra-op threads
+    (a process-wide setting: set once per worker)."""
+
+    def __init__(self, model: nn.Module, device: str, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.module = optimize_for_inference(model.to(device))
+        self.device = device
+
+    def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        return predict_logits(self.module, pixels, self.device, batch_size)
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: np.ndarray, device: str, batch_size: int = 1024) -> np.ndarray:
     """A torch model's logits for uint8 (N, S, S) light-on-dark images, a batch at a time, in eval mode.

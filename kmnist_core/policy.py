@@ -95,6 +95,7 @@ class DecisionPolicy:
     def record(self) -> dict:
         """What run.json, every shard's footer and the Ray Data stage's footer say was decided."""
         return {"precision": self.precision.used, "precision_note": self.precision.note,
+                "fp32_runtime": self.precision.fp32_runtime,
                 "review_below": self.review_below, "ood_threshold": self.ood_threshold,
                 "temperature": self.temperature, "ood_score": self.ood_score,
                 "thresholds_set_by_user": list(self.overridden)}
@@ -113,8 +114,8 @@ def after_probe(chosen: Precision, probe: dict | None) -> Precision:
     if chosen.used != "int8" or probe is None or probe["passed"]:
         return chosen
     if chosen.requested == "int8":
-        return Precision("int8", "int8", probe_note(probe))
-    return Precision(chosen.requested, "fp32", probe_note(probe) + ": running fp32")
+        return replace(chosen, note=probe_note(probe))
+    return replace(chosen, used="fp32", note=probe_note(probe) + ": running fp32")
 
 
 def decide_policy(card: ModelCard, precision: Precision, review_below: float | None = None,

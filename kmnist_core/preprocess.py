@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+MEAN, STD = 0.5, 0.5  # the model reads [0, 1] mapped to [-1, 1], as in the study (transforms, ONNX inputs)
+
 DEFAULT_MAX_PIXELS = 40_000_000  # a character crop is never this large; larger files are refused unread
 
 

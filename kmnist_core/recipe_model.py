@@ -22,9 +22,8 @@ from kmnist_core.card import CARD_FILE
 from kmnist_core.datasets import Dataset, Split, load_dataset, load_labelled_pool
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics
-from kmnist_core.experiment import build_card, make_int8
-from kmnist_core.int8 import INT8_FILE, PROBE_FILE
-from kmnist_core.model_dir import DEFAULT_MODEL_DIR, WEIGHTS_FILE, save_model_dir, write_files
+from kmnist_core.experiment import build_card, build_twins
+from kmnist_core.model_dir import DEFAULT_MODEL_DIR, MODEL_FILES, save_model_dir, write_files
 from kmnist_core.models import create_model
 from kmnist_core.recipe import RECIPES, Recipe, train_resumable
 from kmnist_core.recipe_thresholds import REVIEW_PRECISION, load_oof
@@ -99,9 +98,8 @@ def build_default(recipe: Recipe, out: Path, install: bool = False,
     data, pooled = images or all_images()
     model = train_final(recipe, data)
     card = final_card(recipe, model, data)
-    twin, card["int8"] = make_int8(model, card, pooled, "cpu", recipe.config(None).eval_batch_size)
-    card = save_model_dir(out, model, card, twin)
+    card = save_model_dir(out, model, card, build_twins(model, card, pooled, "cpu", recipe.config(None).eval_batch_size))
     if install:  # the card last, as save_model_dir writes
-        names = [n for n in (WEIGHTS_FILE, INT8_FILE, PROBE_FILE, CARD_FILE) if (out / n).exists()]
+        names = [n for n in MODEL_FILES if (out / n).exists()]
         write_files(DEFAULT_MODEL_DIR, [(n, (out / n).read_bytes()) for n in names])
     return card

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MEAN, STD = 0.5, 0.5  # maps [0, 1] to [-1, 1], as in the study
+from kmnist_core.preprocess import MEAN, STD
 
 
 @dataclass(frozen=True)

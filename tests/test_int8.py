@@ -216,7 +216,7 @@ def test_auto_precision_is_fp32_on_cuda_and_follows_the_check():
     assert decide("fp32", "cpu") == "fp32"
     with pytest.raises(KmnistError, match="CPU only"):
         decide("int8", "cuda")
-    assert decide("auto", "cpu", card=card.with_int8(dataclasses.replace(card.int8, enabled=False))) == "fp32"
+    assert decide("auto", "cpu", card=card.with_sections(int8=dataclasses.replace(card.int8, enabled=False))) == "fp32"
     assert decide("auto", "cpu", twin=None) == "fp32"
 
 
