@@ -11,7 +11,7 @@ setup: $(STAMP)
 # Re-install only when the dependency pins or the project metadata change.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[train,test]'
 	touch $(STAMP)
 
 demo: setup

@@ -32,8 +32,8 @@ from bench.crop_forms import FORMS  # noqa: E402
 from bench.record import append_row  # noqa: E402
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
-from kmnist_core.int8 import OrtModel, export_onnx  # noqa: E402
-from kmnist_core.model_dir import load_model  # noqa: E402
+from kmnist_core.model_dir import load_model, load_torch_model, read_model_files  # noqa: E402
+from kmnist_core.models import TorchModel  # noqa: E402
 from kmnist_core.preprocess import decode_bytes, decode_bytes_full, decode_many  # noqa: E402
 
 
@@ -47,11 +47,15 @@ def rate(fn, n: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def model_speeds(fp32, q, x: np.ndarray, batch: int, rounds: int) -> dict[str, float]:
+TORCH_FP32 = "torch fp32 (predict's fp32 path before the fp32 twin)"
+
+
+def model_speeds(model: str, fp32, q, x: np.ndarray, batch: int, rounds: int) -> dict[str, float]:
     """images/s of each runtime on the batch `x`."""
-    ort_fp32 = OrtModel(export_onnx(fp32.model, fp32.input_size))
-    runs = {"torch fp32 (predict's path until now)": lambda: fp32.torch_logits(x, batch),
-            "ONNX Runtime fp32": lambda: ort_fp32.logits(x, batch),
+    card, weights = read_model_files(model)
+    torch_fp32 = TorchModel(load_torch_model(card, weights, model), "cpu")
+    runs = {TORCH_FP32: lambda: torch_fp32.logits(x, batch),
+            "ONNX Runtime fp32 (the fp32 twin)": lambda: fp32.fp32_logits(x, batch),
             "ONNX Runtime int8, the twin alone": lambda: q.int8.logits(x, batch),
             # what predict runs: the rows near a decision recomputed in fp32 (kmnist_core/int8.py near_decision)
             "int8 as predict runs it (rows near a decision in fp32)": lambda: q.logits(x, batch)}
@@ -116,8 +120,8 @@ def main() -> None:
     test = data.test
 
     batch = data.train.images[np.arange(args.batch) % len(data.train.images)]
-    speeds = model_speeds(fp32, q, batch, args.batch, args.rounds)
-    base = speeds["torch fp32 (predict's path until now)"]
+    speeds = model_speeds(args.model, fp32, q, batch, args.batch, args.rounds)
+    base = speeds[TORCH_FP32]
     print(f"model {fp32.card.architecture} `{fp32.model_id}`, batch {args.batch}, {args.threads} threads "
           f"(median of {args.rounds} interleaved 1 s rounds):")
     for name, v in speeds.items():

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.oof_folds import RECIPES, RESULTS, all_images, stratified_folds, trained_model  # noqa: E402
-from kmnist_core.int8 import (OrtModel, calibration_sample, cpu_features, near_decision, quantize_model,  # noqa: E402
-                              weight_range)
+from kmnist_core.int8 import calibration_sample, cpu_features, near_decision, quantize_model, weight_range  # noqa: E402
+from kmnist_core.ort_model import OrtModel  # noqa: E402
 from kmnist_core.evaluate import review_decisions  # noqa: E402
 from kmnist_core.models import optimize_for_inference, predict_logits  # noqa: E402
 

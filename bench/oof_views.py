@@ -124,7 +124,8 @@ def report(name: str, logits: np.ndarray, neg: np.ndarray, labels: np.ndarray, f
 
 def speed_ratio(recipes: list[str], full, base, fold: np.ndarray) -> float:
     """Images/s of the first recipe's int8 twin over the second's, one thread, interleaved rounds."""
-    from kmnist_core.int8 import OrtModel, calibration_sample, quantize_model
+    from kmnist_core.int8 import calibration_sample, quantize_model
+    from kmnist_core.ort_model import OrtModel
 
     torch.set_num_threads(1)
     x = full.images[:1024]

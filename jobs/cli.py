@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from kmnist_core.errors import Interrupted, KmnistError
+from kmnist_core.errors import Interrupted, KmnistError, require_torch
 from kmnist_core.safe_text import terminal
 from tune.options import STUDY_BATCH_SIZES, STUDY_LRS
 
@@ -99,6 +99,7 @@ def train(
 ):
     """Train a model; writes a model directory (weights, model card, history, plots)."""
     given = {name: value for name, value in locals().items() if name != "out"}  # TrainConfig's fields, as given
+    require_torch("kmnist-batch train")
     from kmnist_core.experiment import run_train
 
     cfg = train_config(given)
@@ -187,7 +188,7 @@ def evaluate(
 ):
     """Score a model on a labelled split: accuracy, calibration, auto-accepted share and precision, plots."""
     from kmnist_core.datasets import load_dataset
-    from kmnist_core.experiment import run_evaluate
+    from kmnist_core.evaluate import run_evaluate
     from kmnist_core.model_dir import load_model
 
     if split not in ("train", "val", "test"):
@@ -239,12 +240,18 @@ def model_int8(
     model: str = typer.Argument(..., help="model directory"),
     data_dir: Optional[str] = typer.Option(None, help="where the card's training dataset is (default: as trained)"),
 ):
-    """Build the model's int8 twin (model.int8.onnx and its probe) from its card's training data, check it
-    against fp32 on validation, and write it and the card's int8 section into the directory."""
+    """Build the model's ONNX twins from its torch weights: fp32 (model.fp32.onnx, checked against torch) and
+    int8 (model.int8.onnx and its probe, calibrated on the card's training data and checked against fp32
+    on validation); write them and the card's sections into the directory."""
+    require_torch("kmnist-batch model int8")
     from kmnist_core.experiment import build_twin
 
     card = build_twin(model, data_dir)
     gate = card.int8.gate
+    check = card.fp32_onnx.check
+    typer.echo(f"fp32 twin of {model}: logits within {check['max_abs_logit_diff']:.1g} of torch on {check['images']:,} "
+               f"images, {check['decisions_differ']} decisions differ; "
+               + ("enabled" if card.fp32_onnx.enabled else f"not enabled ({card.fp32_onnx.fallback})"))
     typer.echo(f"int8 twin of {model}: validation top-1 agreement {gate['agreement']:.2%}, accuracy "
                f"{gate['accuracy_int8']:.2%} vs {gate['accuracy_fp32']:.2%} fp32; "
                + ("enabled" if card.int8.enabled else f"not enabled ({card.int8.fallback})"))
@@ -515,6 +522,7 @@ def tune(
     """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
     if progress_every <= 0:
         raise KmnistError("--progress-every must be > 0 seconds")
+    require_torch("kmnist-batch tune")
     from kmnist_core.ray_runtime import prepare_auth
 
     prepare_auth(address)  # before tune.grid imports Ray

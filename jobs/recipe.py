@@ -12,7 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from kmnist_core.recipe import RECIPES, Recipe, run_fold
+from kmnist_core.errors import KmnistError, require_torch
+
+try:  # an entry point: one error line, not a traceback, where the [train] extra is missing
+    require_torch("python -m jobs.recipe (the default model's recipe)")
+except KmnistError as e:
+    raise SystemExit(f"error: {e}") from None
+from kmnist_core.recipe import RECIPES, Recipe, run_fold  # noqa: E402
 
 
 def run_in_parallel(command: list[str], folds: int, parallel: int) -> None:

@@ -5,6 +5,7 @@ the probe: tests/test_int8_twin.py."""
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -19,7 +20,9 @@ from PIL import Image
 from kmnist_core import calibration, int8
 from kmnist_core.errors import KmnistError
 from kmnist_core.experiment import build_twin
-from kmnist_core.int8 import INT8_FILE, PROBE_FILE, OrtModel, check_twin, sha256
+from kmnist_core.int8 import INT8_FILE, PROBE_FILE, check_twin
+from kmnist_core.onnx_export import sha256
+from kmnist_core.ort_model import OrtModel
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, build_predictor, load_bundle, load_model, read_model_files
 from kmnist_core.precision import Int8Twin, Precision, resolve_precision
 from kmnist_core.predictions import read_predictions
@@ -63,7 +66,7 @@ def test_int8_predictor_from_a_bundle_as_a_worker_receives_it(kmnist_dev):
     bundle = load_bundle("default", precision="int8")
     assert bundle.precision == Precision("int8", "int8") and bundle.twin is not None
     p = build_predictor(pickle.loads(pickle.dumps(bundle)), threads=1)  # what a Ray worker receives
-    assert p.precision == "int8" and p.int8.fixed_threads == 1 and p.probe["passed"]
+    assert p.precision == "int8" and p.int8.threads == p.fp32.threads == 1 and p.probe["passed"]
     images = kmnist_dev.test.images[:64]
     np.testing.assert_array_equal(p.logits(images), load_model("default").logits(images))
     preds = p.predict([images[0]])
@@ -74,20 +77,16 @@ def test_int8_predictor_from_a_bundle_as_a_worker_receives_it(kmnist_dev):
     assert build_predictor(load_bundle("default", precision="fp32")).precision == "fp32"
 
 
-def test_ort_threads_follow_torch_or_an_explicit_count(kmnist_dev):
+def test_ort_threads_follow_omp_num_threads_or_an_explicit_count(kmnist_dev, monkeypatch):
     onnx = (DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()
     images = kmnist_dev.test.images[:8]
-    before = torch.get_num_threads()
-    try:
-        follows, fixed = OrtModel(onnx), OrtModel(onnx, threads=2)
-        torch.set_num_threads(1)  # what Ray's OMP_NUM_THREADS=1 amounts to in a worker
-        follows.logits(images), fixed.logits(images)
-        assert (follows.threads, fixed.threads) == (1, 2)
-        torch.set_num_threads(2)
-        follows.logits(images)
-        assert follows.threads == 2
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in a one-CPU worker
+    follows, fixed = OrtModel(onnx), OrtModel(onnx, threads=2)
+    follows.logits(images), fixed.logits(images)
+    assert (follows.threads, fixed.threads) == (1, 2)
+    assert follows.session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert OrtModel(onnx).threads == len(os.sched_getaffinity(0))
 
 
 def bare_copy(model_dir: Path, dest: Path) -> Path:

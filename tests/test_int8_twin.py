@@ -15,9 +15,12 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from kmnist_core.errors import KmnistError
-from kmnist_core.int8 import (INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE, OrtModel, calibration_sample, export_onnx,
-                              input_unfold, quantize, quantize_model, sha256, unfold, weight_range)
-from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model
+from kmnist_core.int8 import (INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE, calibration_sample, quantize,
+                              quantize_model, weight_range)
+from kmnist_core.models import optimize_for_inference, predict_logits
+from kmnist_core.onnx_export import FP32_FILE, MAX_LOGIT_DIFF, decisions, export_onnx, fp32_twin_bytes, input_unfold, sha256
+from kmnist_core.ort_model import OrtModel, unfold
+from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model, load_torch_model, read_model_files
 from tests.test_int8 import bare_copy
 from tests.processes import CLI
 
@@ -139,12 +142,33 @@ def test_a_card_fitted_out_of_fold_keeps_its_thresholds_for_int8(tmp_path, train
     assert (int8.calibration.temperature, int8.calibration.review_below, int8.calibration.ood_threshold) == (0.8, 0.93, -0.5)
 
 
+def default_torch_model():
+    """The default model's torch module as inference runs it (batch norm folded)."""
+    card, weights = read_model_files("default")
+    return optimize_for_inference(load_torch_model(card, weights, "default"))
+
+
+def test_the_shipped_fp32_twin_is_the_default_model_exported_and_decides_as_torch_does(kmnist_dev):
+    """model.fp32.onnx is the default weights exported (the bytes export gives here), its card section names
+    it, and on ONNX Runtime it decides every kmnist-dev test crop as the torch model does."""
+    shipped = (DEFAULT_MODEL_DIR / FP32_FILE).read_bytes()
+    model = default_torch_model()
+    assert fp32_twin_bytes(model, 28) == shipped
+    card = load_bundle("default").card
+    assert card.fp32_onnx.sha256 == sha256(shipped) and card.fp32_onnx.enabled
+    images = kmnist_dev.test.images
+    ours, theirs = OrtModel(shipped).logits(images), predict_logits(model, images, "cpu")
+    assert np.abs(ours - theirs).max() < MAX_LOGIT_DIFF
+    for calib in (card.calibration, card.calibration_for("int8")):
+        np.testing.assert_array_equal(decisions(ours, calib), decisions(theirs, calib))
+
+
 def test_the_unfolded_first_conv_computes_the_same_logits(kmnist_dev):
     """The shipped twin reads its first conv's 3x3 neighbourhoods as 9 channels (unfold_first_conv): quantized
     from the same model on the same images, the plain export gives bit for bit the same logits."""
     shipped = (DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()
     assert input_unfold(shipped) == 3
-    model = load_model("default", precision="fp32").model
+    model = default_torch_model()
     sample = calibration_sample(kmnist_dev.train.images)
     unfolded, plain = quantize_model(model, 28, sample), quantize(export_onnx(model, 28), sample)
     assert unfolded == shipped and input_unfold(plain) == 1

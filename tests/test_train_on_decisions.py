@@ -198,7 +198,7 @@ def test_fine_tuning_on_reviews_raises_held_out_accuracy_and_the_card_says_so(fi
     assert section["learnt_from"]["characters"] == len(learn.labels)
     # "before" is the default model, fp32, at its own card's thresholds: the same figures computed here.
     default = load_model("default", precision="fp32")
-    direct = review_figures(default.torch_logits(held.images), held.labels, default.torch_logits(held.negatives),
+    direct = review_figures(default.fp32_logits(held.images), held.labels, default.fp32_logits(held.negatives),
                             default.temperature, default.calibration.review_params())
     assert before["accuracy"] == pytest.approx(direct["accuracy"])
     assert before["auto_accepted_share"] == pytest.approx(direct["auto_accepted_share"])
@@ -219,7 +219,7 @@ def test_the_same_fine_tuning_without_reviews_does_not_gain(fine_tuned, archive,
     assert "reviews" not in json.loads((control_dir / "model_card.json").read_text(encoding="utf-8"))
     _, _, held = held_out_part(archive, kmnist_dev.classes)
     control = load_model(control_dir, precision="fp32")
-    control_accuracy = float((control.torch_logits(held.images).argmax(1) == held.labels).mean())
+    control_accuracy = float((control.fp32_logits(held.images).argmax(1) == held.labels).mean())
     after = fine_tuned["card"]["reviews"]["held_out"]["after"]["accuracy"]
     print(f"held-out accuracy: control {control_accuracy:.3f}, with reviews {after:.3f}")
     assert after >= control_accuracy + 0.2
