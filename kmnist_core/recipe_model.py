@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from kmnist_core.card import CARD_FILE
 from kmnist_core.datasets import Dataset, Split, load_dataset, load_labelled_pool
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics
