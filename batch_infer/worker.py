@@ -33,7 +33,7 @@ class JobSpec:
     read_retries: int
     retry_backoff_s: float
     batch_size: int
-    metadata: dict[bytes, bytes]  # the footer every shard carries (batch_infer/schema.py footer)
+    metadata: dict[bytes, bytes]  # the footer every shard carries (kmnist_core/schema.py footer)
 
 
 @dataclass(frozen=True)

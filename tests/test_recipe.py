@@ -52,7 +52,7 @@ def tiny(tmp_path, monkeypatch, kmnist_dev):
     monkeypatch.setattr(recipe, "HANDS", {"a": (str(IPAEX_GOTHIC),), "b": (str(IPAEX_GOTHIC),)})
     monkeypatch.setattr(recipe, "HAND_GROUPS", (("a",), ("b",)))
     for name, n in (("FIT_NEGATIVES", 60), ("HAND_NEGATIVES", 20), ("KIND_NEGATIVES", 10)):
-        monkeypatch.setattr(oof_review, name, n)
+        monkeypatch.setattr(recipe_thresholds, name, n)
     d = kmnist_dev.test
     pool = LabelledPool(d.images[:200], d.labels[:200], np.array(["one", "two"] * 100), kmnist_dev.classes)
     return recipe.Recipe("tiny", 2, tmp_path / "results", tmp_path / "work", threads=2), pool
