@@ -17,7 +17,6 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -30,14 +29,11 @@ from batch_infer.plan import Plan
 from batch_infer.progress import RunProgress
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, predictions, storage
-from kmnist_core.card import ModelCard
 from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.model_dir import build_predictor, load_bundle
-from kmnist_core.options import option_args
 from kmnist_core.policy import DecisionPolicy
 from kmnist_core.precision import ModelBundle
-from kmnist_core.run_record import end_run, new_run_id, write_run
-from kmnist_core.schema import SCHEMA_VERSION, footer
+from kmnist_core.run_record import RunRecord, new_run_id, now_iso
 from kmnist_core.storage import Location
 from reviews import report_set
 from reviews.report import write_report_set
@@ -154,16 +150,12 @@ def run_tasks(executor: str, tasks: Iterable[ChunkTask], bundle: ModelBundle, jo
                       after_first=after_first)
 
 
-def start_info(run_meta: dict, card: ModelCard, opts: PredictOptions, executor: str, plan: Plan, skipped: Counter) -> dict:
+def start_info(record: RunRecord, opts: PredictOptions, executor: str, plan: Plan, skipped: Counter) -> dict:
     """What the start line names. A local run has its whole listing in hand (choose_executor read it
     ahead); on Ray the listing is still streaming, so the file count comes later (RunProgress.listed)."""
     listed = executor == "local"
-    info = {"run_id": run_meta["run_id"], "inputs": run_meta["inputs"], "files": plan.files_listed if listed else None,
-            "skipped": {k: v for k, v in skipped.items() if v}, "already_done": plan.already_done if listed else None,
-            "model_id": card.model_id, "precision": run_meta["precision"],
-            "precision_note": run_meta["precision_note"], "review_below": run_meta["review_below"],
-            "ood_threshold": run_meta["ood_threshold"], "out": run_meta["out"],
-            "options": run_meta["options"], "resume_args": run_meta["resume_args"]}
+    info = record.progress_start(plan.files_listed if listed else None, {k: v for k, v in skipped.items() if v},
+                                 plan.already_done if listed else None)
     if executor == "ray":
         from kmnist_core.ray_runtime import init_ray
 
@@ -202,7 +194,7 @@ class Run:
 
     checked: Checked
     opts: PredictOptions  # the checked options, with what --resume takes from the run it finishes
-    meta: dict  # run.json's fields, every shard's footer "run"
+    record: RunRecord  # what run.json, every shard's footer and the progress record's start say
     job: JobSpec
     plan: Plan
     previous: dict[str, predictions.ChunkRecord]  # chunks committed before this run
@@ -262,14 +254,11 @@ def open_run(checked: Checked, run_id: str, killed_holder: dict | None, on_chunk
         opts = resumed_options(opts, metas)
     if not replacing:
         storage.make_dirs(predictions.predictions_dir(out))
-    meta = {"run_id": run_id, "schema_version": SCHEMA_VERSION, "model_id": card.model_id, **checked.policy.record(),
-            "inputs": [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i))
-                       for i in checked.inputs],
-            "out": out.uri, "options": asdict(opts), "resume_args": option_args(opts),
-            "took_over_lock_from": killed_holder, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    inputs = [storage.resolve(i).uri if storage.is_uri(i) else os.fsdecode(os.path.abspath(i)) for i in checked.inputs]
+    record = RunRecord.begin(run_id, card, checked.policy, inputs, out.uri, opts, killed_holder)
     job = JobSpec(out=out.uri, run_id=run_id, policy=checked.policy, read_retries=opts.read_retries,
-                  retry_backoff_s=opts.retry_backoff_s, batch_size=opts.batch_size, metadata=footer(meta, card.raw))
-    return Run(checked, opts, meta, job, Plan(out, previous, opts.retry_errors), previous, metas, replacing,
+                  retry_backoff_s=opts.retry_backoff_s, batch_size=opts.batch_size, metadata=record.footer())
+    return Run(checked, opts, record, job, Plan(out, previous, opts.retry_errors), previous, metas, replacing,
                Tally(on_chunk, progress.chunk_done if progress else None), Counter(), old_output_kept=replacing)
 
 
@@ -280,7 +269,7 @@ def listing_tasks(run: Run, progress: RunProgress | None, stop_counting: threadi
               else chunked(iter_files(checked.inputs, run.skipped), opts.rows_per_shard))
     executor, tasks = choose_executor(opts, plan.tasks(chunks))
     if progress:
-        progress.start(start_info(run.meta, checked.bundle.card, opts, executor, plan, run.skipped))
+        progress.start(start_info(run.record, opts, executor, plan, run.skipped))
         tasks = reporting_listing(tasks, plan, run.skipped, progress)
         if executor == "ray":  # the listing streams: estimate the total from a count run ahead
             done_before = sum(r.rows - plan.rereads(r) for r in run.previous.values())
@@ -299,7 +288,7 @@ def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]
     out = run.checked.out
 
     def swap(old: list[str]) -> None:
-        predictions.swap_in(out, run.meta["run_id"], old)
+        predictions.swap_in(out, run.record.run_id, old)
         report_set.withdraw(out)
 
     first = next(tasks, None)
@@ -308,16 +297,16 @@ def stage_overwrite(run: Run, tasks: Iterator[ChunkTask]) -> Iterator[ChunkTask]
         run.old_output_kept = False
         return iter(())
     if out.local:
-        first = staged(first, predictions.staging_dir(out, run.meta["run_id"]))
+        first = staged(first, predictions.staging_dir(out, run.record.run_id))
     old = [n for n in run.metas if n != predictions.shard_name(first.chunk_id)]
     run.after_first = lambda: swap(old)
     return itertools.chain([first], tasks)
 
 
 def execute(run: Run, progress: RunProgress | None, stop_counting: threading.Event) -> dict:
-    """Predict and commit every chunk still to do; returns the run's summary."""
+    """Predict and commit every chunk still to do; returns the run's end figures."""
     checked, plan, tally = run.checked, run.plan, run.tally
-    write_run(checked.out, {**run.meta, "status": "running", "model_card": checked.bundle.card.raw})
+    run.record.write_running(checked.out)
     executor, tasks = listing_tasks(run, progress, stop_counting)
     if run.replacing:
         tasks = stage_overwrite(run, tasks)
@@ -333,34 +322,42 @@ def execute(run: Run, progress: RunProgress | None, stop_counting: threading.Eve
                           f"expected {plan.files_to_predict} and {plan.rows_to_reread}")
     elapsed = time.perf_counter() - checked.started
     rows = tally.rows_written + tally.rows_replaced
-    return {**run.meta, "status": "completed", "executor": executor,
+    return {"executor": executor,
             "discovery": {"files": plan.files_listed, "skipped": {k: v for k, v in sorted(run.skipped.items()) if v}},
             "already_done": plan.already_done, "error_rows_reread": plan.rows_to_reread,
             "rows_written": tally.rows_written, "rows_replaced": tally.rows_replaced,
             "chunks_committed": tally.chunks, "elapsed_s": round(elapsed, 3),
             "crops_per_s": round(rows / elapsed, 1) if elapsed and rows else None,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "phases_s": phases}
+            "finished": now_iso(), "phases_s": phases}
 
 
-def finalize(run: Run, summary: dict, progress: RunProgress | None) -> dict:
+def reviews_kept(report: dict, run_id: str) -> dict | None:
+    """What this run did to rows people had decided (their decisions are kept); None when nobody decided any."""
+    reviews = report["reviews"]
+    if not reviews["decisions"]:
+        return None
+    return {"decisions": reviews["decisions"], "decided_rows": reviews["decided_rows"],
+            "predicted_again": reviews["predicted_again_by_run"].get(run_id, 0),
+            "made_on_another_model": reviews["made_on_another_model"]}
+
+
+def finalize(run: Run, figures: dict, progress: RunProgress | None) -> dict:
     """Record the completed run, then write its summary and page outputs from every row in OUT."""
-    out, card = run.checked.out, run.checked.bundle.card
-    phases = summary.pop("phases_s")
-    predictions.write_run_record(out, {k: summary[k] for k in ("run_id", "model_id", "inputs", "discovery", "finished")})
-    write_run(out, {**summary, "model_card": card.raw})
+    out, record = run.checked.out, run.record
+    phases = figures.pop("phases_s")
+    predictions.write_run_record(out, record.listing_record(figures["discovery"], figures["finished"]))
+    record.write_completed(out, figures)
     if progress:
         progress.finish("completed")
     report_started = time.perf_counter()
-    summary["report"] = write_report_set(out, run.opts.export)
+    report = write_report_set(out, run.opts.export)
     phases["report"] = time.perf_counter() - report_started
-    reviews = summary["report"]["reviews"]
-    if reviews["decisions"]:  # what this run did to rows people had decided (their decisions are kept)
-        summary["reviews"] = {"decisions": reviews["decisions"], "decided_rows": reviews["decided_rows"],
-                              "predicted_again": reviews["predicted_again_by_run"].get(run.meta["run_id"], 0),
-                              "made_on_another_model": reviews["made_on_another_model"]}
-    summary["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
-    write_run(out, {k: v for k, v in summary.items() if k != "report"} | {"model_card": card.raw})
-    return summary
+    reviews = reviews_kept(report, record.run_id)
+    if reviews:
+        figures["reviews"] = reviews
+    figures["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
+    record.write_completed(out, figures)
+    return {**record.completed(figures), "report": report}
 
 
 def user_facing(error: BaseException) -> bool:
@@ -388,10 +385,8 @@ def record_failure(run: Run, error: BaseException, progress: RunProgress | None,
         reason = f"every row was committed, then writing the summary failed: {reason}"
     if progress:
         progress.finish("interrupted" if interrupted else "failed", reason)
-    end_run(run.checked.out, {**run.meta, "status": "interrupted" if interrupted else "failed", "reason": reason,
-                              "rows_committed": committed, "detail": traceback.format_exc(),
-                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              "model_card": run.checked.bundle.card.raw})
+    run.record.write_end(run.checked.out, "interrupted" if interrupted else "failed", reason, committed,
+                         traceback.format_exc())
     if bug:
         raise error
     if completed:
@@ -422,12 +417,12 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
         run = open_run(checked, run_id, killed_holder, on_chunk, progress)
         stop_counting = threading.Event()
         try:  # from here on, any end is recorded in run.json
-            summary = execute(run, progress, stop_counting)
+            figures = execute(run, progress, stop_counting)
         except BaseException as e:
             record_failure(run, e, progress, completed=False)
         finally:
             stop_counting.set()
         try:
-            return finalize(run, summary, progress)
+            return finalize(run, figures, progress)
         except BaseException as e:
             record_failure(run, e, progress, completed=True)

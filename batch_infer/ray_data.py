@@ -40,8 +40,8 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.policy import DecisionPolicy, PolicyDisagrees
 from kmnist_core.precision import ModelBundle
 from kmnist_core.preprocess import DEFAULT_MAX_PIXELS, DecodeError, PreparedImage, prepare_image
-from kmnist_core.run_record import new_run_id
-from kmnist_core.schema import FOOTER_RUN, KEY_COLUMNS, SCHEMA, SCHEMA_VERSION, footer
+from kmnist_core.run_record import decided_by, new_run_id
+from kmnist_core.schema import FOOTER_RUN, KEY_COLUMNS, SCHEMA, footer
 
 if TYPE_CHECKING:
     import ray
@@ -155,9 +155,8 @@ def decode(batch: pa.Table, input_size: int) -> pa.Table:
 def footer_metadata(rows: RowBuilder) -> dict[bytes, bytes]:
     """What every table CropPredictor returns carries in its schema metadata, and write_predictions puts in
     each shard's footer: the CLI's footer (kmnist_core/schema.py), with the policy its rows were decided by."""
-    run = {"run_id": rows.run_id, "schema_version": SCHEMA_VERSION, "model_id": rows.model.model_id,
-           **rows.policy.record(), "executor": "ray-data"}
-    return footer(run, rows.model.card.raw)
+    return footer({**decided_by(rows.run_id, rows.model.model_id, rows.policy), "executor": "ray-data"},
+                  rows.model.card.raw)
 
 
 class CropPredictor:

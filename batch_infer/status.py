@@ -1,7 +1,9 @@
 """`kmnist-batch status OUT`: where a predict or tune run stands, from OUT alone (no Ray).
 
-Three records are read: OUT/.lock (kmnist_core/out_lock.py), OUT/run.json (predict's own record of
-its status and reason) and OUT/_progress.json (kmnist_core/progress.py; predict and tune). Where people
+A run's records are read through kmnist_core/run_record.py (`read_state`, for predict and tune alike):
+OUT/run.json (predict's own record of its status and reason), OUT/_progress.json (kmnist_core/progress.py;
+predict and tune) and, once a tune run completed, OUT/grid.json; whether its process is alive, from
+OUT/.lock (kmnist_core/out_lock.py). Where people
 have reviewed rows, their decisions (OUT/reviews/) give the review lines: reviewed and left per reason
 (left: against the flagged counts of summary/summary.json, once the run has ended) and the audit figure;
 files of OUT/reviews/ that hold no decisions, set aside to OUT/reviews/_quarantine/, are listed.
@@ -20,7 +22,6 @@ Alive or not:
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from pathlib import Path
@@ -34,21 +35,11 @@ from kmnist_core.errors import KmnistError
 from kmnist_core.out_lock import holder_alive, probe, store_holder
 from kmnist_core.progress import PROGRESS_FILE, counts_text, duration
 from kmnist_core.review_reasons import REVIEW_REASONS
-from kmnist_core.run_record import GRID_FILE, RUN_FILE
+from kmnist_core.run_record import ENDS, RUN_FILE, RunState, read_shown, read_state
 from kmnist_core.storage import Location
 from reviews import report_set, stats, store
 from reviews.final import HISTORY_COLUMNS, review_lines
 from reviews.report import SUMMARY_DIR
-
-
-def read_json(out: Location, name: str) -> dict | None:
-    """OUT/name as JSON; None when it is absent or not (yet) valid JSON."""
-    try:
-        return json.loads(storage.read_bytes(out.join(name)))
-    except (FileNotFoundError, ValueError):
-        return None
-    except OSError as e:
-        raise KmnistError(f"cannot read {out.join(name).uri}: {e.strerror or e}") from None
 
 
 def predict_resume_command(out: Location, given: str, record: dict) -> str | None:
@@ -67,17 +58,12 @@ def predict_resume_command(out: Location, given: str, record: dict) -> str | Non
     return shlex.join(["kmnist-batch", "predict", *positional, "--out", given, mode, *args])
 
 
-def tune_resume_command(out: str, record: dict) -> str | None:
-    args = (record.get("start") or {}).get("resume_args")
+def tune_resume_command(out: str, start: dict) -> str | None:
+    """The command that finishes a tune run, from the arguments its progress record's start names."""
+    args = start.get("resume_args")
     if args is None:
         return None
     return shlex.join(["kmnist-batch", "tune", "--out", out, "--resume", *args])
-
-
-def newest(*records: dict | None) -> dict | None:
-    """The record of the latest run (run ids start with their UTC start time, so they sort)."""
-    present = [r for r in records if r]
-    return max(present, key=lambda r: r.get("run_id") or "") if present else None
 
 
 def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
@@ -93,7 +79,7 @@ def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
         decided = decided.filter(pc.fill_null(pc.equal(decided["model_id"], card.model_id), False))
     reviewed = predictions.value_counts(pc.fill_null(decided["review_reason"], ""))  # "": auto-accepted rows
     report = report_set.current(out) if ended else None  # the published report, on a file system or an object store
-    flagged = (read_json(report.join(SUMMARY_DIR), "summary.json") or {}).get("review_reasons") if report else None
+    flagged = (read_shown(report.join(SUMMARY_DIR), "summary.json") or {}).get("review_reasons") if report else None
     return {"decisions": history.num_rows, "reviewers": predictions.value_counts(decided["reviewer"]),
             "by_reason": {r: {"flagged": flagged.get(r, 0) if flagged else None, "reviewed": reviewed.get(r, 0),
                               "left": max(0, flagged.get(r, 0) - reviewed.get(r, 0)) if flagged else None}
@@ -103,61 +89,54 @@ def review_status(out: Location, run: dict | None, ended: bool) -> dict | None:
             "audit": stats.audit_summary(history, card, (run or {}).get("precision"))}
 
 
+def alive_now(loc: Location) -> tuple[bool, dict | None, str]:
+    """(is a live process holding OUT, the holder its lock names, what judged it: the lock or the heartbeat)."""
+    if loc.local:
+        alive, holder = probe(Path(loc.path))
+        return alive, holder, "lock"
+    holder = store_holder(loc)
+    return holder_alive(holder), holder, "heartbeat"
+
+
+def end_of(state: RunState, alive: bool, holder: dict | None, judged_by: str, now: float) -> dict:
+    """The run's state, and the reason it ended: as recorded, or killed when it is recorded as running
+    but nobody holds OUT."""
+    if alive:
+        return {"state": "running"}
+    if state.recorded in ENDS:
+        return {"state": state.recorded, "reason": state.reason}
+    who = f" (host {holder.get('host')}, pid {holder.get('pid')})" if holder else ""
+    reason = (f"the run's process{who} ended without recording an end: killed (kill -9, out of "
+              f"memory) or its machine was lost")
+    if judged_by == "heartbeat" and holder and holder.get("heartbeat"):
+        reason += f" (its last heartbeat was {duration(now - float(holder['heartbeat']))} ago)"
+    return {"state": "interrupted", "reason": reason}
+
+
 def run_status(out: str | Path, now: float | None = None) -> dict:
     """The state of the run in `out`: running, completed, failed or interrupted, with its figures."""
     given = str(out)  # the resume command names OUT as the user did
     loc = storage.resolve(out)
     now = time.time() if now is None else now
-    if loc.local:
-        alive, holder = probe(Path(loc.path))
-        judged_by = "lock"
-    else:
-        holder = store_holder(loc)
-        alive, judged_by = holder_alive(holder), "heartbeat"
-    run = read_json(loc, RUN_FILE)  # not read_run: an unreadable OUT is an error line here
-    progress = read_json(loc, PROGRESS_FILE)
-    if run is None and progress is None and not alive:
+    alive, holder, judged_by = alive_now(loc)
+    state = read_state(loc, (holder or {}).get("run_id") if alive else None)
+    if not state.found and not alive:
         raise KmnistError(f"{loc.uri} holds no kmnist-batch run (no {RUN_FILE} or {PROGRESS_FILE})")
-    kind = (progress or {}).get("kind") or "predict"
-    record = (newest(run, progress) if kind == "predict" else progress) or {}
-    if progress and record is not progress and progress.get("run_id") != record.get("run_id"):
-        progress = None  # an earlier run's progress
-    if alive and holder and holder.get("run_id") and holder["run_id"] != record.get("run_id"):
-        record, progress = {"run_id": holder["run_id"]}, None  # a new run that has not written its records yet
-    holder = holder or (progress or {}).get("holder")
+    holder = holder or state.holder
+    progress = state.progress
     age = now - progress["updated_unix"] if progress and progress.get("updated_unix") else None
-
-    recorded = record.get("status")
-    status = {"out": loc.uri, "kind": kind, "run_id": record.get("run_id"), "holder": holder, "alive_judged_by": judged_by,
-              "progress": progress, "progress_age_s": round(age, 1) if age is not None else None}
-    if alive:
-        status["state"] = "running"
-    elif recorded in ("completed", "failed", "interrupted"):
-        status["state"] = recorded
-        status["reason"] = record.get("reason")
-    else:  # recorded as running, but nobody holds OUT
-        status["state"] = "interrupted"
-        who = f" (host {holder.get('host')}, pid {holder.get('pid')})" if holder else ""
-        status["reason"] = (f"the run's process{who} ended without recording an end: killed (kill -9, out of "
-                            f"memory) or its machine was lost")
-        if judged_by == "heartbeat" and holder and holder.get("heartbeat"):
-            status["reason"] += f" (its last heartbeat was {duration(now - float(holder['heartbeat']))} ago)"
-    if kind == "predict" and run and run.get("run_id") == status["run_id"]:
-        status["summary"] = {k: run.get(k) for k in ("rows_written", "rows_replaced", "rows_committed", "elapsed_s",
-                                                     "crops_per_s", "started", "finished") if run.get(k) is not None}
-    if kind == "tune" and status["state"] == "completed":
-        grid = read_json(loc, GRID_FILE) or {}
-        status["summary"] = {"trials": grid.get("trials"), "by_status": grid.get("by_status"), "best": grid.get("best")}
-    if kind == "predict":
-        status["reviews"] = review_status(loc, run if run and run.get("run_id") == status["run_id"] else None,
-                                          ended=status["state"] == "completed")
+    status = {"out": loc.uri, "kind": state.kind, "run_id": state.run_id, "holder": holder,
+              "alive_judged_by": judged_by, "progress": progress,
+              "progress_age_s": round(age, 1) if age is not None else None,
+              **end_of(state, alive, holder, judged_by, now)}
+    if state.summary is not None and (state.kind == "predict" or status["state"] == "completed"):
+        status["summary"] = state.summary
+    if state.kind == "predict":
+        status["reviews"] = review_status(loc, state.run, ended=status["state"] == "completed")
         status["reviews_set_aside"] = store.quarantined(loc)  # after review_status, which sets them aside
     if status["state"] in ("failed", "interrupted"):
-        if kind == "predict":
-            source = run if run and run.get("run_id") == status["run_id"] else (progress or {}).get("start") or {}
-            status["resume_command"] = predict_resume_command(loc, given, source)
-        else:
-            status["resume_command"] = tune_resume_command(given, record)
+        status["resume_command"] = (predict_resume_command(loc, given, state.resume_from) if state.kind == "predict"
+                                    else tune_resume_command(given, state.resume_from))
     return status
 
 

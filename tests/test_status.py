@@ -270,3 +270,31 @@ def test_cli_json(tmp_path):
     assert json.loads(done.stdout)["state"] == "interrupted"
     done = CliRunner().invoke(app, ["status", str(tmp_path / "nothing")])
     assert done.exit_code == 2 and done.stderr.startswith("error: ") and "holds no kmnist-batch run" in done.stderr
+
+
+def test_a_run_record_writes_what_status_reads(tmp_path):
+    """RunRecord writes run.json at the start and at the end; status reads the same run back through
+    run_record.read_state, and every shard's footer carries run.json's fields as the run began."""
+    from types import SimpleNamespace
+
+    from batch_infer.options import PredictOptions
+    from kmnist_core.run_record import RunRecord
+    from kmnist_core.storage import resolve
+
+    policy = SimpleNamespace(record=lambda: {"precision": "fp32", "precision_note": "", "review_below": 0.9,
+                                             "ood_threshold": None})
+    card = SimpleNamespace(model_id="m1", raw={"model_id": "m1"})
+    out = resolve(tmp_path)
+    record = RunRecord.begin(RUN_ID, card, policy, ["/data/a"], out.uri, PredictOptions(model="m"), None)
+    record.write_running(out)
+    started = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
+    assert list(started)[:4] == ["run_id", "schema_version", "model_id", "precision"]
+    assert json.loads(record.footer()[b"kmnist_batch.run"]) == {k: v for k, v in started.items()
+                                                               if k not in ("status", "model_card")}
+    assert record.progress_start(10, {}, 0)["resume_args"] == ["--model", "m"]
+    record.write_completed(out, {"rows_written": 10, "rows_replaced": 0, "finished": "2026-12-02T18:00:04+00:00"})
+    s = run_status(tmp_path)
+    assert s["state"] == "completed" and s["run_id"] == RUN_ID and s["summary"]["rows_written"] == 10
+    record.write_end(out, "failed", "cannot write", 4, "")
+    s = run_status(tmp_path)
+    assert s["state"] == "failed" and s["resume_command"].endswith("--resume --model m")
