@@ -62,6 +62,7 @@ class ChunkWorker:
     def __init__(self, bundle: ModelBundle, job: JobSpec, threads: int = 0, node_id: str | None = None):
         from kmnist_core.model_dir import build_predictor
 
+        output.return_freed_memory()
         self.job = job
         self.input_size = bundle.card.input_size
         self.refusal: PolicyDisagrees | None = None

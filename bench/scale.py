@@ -1,9 +1,12 @@
 """How `predict` scales: N crop files (hard links to 2,000 real kmnist-dev PNGs: cheap on inodes and disk),
-end-to-end crops/s, the driver's peak memory (VmHWM, summary included) and each phase's time; and the
-wall time of a small job (the 300 example crops through the CLI, median of 3).
+end-to-end crops/s, the driver's peak memory (VmHWM, summary included), each Ray chunk worker's peak
+memory and each phase's time; and the wall time of a small job (the 300 example crops through the CLI,
+median of 3).
 
 The driver runs in its own process, so its VmHWM is the peak of the process that lists, dispatches and
-writes the summary. Each size's tree is deleted after its run.
+writes the summary. The chunk workers' peaks are read from /proc (VmHWM of every `ray::RayChunkWorker`
+process, polled while the run lasts; the last reading before a worker ends is its peak). Each size's tree
+is deleted after its run.
 
     .venv/bin/python bench/scale.py [--sizes 100000,1000000] [--small-runs 3] [--record]
 """
@@ -61,12 +64,29 @@ def link_tree(root: Path, n: int, srcs: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def worker_peaks_mb(peaks: dict[int, float]) -> None:
+    """Update `peaks` (pid -> MB) with the VmHWM of every live Ray chunk worker."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if b"RayChunkWorker" not in (status.parent / "cmdline").read_bytes():
+                continue
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            peaks[int(status.parent.name)] = int(fields["VmHWM"].split()[0]) / 1024
+        except (OSError, KeyError, ValueError):
+            continue  # ended meanwhile
+
+
 def run_driver(tree: Path, out: Path, executor: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", DRIVER, str(tree), str(out), executor], cwd=REPO,
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr[-3000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tree), str(out), executor], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks: dict[int, float] = {}
+    while proc.poll() is None:
+        worker_peaks_mb(peaks)
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(stderr[-3000:])
+    return {**json.loads(stdout.strip().splitlines()[-1]), "worker_peaks_mb": sorted(peaks.values())}
 
 
 def small_job(runs: int, work: Path) -> tuple[float, list[float], dict]:
@@ -85,31 +105,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--executor", default="auto", help="auto, local or ray (PredictOptions.executor)")
-    parser.add_argument("--small-runs", type=int, default=3)
+    parser.add_argument("--small-runs", type=int, default=3, help="0: no small job")
     parser.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kmnist-scale-"))
     try:
-        median, walls, phases = small_job(args.small_runs, work)
-        print(f"small job (300 crops, CLI): median {median:.2f} s of {', '.join(f'{w:.2f}' for w in walls)}; "
-              f"phases of the last: {phases}", flush=True)
-        if args.record:
-            append_row("small job", [f"{median:.2f} s", ", ".join(f"{w:.2f}" for w in walls),
-                                     ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())])
+        if args.small_runs:
+            median, walls, phases = small_job(args.small_runs, work)
+            print(f"small job (300 crops, CLI): median {median:.2f} s of {', '.join(f'{w:.2f}' for w in walls)}; "
+                  f"phases of the last: {phases}", flush=True)
+            if args.record:
+                append_row("small job", [f"{median:.2f} s", ", ".join(f"{w:.2f}" for w in walls),
+                                         ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())])
         srcs = sources(work / "src")
         results = []
-        for n in (int(s) for s in args.sizes.split(",")):
+        for n in (int(s) for s in args.sizes.split(",") if s):
             tree = work / f"in-{n}"
             link_s = link_tree(tree, n, srcs)
             r = run_driver(tree, work / f"out-{n}", args.executor)
             results.append((n, r))
             rate = r["rows"] / r["elapsed_s"]
+            workers = ", ".join(f"{w:,.0f}" for w in r["worker_peaks_mb"]) or "none (in process)"
             print(f"{n:>9,} files (linked in {link_s:.0f} s): {r['rows']:,} rows, {r['duplicates']} duplicates, "
                   f"{rate:,.0f} crops/s end to end ({r['executor']}), driver peak RSS {r['vmhwm_mb']:,.0f} MB, "
-                  f"phases {r['phases_s']}", flush=True)
+                  f"chunk workers' peak RSS {workers} MB, phases {r['phases_s']}", flush=True)
             if args.record:
                 append_row("scale", [f"{n:,}", f"{r['rows']:,}", r["executor"], f"{rate:,.0f}", f"{r['vmhwm_mb']:,.0f} MB",
-                                     ", ".join(f"{k} {v:.1f} s" for k, v in r["phases_s"].items())])
+                                     f"{workers} MB", ", ".join(f"{k} {v:.1f} s" for k, v in r["phases_s"].items())])
             shutil.rmtree(tree)
             shutil.rmtree(work / f"out-{n}")
         if len(results) > 1:

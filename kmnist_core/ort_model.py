@@ -15,6 +15,10 @@ import numpy as np
 from kmnist_core.preprocess import MEAN, STD
 
 UNFOLD_KEY = "kmnist.input_unfold"  # ONNX metadata: the k of a k x k first conv unfolded into k*k input channels
+# Crops per ONNX Runtime call, whatever the caller's batch: ORT's memory arena keeps the largest call's
+# activations for the session's life (a 1,024-crop call of the default model: ~150 MB more resident per
+# worker than 256, at the same speed; bench/scale.py, docs/benchmarks.md).
+RUN_BATCH = 256
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
@@ -84,8 +88,9 @@ class OrtModel:
             self.unfold = int(self.session.get_modelmeta().custom_metadata_map.get(UNFOLD_KEY, 1))
         return self.session
 
-    def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    def logits(self, pixels: np.ndarray, batch_size: int = RUN_BATCH) -> np.ndarray:
         session = self._session()
+        batch_size = min(batch_size, RUN_BATCH)
         out = [session.run(None, {"x": self._input(pixels[s : s + batch_size])})[0]
                for s in range(0, len(pixels), batch_size)]
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
