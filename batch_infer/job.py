@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -30,7 +30,7 @@ from batch_infer.progress import RunProgress
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, predictions, storage
 from kmnist_core.errors import Interrupted, KmnistError
-from kmnist_core.model_dir import build_predictor, load_bundle
+from kmnist_core.model_dir import Predictor, build_predictor, load_bundle
 from kmnist_core.policy import DecisionPolicy
 from kmnist_core.precision import ModelBundle
 from kmnist_core.run_record import RunRecord, new_run_id, now_iso
@@ -41,6 +41,7 @@ from reviews.report import write_report_set
 # Up to this many files, a job with no Ray cluster to join runs in this process: starting Ray and its
 # workers costs seconds, which a small job never wins back (docs/benchmarks.md, "small jobs").
 LOCAL_MAX_FILES = 20_000
+LOCAL_THREADS = os.cpu_count() or 1  # an in-process run's model threads: the whole machine
 
 
 def check_out(out: Location) -> None:
@@ -137,11 +138,13 @@ def staged(task: ChunkTask, folder: Location) -> ChunkTask:
     return ChunkTask(task.chunk_id, task.first, task.last, task.listing, folder=folder.path)
 
 
-def run_tasks(executor: str, tasks: Iterable[ChunkTask], bundle: ModelBundle, job: JobSpec,
+def run_tasks(executor: str, tasks: Iterable[ChunkTask], checked: Checked, job: JobSpec,
               opts: PredictOptions, after_first: Callable[[], None] | None) -> Iterator[dict]:
+    bundle, warm = checked.bundle, checked.take_predictor()
     if executor == "local":
-        make = lambda: ChunkWorker(bundle, job, threads=os.cpu_count() or 1)  # noqa: E731
+        make = lambda: ChunkWorker(bundle, job, threads=LOCAL_THREADS, predictor=warm)  # noqa: E731
         return run_in_process(make, tasks, after_first)
+    del warm  # a Ray run's driver predicts nothing: its ONNX Runtime sessions (~50 MB) go
     from kmnist_core.ray_runtime import init_ray
 
     ray, _ = init_ray(opts.address)
@@ -186,6 +189,12 @@ class Checked:
     bundle: ModelBundle  # the model every worker loads
     policy: DecisionPolicy  # what every row is decided with: decided here (the int8 probe ran on this CPU)
     started: float  # perf_counter() when the run began
+    warm: list[Predictor] = field(default_factory=list)  # the predictor that decided `policy`: take_predictor
+
+    def take_predictor(self) -> Predictor | None:
+        """The CPU predictor `prepare` built (sessions warm, probe run): an in-process run predicts with it
+        rather than building and probing another; taken once, so a Ray run's driver can let it go."""
+        return self.warm.pop() if self.warm else None
 
 
 @dataclass
@@ -228,9 +237,10 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PredictOptions) -> 
     check_out(out_loc)
     bundle = load_bundle(opts.model, opts.precision, "cuda" if opts.gpus_per_worker > 0 else "cpu")
     # Fail here, before OUT or Ray, on a bad model; and decide the run's policy once, on this CPU.
-    policy = build_predictor(bundle, device="cpu", review_below=opts.review_below,
-                             ood_threshold=opts.ood_threshold).policy
-    return Checked(inputs, out_loc, opts, manifest, bundle, policy, started)
+    predictor = build_predictor(bundle, threads=LOCAL_THREADS, device="cpu", review_below=opts.review_below,
+                                ood_threshold=opts.ood_threshold)
+    warm = [predictor] if bundle.device == "cpu" else []
+    return Checked(inputs, out_loc, opts, manifest, bundle, predictor.policy, started, warm)
 
 
 def resumed_options(opts: PredictOptions, metas: dict) -> PredictOptions:
@@ -312,7 +322,7 @@ def execute(run: Run, progress: RunProgress | None, stop_counting: threading.Eve
         tasks = stage_overwrite(run, tasks)
     phases = {"prepare": time.perf_counter() - checked.started}  # checks, model, lock, earlier output
     loop_started = time.perf_counter()
-    for stats in run_tasks(executor, tasks, checked.bundle, run.job, run.opts, run.after_first):
+    for stats in run_tasks(executor, tasks, checked, run.job, run.opts, run.after_first):
         if not tally.chunks:  # Ray start-up and the first chunk (the listing streams meanwhile)
             phases["first_chunk"] = time.perf_counter() - loop_started
         tally.add(stats)
@@ -411,6 +421,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
     in OUT/run.json), with the report's figures under "report".
     """
     checked = prepare(inputs, out, opts)
+    predictions.return_freed_memory()
     make_out(checked.out)
     run_id = new_run_id()
     with out_lock.hold(checked.out, run_id) as killed_holder:

@@ -18,6 +18,7 @@ from batch_infer.box_stage import decode_box_batch, page_batches
 from kmnist_core.schema import KEY_COLUMNS, SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
 from kmnist_core import storage
+from kmnist_core.model_dir import Predictor, build_predictor
 from kmnist_core.policy import DecisionPolicy, PolicyDisagrees
 from kmnist_core.precision import ModelBundle
 from kmnist_core.review_reasons import REVIEW_REASONS
@@ -59,15 +60,17 @@ class ChunkWorker:
     the int8 probe the driver's passed) fails every chunk it is given, loudly, rather than deciding its
     rows under other thresholds than the run records."""
 
-    def __init__(self, bundle: ModelBundle, job: JobSpec, threads: int = 0, node_id: str | None = None):
-        from kmnist_core.model_dir import build_predictor
-
+    def __init__(self, bundle: ModelBundle, job: JobSpec, threads: int = 0, node_id: str | None = None,
+                 predictor: Predictor | None = None):
+        """`predictor`: one built in this process under the job's policy (an in-process run: the driver's);
+        else the worker builds its own from `bundle`."""
         output.return_freed_memory()
         self.job = job
         self.input_size = bundle.card.input_size
         self.refusal: PolicyDisagrees | None = None
         try:
-            self.rows = RowBuilder(build_predictor(bundle, threads=threads or None, policy=job.policy), job.run_id, node_id)
+            predictor = predictor or build_predictor(bundle, threads=threads or None, policy=job.policy)
+            self.rows = RowBuilder(predictor, job.run_id, node_id)
         except PolicyDisagrees as e:
             self.refusal = e
         self.out = storage.resolve(job.out)

@@ -100,19 +100,6 @@ def bar_chart(labels: Sequence[str], values: np.ndarray, path: Path, title: str,
     return save_figure(fig, path)
 
 
-def histogram_counts(counts: np.ndarray, edges: np.ndarray, path: Path, title: str,
-                     threshold: float | None = None) -> Path:
-    """A confidence histogram from counts already binned (so a report never holds every value)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0")
-    if threshold is not None:
-        ax.axvline(threshold, color="red", ls="--", label=f"review below {threshold:.3f}")
-        ax.legend()
-    ax.set(title=title, xlabel="confidence", ylabel="crops")
-    ax.set_yscale("log")
-    return save_figure(fig, path)
-
-
 def ood_histogram(in_scores: np.ndarray, out_scores: np.ndarray, threshold: float | None, method: str,
                   path: Path) -> Path:
     """Out-of-set scores of real characters vs out-of-set crops, with the review threshold."""

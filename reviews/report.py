@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kmnist_core import predictions, storage
+from kmnist_core import charts, predictions, storage
 from kmnist_core.files import json_text
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.run_record import read_run
@@ -138,8 +138,6 @@ def upload(summary_dir: Path, target: Location) -> None:
 def write_summary(out: Location, target: Location, opened: predictions.Opened, reviews: dict) -> dict:
     """`target`/summary/ (module doc) from OUT's rows; `opened`: OUT as open_predictions gave it (its runs and
     card); `reviews`: write_final's figures."""
-    from kmnist_core import plots  # matplotlib: only when a report is drawn
-
     runs, card, latest = opened.runs, opened.card, opened.latest
     record = predictions.latest_run_record(out)
     run = read_run(out) or {}
@@ -154,10 +152,11 @@ def write_summary(out: Location, target: Location, opened: predictions.Opened, r
         chars = list(card.classes.chars) if card else sorted(s.chars)
         if len(chars) > 60:
             chars = [c for c, _ in s.chars.most_common(60)]
-        plots.bar_chart(chars, np.array([s.chars.get(c, 0) for c in chars]), summary_dir / "class_distribution.png",
-                        "Predicted characters", "crops")
-        plots.histogram_counts(s.histogram, BINS, summary_dir / "confidence_histogram.png", "Calibrated confidence",
-                               latest.get("review_below"))
+        charts.bar_chart(chars, np.array([s.chars.get(c, 0) for c in chars]), summary_dir / "class_distribution.png",
+                         "Predicted characters", "crops")
+        review_below = latest.get("review_below")
+        charts.histogram(s.histogram, BINS, summary_dir / "confidence_histogram.png", "Calibrated confidence",
+                         "confidence", review_below, f"review below {review_below:.3f}" if review_below is not None else "")
         write_review_sheet(s.sheet, dict(s.reasons), s.rows, summary_dir)
         from kmnist_core.safe_text import csv_frame  # folder names are data: no cell may run as a formula
 

@@ -15,15 +15,15 @@ import html
 import io
 from pathlib import Path
 
-import matplotlib_fontja
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from kmnist_core import storage
+from kmnist_core.charts import KANA_FONT
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.schema import parse_box_key
 
-FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"  # IPAexGothic: has the kana
+FONT = KANA_FONT  # IPAexGothic: has the kana
 SHEET_LIMIT = 120  # crops per reason on the sheet
 PAGE = 30  # crops per PNG page (5 rows of 6)
 THUMB = 96  # px, longer side of a crop as shown
