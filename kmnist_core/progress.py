@@ -176,7 +176,8 @@ class Reporter:
 
     def _close(self, status: str, final_line: str | None, reason: str | None = None) -> None:
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        # is_alive: a Ctrl-C or SIGTERM that lands while _open starts the thread leaves one never started
+        if self._thread is not None and self._thread is not threading.current_thread() and self._thread.is_alive():
             self._thread.join(timeout=5)
         with self._lock:
             if self.started_at is None or self.status != "running":

@@ -174,3 +174,22 @@ def test_on_a_terminal_a_bar_carries_the_same_figures_instead_of_lines(tmp_path)
     assert "progress 1,500/2,000 (75.0%); 1,500 crops/s" in text and "errors 3 (truncated 3)" in text
     assert not re.search(r"^\d\d:\d\d:\d\d progress", text, re.M)  # the figures are in the bar, not in lines
     assert record(tmp_path)["done"] == 1500
+
+
+def test_an_interrupt_while_the_progress_thread_starts_still_records_the_end(tmp_path, monkeypatch):
+    """A Ctrl-C or SIGTERM that lands inside Thread.start leaves a thread that never started: finish still
+    writes the end (it once raised "cannot join thread before it is started", and the run ended as a bug)."""
+    import threading
+
+    import pytest
+
+    def interrupted(thread):
+        raise KeyboardInterrupt
+
+    p = RunProgress(tmp_path, every_s=1.0, stream=io.StringIO())
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        p.start(INFO)
+    monkeypatch.undo()
+    p.finish("interrupted", "interrupted (Ctrl-C or SIGTERM)")
+    assert record(tmp_path)["status"] == "interrupted"
