@@ -58,6 +58,104 @@ def pool_size(ray, cpus_per_worker: float, gpus_per_worker: float) -> int:
     return max(1, int(resources.get("CPU", 1) // cpus_per_worker))
 
 
+class ActorPool:
+    """The Ray actors of one run, the tasks each holds, and the replacements of those that died."""
+
+    def __init__(self, ray, bundle: ModelBundle, job: JobSpec, tasks: Iterable[ChunkTask], workers: int,
+                 cpus_per_worker: float, gpus_per_worker: float, depth: int,
+                 after_first: Callable[[], None] | None):
+        self.ray, self.job, self.depth, self.after_first = ray, job, depth, after_first
+        self.threads = max(1, int(cpus_per_worker)) if bundle.device == "cpu" else 1
+        self.actor_class = ray.remote(RayChunkWorker).options(num_cpus=cpus_per_worker,
+                                                              num_gpus=gpus_per_worker or None, max_restarts=0)
+        self.bundle_ref = [ray.put(bundle)]
+        self.alive = {i: self.new_actor() for i in range(workers)}
+        self.starting: dict = {}  # ready() ref of a replacement -> its handle
+        self.load = dict.fromkeys(self.alive, 0)
+        self.pending: dict = {}  # task ref -> (task, worker index, attempt)
+        self.retry: list[tuple[ChunkTask, int]] = []
+        self.tasks = iter(tasks)
+        self.next_index = workers
+
+    def new_actor(self):
+        return self.actor_class.remote(self.bundle_ref, self.job, self.threads)
+
+    def submit(self, i: int) -> bool:
+        task, attempt = self.retry.pop() if self.retry else (next(self.tasks, None), 1)
+        if task is None:
+            return False
+        self.pending[self.alive[i].run.remote(task)] = (task, i, attempt)
+        self.load[i] += 1
+        return True
+
+    def fill(self) -> None:
+        if self.after_first is not None:  # the first task runs alone
+            if not self.pending and self.alive:
+                self.submit(next(iter(self.alive)))
+            return
+        while self.alive:  # one task at a time to the least-loaded worker, so each has work from the start
+            i = min(self.alive, key=lambda i: self.load[i])
+            if self.load[i] >= self.depth or not self.submit(i):
+                return
+
+    def next_ready(self):
+        """The next task or replacement that is done; refused when no worker is left to wait for."""
+        refs = [*self.pending, *self.starting]
+        if not refs:  # every worker is gone and no replacement has been asked for
+            raise KmnistError("every prediction worker was lost")
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=REPLACEMENT_WAIT_S if not self.pending else None)
+        if not ready:
+            raise KmnistError(f"every prediction worker was lost and none could be started again within "
+                              f"{REPLACEMENT_WAIT_S:.0f} s (is there room on the cluster?)")
+        return ready[0]
+
+    def join(self, ref) -> None:
+        """A replacement is up (or failed to start): it takes work like the others."""
+        handle = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            return
+        self.alive[self.next_index], self.load[self.next_index] = handle, 0
+        self.next_index += 1
+        self.fill()
+
+    def lost(self, task: ChunkTask, i: int, attempt: int, error: Exception) -> None:
+        """Worker `i` died holding `task`: the task goes to the others, a replacement is asked for."""
+        if attempt >= MAX_ATTEMPTS:
+            raise KmnistError(f"chunk {task.chunk_id} failed {attempt} times: {str(error).splitlines()[0]}") from None
+        self.retry.append((task, attempt + 1))
+        if i in self.alive:
+            del self.alive[i]
+            handle = self.new_actor()
+            self.starting[handle.ready.remote()] = handle
+        self.fill()
+
+    def results(self) -> Iterator[dict]:
+        self.fill()
+        while self.pending or self.retry:
+            ref = self.next_ready()
+            if ref in self.starting:
+                self.join(ref)
+                continue
+            task, i, attempt = self.pending.pop(ref)
+            self.load[i] = self.load.get(i, 1) - 1
+            try:
+                stats = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as e:  # the worker process or its node died
+                self.lost(task, i, attempt, e)
+                continue
+            yield stats
+            if self.after_first:
+                self.after_first()
+                self.after_first = None
+            self.fill()
+
+    def close(self) -> None:
+        for actor in [*self.alive.values(), *self.starting.values()]:
+            self.ray.kill(actor)
+
+
 def run_on_ray(ray, bundle: ModelBundle, job: JobSpec, tasks: Iterable[ChunkTask], workers: int,
                cpus_per_worker: float, gpus_per_worker: float, depth: int = 2,
                after_first: Callable[[], None] | None = None) -> Iterator[dict]:
@@ -69,77 +167,8 @@ def run_on_ray(ray, bundle: ModelBundle, job: JobSpec, tasks: Iterable[ChunkTask
     may never do when its node is gone and no other node has room. Only when no worker is left and
     none could be started within REPLACEMENT_WAIT_S does the run fail (committed shards stay).
     """
-    threads = max(1, int(cpus_per_worker)) if bundle.device == "cpu" else 1
-    actor_class = ray.remote(RayChunkWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
-                                                     max_restarts=0)
-    bundle_ref = [ray.put(bundle)]
-    new_actor = lambda: actor_class.remote(bundle_ref, job, threads)  # noqa: E731
-    alive = {i: new_actor() for i in range(workers)}
-    starting: dict = {}  # ready() ref of a replacement -> its handle
-    load = dict.fromkeys(alive, 0)
-    pending: dict = {}  # task ref -> (task, worker index, attempt)
-    retry: list[tuple[ChunkTask, int]] = []
-    tasks = iter(tasks)
-    next_index = workers
-
-    def submit(i: int) -> bool:
-        task, attempt = retry.pop() if retry else (next(tasks, None), 1)
-        if task is None:
-            return False
-        pending[alive[i].run.remote(task)] = (task, i, attempt)
-        load[i] += 1
-        return True
-
-    def fill() -> None:
-        if after_first is not None:  # the first task runs alone
-            if not pending and alive:
-                submit(next(iter(alive)))
-            return
-        while alive:  # one task at a time to the least-loaded worker, so each has work from the start
-            i = min(alive, key=lambda i: load[i])
-            if load[i] >= depth or not submit(i):
-                return
-
+    pool = ActorPool(ray, bundle, job, tasks, workers, cpus_per_worker, gpus_per_worker, depth, after_first)
     try:
-        fill()
-        while pending or retry:
-            refs = [*pending, *starting]
-            if not refs:  # every worker is gone and no replacement has been asked for
-                raise KmnistError("every prediction worker was lost")
-            ready, _ = ray.wait(refs, num_returns=1, timeout=REPLACEMENT_WAIT_S if not pending else None)
-            if not ready:
-                raise KmnistError(f"every prediction worker was lost and none could be started again within "
-                                  f"{REPLACEMENT_WAIT_S:.0f} s (is there room on the cluster?)")
-            ref = ready[0]
-            if ref in starting:
-                handle = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    continue
-                alive[next_index], load[next_index] = handle, 0
-                next_index += 1
-                fill()
-                continue
-            task, i, attempt = pending.pop(ref)
-            load[i] = load.get(i, 1) - 1
-            try:
-                stats = ray.get(ref)
-            except ray.exceptions.RayActorError as e:  # the worker process or its node died
-                if attempt >= MAX_ATTEMPTS:
-                    raise KmnistError(f"chunk {task.chunk_id} failed {attempt} times: {str(e).splitlines()[0]}") from None
-                retry.append((task, attempt + 1))
-                if i in alive:
-                    del alive[i]
-                    handle = new_actor()
-                    starting[handle.ready.remote()] = handle
-                fill()
-                continue
-            yield stats
-            if after_first:
-                after_first()
-                after_first = None
-            fill()
+        yield from pool.results()
     finally:
-        for actor in [*alive.values(), *starting.values()]:
-            ray.kill(actor)
+        pool.close()

@@ -71,9 +71,7 @@ def head_text(f: dict) -> str:
 class RunProgress(Reporter):
     kind = "predict"
 
-    def __init__(self, out, every_s: float = 30.0, quiet: bool = False, stream=None, **kw):
-        super().__init__(out, every_s=every_s, quiet=quiet, stream=stream, **kw)
-        self.info: dict = {}
+    def clear(self) -> None:
         self.total: int | None = None
         self.skipped: dict[str, int] = {}
         self.done = 0

@@ -8,7 +8,6 @@ split has 1,000 images, so one image is 0.1 point and a standard error on ~99 % 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import arguments  # noqa: E402
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
 from kmnist_core.experiment import REVIEW_PRECISION  # noqa: E402
@@ -31,7 +31,7 @@ def split_figures(probs: np.ndarray, labels: np.ndarray) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("models", nargs="+", help="model directories (or 'default')")
     parser.add_argument("--dataset", default="kmnist-dev")
     parser.add_argument("--data-dir", default=None)

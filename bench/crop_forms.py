@@ -34,6 +34,7 @@ from bench.record import append_row  # noqa: E402
 from kmnist_core.datasets import Split, load_dataset  # noqa: E402
 from kmnist_core.model_dir import load_model  # noqa: E402
 from kmnist_core.preprocess import decode_bytes, fit_square, normalize_polarity, to_grayscale  # noqa: E402
+from reviews import images  # noqa: E402
 
 PAPER, INK = 225, 30
 JPEG_MAGIC = b"\xff\xd8"
@@ -105,9 +106,7 @@ def add_strip(box: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
+    return images.png(Image.fromarray(arr))
 
 
 def noisy_jpeg(light: np.ndarray, rng: np.random.Generator) -> bytes:

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.crop_forms import FORMS  # noqa: E402
+from bench.common import arguments, model_flags, record_flag  # noqa: E402
+from bench.crop_forms import FORMS, png  # noqa: E402
 from bench.record import append_row  # noqa: E402
-from kmnist_core import calibration  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
+from kmnist_core.int8 import compare  # noqa: E402
 from kmnist_core.model_dir import load_model, load_torch_model, read_model_files  # noqa: E402
 from kmnist_core.models import TorchModel  # noqa: E402
 from kmnist_core.preprocess import decode_bytes, decode_bytes_full, decode_many  # noqa: E402
@@ -48,6 +48,7 @@ def rate(fn, n: int, seconds: float) -> float:
 
 
 TORCH_FP32 = "torch fp32 (predict's fp32 path before the fp32 twin)"
+TIGHT = "tight 28x28 PNG (KMNIST as is)"
 
 
 def model_speeds(model: str, fp32, q, x: np.ndarray, batch: int, rounds: int) -> dict[str, float]:
@@ -94,32 +95,22 @@ def plain_loop(paths: list[Path], fp32, q, lean: bool, batch: int = 1024) -> flo
     return len(paths) / (time.perf_counter() - started)
 
 
-def png(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--threads", type=int, default=2)
+def parse_args() -> argparse.Namespace:
+    parser = arguments(__doc__)
+    model_flags(parser)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode-rounds", type=int, default=5)
     parser.add_argument("--form-images", type=int, default=500, help="test images cut into each scan form")
     parser.add_argument("--files", type=int, default=10000, help="28x28 PNGs on disk for the plain loop")
     parser.add_argument("--machine", default="2-core shared CI-class machine", help="named in the recorded rows")
-    parser.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    fp32, q = load_model(args.model, precision="fp32"), load_model(args.model, precision="int8", threads=args.threads)
-    data = load_dataset("kmnist-dev")
-    test = data.test
+    record_flag(parser)
+    return parser.parse_args()
 
-    batch = data.train.images[np.arange(args.batch) % len(data.train.images)]
+
+def measure_models(args: argparse.Namespace, fp32, q, train_images: np.ndarray) -> dict[str, float]:
+    """1. images/s of each runtime on one batch of training images, printed."""
+    batch = train_images[np.arange(args.batch) % len(train_images)]
     speeds = model_speeds(args.model, fp32, q, batch, args.batch, args.rounds)
     base = speeds[TORCH_FP32]
     print(f"model {fp32.card.architecture} `{fp32.model_id}`, batch {args.batch}, {args.threads} threads "
@@ -129,27 +120,35 @@ def main() -> None:
     near = q.assess(batch).fp32_rows.mean()
     print(f"  ({near:.1%} of the batch's rows are near a decision: kmnist-dev train images, which the default "
           f"model was trained on; out of fold 7.1 %)")
+    return speeds
 
+
+def measure_decode(args: argparse.Namespace, size: int, test_images: np.ndarray) -> tuple[dict, list[tuple]]:
+    """2. decode µs per file of each method and scan form, printed; returns the forms' files and the rows."""
     rng = np.random.default_rng(0)
-    forms = {"tight 28x28 PNG (KMNIST as is)": [png(g) for g in test.images]}
-    forms.update({name: [make(g, rng) for g in test.images[: args.form_images]] for name, make in FORMS.items() if not name.startswith("tight")})
-    size = fp32.input_size
+    forms = {TIGHT: [png(g) for g in test_images]}
+    forms.update({name: [make(g, rng) for g in test_images[: args.form_images]] for name, make in FORMS.items()
+                  if not name.startswith("tight")})
     methods = {"full": lambda fs: [decode_bytes_full(f, size) for f in fs],
                "lean one by one": lambda fs: [decode_bytes(f, size) for f in fs],
                "decode_many": lambda fs: chunks(fs, size)}
-    decode_rows = []
+    rows = []
     print(f"decode µs per file (best of {args.decode_rounds} interleaved passes over kmnist-dev test images):")
     for name, files in forms.items():
         us = decode_us(methods, files, args.decode_rounds)
-        decode_rows.append((name, *us.values()))
+        rows.append((name, *us.values()))
         print(f"  {name:36s} " + "   ".join(f"{k} {v:6.1f}" for k, v in us.items()) + f"  ({us['full'] / us['decode_many']:.2f}x)")
+    return forms, rows
 
+
+def measure_plain_loop(n_files: int, tight: list[bytes], fp32, q) -> tuple[float, float]:
+    """3. crops/s of the plain loop over `n_files` tight PNG files on disk, before and after, printed."""
     with tempfile.TemporaryDirectory(prefix="kmnist-int8-bench-") as tmp:
         paths = []
-        for i in range(args.files):
+        for i in range(n_files):
             p = Path(tmp) / f"{i // 1000:03d}" / f"{i:06d}.png"
             p.parent.mkdir(exist_ok=True)
-            p.write_bytes(forms["tight 28x28 PNG (KMNIST as is)"][i % len(test.images)])
+            p.write_bytes(tight[i % len(tight)])
             paths.append(p)
         plain_loop(paths[:1024], fp32, q, False), plain_loop(paths[:1024], fp32, q, True)  # warm-up
         loops = {"before": [], "after": []}
@@ -157,28 +156,48 @@ def main() -> None:
             loops["before"].append(plain_loop(paths, fp32, q, lean=False))
             loops["after"].append(plain_loop(paths, fp32, q, lean=True))
         before, after = max(loops["before"]), max(loops["after"])
-    print(f"plain loop over {args.files:,} 28x28 PNG files: full decode + torch fp32 {before:,.0f} crops/s, "
+    print(f"plain loop over {n_files:,} 28x28 PNG files: full decode + torch fp32 {before:,.0f} crops/s, "
           f"decode_many + int8 {after:,.0f} crops/s ({after / before:.2f}x)")
+    return before, after
 
-    f, i = fp32.logits(test.images), q.logits(test.images)
-    agree = float((f.argmax(1) == i.argmax(1)).mean())
-    acc_f, acc_i = (float((x.argmax(1) == test.labels).mean()) for x in (f, i))
-    ece_f = calibration.expected_calibration_error(calibration.softmax(f, fp32.temperature), test.labels)
-    ece_i = calibration.expected_calibration_error(calibration.softmax(i, q.temperature), test.labels)
-    print(f"kmnist-dev test (1,000 images; a subset of the official test split): agreement {agree:.2%}, accuracy "
-          f"{acc_i:.2%} int8 vs {acc_f:.2%} fp32, ECE {ece_i:.2%} vs {ece_f:.2%}")
 
+def int8_against_fp32(fp32, q, test) -> str:
+    """4. int8 against fp32 on the test split (kmnist_core/int8.py compare), printed; returns the recorded cell."""
+    c = compare(fp32.logits(test.images), q.logits(test.images), test.labels, fp32.temperature, q.temperature,
+                fp32.calibration.review_params(), q.calibration.review_params())
+    f, i = c["fp32"], c["int8"]
+    print(f"kmnist-dev test (1,000 images; a subset of the official test split): agreement {c['agreement']:.2%}, "
+          f"accuracy {i['accuracy']:.2%} int8 vs {f['accuracy']:.2%} fp32, ECE {i['ece_after']:.2%} vs {f['ece_after']:.2%}")
+    return (f"{c['agreement']:.2%}; {f['accuracy']:.1%} → {i['accuracy']:.1%}; "
+            f"{f['ece_after']:.2%} → {i['ece_after']:.2%}")
+
+
+def record(args: argparse.Namespace, model_id: str, speeds: dict, decode_rows: list[tuple], loop: tuple[float, float],
+           versus: str) -> None:
+    """Append the rows to docs/benchmarks.md's two sections."""
+    base, (before, after) = speeds[TORCH_FP32], loop
+    model = f"`{model_id}`, batch {args.batch}, {args.threads} threads"
+    append_row("int8 and lean decode", [args.machine, model,
+                                        *(f"{v:,.0f} ({v / base:.2f}×)" for v in list(speeds.values())[:2]),
+                                        "; ".join(f"{v:,.0f} ({v / base:.2f}×)" for v in list(speeds.values())[2:]),
+                                        f"{decode_rows[0][1]:.1f} / {decode_rows[0][2]:.1f} / **{decode_rows[0][3]:.1f}**",
+                                        f"{before:,.0f} → {after:,.0f} ({after / before:.2f}×)", versus])
+    for name, full, single, many in decode_rows:
+        append_row("decode per form", [args.machine, name, f"{full:.1f}", f"{single:.1f}", f"**{many:.1f}**",
+                                       f"{full / many:.2f}×"])
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    fp32, q = load_model(args.model, precision="fp32"), load_model(args.model, precision="int8", threads=args.threads)
+    data = load_dataset("kmnist-dev")
+    speeds = measure_models(args, fp32, q, data.train.images)
+    forms, decode_rows = measure_decode(args, fp32.input_size, data.test.images)
+    loop = measure_plain_loop(args.files, forms[TIGHT], fp32, q)
+    versus = int8_against_fp32(fp32, q, data.test)
     if args.record:
-        model = f"`{fp32.model_id}`, batch {args.batch}, {args.threads} threads"
-        append_row("int8 and lean decode", [args.machine, model,
-                                            *(f"{v:,.0f} ({v / base:.2f}×)" for v in list(speeds.values())[:2]),
-                                            "; ".join(f"{v:,.0f} ({v / base:.2f}×)" for v in list(speeds.values())[2:]),
-                                            f"{decode_rows[0][1]:.1f} / {decode_rows[0][2]:.1f} / **{decode_rows[0][3]:.1f}**",
-                                            f"{before:,.0f} → {after:,.0f} ({after / before:.2f}×)",
-                                            f"{agree:.2%}; {acc_f:.1%} → {acc_i:.1%}; {ece_f:.2%} → {ece_i:.2%}"])
-        for name, full, single, many in decode_rows:
-            append_row("decode per form", [args.machine, name, f"{full:.1f}", f"{single:.1f}", f"**{many:.1f}**",
-                                           f"{full / many:.2f}×"])
+        record(args, fp32.model_id, speeds, decode_rows, loop, versus)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ treatment, so the ratio is not flattered by an optimization the baseline could h
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import arguments, model_flags, record_flag  # noqa: E402
 from bench.record import append_row  # noqa: E402
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
@@ -42,11 +42,10 @@ def images_per_s(model: torch.nn.Module, batch: torch.Tensor, seconds: float = 1
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = arguments(__doc__)
+    model_flags(parser)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--record", action="store_true")
+    record_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

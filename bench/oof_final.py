@@ -29,8 +29,9 @@ from kmnist_core.recipe import train_resumable  # noqa: E402
 from bench.oof_thresholds import load_folds  # noqa: E402
 from kmnist_core.datasets import Dataset  # noqa: E402
 from kmnist_core.evaluate import calibration_report, classification_metrics  # noqa: E402
-from kmnist_core.experiment import REVIEW_PRECISION, build_card, build_twins  # noqa: E402
+from kmnist_core.experiment import build_twins  # noqa: E402
 from kmnist_core.model_dir import DEFAULT_MODEL_DIR, MODEL_FILES, save_model_dir  # noqa: E402
+from kmnist_core import recipe_model  # noqa: E402
 from kmnist_core.train import TrainConfig  # noqa: E402
 
 WORK = ROOT / "runs" / "oof"
@@ -68,19 +69,16 @@ def out_of_fold_card(recipe: str, model: torch.nn.Module, cfg: TrainConfig, data
     oof_metrics = classification_metrics(folds["labels"], folds["logits"].argmax(1), data.classes)
     oof_metrics.pop("confusion_matrix")
     review = {k: fitted[k] for k in ("ood_score", "ood_threshold", "review_below", "review_promise")}
-    card = build_card(cfg, data, [], "completed", oof_metrics, calibration_report(folds["logits"], folds["labels"], temperature),
-                      review)
-    card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
-    card["calibration"].update({
-        "method": f"temperature scaling and thresholds fitted on {report['images']:,} out-of-fold predictions "
-                  f"({report['folds']} stratified folds, bench/oof_folds.py --recipe {recipe})",
-        "fitted_on": f"out-of-fold logits of all {report['images']:,} kmnist-dev images (each from a fold model that "
-                     f"never saw it) and {fitted['review_promise']['negatives_n']:,} synthetic negatives cut from the "
-                     "folds' held-out images with held-out glyphs",
-        "review_precision_target": REVIEW_PRECISION, "int8_refit": False})
-    card["training"].update({"epochs_run": cfg.epochs, "sizes": {"train": len(data.train), "val": 0, "test": 0},
-                             "recipe": recipe, "teacher": TEACHER_RECIPE.get(recipe) and
-                             f"{TEACHER_RECIPE[recipe]} trained on all 8,000 (bench/results/oof/{TEACHER_RECIPE[recipe]}/all.pt)"})
+    teacher = TEACHER_RECIPE.get(recipe) and \
+        f"{TEACHER_RECIPE[recipe]} trained on all 8,000 (bench/results/oof/{TEACHER_RECIPE[recipe]}/all.pt)"
+    card = recipe_model.out_of_fold_card(
+        cfg, data, model, oof_metrics, calibration_report(folds["logits"], folds["labels"], temperature), review,
+        fitted_by=f"{report['images']:,} out-of-fold predictions ({report['folds']} stratified folds, "
+                  f"bench/oof_folds.py --recipe {recipe})",
+        fitted_on=f"out-of-fold logits of all {report['images']:,} kmnist-dev images (each from a fold model that "
+                  f"never saw it) and {fitted['review_promise']['negatives_n']:,} synthetic negatives cut from the "
+                  "folds' held-out images with held-out glyphs",
+        training={"recipe": recipe, "teacher": teacher})
     card["metrics"] = {"out_of_fold": {**oof_metrics, **report["out_of_fold"],
                                        "held_out_checks": report["held_out_checks"],
                                        "note": "predicted by the fold models (same recipe, trained on the other "

@@ -36,7 +36,7 @@ import torch
 from kmnist_core.datasets import Dataset, Split, load_dataset
 from kmnist_core.files import write_json_atomic
 from kmnist_core.models import create_model, predict_logits
-from jobs.recipe import run_in_parallel
+from jobs.recipe import fold_flags, run_in_parallel
 from kmnist_core.recipe import train_resumable
 from kmnist_core.train import TrainConfig, validation_negatives
 
@@ -123,10 +123,7 @@ def run_fold(k: int, cfg: TrainConfig, data: Dataset, held: np.ndarray, work: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="plain-oe", choices=sorted(RECIPES))
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--fold", type=int, help="run this fold only")
-    parser.add_argument("--threads", type=int, default=1)
+    fold_flags(parser, RECIPES, "plain-oe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, help="default bench/results/oof/RECIPE")
     parser.add_argument("--work", type=Path, help="default runs/oof/RECIPE")

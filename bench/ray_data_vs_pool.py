@@ -15,9 +15,7 @@ same keys, characters and review reasons, and the largest confidence difference.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import arguments, record_flag  # noqa: E402
 from bench.record import append_row  # noqa: E402
 from bench.scale import link_tree, run_driver, sources  # noqa: E402
 
@@ -71,12 +70,12 @@ def same_rows(a: Path, b: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--crops", type=int, default=50_000)
-    parser.add_argument("--record", action="store_true", help=f"append the results to docs/benchmarks.md ({SECTION})")
+    record_flag(parser, f"the results ({SECTION})")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="kmnist-raydata-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="kmnist-raydata-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp)
         tree = work / "in"
         link_tree(tree, args.crops, sources(work / "src"))
         pool = run_driver(tree, work / "pool", "ray")
@@ -93,8 +92,6 @@ def main() -> None:
             if args.record:
                 append_row(SECTION, [f"{args.crops:,}", name, f"{r['elapsed_s']:.1f} s",
                                      f"{r['rows'] / r['elapsed_s']:,.0f}", f"{r['vmhwm_mb']:,.0f} MB", same, note])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

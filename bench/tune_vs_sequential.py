@@ -9,7 +9,6 @@ The Tune run's outputs (trials.csv, plots, best/) are kept in --out for the READ
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import arguments, record_flag  # noqa: E402
 from bench.record import append_row  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
 from kmnist_core.train import TrainConfig, train_model  # noqa: E402
@@ -38,10 +38,10 @@ def sequential(lrs, batch_sizes, epochs: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/study-grid"))
-    parser.add_argument("--record", action="store_true")
+    record_flag(parser, "the result")
     args = parser.parse_args()
 
     seq = sequential(STUDY_LRS, STUDY_BATCH_SIZES, args.epochs)
@@ -50,12 +50,10 @@ def main() -> None:
     started = time.perf_counter()
     summary = run_grid(GridConfig(epochs=args.epochs), args.out)  # includes Ray start-up and best/ export
     tuned = time.perf_counter() - started
-    ratio = tuned / seq
-    print(f"tune: {tuned:.1f} s; ratio tune/sequential {ratio:.2f}x; statuses {summary['by_status']}")
+    print(f"tune: {tuned:.1f} s; ratio tune/sequential {tuned / seq:.2f}x; statuses {summary['by_status']}")
     if args.record:
-        append_row("tune grid", [
-            f"{len(STUDY_LRS) * len(STUDY_BATCH_SIZES)} trials × {args.epochs} epochs, kmnist-dev 6k/1k/1k",
-            f"{seq:.1f} s", f"{tuned:.1f} s", f"**{ratio:.2f}×**"])
+        trials = f"{len(STUDY_LRS) * len(STUDY_BATCH_SIZES)} trials × {args.epochs} epochs, kmnist-dev 6k/1k/1k"
+        append_row("tune grid", [trials, f"{seq:.1f} s", f"{tuned:.1f} s", f"**{tuned / seq:.2f}×**"])
 
 
 if __name__ == "__main__":

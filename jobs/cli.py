@@ -12,9 +12,12 @@ from typing import List, Optional
 
 import typer
 
+from batch_infer.options import PredictOptions
 from kmnist_core.errors import Interrupted, KmnistError, require_torch
+from kmnist_core.options import cli_option
 from kmnist_core.safe_text import terminal
-from tune.options import STUDY_BATCH_SIZES, STUDY_LRS
+from kmnist_core.train_options import TrainConfig
+from tune.options import STUDY_BATCH_SIZES, STUDY_LRS, GridConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Recognize handwritten Kuzushiji character crops (KMNIST models, Ray Tune, Ray Data).")
@@ -61,12 +64,24 @@ def epoch_printer(total: int):
     return show
 
 
-def train_flag(name: str, **overrides):
-    """train's option `name` as a typer Option: default, flag and help from TrainConfig."""
-    from kmnist_core.options import cli_option
-    from kmnist_core.train_options import TrainConfig
+# An option NAME of a command as a typer Option, its default, flag and help from the command's options class:
+train_flag = functools.partial(cli_option, TrainConfig)
+flag = functools.partial(cli_option, PredictOptions)  # predict's
+grid_flag = functools.partial(cli_option, GridConfig)  # tune's
 
-    return cli_option(TrainConfig, name, **overrides)
+
+def progress_every_option():
+    return typer.Option(30.0, help="seconds between progress lines (when output is not a terminal) and rewrites "
+                                   "of OUT/_progress.json")
+
+
+def quiet_option():
+    return typer.Option(False, help="print only errors and the final summary")
+
+
+def check_progress_every(seconds: float) -> None:
+    if seconds <= 0:
+        raise KmnistError("--progress-every must be > 0 seconds")
 
 
 @app.command()
@@ -309,14 +324,6 @@ def print_reviews_kept(reviews: dict, out: str) -> None:
                    f"{out}/reviews/ and final/ applies them to the new rows")
 
 
-def flag(name: str, **overrides):
-    """predict's option `name` as a typer Option: default, flag and help from PredictOptions."""
-    from batch_infer.options import PredictOptions
-    from kmnist_core.options import cli_option
-
-    return cli_option(PredictOptions, name, **overrides)
-
-
 @app.command()
 @user_errors
 def predict(
@@ -340,16 +347,15 @@ def predict(
     rows_per_shard: int = flag("rows_per_shard"),
     read_retries: int = flag("read_retries"),
     retry_backoff: float = flag("retry_backoff_s"),
-    progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
-                                                    "terminal) and rewrites of OUT/_progress.json"),
-    quiet: bool = typer.Option(False, help="print only errors and the final summary"),
+    progress_every: float = progress_every_option(),
+    quiet: bool = quiet_option(),
     manifest: Optional[str] = flag("manifest"),
     pages: Optional[str] = flag("pages"),
     export: Optional[List[str]] = flag("export"),
 ):
     """Predict every crop under INPUTS (or every row of --manifest) into Parquet, then write the summary."""
-    if progress_every <= 0:
-        raise KmnistError("--progress-every must be > 0 seconds")
+    given = {name: value for name, value in locals().items() if name not in ("inputs", "out", "progress_every", "quiet")}
+    check_progress_every(progress_every)
     from kmnist_core.out_lock import refuse_if_busy
     from kmnist_core.storage import is_uri, resolve
 
@@ -357,47 +363,50 @@ def predict(
         refuse_if_busy(resolve(out))  # read by the child: no client exists before the fork
     from batch_infer.supervise import run_supervised
 
-    def work() -> tuple[int, str]:  # runs in a child process (batch_infer/supervise.py); torch is imported only here
-        # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C ("interrupted").
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        # A full disk also fails Ray's own log files; the one error line says what happened, without the
-        # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
-        logging.raiseExceptions = False
-        try:
-            from batch_infer.options import PredictOptions
-
-            refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
-            from batch_infer.job import run_predict
-            from batch_infer.progress import RunProgress
-
-            opts = PredictOptions(model=model, address=address, executor=executor, precision=precision,
-                                  batch_size=batch_size, workers=workers,
-                                  cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                  review_below=review_below, ood_threshold=ood_threshold, resume=resume,
-                                  overwrite=overwrite,
-                                  retry_errors=retry_errors, read_retries=read_retries,
-                                  retry_backoff_s=retry_backoff, rows_per_shard=rows_per_shard, manifest=manifest,
-                                  pages=pages, export=tuple(export or ()))
-            progress = RunProgress(out, every_s=progress_every, quiet=quiet)
-            run = run_predict(inputs or [], out, opts, progress=progress)
-            print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
-            print_reviews_kept(run.get("reviews") or {}, run["out"])
-            return 0, "completed"
-        except KmnistError as e:
-            typer.echo(f"error: {terminal(str(e), newlines=True)}", err=True)  # messages name files from data
-            return e.exit_code, "user_error"
-        except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
-            return Interrupted.exit_code, "interrupted"
-        except BaseException:  # a bug, not a user error: show it (run.json records it too)
-            traceback.print_exc()
-            return 1, "bug"
-
+    work = functools.partial(predict_in_child, inputs or [], out, given, progress_every, quiet)
     code, error = run_supervised(out, work)
     if error:
         typer.echo(f"error: {error}", err=True)
     if code:
         raise typer.Exit(code)
+
+
+def predict_options(given: dict) -> PredictOptions:
+    """The PredictOptions of predict's flags, named as its fields (but --retry-backoff, retry_backoff_s)."""
+    fields = {name: value for name, value in given.items() if name not in ("retry_backoff", "export")}
+    return PredictOptions(**fields, retry_backoff_s=given["retry_backoff"], export=tuple(given["export"] or ()))
+
+
+def predict_in_child(inputs: list[str], out: str, given: dict, progress_every: float, quiet: bool) -> tuple[int, str]:
+    """The run, in the child process batch_infer/supervise.py forks (torch is imported only here): its exit
+    code and how it ended."""
+    # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C ("interrupted").
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A full disk also fails Ray's own log files; the one error line says what happened, without the
+    # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
+    logging.raiseExceptions = False
+    try:
+        from kmnist_core.out_lock import refuse_if_busy
+        from kmnist_core.storage import resolve
+
+        refuse_if_busy(resolve(out))  # before the imports below, which load torch: a busy OUT is refused at once
+        from batch_infer.job import run_predict
+        from batch_infer.progress import RunProgress
+
+        progress = RunProgress(out, every_s=progress_every, quiet=quiet)
+        run = run_predict(inputs, out, predict_options(given), progress=progress)
+        print_summary({**run["report"], "crops_per_s": run["crops_per_s"]}, run["out"])
+        print_reviews_kept(run.get("reviews") or {}, run["out"])
+        return 0, "completed"
+    except KmnistError as e:
+        typer.echo(f"error: {terminal(str(e), newlines=True)}", err=True)  # messages name files from data
+        return e.exit_code, "user_error"
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        return Interrupted.exit_code, "interrupted"
+    except BaseException:  # a bug, not a user error: show it (run.json records it too)
+        traceback.print_exc()
+        return 1, "bug"
 
 
 @app.command()
@@ -406,9 +415,11 @@ def report(out: str = typer.Argument(..., help="a predict output folder or objec
     """Rebuild OUT/summary/ (plots, by_folder.csv, summary.json), OUT/final/ (the review decisions in
     OUT/reviews/ folded into the rows) and the page outputs (with the exports the run asked for) from the
     Parquet output, and publish them as one set: readers see the old report or the new one, never half."""
+    from kmnist_core.predictions import return_freed_memory
     from reviews.report import write_report_set
     from kmnist_core.storage import resolve
 
+    return_freed_memory()
     location = resolve(out)
     print_summary(write_report_set(location), location.uri)
 
@@ -488,14 +499,6 @@ def parse_list(text: str, kind, option: str) -> list:
         raise KmnistError(f"{option} takes a comma-separated list, got {text!r}") from None
 
 
-def grid_flag(name: str, **overrides):
-    """tune's option `name` as a typer Option: default, flag and help from GridConfig."""
-    from kmnist_core.options import cli_option
-    from tune.options import GridConfig
-
-    return cli_option(GridConfig, name, **overrides)
-
-
 @app.command()
 @user_errors
 def tune(
@@ -515,13 +518,11 @@ def tune(
     address: Optional[str] = grid_flag("address"),
     storage: Optional[str] = grid_flag("storage"),
     resume: bool = grid_flag("resume"),
-    progress_every: float = typer.Option(30.0, help="seconds between progress lines (when output is not a "
-                                                    "terminal) and rewrites of OUT/_progress.json"),
-    quiet: bool = typer.Option(False, help="print only errors and the final summary"),
+    progress_every: float = progress_every_option(),
+    quiet: bool = quiet_option(),
 ):
     """Run the learning-rate x batch-size grid with Ray Tune; the best trial (on val) becomes OUT/best."""
-    if progress_every <= 0:
-        raise KmnistError("--progress-every must be > 0 seconds")
+    check_progress_every(progress_every)
     require_torch("kmnist-batch tune")
     from kmnist_core.ray_runtime import prepare_auth
 

@@ -60,6 +60,15 @@ def write_review(recipe: Recipe) -> None:
               + "; other kinds " + ", ".join(f"{k} {f['share']:.2%}" for k, f in figures["other_kinds"].items()))
 
 
+def fold_flags(parser: argparse.ArgumentParser, recipes: dict, default: str) -> None:
+    """The flags of a k-fold recipe's runs (here, and bench/oof_folds.py's): which recipe, how many folds, one
+    fold only, torch's CPU threads."""
+    parser.add_argument("--recipe", default=default, choices=sorted(recipes))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--fold", type=int, help="run this fold only")
+    parser.add_argument("--threads", type=int, default=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["folds", "review", "final"],
@@ -68,10 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                              "write the model directory (--out; --install makes it the default)")
     parser.add_argument("--out", type=Path, help="final: the model directory to write (default runs/recipes/RECIPE-model)")
     parser.add_argument("--install", action="store_true", help="final: copy the model into kmnist_core/default_model/")
-    parser.add_argument("--recipe", default="hands-oe", choices=sorted(RECIPES))
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--fold", type=int, help="run this fold only")
-    parser.add_argument("--threads", type=int, default=1)
+    fold_flags(parser, RECIPES, "hands-oe")
     parser.add_argument("--parallel", type=int, default=1, help="folds at once, each in a process of its own")
     parser.add_argument("--results", type=Path, help="default recipes/RECIPE (committed)")
     parser.add_argument("--work", type=Path, help="checkpoints; default recipes/RECIPE/checkpoints (committed while a "

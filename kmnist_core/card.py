@@ -48,6 +48,17 @@ def calibration_key(calib: dict) -> dict:
     return {k: calib.get(k) for k in ("temperature", "review_below", "ood_score", "ood_threshold")}
 
 
+class Section:
+    """A card section whose JSON keys are its fields, in their order: read by from_json, written by to_json."""
+
+    @classmethod
+    def from_json(cls, section: dict):
+        return cls(**section)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Int8Probe:
     """The int8 twin's probe file: crops with the logits measured where the gate ran (kmnist_core/int8.py)."""
@@ -60,7 +71,7 @@ class Int8Probe:
 
 
 @dataclass(frozen=True)
-class Int8Section:
+class Int8Section(Section):
     """A card's `int8` section: the int8 twin's file, how it was built and checked, its calibration and its
     verdict (kmnist_core/int8.py build_int8). JSON keys are the field names, in this order."""
 
@@ -82,12 +93,9 @@ class Int8Section:
     def from_json(cls, section: dict) -> "Int8Section":
         return cls(**{**section, "probe": Int8Probe(**section["probe"])})
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class Fp32OnnxSection:
+class Fp32OnnxSection(Section):
     """A card's `fp32_onnx` section: the fp32 twin every CPU row runs on (kmnist_core/onnx_export.py
     build_fp32_twin), its sha256 and its check against the torch model. JSON keys are the field names."""
 
@@ -98,13 +106,6 @@ class Fp32OnnxSection:
     check: dict  # images, max_abs_logit_diff, max_allowed, decisions_differ: against torch where it was built
     enabled: bool  # passed the check: CPU fp32 runs it rather than torch
     fallback: str | None  # why not, when not
-
-    @classmethod
-    def from_json(cls, section: dict) -> "Fp32OnnxSection":
-        return cls(**section)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

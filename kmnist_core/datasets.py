@@ -150,7 +150,12 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, what: str, num_classes: 
     return Split(images, labels)
 
 
-def _official_train_val_test(name: str, classes: ClassMap, train: Split, test: Split, metric: str) -> Dataset:
+def _official_train_val_test(name: str, classes: ClassMap, arrays: list[np.ndarray], metric: str) -> Dataset:
+    """An official train/test release (`arrays`: train images, train labels, test images, test labels) with
+    val split off its train split."""
+    what = name.upper()
+    train = _check_pair(arrays[0], arrays[1], f"{what} train", len(classes))
+    test = _check_pair(arrays[2], arrays[3], f"{what} test", len(classes))
     train_idx, val_idx = stratified_split(train.labels, (0.9, 0.1))
     note = (f"official {name} train split, stratified 90/10 into train/val (seed {SPLIT_SEED}); "
             f"official test split as test")
@@ -165,17 +170,13 @@ def load_kmnist(src: Source) -> Dataset:
         arrays = [read_idx_gz(src.fetch(f"kmnist/{f}")) for f in KMNIST_IDX]
     else:
         arrays = [_load_npz_array(src.fetch(f"kmnist/{f}")) for f in KMNIST_NPZ]
-    train = _check_pair(arrays[0], arrays[1], "KMNIST train", len(classes))
-    test = _check_pair(arrays[2], arrays[3], "KMNIST test", len(classes))
-    return _official_train_val_test("kmnist", classes, train, test, "accuracy")
+    return _official_train_val_test("kmnist", classes, arrays, "accuracy")
 
 
 def load_k49(src: Source) -> Dataset:
     classes = read_classmap_csv(src.fetch("k49/k49_classmap.csv"))
     arrays = [_load_npz_array(src.fetch(f"k49/{f}")) for f in K49_NPZ]
-    train = _check_pair(arrays[0], arrays[1], "K49 train", len(classes))
-    test = _check_pair(arrays[2], arrays[3], "K49 test", len(classes))
-    return _official_train_val_test("k49", classes, train, test, "balanced_accuracy")
+    return _official_train_val_test("k49", classes, arrays, "balanced_accuracy")
 
 
 def read_kkanji_tar(path: Path) -> tuple[np.ndarray, np.ndarray, ClassMap]:

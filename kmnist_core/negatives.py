@@ -187,26 +187,27 @@ def make_negatives(images: np.ndarray, labels: np.ndarray, n: int, seed: int, gl
     return out, kinds
 
 
+# Kinds cut from the model's own characters: of two images of different classes, or of one.
+FROM_PAIR = {"merged": merged_pair, "overlay": overlay}
+FROM_ONE = {"fragment": fragment, "turned": turned}
+
+
 def one_negative(kind: str, images: np.ndarray, labels: np.ndarray, others: dict,
                  pools: dict[str, dict[Path, list[str]]], rng: np.random.Generator) -> np.ndarray:
     """One crop of `kind`, cut to its ink box as a segmenter would. `pools[kind][font]`: the glyphs of a
     rendered kind that the font has."""
     ia = int(rng.integers(len(images)))
     a = images[ia]
-    if kind in ("merged", "overlay"):  # a different class, so the pair is not "one of ours" twice
+    if kind in FROM_PAIR:  # a different class, so the pair is not "one of ours" twice
         b = images[rng.choice(others[labels[ia]])]
     if kind in RENDERED:
         fonts = list(pools[kind])
         path = fonts[int(rng.integers(len(fonts)))]
         crop = render_glyph(pools[kind][path][int(rng.integers(len(pools[kind][path])))], path, rng)
-    elif kind == "merged":
-        crop = merged_pair(a, b, rng)
-    elif kind == "fragment":
-        crop = fragment(a, rng)
-    elif kind == "overlay":
-        crop = overlay(a, b, rng)
-    elif kind == "turned":
-        crop = turned(a, rng)
+    elif kind in FROM_PAIR:
+        crop = FROM_PAIR[kind](a, b, rng)
+    elif kind in FROM_ONE:
+        crop = FROM_ONE[kind](a, rng)
     else:
         crop = strokes(rng)
     t, b_, l, r = ink_box(crop)

@@ -95,6 +95,15 @@ def held_here(holder: dict | None) -> bool:
         and holder.get("pid_start") == process_start(os.getpid())
 
 
+def took(fd: int, mode: int) -> bool:
+    """Take the flock `mode` (LOCK_SH or LOCK_EX) on `fd` without waiting; False when a live process holds it."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def probe(out: Path) -> tuple[bool, dict | None]:
     """(is OUT/.lock held by a live process, the holder the file names) for a local OUT; (False, None)
     when there is no OUT or no lock file yet. Takes a shared lock for an instant, never waits. The one
@@ -104,11 +113,8 @@ def probe(out: Path) -> tuple[bool, dict | None]:
     except OSError:
         return False, None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True, read_holder(fd)
-        return False, read_holder(fd)  # under the shared lock: no run writes the record meanwhile
+        held = not took(fd, fcntl.LOCK_SH)
+        return held, read_holder(fd)  # when not held, under the shared lock: no run writes the record meanwhile
     finally:
         os.close(fd)  # releases the probe's shared lock
 
@@ -190,10 +196,8 @@ def hold(out: Path | Location, run_id: str) -> Iterator[dict | None]:
     except OSError as e:
         raise KmnistError(f"cannot write to {out}: {e.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KmnistError(busy_message(out, read_holder(fd))) from None
+        if not took(fd, fcntl.LOCK_EX):
+            raise KmnistError(busy_message(out, read_holder(fd)))
         previous = read_holder(fd)
         if held_here(previous):
             raise KmnistError(busy_message(out, previous))

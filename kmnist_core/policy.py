@@ -22,6 +22,7 @@ No torch here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from operator import attrgetter
 
 import numpy as np
 
@@ -58,30 +59,14 @@ class DecisionPolicy:
     calibration: Calibration  # the card's for that precision, the user's thresholds in place of its own
     overridden: tuple[str, ...] = ()  # the thresholds the user set: review_below, ood_threshold
 
-    @property
-    def used(self) -> str:
-        return self.precision.used
-
-    @property
-    def temperature(self) -> float:
-        return self.calibration.temperature
-
-    @property
-    def review_below(self) -> float:
-        return self.calibration.review_below
-
-    @property
-    def ood_score(self) -> str:
-        return self.calibration.ood_score
-
-    @property
-    def ood_threshold(self) -> float | None:
-        return self.calibration.ood_threshold
-
-    @property
-    def review_promise(self) -> dict | None:
-        """What the card promises of the rows it auto-accepts (at its own thresholds)."""
-        return self.calibration.review_promise
+    # What rows are decided with, read from the precision that runs and its calibration:
+    used = property(attrgetter("precision.used"))  # int8 or fp32
+    temperature = property(attrgetter("calibration.temperature"))
+    review_below = property(attrgetter("calibration.review_below"))
+    ood_score = property(attrgetter("calibration.ood_score"))
+    ood_threshold = property(attrgetter("calibration.ood_threshold"))  # None: no out-of-set check
+    # What the card promises of the rows it auto-accepts (at its own thresholds):
+    review_promise = property(attrgetter("calibration.review_promise"))
 
     def with_thresholds(self, review_below: float | None = None, ood_threshold: float | None = None) -> "DecisionPolicy":
         """This policy with the user's thresholds (None: keep the one in place)."""

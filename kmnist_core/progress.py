@@ -75,8 +75,13 @@ class Reporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar = None  # (rich Progress, task id) on a terminal
+        self.info: dict = {}  # what the start line names (the subclass's start() sets it)
+        self.clear()
 
     # -- what a subclass provides -------------------------------------------------------------
+    def clear(self) -> None:
+        """Set the subclass's figures as they stand before the run starts."""
+
     def figures(self, now: float) -> dict:
         raise NotImplementedError
 

@@ -175,8 +175,7 @@ def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path,
 
 def run_fold(recipe: Recipe, k: int, pool: LabelledPool | None = None) -> Path:
     """Train fold k (resuming its checkpoint) and write fold-K.npz / fold-K.pt; a finished fold is kept."""
-    done = recipe.results / f"fold-{k}.npz"
-    if done.exists():
+    if (done := recipe.results / f"fold-{k}.npz").exists():
         return done
     pool = pool or load_labelled_pool()
     fold = stratified_folds(pool.labels, pool.source, recipe.folds)

@@ -26,6 +26,7 @@ from kmnist_core.model_dir import DEFAULT_MODEL_DIR, MODEL_FILES, save_model_dir
 from kmnist_core.models import create_model
 from kmnist_core.recipe import RECIPES, Recipe, train_resumable
 from kmnist_core.recipe_thresholds import REVIEW_PRECISION, load_oof
+from kmnist_core.train_options import TrainConfig
 
 
 def all_images() -> tuple[Dataset, Dataset]:
@@ -52,6 +53,21 @@ def train_final(recipe: Recipe, data: Dataset) -> torch.nn.Module:
     return model.eval()
 
 
+def out_of_fold_card(cfg: TrainConfig, data: Dataset, model: torch.nn.Module, oof_metrics: dict, calibration: dict,
+                     review: dict, fitted_by: str, fitted_on: str, training: dict) -> dict:
+    """A card whose temperature and thresholds were fitted on out-of-fold predictions (`fitted_by`: how
+    many, from which folds; `fitted_on`: what they are), for a model trained on all of `data`'s images:
+    no val or test split of its own. `training`: what the card's training section adds (the recipe)."""
+    card = build_card(cfg, data, [], "completed", oof_metrics, calibration, review)
+    card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
+    card["calibration"].update({"method": f"temperature scaling and thresholds fitted on {fitted_by}",
+                                "fitted_on": fitted_on, "review_precision_target": REVIEW_PRECISION,
+                                "int8_refit": False})
+    card["training"].update({"epochs_run": cfg.epochs, "sizes": {"train": len(data.train), "val": 0, "test": 0},
+                             **training})
+    return card
+
+
 def final_card(recipe: Recipe, model: torch.nn.Module, data: Dataset) -> dict:
     """The card: calibration, thresholds and figures from the folds (review.json), not from a val split."""
     path = recipe.results / "review.json"
@@ -68,18 +84,14 @@ def final_card(recipe: Recipe, model: torch.nn.Module, data: Dataset) -> dict:
                "margin": fitted["margin"], "measured_on": "every out-of-fold row, scored by thresholds fitted "
                                                           "without its fold (kmnist_core/recipe_thresholds.py)"}
     review = {k: fitted[k] for k in ("ood_score", "ood_threshold", "review_below")} | {"review_promise": promise}
-    cfg = recipe.config(None)
-    card = build_card(cfg, data, [], "completed", oof_metrics,
-                      calibration_report(folds["logits"], folds["labels"], fitted["temperature"]), review)
-    card["architecture"]["parameters"] = sum(p.numel() for p in model.parameters())
-    card["calibration"].update({
-        "method": f"temperature scaling and thresholds fitted on {report['images']:,} out-of-fold predictions "
-                  f"({report['folds']} folds, python -m jobs.recipe --recipe {recipe.name})",
-        "fitted_on": f"out-of-fold logits of all {report['images']:,} bundled images, each from a fold model that never "
-                     "saw it, and negatives cut from the folds' held-out images with held-out glyphs",
-        "review_precision_target": REVIEW_PRECISION, "int8_refit": False})
-    card["training"].update({"epochs_run": cfg.epochs, "sizes": {"train": len(data.train), "val": 0, "test": 0},
-                             "recipe": recipe.name})
+    card = out_of_fold_card(
+        recipe.config(None), data, model, oof_metrics, calibration_report(folds["logits"], folds["labels"],
+                                                                           fitted["temperature"]), review,
+        fitted_by=f"{report['images']:,} out-of-fold predictions ({report['folds']} folds, python -m jobs.recipe "
+                  f"--recipe {recipe.name})",
+        fitted_on=f"out-of-fold logits of all {report['images']:,} bundled images, each from a fold model that never "
+                  "saw it, and negatives cut from the folds' held-out images with held-out glyphs",
+        training={"recipe": recipe.name})
     card["metrics"] = {"out_of_fold": {**oof_metrics, "top1": report["top1"],
                                        "held_out_checks": chosen["held_out_checks"],
                                        "held_out_hands": {k: chosen["held_out_hands"][k] for k in ("by_script", "by_hand")},

@@ -13,6 +13,7 @@ the folder, not in the file); a PUT is durable when it is acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -208,10 +209,9 @@ def remove_stale_temps(folder: Location, now: float | None = None) -> list[str]:
     if not folder.local:
         return []
     now = time.time() if now is None else now
-    try:
+    names: list[str] = []
+    with contextlib.suppress(OSError):  # a folder that cannot be listed has nothing to remove
         names = os.listdir(folder.path)
-    except OSError:
-        return []
     removed = []
     for name in names:
         match = TEMP_FILE.match(name)
@@ -229,24 +229,18 @@ def remove_stale_temps(folder: Location, now: float | None = None) -> list[str]:
 
 
 def delete(loc: Location) -> None:
-    if loc.local:
-        try:
+    """Remove a file; nothing if absent."""
+    with contextlib.suppress(FileNotFoundError):
+        if loc.local:
             os.unlink(loc.path)
-        except FileNotFoundError:
-            pass
-    else:
-        try:
+        else:
             loc.fs.delete_file(loc.path)
-        except FileNotFoundError:
-            pass
 
 
 def delete_tree(loc: Location) -> None:
     """Remove a folder and everything under it; nothing if absent."""
     if loc.local:
         shutil.rmtree(loc.path, ignore_errors=True)
-    else:
-        try:
-            loc.fs.delete_dir(loc.path)
-        except FileNotFoundError:
-            pass
+        return
+    with contextlib.suppress(FileNotFoundError):
+        loc.fs.delete_dir(loc.path)

@@ -322,50 +322,61 @@ def static_text(name: str) -> str:
     return resources.files("reviews").joinpath("static", name).read_text(encoding="utf-8")
 
 
-def build_app(review: Review, token: str, listen: Listen) -> ASGIApp:
-    def index(request: Request) -> Response:
-        return Response(static_text("index.html"), media_type="text/html; charset=utf-8")
+def index(request: Request) -> Response:
+    return Response(static_text("index.html"), media_type="text/html; charset=utf-8")
 
-    def static(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name == FONT.name:  # the kana drawn alike on every machine, Japanese fonts installed or not
-            return FileResponse(FONT, media_type="font/ttf", headers={"Cache-Control": "private, max-age=86400"})
-        if name not in STATIC:
-            return PlainTextResponse("404: not found\n", status_code=404)
-        return Response(static_text(name), media_type=STATIC[name])
 
-    def info(request: Request) -> Response:
-        return JSONResponse(review.info())
+def static(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name == FONT.name:  # the kana drawn alike on every machine, Japanese fonts installed or not
+        return FileResponse(FONT, media_type="font/ttf", headers={"Cache-Control": "private, max-age=86400"})
+    if name not in STATIC:
+        return PlainTextResponse("404: not found\n", status_code=404)
+    return Response(static_text(name), media_type=STATIC[name])
 
-    def queue(request: Request) -> Response:
+
+def not_found(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse("404: not found\n", status_code=404)
+
+
+class Api:
+    """The app's JSON and image endpoints over one Review."""
+
+    def __init__(self, review: Review):
+        self.review = review
+
+    def info(self, request: Request) -> Response:
+        return JSONResponse(self.review.info())
+
+    def queue(self, request: Request) -> Response:
         q = request.query_params
         tab = q.get("tab", REVIEW_REASONS[0])
-        if tab not in TABS or (tab == AUDIT and not review.audit_size):
+        if tab not in TABS or (tab == AUDIT and not self.review.audit_size):
             return JSONResponse({"error": f"no tab {tab!r}"}, status_code=404)
         try:
             page, size = int(q.get("page", 0)), int(q.get("size", PAGE_SIZE))
         except ValueError:
             return JSONResponse({"error": "page and size are whole numbers"}, status_code=400)
-        return JSONResponse(review.page(tab, page, size))
+        return JSONResponse(self.review.page(tab, page, size))
 
-    def row_of(request: Request) -> dict | None:
+    def row_of(self, request: Request) -> dict | None:
         key = parse_row_id(request.path_params["row_id"].removesuffix(".png"))
-        return review.rows_by_id([f"{key:016x}"])[0] if key is not None else None
+        return self.review.rows_by_id([f"{key:016x}"])[0] if key is not None else None
 
-    def crop(request: Request) -> Response:
-        row = row_of(request)
+    def crop(self, request: Request) -> Response:
+        row = self.row_of(request)
         if row is None:
             return PlainTextResponse("404: no such row\n", status_code=404)
         return Response(images.crop_png(row), media_type="image/png")
 
-    def page_view(request: Request) -> Response:
-        row = row_of(request)
+    def page_view(self, request: Request) -> Response:
+        row = self.row_of(request)
         data = images.page_png(row) if row is not None else None
         if data is None:
             return PlainTextResponse("404: no page for this row\n", status_code=404)
         return Response(data, media_type="image/png")
 
-    async def decide(request: Request) -> Response:
+    async def decide(self, request: Request) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return JSONResponse({"error": "send decisions as application/json"}, status_code=415)
         try:
@@ -375,26 +386,27 @@ def build_app(review: Review, token: str, listen: Listen) -> ASGIApp:
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"error": f"expected {{\"decisions\": [1 to {MAX_DECISIONS} decisions]}}"}, status_code=400)
         try:
-            result = await run_in_threadpool(review.decide, [i if isinstance(i, dict) else {} for i in items])
+            result = await run_in_threadpool(self.review.decide, [i if isinstance(i, dict) else {} for i in items])
         except KmnistError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except OSError as e:  # reviews/ not writable, disk full: the page shows the tiles as not saved
-            return JSONResponse({"error": f"could not write {store.reviews_dir(review.out).uri}: {e}"}, status_code=503)
+            return JSONResponse({"error": f"could not write {store.reviews_dir(self.review.out).uri}: {e}"},
+                                status_code=503)
         return JSONResponse(result)
 
-    def not_found(request: Request, exc: Exception) -> Response:
-        return PlainTextResponse("404: not found\n", status_code=404)
 
+def build_app(review: Review, token: str, listen: Listen) -> ASGIApp:
+    api = Api(review)
     app = Starlette(routes=[
         Route("/", index),
         Route("/static/{name}", static),
-        Route("/api/info", info),
-        Route("/api/queue", queue),
-        Route("/api/crop/{row_id}", crop),
-        Route("/api/page/{row_id}", page_view),
-        Route("/api/decisions", decide, methods=["POST"]),
+        Route("/api/info", api.info),
+        Route("/api/queue", api.queue),
+        Route("/api/crop/{row_id}", api.crop),
+        Route("/api/page/{row_id}", api.page_view),
+        Route("/api/decisions", api.decide, methods=["POST"]),
     ], exception_handlers={404: not_found})
     return Guard(TokenGate(app, token, listen.tls), listen)
 

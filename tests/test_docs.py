@@ -174,10 +174,27 @@ def all_cli_flags() -> frozenset[str]:
     return frozenset().union(*(command_flags(n) for n in cli().commands))
 
 
+FLAG_CALL = r"add_argument\(\s*[\"'](--[\w-]+)[\"']"
+FLAG_HELPERS = ("bench/common.py", "jobs/recipe.py")  # functions NAME_flag(s) that add a bench script's flags for it
+
+
+@lru_cache(maxsize=None)
+def helper_flags() -> dict[str, frozenset[str]]:
+    """The flags each flag helper of FLAG_HELPERS adds, by the helper's name."""
+    found = {}
+    for path in FLAG_HELPERS:
+        parts = re.split(r"^def (\w+)\(", (ROOT / path).read_text(encoding="utf-8"), flags=re.MULTILINE)
+        found.update({name: frozenset(re.findall(FLAG_CALL, body)) for name, body in zip(parts[1::2], parts[2::2])
+                      if name.endswith(("_flag", "_flags"))})
+    return found
+
+
 @lru_cache(maxsize=None)
 def bench_flags(script: str) -> frozenset[str]:
+    """A bench script's flags: its own add_argument calls and those of the flag helpers it calls."""
     text = (ROOT / script).read_text(encoding="utf-8")
-    return frozenset(re.findall(r"add_argument\(\s*[\"'](--[\w-]+)[\"']", text)) | {"--help"}
+    shared = [flags for name, flags in helper_flags().items() if re.search(rf"\b{name}\(", text)]
+    return frozenset(re.findall(FLAG_CALL, text)).union(*shared) | {"--help"}
 
 
 @lru_cache(maxsize=None)

@@ -37,9 +37,7 @@ def start_text(info: dict) -> str:
 class GridProgress(Reporter):
     kind = "tune"
 
-    def __init__(self, out, every_s: float = 30.0, quiet: bool = False, stream=None, **kw):
-        super().__init__(out, every_s=every_s, quiet=quiet, stream=stream, **kw)
-        self.info: dict = {}
+    def clear(self) -> None:
         self.total = 0
         self.epochs = 1
         self.counts = {"done": 0, "running": 0, "pending": 0, "errored": 0}  # done: finished, errored included

@@ -11,21 +11,13 @@ and predicts in an actor pool; `write_predictions` commits Parquet shards under 
 
 from __future__ import annotations
 
-import argparse
-import json
-
 from batch_infer.discover import IMAGE_EXTENSIONS
-from batch_infer.ray_data import predict_dataset, write_predictions
+from examples.ray_data.pipeline import parser, predict_into
 from kmnist_core.ray_runtime import init_ray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="folder or object-store prefix of crop image files")
-    parser.add_argument("out", help="output folder or prefix (must hold no predictions yet)")
-    parser.add_argument("--model", default="default", help="model directory, or 'default'")
-    parser.add_argument("--workers", type=int, default=0, help="model actors; 0 = as many as the cluster has room for")
-    args = parser.parse_args()
+    args = parser(__doc__, "input", "folder or object-store prefix of crop image files").parse_args()
 
     init_ray()  # RAY_ADDRESS (set by `ray job submit`), else a local Ray
     import ray.data
@@ -33,8 +25,7 @@ def main() -> None:
     # The image extensions predict lists (any case), so a stray notes.txt is not an error row.
     files = ray.data.read_binary_files(args.input, include_paths=True,
                                        file_extensions=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-    predictions = predict_dataset(files, model=args.model, workers=args.workers)
-    print(json.dumps(write_predictions(predictions, args.out), indent=1))
+    predict_into(files, args)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,14 @@ renaming; a column of encoded bytes under another name is renamed to `bytes`.
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from batch_infer.ray_data import predict_dataset, write_predictions
+from examples.ray_data.pipeline import parser, predict_into
 from kmnist_core.ray_runtime import init_ray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", help="Parquet file or folder (local or object store)")
-    parser.add_argument("out", help="output folder or prefix (must hold no predictions yet)")
-    parser.add_argument("--bytes-column", default="bytes", help="the column of encoded image bytes")
-    parser.add_argument("--model", default="default", help="model directory, or 'default'")
-    parser.add_argument("--workers", type=int, default=0, help="model actors; 0 = as many as the cluster has room for")
-    args = parser.parse_args()
+    arguments = parser(__doc__, "table", "Parquet file or folder (local or object store)")
+    arguments.add_argument("--bytes-column", default="bytes", help="the column of encoded image bytes")
+    args = arguments.parse_args()
 
     init_ray()  # RAY_ADDRESS (set by `ray job submit`), else a local Ray
     import ray.data
@@ -31,8 +24,7 @@ def main() -> None:
     table = ray.data.read_parquet(args.table)
     if args.bytes_column != "bytes":
         table = table.rename_columns({args.bytes_column: "bytes"})
-    predictions = predict_dataset(table, model=args.model, workers=args.workers)
-    print(json.dumps(write_predictions(predictions, args.out), indent=1))
+    predict_into(table, args)
 
 
 if __name__ == "__main__":

@@ -97,24 +97,22 @@ function show(data) {
   main.replaceChildren(...data.tiles.map(tileElement));
 }
 
+// A <button type="button"> with these properties (title, textContent, className, ...) and data-* values.
+function button(properties, data = {}) {
+  const b = Object.assign(document.createElement("button"), { type: "button" }, properties);
+  Object.assign(b.dataset, data);
+  return b;
+}
+
 function drawPalette() {
   const buttons = state.info.classes.map((c) => {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.dataset.label = c.char;
-    b.title = c.codepoint;
-    b.textContent = c.char;
+    const b = button({ title: c.codepoint, textContent: c.char }, { label: c.char });
     if (c.key) b.append(Object.assign(document.createElement("kbd"), { textContent: c.key }));
     return b;
   });
   const extra = [["accept top-1", "Enter", "top"], ["not a character", "x", "not_a_character"],
-    ["unreadable", "?", "unreadable"], ["accept page", "a", "page"], ["undo", "u", "undo"]].map(([text, key, action]) => {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.dataset.action = action;
-    b.innerHTML = `${text}<kbd>${key}</kbd>`;
-    return b;
-  });
+    ["unreadable", "?", "unreadable"], ["accept page", "a", "page"], ["undo", "u", "undo"]].map(([text, key, action]) =>
+    button({ innerHTML: `${text}<kbd>${key}</kbd>` }, { action }));
   $("palette").replaceChildren(...buttons, ...extra);
   $("palette").addEventListener("click", (e) => {
     const b = e.target.closest("button");
@@ -129,12 +127,8 @@ function drawPalette() {
 
 function drawTabs() {
   $("tabs").replaceChildren(...state.info.tabs.map((t) => {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.dataset.tab = t.name;
-    b.className = t.name === state.tab ? "current" : "";
-    b.title = t.title;
-    b.textContent = `${t.name.replace("_", " ")} · ${t.left} left of ${t.total}`;
+    const b = button({ className: t.name === state.tab ? "current" : "", title: t.title,
+      textContent: `${t.name.replace("_", " ")} · ${t.left} left of ${t.total}` }, { tab: t.name });
     b.addEventListener("click", () => switchTo(t.name));
     return b;
   }));
@@ -162,11 +156,8 @@ function drawPager() {
 
 function drawGroups() {
   $("groups").replaceChildren(...state.data.groups.map((g) => {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.className = g.left ? "" : "done";
-    b.textContent = `${g.name} ${g.left}/${g.total}`;
-    b.title = "go to this group";
+    const b = button({ className: g.left ? "" : "done", textContent: `${g.name} ${g.left}/${g.total}`,
+      title: "go to this group" });
     b.addEventListener("click", () => go(g.first_page));
     return b;
   }));
@@ -180,14 +171,7 @@ function tileElement(t, i) {
   el.innerHTML = `<div class="group"></div><img alt="crop" src="/api/crop/${t.id}.png">` +
     `<div class="top"></div><div class="label"></div><div class="state"></div>` +
     `<div class="path"></div>${t.on_page ? '<button type="button" class="onpage">on its page (v)</button>' : ""}`;
-  const top = t.top.map(([c, p]) => {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.dataset.label = c;
-    b.title = `label ${c}`;
-    b.textContent = `${c} ${p.toFixed(2)}`;
-    return b;
-  });
+  const top = t.top.map(([c, p]) => button({ title: `label ${c}`, textContent: `${c} ${p.toFixed(2)}` }, { label: c }));
   el.querySelector(".top").replaceChildren(...(top.length ? top
     : [t.reason === "error" ? `error: ${t.error_kind || ""}` : "no character found"]));
   el.querySelector(".group").textContent = t.group;
