@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.record import append_row  # noqa: E402
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
-from kmnist_core.evaluate import run_evaluate  # noqa: E402
+from kmnist_core.evaluate_model import run_evaluate  # noqa: E402
 from kmnist_core.model_dir import load_model  # noqa: E402
 from kmnist_core.train import TrainConfig, validation_negatives  # noqa: E402
 

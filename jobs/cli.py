@@ -203,7 +203,7 @@ def evaluate(
 ):
     """Score a model on a labelled split: accuracy, calibration, auto-accepted share and precision, plots."""
     from kmnist_core.datasets import load_dataset
-    from kmnist_core.evaluate import run_evaluate
+    from kmnist_core.evaluate_model import run_evaluate
     from kmnist_core.model_dir import load_model
 
     if split not in ("train", "val", "test"):
