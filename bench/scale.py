@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -64,25 +65,39 @@ def link_tree(root: Path, n: int, srcs: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def chunk_worker_pids() -> list[int]:
+    """Every live Ray chunk worker process on this machine."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"RayChunkWorker" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # ended meanwhile
+    return pids
+
+
 def worker_peaks_mb(peaks: dict[int, float]) -> None:
     """Update `peaks` (pid -> MB) with the VmHWM of every live Ray chunk worker."""
-    for status in Path("/proc").glob("[0-9]*/status"):
+    for pid in chunk_worker_pids():
         try:
-            if b"RayChunkWorker" not in (status.parent / "cmdline").read_bytes():
-                continue
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-            peaks[int(status.parent.name)] = int(fields["VmHWM"].split()[0]) / 1024
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+            peaks[pid] = int(fields["VmHWM"].split()[0]) / 1024
         except (OSError, KeyError, ValueError):
-            continue  # ended meanwhile
+            continue
 
 
-def run_driver(tree: Path, out: Path, executor: str) -> dict:
+def run_driver(tree: Path, out: Path, executor: str, watch: Callable[[], None] | None = None) -> dict:
+    """The driver in its own process; its figures, with each chunk worker's peak RSS. `watch` is also called
+    every 0.2 s while it runs (bench/profile_split.py attaches py-spy to new workers)."""
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tree), str(out), executor], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[int, float] = {}
     while proc.poll() is None:
         worker_peaks_mb(peaks)
-        time.sleep(0.5)
+        if watch is not None:
+            watch()
+        time.sleep(0.2)
     stdout, stderr = proc.communicate()
     if proc.returncode:
         raise SystemExit(stderr[-3000:])
