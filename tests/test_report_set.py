@@ -17,6 +17,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -200,3 +201,17 @@ def test_report_killed_at_random_points_never_shows_half_a_set(volumes, tmp_path
     assert done.returncode == 0, done.stderr
     published(out)
     assert len(os.listdir(out / report_set.GENERATIONS)) == 2
+
+
+def test_duplicate_keys_are_counted_exactly_across_shards_and_buckets_and_leave_no_files():
+    """The summary's duplicate check spills key hashes to bucket files (reviews/report.py DuplicateKeys):
+    repeats within a shard, across shards and in every bucket are all counted, and the files go."""
+    from reviews.report import DuplicateKeys
+
+    keys = np.random.default_rng(0).integers(-2**63, 2**63 - 1, 20_000, dtype=np.int64)
+    counter = DuplicateKeys()
+    counter.add(keys[:12_000])
+    counter.add(np.concatenate([keys[11_000:], keys[:5], keys[:5]]))  # 1,000 across shards, 5 twice more
+    folder = Path(counter.folder.name)
+    assert len(set((keys.view(np.uint64) >> np.uint64(60)).tolist())) == DuplicateKeys.BUCKETS
+    assert counter.count() == 1_000 + 10 and not folder.exists()
