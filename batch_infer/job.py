@@ -30,9 +30,10 @@ from batch_infer.progress import RunProgress
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, predictions, storage
 from kmnist_core.errors import Interrupted, KmnistError
-from kmnist_core.model_dir import Predictor, build_predictor, load_bundle
+from kmnist_core.model_dir import load_for_run
 from kmnist_core.policy import DecisionPolicy
 from kmnist_core.precision import ModelBundle
+from kmnist_core.predictor import Predictor
 from kmnist_core.run_record import RunRecord, new_run_id, now_iso
 from kmnist_core.storage import Location
 from reviews import report_set
@@ -218,6 +219,7 @@ class Run:
 def prepare(inputs: list[str | Path], out: str | Path, opts: PredictOptions) -> Checked:
     """Check options, inputs (or the manifest), OUT and the model; touches nothing."""
     opts.validate()
+    model_request = opts.model_request()  # which model, precision, device and thresholds
     started = time.perf_counter()
     inputs = [os.fspath(i) for i in inputs]
     out_loc = storage.resolve(out)
@@ -235,10 +237,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PredictOptions) -> 
     else:
         check_inputs(inputs)
     check_out(out_loc)
-    bundle = load_bundle(opts.model, opts.precision, "cuda" if opts.gpus_per_worker > 0 else "cpu")
     # Fail here, before OUT or Ray, on a bad model; and decide the run's policy once, on this CPU.
-    predictor = build_predictor(bundle, threads=LOCAL_THREADS, device="cpu", review_below=opts.review_below,
-                                ood_threshold=opts.ood_threshold)
+    bundle, predictor = load_for_run(model_request, threads=LOCAL_THREADS)
     warm = [predictor] if bundle.device == "cpu" else []
     return Checked(inputs, out_loc, opts, manifest, bundle, predictor.policy, started, warm)
 

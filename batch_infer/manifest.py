@@ -60,27 +60,53 @@ class Manifest:
     source: str  # the manifest's URI or absolute path
 
 
-def manifest_folder(loc: storage.Location) -> str:
-    return loc.uri.rsplit("/", 1)[0] if not loc.local else os.path.dirname(loc.path)
+@dataclass(frozen=True)
+class ManifestSource:
+    """A manifest as read through storage in one step (open_manifest), before any table work: where it is,
+    its table and, for a Kaggle manifest, the files of its page folder."""
+
+    uri: str  # the manifest's URI or absolute path
+    folder: str  # its folder: where its relative paths resolve
+    table: pa.Table  # as written (read_table)
+    pages: str | None = None  # a Kaggle manifest's page folder (--pages, or the manifest's own folder)
+    page_names: tuple[str, ...] = ()  # the files in it
 
 
-def read_table(loc: storage.Location) -> pa.Table:
-    """Parquet keeps its types. A CSV has none: its columns are read as the text written (inferring would
-    turn an id 00123 into 123), and the box coordinates are parsed as numbers afterwards."""
+def read_table(source: str) -> tuple[storage.Location, pa.Table]:
+    """Where the manifest is, and its table. Parquet keeps its types. A CSV has none: its columns are read as
+    the text written (inferring would turn an id 00123 into 123), and the box coordinates are parsed as
+    numbers afterwards."""
+    loc = storage.resolve(source)
+    if not storage.exists(loc):
+        raise KmnistError(f"--manifest {loc.uri} does not exist")
     name = loc.path.lower()
     fs = loc.fs or pafs.LocalFileSystem()
     try:
         if name.endswith((".parquet", ".pq")):
-            return pads.dataset(loc.path, filesystem=fs, format="parquet").to_table()
+            return loc, pads.dataset(loc.path, filesystem=fs, format="parquet").to_table()
         if not name.endswith((".csv", ".tsv")):
             raise KmnistError(f"--manifest {loc.uri}: expected a .csv, .tsv or .parquet file")
         parse = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
         names = pads.dataset(loc.path, filesystem=fs, format=pads.CsvFileFormat(parse_options=parse)).schema.names
         fmt = pads.CsvFileFormat(parse_options=parse, convert_options=pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names}, strings_can_be_null=False))
-        return pads.dataset(loc.path, filesystem=fs, format=fmt).to_table()
+        return loc, pads.dataset(loc.path, filesystem=fs, format=fmt).to_table()
     except (pa.ArrowInvalid, OSError) as e:
         raise KmnistError(f"cannot read --manifest {loc.uri}: {str(e).splitlines()[0]}") from None
+
+
+def open_manifest(source: str, pages_dir: str | None) -> ManifestSource:
+    """Everything a manifest needs from storage: its table and, for a Kaggle manifest (image_id,labels and
+    no path), the names in its page folder."""
+    loc, table = read_table(source)
+    folder = os.path.dirname(loc.path) if loc.local else loc.uri.rsplit("/", 1)[0]
+    names = table.column_names
+    if set(KAGGLE_INPUT) <= set(names) and "path" not in names:
+        pages = storage.resolve(pages_dir).uri if pages_dir else folder
+        return ManifestSource(loc.uri, folder, table, pages, tuple(storage.list_names(storage.resolve(pages))))
+    if pages_dir:
+        raise KmnistError("--pages is for Kaggle-format manifests (image_id,labels); other manifests name each path")
+    return ManifestSource(loc.uri, folder, table)
 
 
 def resolve_paths(paths: pa.ChunkedArray, folder: str) -> list[str]:
@@ -101,11 +127,11 @@ def resolve_paths(paths: pa.ChunkedArray, folder: str) -> list[str]:
     return out
 
 
-def parse_kaggle(table: pa.Table, folder: str, pages_dir: str | None) -> pa.Table:
-    """Kaggle `image_id,labels` -> one row per box: path, x, y, width, height, image_id, truth."""
-    where = storage.resolve(pages_dir).uri if pages_dir else folder
+def parse_kaggle(table: pa.Table, where: str, page_names: tuple[str, ...]) -> pa.Table:
+    """Kaggle `image_id,labels` -> one row per box: path, x, y, width, height, image_id, truth; each
+    image_id's page is the file of that name in `where` (the first of PAGE_EXTENSIONS there)."""
     stems: dict[str, str] = {}
-    for name in storage.list_names(storage.resolve(where)):
+    for name in page_names:
         stem, ext = os.path.splitext(name)
         if ext.lower() in PAGE_EXTENSIONS and (stem not in stems or PAGE_EXTENSIONS.index(ext.lower()) <
                                                PAGE_EXTENSIONS.index(os.path.splitext(stems[stem])[1].lower())):
@@ -145,22 +171,18 @@ def box_coordinates(table: pa.Table) -> dict[str, pa.Array]:
 
 def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
     """Read and check a manifest; returns the listing rows in listing order (by key)."""
-    loc = storage.resolve(source)
-    if not storage.exists(loc):
-        raise KmnistError(f"--manifest {loc.uri} does not exist")
-    table = read_table(loc)
-    folder = manifest_folder(loc)
+    found = open_manifest(source, pages_dir)  # all its reading is done here: the rest is table work
+    uri = found.uri
+    folder = found.folder
+    table = found.table
+    if found.pages is not None:
+        table = parse_kaggle(table, found.pages, found.page_names)
     names = table.column_names
-    if set(KAGGLE_INPUT) <= set(names) and "path" not in names:
-        table = parse_kaggle(table, folder, pages_dir)
-        names = table.column_names
-    elif pages_dir:
-        raise KmnistError("--pages is for Kaggle-format manifests (image_id,labels); other manifests name each path")
     if "path" not in names:
-        raise KmnistError(f"--manifest {loc.uri} has no 'path' column (columns: {', '.join(names)})")
+        raise KmnistError(f"--manifest {uri} has no 'path' column (columns: {', '.join(names)})")
     given = [c for c in BOX_INPUT if c in names]
     if given and len(given) < 4:
-        raise KmnistError(f"--manifest {loc.uri}: boxes need all of x, y, width, height (missing "
+        raise KmnistError(f"--manifest {uri}: boxes need all of x, y, width, height (missing "
                           f"{', '.join(c for c in BOX_INPUT if c not in names)})")
     boxes = bool(given)
     passthrough = [c for c in names if c != "path" and not (boxes and c in BOX_INPUT)]
@@ -173,6 +195,7 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
     if boxes:
         coords = box_coordinates(table)
         keys = [box_key(p, *v) for p, *v in zip(paths, *(coords[c].to_pylist() for c in BOX_INPUT))]
+        reading_index, column_index = page_reading_order(paths, [coords[c] for c in BOX_INPUT])
         # Before anything is written: every page must have a file name of its own (kmnist_core/page_ids.py).
         page_ids(paths, repeat(folder), table.column("image_id").to_pylist() if "image_id" in names else None)
     else:
@@ -191,13 +214,13 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
         columns["page"] = pa.array(paths, pa.string())
         for out_name, c in zip(("box_x", "box_y", "box_w", "box_h"), BOX_INPUT):
             columns[out_name] = coords[c]
-        index, column = page_reading_order(paths, [coords[c] for c in BOX_INPUT])
-        columns["reading_index"], columns["column_index"] = pa.array(index, pa.int32()), pa.array(column, pa.int32())
+        columns["reading_index"] = pa.array(reading_index, pa.int32())
+        columns["column_index"] = pa.array(column_index, pa.int32())
     for c in passthrough:
         columns[c] = table.column(c)
     rows = pa.table(columns)
     order = sorted(range(len(keys)), key=lambda i: order_key(key_bytes[i]))
-    return Manifest(rows.take(pa.array(order, pa.int64())), boxes, passthrough, loc.uri)
+    return Manifest(rows.take(pa.array(order, pa.int64())), boxes, passthrough, uri)
 
 
 def page_reading_order(pages: list[str], coords: list[pa.Array]) -> tuple[np.ndarray, np.ndarray]:

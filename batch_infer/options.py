@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from kmnist_core.errors import KmnistError
 from kmnist_core.options import option
-from kmnist_core.precision import PRECISIONS
+from kmnist_core.precision import PRECISIONS, ModelRequest
 
 EXECUTORS = ("auto", "local", "ray")
 EXPORTS = ("alto",)
@@ -76,4 +76,7 @@ class PredictOptions:
         if self.pages and not self.manifest:
             raise KmnistError("--pages names where a Kaggle-format --manifest's page images are")
 
-
+    def model_request(self) -> ModelRequest:
+        """What these options ask of the model: the workers' device follows --gpus-per-worker."""
+        return ModelRequest(self.model, self.precision, "cuda" if self.gpus_per_worker > 0 else "cpu",
+                            self.review_below, self.ood_threshold)

@@ -233,18 +233,17 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | os.PathLike = "default"
         raise TypeError(f"predict_dataset() takes the options {', '.join(DATASET_OPTIONS)}; not {', '.join(unknown)}")
     opts = PredictOptions(model=os.fspath(model), **options)
     opts.validate()
-    from kmnist_core.model_dir import build_predictor, load_bundle
+    from kmnist_core.model_dir import load_for_run
     from kmnist_core.ray_runtime import init_ray
 
     ray, _ = init_ray()
     import ray.data
 
-    device = "cuda" if opts.gpus_per_worker > 0 else "cpu"
-    bundle = load_bundle(opts.model, opts.precision, device)
     # The pipeline's policy, decided once here (as predict's driver does) and followed by every actor.
-    policy = build_predictor(bundle, device="cpu", review_below=opts.review_below, ood_threshold=opts.ood_threshold).policy
+    bundle, driver = load_for_run(opts.model_request())
+    policy = driver.policy
     workers, cpus = actor_pool(ray, opts)
-    threads = max(1, int(opts.cpus_per_worker)) if device == "cpu" else 1  # as predict's workers
+    threads = max(1, int(opts.cpus_per_worker)) if bundle.device == "cpu" else 1  # as predict's workers
     return ds.map_batches(
         CropPredictor, batch_size=opts.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"model": ray.put(bundle), "batch_size": opts.batch_size, "threads": threads,

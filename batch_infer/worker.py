@@ -18,7 +18,8 @@ from batch_infer.box_stage import decode_box_batch, page_batches
 from kmnist_core.schema import KEY_COLUMNS, SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
 from kmnist_core import storage
-from kmnist_core.model_dir import Predictor, build_predictor
+from kmnist_core.model_dir import build_predictor
+from kmnist_core.predictor import Predictor
 from kmnist_core.policy import DecisionPolicy, PolicyDisagrees
 from kmnist_core.precision import ModelBundle
 from kmnist_core.review_reasons import REVIEW_REASONS

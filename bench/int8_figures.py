@@ -32,8 +32,8 @@ from bench.crop_forms import FORMS, png  # noqa: E402
 from bench.record import append_row  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
 from kmnist_core.int8 import compare  # noqa: E402
-from kmnist_core.model_dir import load_model, load_torch_model, read_model_files  # noqa: E402
-from kmnist_core.models import TorchModel  # noqa: E402
+from kmnist_core.model_dir import load_model, read_model_files  # noqa: E402
+from kmnist_core.models import TorchModel, load_torch_model  # noqa: E402
 from kmnist_core.preprocess import decode_bytes, decode_bytes_full, decode_many  # noqa: E402
 
 

@@ -23,8 +23,8 @@ from bench.common import arguments, model_flags, record_flag  # noqa: E402
 from bench.record import append_row  # noqa: E402
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core.datasets import load_dataset  # noqa: E402
-from kmnist_core.model_dir import load_model, load_torch_model, read_model_files  # noqa: E402
-from kmnist_core.models import TorchModel, create_model, optimize_for_inference  # noqa: E402
+from kmnist_core.model_dir import load_model, read_model_files  # noqa: E402
+from kmnist_core.models import TorchModel, create_model, load_torch_model, optimize_for_inference  # noqa: E402
 from kmnist_core.transforms import to_model_tensor  # noqa: E402
 
 

@@ -12,8 +12,12 @@ __all__ = ["KmnistError", "Prediction", "Predictor", "load_model"]
 
 def __getattr__(name: str):
     # Lazy: importing torch costs seconds, and Ray's decode workers import kmnist_core without needing it.
-    if name in ("Prediction", "Predictor", "load_model"):
-        from kmnist_core import model_dir
+    if name in ("Prediction", "Predictor"):
+        from kmnist_core import predictor
 
-        return getattr(model_dir, name)
+        return getattr(predictor, name)
+    if name == "load_model":
+        from kmnist_core.model_dir import load_model
+
+        return load_model
     raise AttributeError(f"module 'kmnist_core' has no attribute {name!r}")

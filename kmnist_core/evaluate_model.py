@@ -21,7 +21,7 @@ from kmnist_core.review_reasons import REVIEW_REASONS, review_reasons
 
 if TYPE_CHECKING:
     from kmnist_core.labelled_crops import ReviewedCrops
-    from kmnist_core.model_dir import Predictor
+    from kmnist_core.predictor import Predictor
 
 
 def read_unknown_tree(root: Path, size: int) -> tuple[list[PreparedImage], list[str], int]:

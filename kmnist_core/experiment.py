@@ -26,10 +26,10 @@ from kmnist_core.files import json_text, write_json_atomic
 from kmnist_core.int8 import build_int8
 from kmnist_core.onnx_export import build_fp32_twin
 from kmnist_core.precision import Twins
-from kmnist_core.model_dir import (load_model, load_torch_model, pick_device, read_model_files,
-                                   resolve_model_path, save_model_dir, twin_files, write_files)
+from kmnist_core.model_dir import (load_model, pick_device, read_model_files, resolve_model_path, save_model_dir,
+                                   twin_files, write_files)
 from kmnist_core.labelled_crops import ReviewedCrops, review_figures, split_held_out
-from kmnist_core.models import optimize_for_inference, predict_logits
+from kmnist_core.models import load_torch_model, optimize_for_inference, predict_logits
 from kmnist_core.safe_text import csv_cell
 from kmnist_core.train import TrainConfig, TrainRun, train_model, validation_negatives
 from kmnist_core.transforms import AUGMENTATIONS, MEAN, STD

@@ -58,7 +58,6 @@ from typing import Callable
 import numpy as np
 
 from kmnist_core import calibration
-from kmnist_core.errors import KmnistError
 from kmnist_core.card import Calibration, Int8Probe, Int8Section, calibration_key
 from kmnist_core.onnx_export import fp32_twin_bytes, input_unfold, sha256
 from kmnist_core.ort_model import OrtModel, model_input
@@ -274,12 +273,3 @@ def gate_failures(val_report: dict, max_weight: int) -> list[str]:
     if drop > MAX_ACCURACY_DROP + 1e-12:
         reasons.append(f"validation accuracy drops {drop * 100:.2f} points (> {MAX_ACCURACY_DROP * 100:.1f})")
     return reasons
-
-
-def check_twin(twin: Int8Twin, section: Int8Section, source: str) -> None:
-    """Refuse int8 files that are not the ones the card names."""
-    for name, data, expected in ((INT8_FILE, twin.onnx, section.sha256), (PROBE_FILE, twin.probe, section.probe.sha256)):
-        actual = sha256(data)
-        if actual != expected:
-            raise KmnistError(f"int8 model of {source} is not the one its card names: {name} hashes to "
-                              f"{actual[:16]}, the card says {str(expected)[:16]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 from typing import Callable
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kmnist_core import transforms
+from kmnist_core.card import ModelCard
 from kmnist_core.errors import KmnistError
 
 
@@ -98,6 +100,22 @@ def create_model(name: str, num_classes: int, input_size: int) -> nn.Module:
     if name not in MODELS:
         raise KmnistError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     return MODELS[name](num_classes, input_size)
+
+
+def load_torch_model(card: ModelCard, weights: bytes, source: str) -> nn.Module:
+    """The card's architecture with `weights`, as read (and checked against the card) by
+    kmnist_core/model_dir.py read_model_files. torch.load takes tensors only: no code is unpickled."""
+    model = create_model(card.architecture, card.num_classes, card.input_size)
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise KmnistError(f"cannot load weights of {source}: {str(e).splitlines()[0]}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise KmnistError(f"weights of {source} do not match architecture {card.architecture!r} "
+                          f"({card.num_classes} classes) named in its card: {str(e).splitlines()[0]}") from None
+    return model
 
 
 class TorchModel:

@@ -62,6 +62,18 @@ class ModelBundle:
     fp32_onnx: bytes | None = None  # the fp32 twin, set exactly when precision.fp32_runtime is "onnxruntime"
 
 
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a run asks of its model: which one, at what precision, on which device its workers run it, and
+    the user's thresholds (None: the card's). kmnist_core/model_dir.py load_for_run takes it."""
+
+    model: str = "default"  # a model directory, or "default"
+    precision: str = "auto"  # PRECISIONS
+    device: str = "cpu"  # the workers' device: cpu or cuda
+    review_below: float | None = None
+    ood_threshold: float | None = None
+
+
 def twin_command(source: str) -> str:
     return f"kmnist-batch model int8 {source}"
 

@@ -17,10 +17,10 @@ from jobs.cli import app
 from kmnist_core.errors import KmnistError
 from kmnist_core.int8 import (INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE, calibration_sample, quantize,
                               quantize_model, weight_range)
-from kmnist_core.models import optimize_for_inference, predict_logits
+from kmnist_core.models import load_torch_model, optimize_for_inference, predict_logits
 from kmnist_core.onnx_export import FP32_FILE, MAX_LOGIT_DIFF, decisions, export_onnx, fp32_twin_bytes, input_unfold, sha256
 from kmnist_core.ort_model import OrtModel, unfold
-from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model, load_torch_model, read_model_files
+from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model, read_model_files
 from tests.test_int8 import bare_copy
 from tests.processes import CLI
 

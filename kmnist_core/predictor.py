@@ -1,0 +1,146 @@
+"""A loaded model deciding crops: the `Predictor`, and what it returns for one crop (`Prediction`) or for a
+batch of model inputs (`Assessment`).
+
+A Predictor holds its runtimes (the fp32 model, and the int8 twin when int8 runs) and the `DecisionPolicy`
+(kmnist_core/policy.py) that everything it decides comes from. kmnist_core/model_dir.py `build_predictor`
+makes one from a checked model directory; this module reads no files. No torch here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from kmnist_core.card import ModelCard
+from kmnist_core.int8 import near_decision
+from kmnist_core.ort_model import OrtModel
+from kmnist_core.policy import DecisionPolicy, out_of_set
+from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One crop's prediction. A blank crop holds no character: every field but review_reason ("blank") and
+    precision is None, as in predict's rows."""
+
+    index: int | None
+    char: str | None
+    codepoint: str | None
+    confidence: float | None  # calibrated probability of `index`
+    probabilities: np.ndarray | None  # (num_classes,), calibrated
+    ood_score: float | None  # higher = less like any of the model's classes
+    review_reason: str | None  # None = auto-accepted; see kmnist_core.review_reasons
+    precision: str  # the runtime that computed it: int8, or fp32 (also for int8's rows near a decision)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    probabilities: np.ndarray  # (N, C) float32, calibrated
+    ood_score: np.ndarray  # (N,) float32, higher = less like any of the model's classes
+    unknown: np.ndarray  # (N,) bool, ood_score above the ood_threshold (all False without one)
+    fp32_rows: np.ndarray  # (N,) bool, rows the fp32 model computed (all of them unless the Predictor runs int8)
+
+
+class Predictor:
+    """A loaded model plus everything needed to turn crops into calibrated class probabilities and decisions.
+
+    Everything it decides comes from `policy` (kmnist_core/policy.py): the precision ("fp32" runs `fp32`;
+    "int8" runs `int8`, an OrtModel, with `fp32` recomputing the rows near a decision), the temperature and
+    both review thresholds. `fp32` computes fp32 logits: an OrtModel of the fp32 twin on CPU, or a
+    TorchModel (kmnist_core/models.py) on a GPU or for a directory without a usable twin. `probe` is the
+    int8 twin's probe result on this CPU (kmnist_core/int8.py check_probe). `temperature`, `review_below`,
+    ... read the policy."""
+
+    def __init__(self, fp32, card: ModelCard, policy: DecisionPolicy, int8: OrtModel | None = None,
+                 probe: dict | None = None):
+        if (policy.used == "int8") != (int8 is not None):
+            raise ValueError("an int8 Predictor needs its OrtModel, and only it")
+        self.fp32 = fp32
+        self.card = card
+        self.policy = policy
+        self.probe = probe
+        self.int8 = int8
+        self.classes = card.classes
+        self.input_size = card.input_size
+        self.model_id = card.model_id
+
+    precision = property(lambda self: self.policy.used)
+    precision_note = property(lambda self: self.policy.precision.note)
+    calibration = property(lambda self: self.policy.calibration)
+    temperature = property(lambda self: self.policy.temperature)
+    review_below = property(lambda self: self.policy.review_below)
+    ood_method = property(lambda self: self.policy.ood_score)
+    ood_threshold = property(lambda self: self.policy.ood_threshold)  # None: the card has no out-of-set threshold
+
+    def with_thresholds(self, review_below: float | None = None, ood_threshold: float | None = None) -> "Predictor":
+        """The same loaded model deciding with the user's thresholds (DecisionPolicy.with_thresholds)."""
+        other = copy.copy(self)
+        other.policy = self.policy.with_thresholds(review_below, ood_threshold)
+        return other
+
+    def logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """uint8 (N, S, S) light-on-dark -> raw logits (N, C), near-decision rows from fp32 when int8 runs."""
+        return self.decided_logits(pixels, batch_size)[0]
+
+    def decided_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the rows the fp32 model computed. At int8, the rows near one of the policy's thresholds
+        (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows."""
+        if self.int8 is None:
+            out = self.fp32_logits(pixels, batch_size)
+            return out, np.ones(len(out), bool)
+        out = self.int8.logits(pixels, batch_size)
+        if not len(out):
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, bool)
+        p = self.policy
+        near = near_decision(out, p.temperature, p.review_below, p.ood_score, p.ood_threshold)
+        if near.any():
+            out[near] = self.fp32_logits(pixels[near], batch_size)
+        return out, near
+
+    def fp32_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """The fp32 model's logits, whatever the precision (int8 is measured against these)."""
+        out = self.fp32.logits(pixels, batch_size)
+        return out if len(out) else np.zeros((0, len(self.classes)), np.float32)
+
+    def probabilities(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Calibrated probabilities (softmax of logits / temperature)."""
+        from kmnist_core.calibration import softmax
+
+        return softmax(self.logits(pixels, batch_size), self.temperature)
+
+    def assess(self, pixels: np.ndarray, batch_size: int = 1024) -> Assessment:
+        """Calibrated probabilities, an out-of-set score and the unknown flag for model inputs, under the
+        policy (with_thresholds for other thresholds)."""
+        from kmnist_core.calibration import ood_score, softmax
+
+        logits, fp32_rows = self.decided_logits(pixels, batch_size)
+        score = ood_score(logits, self.policy.ood_score).astype(np.float32)
+        unknown = out_of_set(score, self.policy.ood_threshold)
+        return Assessment(softmax(logits, self.temperature).astype(np.float32), score, unknown, fp32_rows)
+
+    def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
+        if isinstance(image, Image.Image):
+            return prepare_image(image, self.input_size)
+        return prepare_array(np.asarray(image), self.input_size)
+
+    def predict(self, images: Sequence[Image.Image | np.ndarray]) -> list[Prediction]:
+        """Predict PIL images or uint8 arrays of any size and either polarity."""
+        if not len(images):
+            return []
+        from kmnist_core.review_reasons import review_reasons
+
+        prepared = [self.prepare(im) for im in images]
+        pixels = np.stack([p.pixels for p in prepared])
+        a = self.assess(pixels)
+        blank = np.array([p.blank for p in prepared])
+        conf = a.probabilities.max(axis=1)
+        reasons = review_reasons(np.zeros(len(pixels), bool), blank, a.unknown, conf, self.review_below)
+        precisions = np.where(a.fp32_rows, "fp32", self.precision)
+        return [Prediction(None, None, None, None, None, None, r, str(run)) if is_blank else
+                Prediction(int(p.argmax()), self.classes.chars[p.argmax()], self.classes.codepoints[p.argmax()],
+                           float(p.max()), p, float(s), r, str(run))
+                for p, s, r, is_blank, run in zip(a.probabilities, a.ood_score, reasons, blank, precisions)]
