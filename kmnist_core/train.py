@@ -21,8 +21,8 @@ from kmnist_core import transforms
 from kmnist_core.datasets import Dataset, Split
 from kmnist_core.errors import KmnistError
 from kmnist_core.labelled_crops import ReviewedCrops
-from kmnist_core.model_dir import load_model, read_model_files
-from kmnist_core.models import create_model, optimize_for_inference, predict_logits
+from kmnist_core.model_dir import read_model_files
+from kmnist_core.models import create_model, load_torch_model, optimize_for_inference, predict_logits
 from kmnist_core.train_options import TrainConfig
 
 
@@ -178,12 +178,12 @@ def load_teachers(paths: list[str], data: Dataset, device: str,
                   models: tuple[torch.nn.Module, ...] | list[torch.nn.Module] = ()) -> TeacherEnsemble | None:
     """Trained model directories (and trained `models`) as a frozen, inference-optimized teacher ensemble."""
     members = [optimize_for_inference(m).to(device) for m in models]
-    for path in paths:
-        teacher = load_model(path, device, precision="fp32")  # a teacher's targets are the fp32 model's
-        if len(teacher.classes) != len(data.classes) or teacher.input_size != data.input_size:
-            raise KmnistError(f"teacher {path} has {len(teacher.classes)} classes at {teacher.input_size}px; "
+    for path in paths:  # a teacher's targets are its torch model's fp32 logits, on the training device
+        card, weights = read_model_files(path)
+        if card.num_classes != len(data.classes) or card.input_size != data.input_size:
+            raise KmnistError(f"teacher {path} has {card.num_classes} classes at {card.input_size}px; "
                               f"{data.name} has {len(data.classes)} at {data.input_size}px")
-        members.append(teacher.model)
+        members.append(optimize_for_inference(load_torch_model(card, weights, str(path)).to(device)))
     return TeacherEnsemble(members).eval() if members else None
 
 
