@@ -8,6 +8,7 @@ IPAexGothic, which the matplotlib-fontja package ships; its path is found withou
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from pathlib import Path
@@ -22,7 +23,8 @@ LEFT, RIGHT, TOP, BOTTOM = 80, 20, 40, 60  # plot margins, pixels
 HEIGHT = 440
 
 
-def font(size: int) -> ImageFont.FreeTypeFont:
+@functools.lru_cache(maxsize=None)
+def font(size: int) -> ImageFont.FreeTypeFont:  # read once per size, not per label
     return ImageFont.truetype(str(KANA_FONT), size)
 
 

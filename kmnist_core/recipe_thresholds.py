@@ -27,12 +27,10 @@ import numpy as np
 from kmnist_core import calibration
 from kmnist_core.datasets import LabelledPool, load_labelled_pool
 from kmnist_core.evaluate import review_decisions
+from kmnist_core.experiment import IN_SET_KEEP, REVIEW_LEVEL, REVIEW_PRECISION
 from kmnist_core.negatives import candidate_glyphs, glyph_pool, is_kana, make_negatives
 from kmnist_core.recipe import Recipe, fold_dataset, hand_fonts, held_hands, stratified_folds
 
-REVIEW_PRECISION = 0.995
-REVIEW_LEVEL = 0.95
-IN_SET_KEEP = 0.99
 MARGINS = (0.0, 0.0005, 0.001, 0.0015, 0.002, 0.003)  # added to REVIEW_PRECISION when fitting
 NON_GLYPH = ("merged", "fragment", "overlay", "turned", "strokes")
 FIT_NEGATIVES = 3000
