@@ -56,7 +56,7 @@ def default_threads() -> int:
 
 class OrtModel:
     """An ONNX model on ONNX Runtime's CPU provider; uint8 pixels in, logits out. `threads`: intra-op
-    threads (None: default_threads() when the session is built)."""
+    threads (None: default_threads() at construction)."""
 
     def __init__(self, onnx_bytes: bytes, threads: int | None = None):
         self.onnx_bytes = onnx_bytes
