@@ -39,18 +39,20 @@ def run_in_parallel(command: list[str], folds: int, parallel: int) -> None:
 
 def write_review(recipe: Recipe) -> None:
     from kmnist_core.files import write_json_atomic
-    from kmnist_core.recipe_thresholds import review_report, score_fold_negatives
+    from kmnist_core.recipe_thresholds import review_report, score_fold_negatives, score_fold_views
 
     done = [k for k in range(recipe.folds) if (recipe.results / f"fold-{k}.npz").exists()]
     for k in done:
         score_fold_negatives(recipe, k)
+        score_fold_views(recipe, k)
     if len(done) < recipe.folds:
         raise SystemExit(f"error: folds {sorted(set(range(recipe.folds)) - set(done))} are not trained yet; "
                          f"run `python -m jobs.recipe folds` first")
     report = review_report(recipe)
     write_json_atomic(recipe.results / "review.json", report)
     chosen = report["scores"]["chosen"]
-    print(f"{recipe.name}: top-1 out of fold {report['top1']}; fitted {chosen['fitted']}")
+    print(f"{recipe.name}: top-1 out of fold {report['top1']} (as is: {report['top1_as_is']}); views on "
+          f"{report['views']['viewed_share']}; fitted {chosen['fitted']}")
     for name, check in chosen["held_out_checks"].items():
         print(f"  {name}: accepted {check['auto_accepted_share']:.4f}, {check['auto_accepted_errors']} errors in "
               f"{check['auto_accepted']}, bound {check['precision_lower_bound']:.4f}")

@@ -1,8 +1,9 @@
 """The model card, read and validated in one place (as timm's PretrainedCfg is one typed structure).
 
 `ModelCard.from_json` checks a card's JSON once and gives typed fields for everything the code reads: the
-architecture, classes, input size, the calibration for each runtime, the int8 twin's section (`Int8Section`)
-and the fp32 twin's (`Fp32OnnxSection`), each written only through its `to_json`. `raw` keeps the JSON exactly as written: it is what travels into run
+architecture, classes, input size, the calibration for each runtime, the int8 twin's section (`Int8Section`),
+the fp32 twin's (`Fp32OnnxSection`) and the test-time views' (`ViewsSection`), each written only through
+its `to_json`. `raw` keeps the JSON exactly as written: it is what travels into run
 records and every shard's footer. Cards are written by `train` (kmnist_core/experiment.py) and
 `kmnist-batch model int8`. No torch here.
 """
@@ -109,6 +110,23 @@ class Fp32OnnxSection(Section):
 
 
 @dataclass(frozen=True)
+class ViewsSection(Section):
+    """A card's `views` section: test-time views of the crops the model is unsure of (kmnist_core/views.py).
+    The card's temperature and thresholds were fitted on logits made this way, so a runtime that decides
+    with this card views the same crops. JSON keys are the field names."""
+
+    extra: list  # [[degrees, zoom], ...]: the views besides the crop as is
+    gate: float  # a crop whose as-is confidence (softmax at gate_temperature) is under it is viewed
+    gate_temperature: float
+    fitted_on: str  # what chose the gate and fitted the calibration on its logits
+
+    @classmethod
+    def from_json(cls, section: dict) -> "ViewsSection":
+        extra = [[float(d), float(z)] for d, z in section["extra"]]
+        return cls(extra, float(section["gate"]), float(section["gate_temperature"]), str(section["fitted_on"]))
+
+
+@dataclass(frozen=True)
 class ModelCard:
     model_id: str
     architecture: str
@@ -118,6 +136,7 @@ class ModelCard:
     calibration: Calibration  # the fp32 model's
     int8: Int8Section | None  # the int8 twin's section: files' sha256, gate, probe, figures (kmnist_core/int8.py)
     fp32_onnx: Fp32OnnxSection | None  # the fp32 twin's section (kmnist_core/onnx_export.py)
+    views: ViewsSection | None  # test-time views of unsure crops; None: every crop is read once
     training_dataset: str | None
     training_data_dir: str | None
     raw: dict
@@ -137,6 +156,7 @@ class ModelCard:
                        calibration=Calibration.from_json(raw.get("calibration") or {}),
                        int8=Int8Section.from_json(raw["int8"]) if raw.get("int8") is not None else None,
                        fp32_onnx=Fp32OnnxSection.from_json(raw["fp32_onnx"]) if raw.get("fp32_onnx") is not None else None,
+                       views=ViewsSection.from_json(raw["views"]) if raw.get("views") is not None else None,
                        training_dataset=training.get("dataset"),
                        training_data_dir=(training.get("config") or {}).get("data_dir"), raw=raw)
         except (KeyError, TypeError, ValueError) as e:

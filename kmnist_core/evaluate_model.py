@@ -87,8 +87,9 @@ def run_evaluate(predictor: Predictor, data: Dataset, split: str, out: Path, unk
     metrics.update({"dataset": data.name, "split": split, "split_note": data.split_note, "model_id": predictor.model_id,
                     "precision": policy.used, "precision_note": policy.precision.note, "int8_probe": predictor.probe})
     if predictor.int8 is not None:  # what int8 changes on this split, against the same model in fp32
-        fp32, fp32_logits = predictor.card.calibration, predictor.fp32_logits(part.images)
-        twin_alone = predictor.int8.logits(part.images)  # before fp32 recomputes the rows near a decision
+        # both as decided (the card's views included), the twin's before fp32 recomputes the rows near a decision
+        fp32, fp32_logits = predictor.card.calibration, predictor.viewed(predictor.fp32_logits, part.images)
+        twin_alone = predictor.viewed(predictor.int8.logits, part.images)
         metrics["int8_vs_fp32"] = {
             **compare(fp32_logits, logits, part.labels, fp32.temperature,
                       predictor.temperature, fp32.review_params(), predictor.calibration.review_params()),

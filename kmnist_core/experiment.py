@@ -145,8 +145,8 @@ def init_figures(init: str, held_out: ReviewedCrops, data: Dataset) -> tuple[dic
     """The --init model's figures on the held-out reviewed crops, in fp32 at its card's thresholds, and its
     accuracy on the dataset's test split."""
     model = load_model(init, precision="fp32")
-    figures = review_figures(model.fp32_logits(held_out.images), held_out.labels,
-                             model.fp32_logits(held_out.negatives), model.temperature,
+    figures = review_figures(model.viewed(model.fp32_logits, held_out.images), held_out.labels,
+                             model.viewed(model.fp32_logits, held_out.negatives), model.temperature,
                              model.calibration.review_params())
     test_accuracy = float((model.fp32_logits(data.test.images).argmax(1) == data.test.labels).mean())
     return {"model_id": model.model_id, **figures}, test_accuracy

@@ -4,7 +4,7 @@ A policy is built (`decide_policy`) from three things and nothing else: the mode
 runs (the card's choice, kmnist_core/precision.py `resolve_precision`, then the int8 twin's probe on this
 CPU, `after_probe`) and the user's overrides (--review-below, --ood-threshold). It holds the precision and
 why, the calibration for that precision (the int8 twin's refit when current, ModelCard.calibration_for)
-with the user's thresholds in place of the card's, and the card's review promise.
+with the user's thresholds in place of the card's, the card's review promise and its test-time views.
 
 Everything that decides or records a decision reads a policy: `Predictor.assess` and `predict`
 (kmnist_core/model_dir.py), predict's `RowBuilder` and workers (batch_infer/stages.py, worker.py), the
@@ -26,7 +26,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from kmnist_core.card import Calibration, ModelCard
+from kmnist_core.card import Calibration, ModelCard, ViewsSection
 from kmnist_core.errors import KmnistError
 from kmnist_core.precision import Precision
 
@@ -58,6 +58,7 @@ class DecisionPolicy:
     precision: Precision  # what runs, what was asked for, and why it differs
     calibration: Calibration  # the card's for that precision, the user's thresholds in place of its own
     overridden: tuple[str, ...] = ()  # the thresholds the user set: review_below, ood_threshold
+    views: ViewsSection | None = None  # the card's test-time views of unsure crops (kmnist_core/views.py)
 
     # What rows are decided with, read from the precision that runs and its calibration:
     used = property(attrgetter("precision.used"))  # int8 or fp32
@@ -83,7 +84,8 @@ class DecisionPolicy:
                 "fp32_runtime": self.precision.fp32_runtime,
                 "review_below": self.review_below, "ood_threshold": self.ood_threshold,
                 "temperature": self.temperature, "ood_score": self.ood_score,
-                "thresholds_set_by_user": list(self.overridden)}
+                "thresholds_set_by_user": list(self.overridden),
+                "views": None if self.views is None else {"extra": self.views.extra, "gate": self.views.gate}}
 
 
 def probe_note(probe: dict) -> str:
@@ -106,7 +108,8 @@ def after_probe(chosen: Precision, probe: dict | None) -> Precision:
 def decide_policy(card: ModelCard, precision: Precision, review_below: float | None = None,
                   ood_threshold: float | None = None) -> DecisionPolicy:
     """The policy of a process running `card` at `precision` (after the probe), with the user's thresholds."""
-    return DecisionPolicy(precision, card.calibration_for(precision.used)).with_thresholds(review_below, ood_threshold)
+    return DecisionPolicy(precision, card.calibration_for(precision.used),
+                          views=card.views).with_thresholds(review_below, ood_threshold)
 
 
 def follow(policy: DecisionPolicy, own: Precision, where: str) -> None:

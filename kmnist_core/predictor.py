@@ -20,6 +20,7 @@ from kmnist_core.int8 import near_decision
 from kmnist_core.ort_model import OrtModel
 from kmnist_core.policy import DecisionPolicy, out_of_set
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
+from kmnist_core.views import with_views
 
 
 @dataclass(frozen=True)
@@ -88,18 +89,27 @@ class Predictor:
 
     def decided_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Logits and the rows the fp32 model computed. At int8, the rows near one of the policy's thresholds
-        (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows."""
+        (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows; with
+        the card's test-time views, both passes view the unsure crops (`viewed`)."""
         if self.int8 is None:
-            out = self.fp32_logits(pixels, batch_size)
+            out = self.viewed(lambda x: self.fp32_logits(x, batch_size), pixels)
             return out, np.ones(len(out), bool)
-        out = self.int8.logits(pixels, batch_size)
+        out = self.viewed(lambda x: self.int8.logits(x, batch_size), pixels)
         if not len(out):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, bool)
         p = self.policy
         near = near_decision(out, p.temperature, p.review_below, p.ood_score, p.ood_threshold)
         if near.any():
-            out[near] = self.fp32_logits(pixels[near], batch_size)
+            out[near] = self.viewed(lambda x: self.fp32_logits(x, batch_size), pixels[near])
         return out, near
+
+    def viewed(self, logits_of, pixels: np.ndarray) -> np.ndarray:
+        """`logits_of(pixels)`, with the card's test-time views averaged in on the unsure crops (the
+        logits the card's calibration was fitted on; kmnist_core/views.py). Without views: as is."""
+        views = self.policy.views
+        if views is None:
+            return logits_of(pixels)
+        return with_views(logits_of, pixels, views.gate_temperature, views.gate, views.extra)[0]
 
     def fp32_logits(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """The fp32 model's logits, whatever the precision (int8 is measured against these)."""

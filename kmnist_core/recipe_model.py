@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kmnist_core.card import ViewsSection
 from kmnist_core.datasets import Dataset, Split, load_dataset, load_labelled_pool
 from kmnist_core.errors import KmnistError
 from kmnist_core.evaluate import calibration_report, classification_metrics
@@ -25,7 +26,7 @@ from kmnist_core.experiment import build_card, build_twins
 from kmnist_core.model_dir import DEFAULT_MODEL_DIR, MODEL_FILES, save_model_dir, write_files
 from kmnist_core.models import create_model
 from kmnist_core.recipe import RECIPES, Recipe, train_resumable
-from kmnist_core.recipe_thresholds import REVIEW_PRECISION, load_oof
+from kmnist_core.recipe_thresholds import REVIEW_PRECISION, apply_views, load_oof
 from kmnist_core.train_options import TrainConfig
 
 
@@ -77,6 +78,7 @@ def final_card(recipe: Recipe, model: torch.nn.Module, data: Dataset) -> dict:
     chosen = report["scores"]["chosen"]
     fitted = chosen["fitted"]
     folds = load_oof(recipe.results)
+    apply_views(folds, recipe.results, report["views"]["gate"])
     oof_metrics = classification_metrics(folds["labels"], folds["logits"].argmax(1), data.classes)
     oof_metrics.pop("confusion_matrix")
     promise = {**chosen["held_out_checks"]["pooled folds"], "target_precision": REVIEW_PRECISION,
@@ -92,7 +94,12 @@ def final_card(recipe: Recipe, model: torch.nn.Module, data: Dataset) -> dict:
         fitted_on=f"out-of-fold logits of all {report['images']:,} bundled images, each from a fold model that never "
                   "saw it, and negatives cut from the folds' held-out images with held-out glyphs",
         training={"recipe": recipe.name})
-    card["metrics"] = {"out_of_fold": {**oof_metrics, "top1": report["top1"],
+    views = report["views"]
+    card["views"] = ViewsSection(views["extra"], views["gate"], views["gate_temperature"],
+                                 f"out of fold ({recipe.name}): the gate's temperature on the as-is logits; the "
+                                 f"card's calibration on the logits with views, as predict computes them "
+                                 f"(viewed: {views['viewed_share']})").to_json()
+    card["metrics"] = {"out_of_fold": {**oof_metrics, "top1": report["top1"], "top1_as_is": report["top1_as_is"],
                                        "held_out_checks": chosen["held_out_checks"],
                                        "held_out_hands": {k: chosen["held_out_hands"][k] for k in ("by_script", "by_hand")},
                                        "other_kinds": chosen["other_kinds"],

@@ -11,7 +11,9 @@ import pytest
 
 from kmnist_core import recipe, recipe_thresholds
 from kmnist_core.datasets import LabelledPool, load_labelled_pool
+from kmnist_core.models import predict_logits
 from kmnist_core.negatives import IPAEX_GOTHIC, is_kana
+from kmnist_core.views import with_views
 
 pytestmark = pytest.mark.training
 
@@ -86,8 +88,20 @@ def test_a_killed_fold_resumes_and_the_review_and_the_final_model_come_from_the_
 
     for k in (0, 1):
         recipe_thresholds.score_fold_negatives(r, k, pool)
+        recipe_thresholds.score_fold_views(r, k, pool)
     report = recipe_thresholds.review_report(r)
     chosen = report["scores"]["chosen"]
+    # The figures are on the logits predict computes with the card's views: with_views and the fold's model.
+    views = report["views"]
+    assert views["gate"] == recipe_thresholds.VIEW_GATE and set(views["viewed_share"]) == {"rows", "fit", "hands", "kinds"}
+    d = recipe_thresholds.load_oof(r.results)
+    assert recipe_thresholds.apply_views(d, r.results, views["gate"]) == views
+    model, held = recipe_thresholds.fold_model(r, 0, 10), d["fold"] == 0
+    ours, viewed = with_views(lambda x: predict_logits(model, x, "cpu"), pool.images[d["index"][held]],
+                              views["gate_temperature"], views["gate"])
+    assert 0 < viewed.sum() < held.sum() or viewed.all()
+    np.testing.assert_allclose(ours, d["logits"][held], atol=1e-4)
+    assert report["top1"] != report["top1_as_is"]  # the views changed some rows
     assert set(chosen["held_out_checks"]) == {"fold 0", "fold 1", "pooled folds", "one (fitted on the other split)",
                                               "two (fitted on the other split)"}
     assert chosen["held_out_checks"]["pooled folds"]["n"] == 200
@@ -110,4 +124,6 @@ def test_a_killed_fold_resumes_and_the_review_and_the_final_model_come_from_the_
     assert card["calibration"]["temperature"] == pytest.approx(fitted["temperature"])
     assert card["calibration"]["review_below"] == fitted["review_below"] and card["calibration"]["int8_refit"] is False
     assert card["training"]["sizes"]["train"] == 200 and (r.results / "all.pt").exists()
-    assert load_model(str(r.work / "model"), precision="fp32").card.model_id == card["model_id"]
+    loaded = load_model(str(r.work / "model"), precision="fp32")
+    assert loaded.card.model_id == card["model_id"] and loaded.policy.views.gate == views["gate"]
+    assert loaded.policy.views.gate_temperature == pytest.approx(views["gate_temperature"])

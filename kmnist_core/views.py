@@ -1,0 +1,85 @@
+"""Test-time views: fixed rotations and zooms of a model's input, whose log-probabilities are averaged.
+
+Views cost model passes, so predict spends them only on the crops the model is unsure of (`with_views`:
+as-is confidence under the card's gate); the card's temperature and thresholds are fitted on logits made
+the same way (kmnist_core/recipe_thresholds.py).
+
+Each view is a fixed bilinear resampling of the S x S crop, written as one (S*S, S*S) matrix, so the
+same numbers come out in the recipe, in predict's ONNX Runtime path and beside torch: no torch or scipy.
+It reproduces `transforms.affine` (torch's affine_grid + grid_sample, align_corners False, background
+brought in from outside) to float rounding; tests/test_views.py checks that.
+The views stay inside the strong augmentation's range (+-12 degrees, +-10 % zoom), so every view is a
+crop the model was trained to read.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+# The views besides the crop as is: (rotation in degrees, zoom).
+EXTRA_VIEWS: tuple[tuple[float, float], ...] = ((7.0, 1.0), (-7.0, 1.0), (0.0, 0.9), (0.0, 1.1))
+
+
+@lru_cache(maxsize=16)
+def view_matrix(degrees: float, zoom: float, size: int) -> np.ndarray:
+    """(size*size, size*size) float32 M with view.flat = M @ image.flat (zero outside the image)."""
+    cos, sin = math.cos(math.radians(degrees)) / zoom, math.sin(math.radians(degrees)) / zoom
+    centres = (2 * np.arange(size) + 1) / size - 1  # normalized pixel centres (align_corners=False)
+    gy, gx = np.meshgrid(centres, centres, indexing="ij")
+    # source pixel coordinates of every output pixel
+    sx = ((cos * gx - sin * gy + 1) * size - 1) / 2
+    sy = ((sin * gx + cos * gy + 1) * size - 1) / 2
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    m = np.zeros((size * size, size * size), np.float64)
+    out = np.arange(size * size)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            w = (1 - abs(sx - xi)) * (1 - abs(sy - yi))
+            inside = ((xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)).ravel()
+            np.add.at(m, (out[inside], (yi * size + xi).ravel()[inside]), w.ravel()[inside])
+    return m.astype(np.float32)
+
+
+def view_pixels(pixels: np.ndarray, degrees: float, zoom: float) -> np.ndarray:
+    """One view of light-on-dark pixels (N, S, S), as float32 in the same 0-255 scale (the runtimes
+    normalize them like uint8). Ink brought in from outside is background (0). Resampling before the
+    normalization to [-1, 1] is the same as after it with background -1: both are linear."""
+    n, size, _ = pixels.shape
+    flat = pixels.reshape(n, size * size).astype(np.float32) @ view_matrix(degrees, zoom, size).T
+    return flat.reshape(n, size, size)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def averaged(view_logits: list[np.ndarray]) -> np.ndarray:
+    """The mean log-probability over views: a geometric mean, used as logits (softmax, and so the
+    calibrated confidence, is unchanged by the per-row shift from logits to log-probabilities)."""
+    return np.mean([log_softmax(v) for v in view_logits], axis=0).astype(np.float32)
+
+
+def gated(first: np.ndarray, temperature: float, gate: float) -> np.ndarray:
+    """Rows whose as-is confidence (softmax of first / temperature) is under `gate`: the ones viewed."""
+    from kmnist_core.calibration import softmax
+
+    return softmax(first, temperature).max(1) < gate
+
+
+def with_views(logits_of, pixels: np.ndarray, temperature: float, gate: float,
+               extra: Sequence[Sequence[float]] = EXTRA_VIEWS) -> tuple[np.ndarray, np.ndarray]:
+    """`logits_of(pixels)` on every crop, then on the `extra` views (degrees, zoom) of the unsure ones
+    (`gated`), whose logits become the views' averaged log-probabilities. Returns the logits and the rows
+    viewed."""
+    out = logits_of(pixels)
+    unsure = gated(out, temperature, gate) if len(out) else np.zeros(0, bool)
+    if unsure.any():
+        chosen = pixels[unsure]
+        out[unsure] = averaged([out[unsure], *(logits_of(view_pixels(chosen, d, z)) for d, z in extra)])
+    return out, unsure

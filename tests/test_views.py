@@ -1,0 +1,76 @@
+"""Test-time views (kmnist_core/views.py): the numpy views are torch's augmentation resampling, and a model
+whose card has a `views` section decides exactly on the logits the recipe fits its thresholds on (the
+unsure crops viewed, the others as they are), at fp32 and at int8 with its fp32 recheck."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from kmnist_core import calibration
+from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_model
+from kmnist_core.transforms import affine, to_model_tensor
+from kmnist_core.views import EXTRA_VIEWS, averaged, view_pixels
+
+
+@pytest.mark.parametrize("degrees, zoom", [*EXTRA_VIEWS, (12.0, 1.0), (-3.0, 0.93)])
+def test_a_view_is_the_augmentations_resampling(kmnist_dev, degrees, zoom):
+    pixels = kmnist_dev.test.images[:64]
+    n = len(pixels)
+    theirs = affine(to_model_tensor(pixels), torch.full((n,), math.radians(degrees)), torch.full((n,), zoom),
+                    torch.zeros(n, 2), -1.0)
+    ours = to_model_tensor(view_pixels(pixels, degrees, zoom))  # normalized after the view: the same, linearly
+    assert float((ours - theirs).abs().max()) < 1e-5
+    assert not np.allclose(view_pixels(pixels, degrees, zoom), pixels)  # a view moves ink
+
+
+@pytest.fixture
+def viewed_model(tmp_path):
+    """The default model's directory with a views section on its card (gate 0.99 at its own temperature)."""
+    out = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, out)
+    card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+    card["views"] = {"extra": [list(v) for v in EXTRA_VIEWS], "gate": 0.99,
+                     "gate_temperature": card["calibration"]["temperature"], "fitted_on": "this test"}
+    (out / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
+    return out
+
+
+def by_hand(runtime, pixels: np.ndarray, temperature: float, gate: float) -> tuple[np.ndarray, np.ndarray]:
+    """What the views should give: the unsure rows' mean log-probability over the crop and its views."""
+    out = runtime(pixels)
+    unsure = calibration.softmax(out, temperature).max(1) < gate
+    views = [runtime(view_pixels(pixels, d, z)) for d, z in EXTRA_VIEWS]
+    expected = out.copy()
+    expected[unsure] = averaged([out, *views])[unsure]
+    return expected, unsure
+
+
+def test_a_card_with_views_views_only_the_unsure_crops(viewed_model, kmnist_dev):
+    pixels = kmnist_dev.test.images[:600]
+    plain, viewed = load_model(DEFAULT_MODEL_DIR, precision="fp32"), load_model(viewed_model, precision="fp32")
+    assert plain.policy.views is None and viewed.policy.views.gate == 0.99
+    assert viewed.policy.record()["views"] == {"extra": [list(v) for v in EXTRA_VIEWS], "gate": 0.99}
+    expected, unsure = by_hand(plain.fp32_logits, pixels, viewed.policy.views.gate_temperature, 0.99)
+    assert 0 < unsure.sum() < len(pixels) // 2
+    got = viewed.logits(pixels)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.array_equal(got[~unsure], plain.logits(pixels)[~unsure])  # sure crops: one pass, as before
+
+
+def test_int8_views_the_unsure_crops_and_rechecks_near_decisions_with_views(viewed_model, kmnist_dev):
+    pixels = kmnist_dev.test.images[:600]
+    viewed = load_model(viewed_model, precision="int8")
+    assert viewed.precision == "int8"
+    gate_t = viewed.policy.views.gate_temperature
+    expected, _ = by_hand(viewed.int8.logits, pixels, gate_t, 0.99)
+    fp32_expected, _ = by_hand(viewed.fp32_logits, pixels, gate_t, 0.99)
+    got, fp32_rows = viewed.decided_logits(pixels)
+    assert fp32_rows.any()
+    np.testing.assert_allclose(got[~fp32_rows], expected[~fp32_rows], atol=1e-5)
+    np.testing.assert_allclose(got[fp32_rows], fp32_expected[fp32_rows], atol=1e-5)
