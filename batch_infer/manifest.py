@@ -70,6 +70,7 @@ class ManifestSource:
     table: pa.Table  # as written (read_table)
     pages: str | None = None  # a Kaggle manifest's page folder (--pages, or the manifest's own folder)
     page_names: tuple[str, ...] = ()  # the files in it
+    paths: tuple[str, ...] = ()  # another manifest's `path` column, resolved (storage.resolve_against)
 
 
 def read_table(source: str) -> tuple[storage.Location, pa.Table]:
@@ -97,7 +98,7 @@ def read_table(source: str) -> tuple[storage.Location, pa.Table]:
 
 def open_manifest(source: str, pages_dir: str | None) -> ManifestSource:
     """Everything a manifest needs from storage: its table and, for a Kaggle manifest (image_id,labels and
-    no path), the names in its page folder."""
+    no path), the names in its page folder; for another, its paths resolved against its folder."""
     loc, table = read_table(source)
     folder = os.path.dirname(loc.path) if loc.local else loc.uri.rsplit("/", 1)[0]
     names = table.column_names
@@ -106,25 +107,12 @@ def open_manifest(source: str, pages_dir: str | None) -> ManifestSource:
         return ManifestSource(loc.uri, folder, table, pages, tuple(storage.list_names(storage.resolve(pages))))
     if pages_dir:
         raise KmnistError("--pages is for Kaggle-format manifests (image_id,labels); other manifests name each path")
-    return ManifestSource(loc.uri, folder, table)
-
-
-def resolve_paths(paths: pa.ChunkedArray, folder: str) -> list[str]:
-    """Relative paths against the manifest's folder; absolute paths and URIs as they are."""
-    out = []
-    for p in paths.to_pylist():
-        if p is None or not str(p).strip():
-            raise KmnistError("manifest has a row with an empty path")
-        p = str(p)
-        if storage.is_uri(p):
-            out.append(storage.resolve(p).uri)
-        elif os.path.isabs(p):
-            out.append(os.path.normpath(p))
-        elif storage.is_uri(folder):
-            out.append(folder.rstrip("/") + "/" + p)
-        else:
-            out.append(os.path.normpath(os.path.join(folder, p)))
-    return out
+    if "path" not in names:
+        raise KmnistError(f"--manifest {loc.uri} has no 'path' column (columns: {', '.join(names)})")
+    given = table.column("path").to_pylist()
+    if any(p is None or not str(p).strip() for p in given):
+        raise KmnistError("manifest has a row with an empty path")
+    return ManifestSource(loc.uri, folder, table, paths=tuple(storage.resolve_against([str(p) for p in given], folder)))
 
 
 def parse_kaggle(table: pa.Table, where: str, page_names: tuple[str, ...]) -> pa.Table:
@@ -175,11 +163,11 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
     uri = found.uri
     folder = found.folder
     table = found.table
-    if found.pages is not None:
+    paths = list(found.paths)
+    if found.pages is not None:  # its page paths are built from the resolved page folder
         table = parse_kaggle(table, found.pages, found.page_names)
+        paths = table.column("path").to_pylist()
     names = table.column_names
-    if "path" not in names:
-        raise KmnistError(f"--manifest {uri} has no 'path' column (columns: {', '.join(names)})")
     given = [c for c in BOX_INPUT if c in names]
     if given and len(given) < 4:
         raise KmnistError(f"--manifest {uri}: boxes need all of x, y, width, height (missing "
@@ -191,7 +179,6 @@ def read_manifest(source: str, pages_dir: str | None = None) -> Manifest:
     if clash:
         raise KmnistError(f"manifest column {clash[0]!r} is also an output column; rename it in the manifest "
                           f"(output columns are listed in the README's schema)")
-    paths = resolve_paths(table.column("path"), folder)
     if boxes:
         coords = box_coordinates(table)
         keys = [box_key(p, *v) for p, *v in zip(paths, *(coords[c].to_pylist() for c in BOX_INPUT))]

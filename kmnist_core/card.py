@@ -134,6 +134,9 @@ class ModelCard:
     input_size: int
     classes: ClassMap
     calibration: Calibration  # the fp32 model's
+    # int8's: its temperature and thresholds refitted on its own logits at the build, while the card's fp32
+    # calibration is still the one that refit started from (a hand-tuned card is then honoured as is); else None
+    int8_calibration: Calibration | None
     int8: Int8Section | None  # the int8 twin's section: files' sha256, gate, probe, figures (kmnist_core/int8.py)
     fp32_onnx: Fp32OnnxSection | None  # the fp32 twin's section (kmnist_core/onnx_export.py)
     views: ViewsSection | None  # test-time views of unsure crops; None: every crop is read once
@@ -150,27 +153,21 @@ class ModelCard:
             raise KmnistError(f"{source} has format {raw['format_version']}; this kmnist-batch reads up to {FORMAT_VERSION}")
         try:
             training = raw.get("training") or {}
+            calib = raw.get("calibration") or {}
+            int8 = Int8Section.from_json(raw["int8"]) if raw.get("int8") is not None else None
+            refit_current = int8 is not None and int8.fitted_against == calibration_key(calib)
             return cls(model_id=raw.get("model_id", "unknown"), architecture=raw["architecture"]["name"],
                        num_classes=int(raw["architecture"]["num_classes"]), input_size=int(raw["input"]["size"]),
                        classes=ClassMap.from_records(raw["classes"]),
-                       calibration=Calibration.from_json(raw.get("calibration") or {}),
-                       int8=Int8Section.from_json(raw["int8"]) if raw.get("int8") is not None else None,
+                       calibration=Calibration.from_json(calib),
+                       int8_calibration=Calibration.from_json({**calib, **int8.calibration}) if refit_current else None,
+                       int8=int8,
                        fp32_onnx=Fp32OnnxSection.from_json(raw["fp32_onnx"]) if raw.get("fp32_onnx") is not None else None,
                        views=ViewsSection.from_json(raw["views"]) if raw.get("views") is not None else None,
                        training_dataset=training.get("dataset"),
                        training_data_dir=(training.get("config") or {}).get("data_dir"), raw=raw)
         except (KeyError, TypeError, ValueError) as e:
             raise KmnistError(f"{source} is not a valid kmnist-batch model card: {type(e).__name__}: {e}") from None
-
-    def calibration_for(self, precision: str) -> Calibration:
-        """int8 runs on the temperature and thresholds refitted on its own logits when the build, unless
-        the card's fp32 calibration was changed since (a hand-tuned card is then honoured as is). The one
-        place this rule is written: the decision policy (kmnist_core/policy.py) and the audit's promise
-        (reviews/store.py) both read it here."""
-        calib = self.raw.get("calibration") or {}
-        if precision == "int8" and self.int8 is not None and self.int8.fitted_against == calibration_key(calib):
-            return Calibration.from_json({**calib, **self.int8.calibration})
-        return self.calibration
 
     def with_sections(self, **sections: "Int8Section | Fp32OnnxSection") -> "ModelCard":
         """The card with its `int8` and/or `fp32_onnx` section replaced."""

@@ -3,7 +3,7 @@
 A policy is built (`decide_policy`) from three things and nothing else: the model card, the precision that
 runs (the card's choice, kmnist_core/precision.py `resolve_precision`, then the int8 twin's probe on this
 CPU, `after_probe`) and the user's overrides (--review-below, --ood-threshold). It holds the precision and
-why, the calibration for that precision (the int8 twin's refit when current, ModelCard.calibration_for)
+why, the calibration for that precision (the int8 twin's refit when current, `calibration_for`)
 with the user's thresholds in place of the card's, the card's review promise and its test-time views.
 
 Everything that decides or records a decision reads a policy: `Predictor.assess` and `predict`
@@ -105,10 +105,16 @@ def after_probe(chosen: Precision, probe: dict | None) -> Precision:
     return replace(chosen, used="fp32", note=probe_note(probe) + ": running fp32")
 
 
+def calibration_for(card: ModelCard, precision: str) -> Calibration:
+    """What a precision decides with: int8 its own refit while that is current (ModelCard.int8_calibration),
+    else the card's. Read by `decide_policy` and the audit's promise (reviews/stats.py)."""
+    return card.int8_calibration if precision == "int8" and card.int8_calibration is not None else card.calibration
+
+
 def decide_policy(card: ModelCard, precision: Precision, review_below: float | None = None,
                   ood_threshold: float | None = None) -> DecisionPolicy:
     """The policy of a process running `card` at `precision` (after the probe), with the user's thresholds."""
-    return DecisionPolicy(precision, card.calibration_for(precision.used),
+    return DecisionPolicy(precision, calibration_for(card, precision.used),
                           views=card.views).with_thresholds(review_below, ood_threshold)
 
 

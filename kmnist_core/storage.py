@@ -82,6 +82,22 @@ def resolve(text: str | os.PathLike) -> Location:
     return Location(_filesystem(f"{scheme}://{bucket}"), rest.rstrip("/"), f"{scheme}://{rest.rstrip('/')}")
 
 
+def resolve_against(paths: list[str], folder: str) -> list[str]:
+    """Paths a listing names, as rows show them: relative ones against `folder` (a local folder or a URI),
+    absolute local paths normalized, URIs resolved."""
+    out = []
+    for p in paths:
+        if is_uri(p):
+            out.append(resolve(p).uri)
+        elif os.path.isabs(p):
+            out.append(os.path.normpath(p))
+        elif is_uri(folder):
+            out.append(folder.rstrip("/") + "/" + p)
+        else:
+            out.append(os.path.normpath(os.path.join(folder, p)))
+    return out
+
+
 def exists(loc: Location) -> bool:
     if loc.local:
         return os.path.exists(loc.path)

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from kmnist_core.calibration import rate_upper_bound
 from kmnist_core.card import ModelCard
+from kmnist_core.policy import calibration_for
 from kmnist_core.safe_text import terminal
 from reviews.store import NOT_A_CHARACTER, SPECIAL_LABELS, UNREADABLE, latest, latest_by
 
@@ -56,7 +57,7 @@ AUDIT_LEVEL = 0.95  # the audit interval: two-sided, as a measurement is reporte
 def review_promise(card: ModelCard, precision: str | None = None) -> dict | None:
     """What the card promises of auto-accepted rows (fitted on validation): the int8 twin's own when
     `precision` is int8 and its refit is current, else the fp32 model's; None for a card without one."""
-    return card.calibration_for(precision or "fp32").review_promise
+    return calibration_for(card, precision or "fp32").review_promise
 
 
 def clopper_pearson(hits: int, n: int, level: float = AUDIT_LEVEL) -> tuple[float, float]:

@@ -20,6 +20,7 @@ from kmnist_core.int8 import (INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE
 from kmnist_core.models import load_torch_model, optimize_for_inference, predict_logits
 from kmnist_core.onnx_export import FP32_FILE, MAX_LOGIT_DIFF, decisions, export_onnx, fp32_twin_bytes, input_unfold, sha256
 from kmnist_core.ort_model import OrtModel, unfold
+from kmnist_core.policy import calibration_for
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model, read_model_files
 from tests.test_int8 import bare_copy
 from tests.processes import CLI
@@ -159,7 +160,7 @@ def test_the_shipped_fp32_twin_is_the_default_model_exported_and_decides_as_torc
     images = kmnist_dev.test.images
     ours, theirs = OrtModel(shipped).logits(images), predict_logits(model, images, "cpu")
     assert np.abs(ours - theirs).max() < MAX_LOGIT_DIFF
-    for calib in (card.calibration, card.calibration_for("int8")):
+    for calib in (card.calibration, calibration_for(card, "int8")):
         np.testing.assert_array_equal(decisions(ours, calib), decisions(theirs, calib))
 
 
