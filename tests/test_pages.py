@@ -148,6 +148,12 @@ def test_manifest_checks_and_pass_through(tmp_path, kmnist_dev):
     write_csv(tmp_path / "bad.csv", [{k: v for k, v in r.items() if k != "path"} for r in rows])
     with pytest.raises(KmnistError, match="no 'path' column"):
         read_manifest(str(tmp_path / "bad.csv"))
+    write_csv(tmp_path / "bad.csv", [{**rows[0], "path": " "}, *rows[1:]])
+    with pytest.raises(KmnistError, match="a row with an empty path"):
+        read_manifest(str(tmp_path / "bad.csv"))
+    # Relative paths resolve against the manifest's folder, local or on an object store.
+    assert storage.resolve_against(["a/b.png", "/x/../y.png"], str(tmp_path)) == [str(tmp_path / "a" / "b.png"), "/y.png"]
+    assert storage.resolve_against(["a/b.png"], "s3://bucket/dir/") == ["s3://bucket/dir/a/b.png"]
 
 
 def test_chunks_never_split_a_page(tmp_path, kmnist_dev):
