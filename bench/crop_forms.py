@@ -10,11 +10,18 @@ preprocessing before issue 11), for comparison, accuracy and decode time. `--tre
 (DIR/<form>/<char>/<i>.png|jpg) for `kmnist-batch predict`.
 
     .venv/bin/python bench/crop_forms.py [--model default] [--split test|val] [--record] [--tree DIR]
-    .venv/bin/python bench/crop_forms.py --out-of-fold distill-oe [--record]
+    nice -n 10 .venv/bin/python bench/crop_forms.py --out-of-fold hands-oe [--precision int8|fp32] [--record]
 
-`--out-of-fold RECIPE`: all 8,000 kmnist-dev images, each scored by the fold model of bench/oof_folds.py
-that never saw it (fp32), instead of one model on one split: the honest figure for a model trained on all
-8,000 (the shipped default), whose own test split is training data.
+`--out-of-fold RECIPE`: every image of a k-fold recipe, each scored by the fold model that never saw it,
+instead of one model on one split: the honest figure for a model trained on all of them (the shipped
+default), whose own test split is training data. A kmnist_core/recipe.py recipe (hands-oe: all 14,000
+kmnist-dev + kmnist-train6k images) is scored with its review.json test-time views; an older
+bench/oof_folds.py one (plain-oe, distill-oe: 8,000 kmnist-dev images) without views. Each fold model runs
+as a Predictor runs it (bench/oof_int8.py `load_recipe`: `--precision int8`, the default, is its int8 twin
+with the rows near a decision recomputed in fp32, views in both passes; `fp32` its fp32 ONNX twin; rows of
+2026-12-05 and before were the fp32 torch model). Out of fold, decode is not timed. `--scan-forms` adds
+tests/test_robustness.py's scan forms (16-bit TIFF, ink only in alpha, a noisy RGB JPEG at 56 px, a crop cut
+to the ink's box) after these.
 """
 
 from __future__ import annotations
@@ -158,22 +165,23 @@ def decode_us(decode: Callable[[bytes], object], files: list[bytes], rounds: int
     return best
 
 
-def out_of_fold(recipe: str) -> tuple[Split, Callable[[np.ndarray], np.ndarray], str, str]:
-    """All 8,000 images, and a predict function giving each image the class its fold's model says."""
-    from bench.oof_folds import RESULTS, all_images, stratified_folds, trained_model
-    from kmnist_core.models import predict_logits
+def out_of_fold(recipe: str, precision: str) -> tuple[Split, Callable[[np.ndarray], np.ndarray], str, str]:
+    """Every image of the recipe, and a predict function giving each image (row i of `pixels` is a form of
+    image i) the class its fold's Predictor decides (module doc)."""
+    from bench.oof_int8 import load_recipe
 
-    full, base = all_images()
-    fold = stratified_folds(full.labels, 5)
-    models = [trained_model(recipe, RESULTS / recipe / f"fold-{k}.pt", base) for k in range(5)]
+    r = load_recipe(recipe)
+    folds = [(f.rows, f.int8 if precision == "int8" else f.fp32) for f in r.folds]
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         pred = np.empty(len(pixels), np.int64)
-        for k, model in enumerate(models):
-            pred[fold == k] = predict_logits(model, pixels[fold == k], "cpu").argmax(1)
+        for rows, predictor in folds:
+            pred[rows] = predictor.decided_logits(pixels[rows])[0].argmax(1)
         return pred
 
-    return full, predict, f"{recipe} fold models", "out-of-fold (8000)"
+    views = f"views gate {r.views.gate}" if r.views else "no views"
+    return (Split(r.images, r.labels), predict, f"{recipe} fold models, {precision} as predict runs it, {views}",
+            f"{r.source} out-of-fold ({len(r.labels)})")
 
 
 def main() -> None:
@@ -183,12 +191,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tree", type=Path, help="also write the crops as files under this folder")
     parser.add_argument("--record", action="store_true", help="append the rows to docs/benchmarks.md")
-    parser.add_argument("--out-of-fold", metavar="RECIPE", help="each of the 8,000 images scored by its fold's model")
+    parser.add_argument("--out-of-fold", metavar="RECIPE", help="each image of a k-fold recipe scored by its fold's model")
+    parser.add_argument("--precision", default="int8", choices=["int8", "fp32"],
+                        help="--out-of-fold: what the fold Predictors run (int8: with the fp32 recheck)")
+    parser.add_argument("--scan-forms", action="store_true", help="also tests/test_robustness.py's scan forms")
     args = parser.parse_args()
+    forms = dict(FORMS)
+    if args.scan_forms:
+        from tests.test_robustness import FORMS as SCAN_FORMS  # imported here: it imports this module
+
+        forms.update({f"scan: {name}": make for name, make in SCAN_FORMS.items()})
 
     data = load_dataset("kmnist-dev")
+    timed = not args.out_of_fold  # 14,000 images x 9 forms: decode is timed on one split
     if args.out_of_fold:
-        split, predict, model_name, split_name = out_of_fold(args.out_of_fold)
+        split, predict, model_name, split_name = out_of_fold(args.out_of_fold, args.precision)
     else:
         model = load_model(args.model)
         split, predict = getattr(data, args.split), lambda pixels: model.probabilities(pixels).argmax(1)
@@ -196,23 +213,24 @@ def main() -> None:
     size = data.input_size
     score = lambda pixels: float((predict(np.stack(pixels)) == split.labels).mean())  # noqa: E731
     tight = None
-    print(f"model {model_name}, kmnist-dev {split_name} images")
+    print(f"model {model_name}, {'' if args.out_of_fold else 'kmnist-dev '}{split_name} images")
     print(f"{'form':34} {'accuracy':>9} {'vs tight':>9} {'whole box':>10} {'blank':>6} {'decode µs (whole box)':>22}")
-    for name, make in FORMS.items():
+    for name, make in forms.items():
         rng = np.random.default_rng(args.seed)
         files = [make(g, rng) for g in split.images]
         prepared = [decode_bytes(f, size) for f in files]
         old = [whole_box(f, size) for f in files]
-        us, us_before = decode_us(lambda f: decode_bytes(f, size), files), decode_us(lambda f: whole_box(f, size), files)
+        decode = (f"{decode_us(lambda f: decode_bytes(f, size), files):.0f} "
+                  f"({decode_us(lambda f: whole_box(f, size), files):.0f})" if timed else "-")
         acc, before = score([p.pixels for p in prepared]), score(old)
         blank = sum(p.blank for p in prepared)
         tight = acc if tight is None else tight
-        print(f"{name:34} {acc:9.2%} {acc - tight:+9.2%} {before:10.2%} {blank:6d} {us:10.0f} ({us_before:.0f})")
+        print(f"{name:34} {acc:9.2%} {acc - tight:+9.2%} {before:10.2%} {blank:6d} {decode:>22}", flush=True)
         if name.startswith("tight 28x28 (KMNIST"):
             same = sum(np.array_equal(p.pixels, g) for p, g in zip(prepared, split.images))
             print(f"{'':34} {same}/{len(files)} tight crops come through bit-identical")
         if args.tree:
-            folder = args.tree / name.split(" (")[0].replace(",", "").replace(" ", "-").replace("+", "with")
+            folder = args.tree / name.split(" (")[0].replace(",", "").replace(":", "").replace(" ", "-").replace("+", "with")
             for i, (f, label) in enumerate(zip(files, split.labels)):
                 ext = "jpg" if f.startswith(JPEG_MAGIC) else "png"
                 path = folder / data.classes.chars[label] / f"{i:04d}.{ext}"
@@ -220,7 +238,7 @@ def main() -> None:
                 path.write_bytes(f)
         if args.record:
             append_row("crop forms", [f"`{model_name}`", split_name, name, f"{tight:.2%}",
-                                      f"**{acc:.2%}** ({acc - tight:+.2%})", f"{before:.2%}", str(blank), f"{us:.0f} ({us_before:.0f})"])
+                                      f"**{acc:.2%}** ({acc - tight:+.2%})", f"{before:.2%}", str(blank), decode])
 
 
 if __name__ == "__main__":
