@@ -43,7 +43,7 @@ from kmnist_core.ort_model import OrtModel  # noqa: E402
 from kmnist_core.policy import DecisionPolicy  # noqa: E402
 from kmnist_core.precision import Precision  # noqa: E402
 from kmnist_core.predictor import Predictor  # noqa: E402
-from kmnist_core.views import gated  # noqa: E402
+from kmnist_core.views import as_is_confidence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,8 +178,8 @@ def main() -> None:
           f"{c.ood_threshold} out of set, review below {c.review_below:.4f}; views: "
           + (f"gate {r.views.gate} at T {r.views.gate_temperature:.4f}, extra {r.views.extra}" if r.views else "none"))
     def viewed_rows(as_is: np.ndarray) -> np.ndarray:
-        """The rows the card's views re-read, from one runtime's as-is logits (views.gated)."""
-        return gated(as_is, r.views.gate_temperature, r.views.gate) if r.views else np.zeros(len(as_is), bool)
+        """The rows the card's views re-read, from one runtime's as-is logits (views.with_views)."""
+        return as_is_confidence(as_is, r.views.gate_temperature) < r.views.gate if r.views else np.zeros(len(as_is), bool)
 
     keys = ("fp32", "twin", "decided", "near", "labels", "viewed", "viewed_int8", "rows")
     stores: dict[str, list] = {key: [] for key in keys}

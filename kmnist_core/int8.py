@@ -78,6 +78,10 @@ MAX_WEIGHT = 64  # |int8 weight| <= 64: 255 * 64 * 2 fits VPMADDUBSW's int16 sum
 RECHECK_TOP2_MARGIN = 0.4
 RECHECK_BELOW, RECHECK_ABOVE = 0.15, 0.06  # around review_below
 RECHECK_OOD = {"max-softmax": 0.15, "energy": 2.5, "max-logit": 2.5}  # around ood_threshold, on its scale
+# Around a card's test-time views gate (kmnist_core/views.py), on the as-is confidence: a crop int8 puts on
+# the other side of the gate than fp32 is read with or without views, which can move its review flag
+# (out of fold on hands-oe: 144 of 14,000 crossed, 4 flags moved, all within 0.0097 of the gate).
+RECHECK_GATE = 0.01
 # (logit-scale scores move at most as much as a logit; the largest |int8 - fp32 logit| out of fold was 2.38)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 

@@ -32,7 +32,7 @@ from kmnist_core.evaluate import review_decisions
 from kmnist_core.experiment import IN_SET_KEEP, REVIEW_LEVEL, REVIEW_PRECISION
 from kmnist_core.negatives import candidate_glyphs, glyph_pool, is_kana, make_negatives
 from kmnist_core.recipe import Recipe, fold_dataset, hand_fonts, held_hands, stratified_folds
-from kmnist_core.views import EXTRA_VIEWS, averaged, gated, view_pixels
+from kmnist_core.views import EXTRA_VIEWS, as_is_confidence, averaged, view_pixels
 
 MARGINS = (0.0, 0.0005, 0.001, 0.0015, 0.002, 0.003)  # added to REVIEW_PRECISION when fitting
 NON_GLYPH = ("merged", "fragment", "overlay", "turned", "strokes")
@@ -148,7 +148,7 @@ def apply_views(d: dict[str, np.ndarray], results: Path, gate: float) -> dict:
     viewed = {}
     for key in ("logits", "fit_logits", "hands_logits", "kinds_logits"):
         extra = np.concatenate([v[key] for v in stored], axis=1)
-        unsure = gated(d[key], temperature, gate)
+        unsure = as_is_confidence(d[key], temperature) < gate
         d[key] = d[key].copy()
         d[key][unsure] = averaged([d[key][unsure], *extra[:, unsure]])
         viewed[key.removesuffix("logits").rstrip("_") or "rows"] = float(unsure.mean())

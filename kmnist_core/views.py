@@ -65,21 +65,22 @@ def averaged(view_logits: list[np.ndarray]) -> np.ndarray:
     return np.mean([log_softmax(v) for v in view_logits], axis=0).astype(np.float32)
 
 
-def gated(first: np.ndarray, temperature: float, gate: float) -> np.ndarray:
-    """Rows whose as-is confidence (softmax of first / temperature) is under `gate`: the ones viewed."""
+def as_is_confidence(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """The confidence the views gate is compared with: softmax of the as-is logits / temperature, top class."""
     from kmnist_core.calibration import softmax
 
-    return softmax(first, temperature).max(1) < gate
+    return softmax(logits, temperature).max(1) if len(logits) else np.zeros(0, np.float32)
 
 
 def with_views(logits_of, pixels: np.ndarray, temperature: float, gate: float,
                extra: Sequence[Sequence[float]] = EXTRA_VIEWS) -> tuple[np.ndarray, np.ndarray]:
-    """`logits_of(pixels)` on every crop, then on the `extra` views (degrees, zoom) of the unsure ones
-    (`gated`), whose logits become the views' averaged log-probabilities. Returns the logits and the rows
-    viewed."""
+    """`logits_of(pixels)` on every crop, then on the `extra` views (degrees, zoom) of the unsure ones (as-is
+    confidence at `temperature` under `gate`), whose logits become the views' averaged log-probabilities.
+    Returns the logits and each crop's as-is confidence (the rows viewed are those under `gate`)."""
     out = logits_of(pixels)
-    unsure = gated(out, temperature, gate) if len(out) else np.zeros(0, bool)
+    confidence = as_is_confidence(out, temperature)
+    unsure = confidence < gate
     if unsure.any():
         chosen = pixels[unsure]
         out[unsure] = averaged([out[unsure], *(logits_of(view_pixels(chosen, d, z)) for d, z in extra)])
-    return out, unsure
+    return out, confidence

@@ -97,9 +97,9 @@ def test_a_killed_fold_resumes_and_the_review_and_the_final_model_come_from_the_
     d = recipe_thresholds.load_oof(r.results)
     assert recipe_thresholds.apply_views(d, r.results, views["gate"]) == views
     model, held = recipe_thresholds.fold_model(r, 0, 10), d["fold"] == 0
-    ours, viewed = with_views(lambda x: predict_logits(model, x, "cpu"), pool.images[d["index"][held]],
-                              views["gate_temperature"], views["gate"])
-    assert 0 < viewed.sum() < held.sum() or viewed.all()
+    ours, confidence = with_views(lambda x: predict_logits(model, x, "cpu"), pool.images[d["index"][held]],
+                                  views["gate_temperature"], views["gate"])
+    assert (confidence < views["gate"]).any()
     np.testing.assert_allclose(ours, d["logits"][held], atol=1e-4)
     assert report["top1"] != report["top1_as_is"]  # the views changed some rows
     assert set(chosen["held_out_checks"]) == {"fold 0", "fold 1", "pooled folds", "one (fitted on the other split)",
