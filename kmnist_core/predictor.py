@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from kmnist_core.card import ModelCard
-from kmnist_core.int8 import RECHECK_GATE, near_decision
+from kmnist_core.int8 import near_decision, near_gate
 from kmnist_core.ort_model import OrtModel
 from kmnist_core.policy import DecisionPolicy, out_of_set
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
@@ -91,22 +91,22 @@ class Predictor:
         """Logits and the rows the fp32 model computed. At int8, the rows near one of the policy's thresholds
         (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows; with
         the card's test-time views, both passes view the unsure crops (`viewed`), and a crop whose as-is
-        confidence is near the views gate is recomputed in fp32 too (RECHECK_GATE)."""
+        confidence is near the views gate is recomputed in fp32 too (int8.near_gate)."""
         if self.int8 is None:
             out = self.viewed(lambda x: self.fp32_logits(x, batch_size), pixels)
             return out, np.ones(len(out), bool)
         p = self.policy
         int8 = lambda x: self.int8.logits(x, batch_size)  # noqa: E731
         if p.views is None:
-            out, near_gate = int8(pixels), None
+            out, near_views_gate = int8(pixels), None
         else:  # a crop near the gate may be viewed in fp32 and not in int8, or the reverse
             out, confidence = with_views(int8, pixels, p.views.gate_temperature, p.views.gate, p.views.extra)
-            near_gate = np.abs(confidence - p.views.gate) < RECHECK_GATE
+            near_views_gate = near_gate(confidence, p.views.gate)
         if not len(out):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, bool)
         near = near_decision(out, p.temperature, p.review_below, p.ood_score, p.ood_threshold)
-        if near_gate is not None:
-            near |= near_gate
+        if near_views_gate is not None:
+            near |= near_views_gate
         if near.any():
             out[near] = self.viewed(lambda x: self.fp32_logits(x, batch_size), pixels[near])
         return out, near

@@ -88,6 +88,12 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
+def fold_scoring(recipe: Recipe, k: int, pool: LabelledPool | None) -> tuple[LabelledPool, object, dict]:
+    """The pool, fold k's model and its negative sets (fold_negative_sets): what its scoring reads."""
+    pool = pool or load_labelled_pool()
+    return pool, fold_model(recipe, k, len(pool.classes)), fold_negative_sets(recipe, k, pool)
+
+
 def score_fold_negatives(recipe: Recipe, k: int, pool: LabelledPool | None = None) -> Path:
     """Score the fold's negative sets with its model into fold-K-negatives.npz (kept once written)."""
     from kmnist_core.models import predict_logits
@@ -95,10 +101,9 @@ def score_fold_negatives(recipe: Recipe, k: int, pool: LabelledPool | None = Non
     done = recipe.results / f"fold-{k}-negatives.npz"
     if done.exists():
         return done
-    pool = pool or load_labelled_pool()
-    model = fold_model(recipe, k, len(pool.classes))
+    pool, model, negatives = fold_scoring(recipe, k, pool)
     arrays = {}
-    for name, (images, labels) in fold_negative_sets(recipe, k, pool).items():
+    for name, (images, labels) in negatives.items():
         arrays[f"{name}_logits"] = predict_logits(model, images, "cpu")
         arrays[f"{name}_labels"] = labels.astype(str)
     return save_npz(done, arrays)
@@ -112,11 +117,9 @@ def score_fold_views(recipe: Recipe, k: int, pool: LabelledPool | None = None) -
     done = recipe.results / f"fold-{k}-views.npz"
     if done.exists():
         return done
-    pool = pool or load_labelled_pool()
-    model = fold_model(recipe, k, len(pool.classes))
+    pool, model, negatives = fold_scoring(recipe, k, pool)
     held = fold_dataset(pool, stratified_folds(pool.labels, pool.source, recipe.folds), k).test
-    sets = {"logits": held.images, **{f"{name}_logits": images
-                                      for name, (images, _) in fold_negative_sets(recipe, k, pool).items()}}
+    sets = {"logits": held.images, **{f"{name}_logits": images for name, (images, _) in negatives.items()}}
     return save_npz(done, {key: np.stack([predict_logits(model, view_pixels(images, d, z), "cpu")
                                           for d, z in EXTRA_VIEWS]) for key, images in sets.items()})
 

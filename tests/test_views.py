@@ -1,6 +1,7 @@
 """Test-time views (kmnist_core/views.py): the numpy views are torch's augmentation resampling, and a model
 whose card has a `views` section decides exactly on the logits the recipe fits its thresholds on (the
-unsure crops viewed, the others as they are), at fp32 and at int8 with its fp32 recheck."""
+unsure crops viewed, the others as they are), at fp32 and at int8 with its fp32 recheck (near a decision
+or near the views gate)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from kmnist_core import calibration
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_model
 from kmnist_core.transforms import affine, to_model_tensor
-from kmnist_core.views import EXTRA_VIEWS, averaged, view_pixels
+from kmnist_core.int8 import near_gate
+from kmnist_core.views import EXTRA_VIEWS, as_is_confidence, averaged, view_pixels
 
 
 @pytest.mark.parametrize("degrees, zoom", [*EXTRA_VIEWS, (12.0, 1.0), (-3.0, 0.93)])
@@ -71,6 +73,7 @@ def test_int8_views_the_unsure_crops_and_rechecks_near_decisions_with_views(view
     expected, _ = by_hand(viewed.int8.logits, pixels, gate_t, 0.99)
     fp32_expected, _ = by_hand(viewed.fp32_logits, pixels, gate_t, 0.99)
     got, fp32_rows = viewed.decided_logits(pixels)
-    assert fp32_rows.any()
+    near = near_gate(as_is_confidence(viewed.int8.logits(pixels), gate_t), 0.99)
+    assert near.any() and fp32_rows[near].all()  # whether views apply is decided in fp32 near the gate
     np.testing.assert_allclose(got[~fp32_rows], expected[~fp32_rows], atol=1e-5)
     np.testing.assert_allclose(got[fp32_rows], fp32_expected[fp32_rows], atol=1e-5)
