@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -379,9 +378,7 @@ def predict_options(given: dict) -> PredictOptions:
 
 def predict_in_child(inputs: list[str], out: str, given: dict, progress_every: float, quiet: bool) -> tuple[int, str]:
     """The run, in the child process batch_infer/supervise.py forks (torch is imported only here): its exit
-    code and how it ended."""
-    # `ray job stop` and service managers send SIGTERM: end the same way as Ctrl-C ("interrupted").
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    code and how it ended. Ctrl-C and SIGTERM raise KeyboardInterrupt here (the handlers run_supervised sets)."""
     # A full disk also fails Ray's own log files; the one error line says what happened, without the
     # "--- Logging error ---" tracebacks Python prints by default for every failed log write.
     logging.raiseExceptions = False

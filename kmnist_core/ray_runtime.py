@@ -10,10 +10,13 @@ set RAY_AUTH_MODE=token and make the cluster's token readable (docs/clusters.md)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +56,20 @@ def prepare_auth(address: str | None = None) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
+@contextlib.contextmanager
+def own_sigterm_kept():
+    """ray.init makes SIGTERM a sys.exit() in a driver; a SIGTERM handler the program set itself is put back
+    (predict's child ends its run as interrupted on SIGTERM, as `ray job stop` and service managers send it,
+    where Ray's would end it as a bug, with run.json left "running"). Ray's stays where there was none."""
+    main = threading.current_thread() is threading.main_thread()
+    own = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(own):  # not SIG_DFL, SIG_IGN or None (set outside Python)
+            signal.signal(signal.SIGTERM, own)
+
+
 def init_ray(address: str | None = None):
     """Reuse an initialized Ray (tests, a notebook), join `address` / RAY_ADDRESS (`ray job submit` sets
     it), or start a local Ray sized to this machine. Returns the `ray` module and its endpoints."""
@@ -64,8 +81,9 @@ def init_ray(address: str | None = None):
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         # No address: a Ray of our own ("local"), never a `ray start` cluster that happens to run here.
-        context = ray.init(address=address or "local", include_dashboard=False if not address else None,
-                           logging_level=logging.WARNING, log_to_driver=False)
+        with own_sigterm_kept():
+            context = ray.init(address=address or "local", include_dashboard=False if not address else None,
+                               logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:
         where = f"connect to Ray at {address}" if address else "start a local Ray"
         raise KmnistError(f"cannot {where}: {str(e).splitlines()[0]}") from None

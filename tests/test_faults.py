@@ -42,7 +42,7 @@ from batch_infer.paths import unescape_name
 from kmnist_core.errors import KmnistError
 from kmnist_core.predictions import read_predictions
 from tests.crop_tree import HOLD_ENV, hold_file, plain_tree, release
-from tests.processes import CliProcesses, wait_for
+from tests.processes import CLI, CliProcesses, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 SJIS_NAMES = ["日本語の文字.png", "くずし字/あ.png", "ｶﾀｶﾅ.png"]  # encoded as CP932 on disk, as Japanese Windows zips do
@@ -491,6 +491,52 @@ def test_ctrl_c_mid_run_is_interrupted_and_resume_finishes(tmp_path, crops, kmni
     assert run["status"] == "interrupted" and run["rows_committed"] == sum(committed.values())
     run_predict([root], out, RESUME)
     assert_exactly_once(out, files)
+
+
+# A shell starts a background job (`kmnist-batch predict ... &` in a script, nohup) with SIGINT ignored. The
+# CLI's child inherited that and ignored the SIGINT the CLI passes on, so the job never stopped (and the
+# suite hung in the two tests above whenever it was itself started in the background).
+IGNORING_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_run_started_with_sigint_ignored_still_stops(tmp_path, kmnist_dev, signum):
+    root, out = tmp_path / "in", tmp_path / "out"
+    plain_tree(root, kmnist_dev.test.images, 20)
+    hold_file(root / "a", kmnist_dev.test.images[0])
+    proc = subprocess.Popen([sys.executable, "-c", IGNORING_SIGINT, CLI, "predict", str(root), "--out", str(out)],
+                            env={**os.environ, **HOLD_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        wait_for(lambda: (out / "run.json").exists() and run_json(out)["status"] == "running", proc)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # the CLI and whatever it forked: nothing held is left behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 130, stderr
+    one_error_line(stderr, "interrupted")
+    assert run_json(out)["status"] == "interrupted"
+
+
+# `ray job stop` sends SIGTERM to every process of the job: the CLI and its child, a Ray driver, where
+# ray.init had made SIGTERM a sys.exit(): the run ended as a bug (exit 1, a traceback), run.json "failed"
+# or left "running".
+def test_sigterm_to_every_process_of_a_ray_run_is_an_interrupt(tmp_path, crops, kmnist_dev, start, ray_run):
+    root, out = tmp_path / "in", tmp_path / "out"
+    files, held = held_tree(crops, root, kmnist_dev.test.images[0])
+    proc = start(root, "--out", out, *ray_run)
+    wait_for(lambda: len(shards(out)) >= 1, proc)
+    os.kill(lock_holder(out)["pid"], signal.SIGTERM)  # the child first: it is surely there still
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    one_error_line(stderr, "interrupted")
+    assert run_json(out)["status"] == "interrupted"
+    assert_cut_off_on_ray(out, files, held)
 
 
 # Item 5, a lost Ray cluster: Ray's C++ core ends the driver itself about 60 s after losing the GCS
