@@ -4,8 +4,9 @@ Views cost model passes, so predict spends them only on the crops the model is u
 as-is confidence under the card's gate); the card's temperature and thresholds are fitted on logits made
 the same way (kmnist_core/recipe_thresholds.py).
 
-Each view is a fixed bilinear resampling of the S x S crop, written as one (S*S, S*S) matrix, so the
-same numbers come out in the recipe, in predict's ONNX Runtime path and beside torch: no torch or scipy.
+Each view is a fixed bilinear resampling of the S x S crop (four weighted source pixels per pixel), so
+the same numbers come out in the recipe, in predict's ONNX Runtime path and beside torch: no torch or
+scipy.
 It reproduces `transforms.affine` (torch's affine_grid + grid_sample, align_corners False, background
 brought in from outside) to float rounding; tests/test_views.py checks that.
 The views stay inside the strong augmentation's range (+-12 degrees, +-10 % zoom), so every view is a
@@ -25,8 +26,9 @@ EXTRA_VIEWS: tuple[tuple[float, float], ...] = ((7.0, 1.0), (-7.0, 1.0), (0.0, 0
 
 
 @lru_cache(maxsize=16)
-def view_matrix(degrees: float, zoom: float, size: int) -> np.ndarray:
-    """(size*size, size*size) float32 M with view.flat = M @ image.flat (zero outside the image)."""
+def view_taps(degrees: float, zoom: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each output pixel's four bilinear source pixels and weights, (4, size*size) each: a source outside
+    the image has weight 0 (background)."""
     cos, sin = math.cos(math.radians(degrees)) / zoom, math.sin(math.radians(degrees)) / zoom
     centres = (2 * np.arange(size) + 1) / size - 1  # normalized pixel centres (align_corners=False)
     gy, gx = np.meshgrid(centres, centres, indexing="ij")
@@ -34,24 +36,29 @@ def view_matrix(degrees: float, zoom: float, size: int) -> np.ndarray:
     sx = ((cos * gx - sin * gy + 1) * size - 1) / 2
     sy = ((sin * gx + cos * gy + 1) * size - 1) / 2
     x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
-    m = np.zeros((size * size, size * size), np.float64)
-    out = np.arange(size * size)
+    index, weight = [], []
     for dy in (0, 1):
         for dx in (0, 1):
             xi, yi = x0 + dx, y0 + dy
-            w = (1 - abs(sx - xi)) * (1 - abs(sy - yi))
-            inside = ((xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)).ravel()
-            np.add.at(m, (out[inside], (yi * size + xi).ravel()[inside]), w.ravel()[inside])
-    return m.astype(np.float32)
+            inside = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
+            index.append(np.where(inside, yi * size + xi, 0).ravel())
+            weight.append(np.where(inside, (1 - abs(sx - xi)) * (1 - abs(sy - yi)), 0.0).ravel())
+    return np.stack(index), np.stack(weight).astype(np.float32)
 
 
 def view_pixels(pixels: np.ndarray, degrees: float, zoom: float) -> np.ndarray:
     """One view of light-on-dark pixels (N, S, S), as float32 in the same 0-255 scale (the runtimes
     normalize them like uint8). Ink brought in from outside is background (0). Resampling before the
-    normalization to [-1, 1] is the same as after it with background -1: both are linear."""
+    normalization to [-1, 1] is the same as after it with background -1: both are linear. Elementwise
+    in a fixed order, so a crop's view does not depend on the batch it is in (a BLAS matrix product's
+    rounding can)."""
     n, size, _ = pixels.shape
-    flat = pixels.reshape(n, size * size).astype(np.float32) @ view_matrix(degrees, zoom, size).T
-    return flat.reshape(n, size, size)
+    flat = pixels.reshape(n, size * size).astype(np.float32)
+    index, weight = view_taps(degrees, zoom, size)
+    out = flat[:, index[0]] * weight[0]
+    for k in range(1, 4):
+        out += flat[:, index[k]] * weight[k]
+    return out.reshape(n, size, size)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from kmnist_core.datasets import load_dataset
 from kmnist_core.errors import KmnistError
 from kmnist_core.int8 import (INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE, calibration_sample, quantize,
                               quantize_model, weight_range)
@@ -170,7 +171,7 @@ def test_the_unfolded_first_conv_computes_the_same_logits(kmnist_dev):
     shipped = (DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()
     assert input_unfold(shipped) == 3
     model = default_torch_model()
-    sample = calibration_sample(kmnist_dev.train.images)
+    sample = calibration_sample(load_dataset(load_bundle("default").card.int8.calibration_data["dataset"]).train.images)
     unfolded, plain = quantize_model(model, 28, sample), quantize(export_onnx(model, 28), sample)
     assert unfolded == shipped and input_unfold(plain) == 1
     images = kmnist_dev.test.images[:300]

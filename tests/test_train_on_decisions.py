@@ -196,9 +196,10 @@ def test_fine_tuning_on_reviews_raises_held_out_accuracy_and_the_card_says_so(fi
     assert after["characters"] == before["characters"] == len(held.labels) > 80
     assert after["negatives"] == len(held.negatives) > 5
     assert section["learnt_from"]["characters"] == len(learn.labels)
-    # "before" is the default model, fp32, at its own card's thresholds: the same figures computed here.
+    # "before" is the default model, fp32 with its card's views, at its own card's thresholds: the same
+    # figures computed here.
     default = load_model("default", precision="fp32")
-    direct = review_figures(default.fp32_logits(held.images), held.labels, default.fp32_logits(held.negatives),
+    direct = review_figures(default.logits(held.images), held.labels, default.logits(held.negatives),
                             default.temperature, default.calibration.review_params())
     assert before["accuracy"] == pytest.approx(direct["accuracy"])
     assert before["auto_accepted_share"] == pytest.approx(direct["auto_accepted_share"])

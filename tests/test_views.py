@@ -31,16 +31,23 @@ def test_a_view_is_the_augmentations_resampling(kmnist_dev, degrees, zoom):
     assert not np.allclose(view_pixels(pixels, degrees, zoom), pixels)  # a view moves ink
 
 
-@pytest.fixture
-def viewed_model(tmp_path):
-    """The default model's directory with a views section on its card (gate 0.99 at its own temperature)."""
-    out = tmp_path / "model"
+def model_copy(out, views: dict | None):
+    """The default model's directory with `views` as its card's views section (None: none)."""
     shutil.copytree(DEFAULT_MODEL_DIR, out)
     card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
-    card["views"] = {"extra": [list(v) for v in EXTRA_VIEWS], "gate": 0.99,
-                     "gate_temperature": card["calibration"]["temperature"], "fitted_on": "this test"}
+    card["views"] = views
     (out / CARD_FILE).write_text(json.dumps(card), encoding="utf-8")
     return out
+
+
+@pytest.fixture
+def viewed_model(tmp_path):
+    """The default model with views at gate 0.99 at its own temperature (the shipped card's gate, a test's own
+    temperature), and the same model without views."""
+    card = json.loads((DEFAULT_MODEL_DIR / CARD_FILE).read_text(encoding="utf-8"))
+    views = {"extra": [list(v) for v in EXTRA_VIEWS], "gate": 0.99, "gate_temperature": card["calibration"]["temperature"],
+             "fitted_on": "this test"}
+    return model_copy(tmp_path / "viewed", views), model_copy(tmp_path / "plain", None)
 
 
 def by_hand(runtime, pixels: np.ndarray, temperature: float, gate: float) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +62,12 @@ def by_hand(runtime, pixels: np.ndarray, temperature: float, gate: float) -> tup
 
 def test_a_card_with_views_views_only_the_unsure_crops(viewed_model, kmnist_dev):
     pixels = kmnist_dev.test.images[:600]
-    plain, viewed = load_model(DEFAULT_MODEL_DIR, precision="fp32"), load_model(viewed_model, precision="fp32")
+    viewed, plain = (load_model(d, precision="fp32") for d in viewed_model)
     assert plain.policy.views is None and viewed.policy.views.gate == 0.99
     assert viewed.policy.record()["views"] == {"extra": [list(v) for v in EXTRA_VIEWS], "gate": 0.99}
     expected, unsure = by_hand(plain.fp32_logits, pixels, viewed.policy.views.gate_temperature, 0.99)
     assert 0 < unsure.sum() < len(pixels) // 2
+    assert load_model(DEFAULT_MODEL_DIR, precision="fp32").policy.views.gate == 0.99  # the shipped card views too
     got = viewed.logits(pixels)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.array_equal(got[~unsure], plain.logits(pixels)[~unsure])  # sure crops: one pass, as before
@@ -67,7 +75,7 @@ def test_a_card_with_views_views_only_the_unsure_crops(viewed_model, kmnist_dev)
 
 def test_int8_views_the_unsure_crops_and_rechecks_near_decisions_with_views(viewed_model, kmnist_dev):
     pixels = kmnist_dev.test.images[:600]
-    viewed = load_model(viewed_model, precision="int8")
+    viewed = load_model(viewed_model[0], precision="int8")
     assert viewed.precision == "int8"
     gate_t = viewed.policy.views.gate_temperature
     expected, _ = by_hand(viewed.int8.logits, pixels, gate_t, 0.99)
