@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from kmnist_core.calibration import softmax
+
 # The views besides the crop as is: (rotation in degrees, zoom).
 EXTRA_VIEWS: tuple[tuple[float, float], ...] = ((7.0, 1.0), (-7.0, 1.0), (0.0, 0.9), (0.0, 1.1))
 
@@ -74,8 +76,6 @@ def averaged(view_logits: list[np.ndarray]) -> np.ndarray:
 
 def as_is_confidence(logits: np.ndarray, temperature: float) -> np.ndarray:
     """The confidence the views gate is compared with: softmax of the as-is logits / temperature, top class."""
-    from kmnist_core.calibration import softmax
-
     return softmax(logits, temperature).max(1) if len(logits) else np.zeros(0, np.float32)
 
 
