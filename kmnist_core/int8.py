@@ -179,7 +179,7 @@ def near_decision(logits: np.ndarray, temperature: float, review_below: float, o
 
 def near_gate(confidence: np.ndarray, gate: float) -> np.ndarray:
     """Crops whose int8 as-is confidence lies too near the views gate for int8 to decide whether they
-    are viewed (RECHECK_GATE_LOG_ODDS)."""
+    are viewed (RECHECK_GATE_LOG_ODDS): a Predictor reads them both ways (predictor.py decided_logits)."""
     with np.errstate(divide="ignore"):  # a confidence of exactly 1.0 is infinitely far
         log_odds = np.log(confidence.astype(np.float64)) - np.log1p(-confidence.astype(np.float64))
     return np.abs(log_odds - math.log(gate / (1 - gate))) < RECHECK_GATE_LOG_ODDS

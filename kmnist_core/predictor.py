@@ -15,12 +15,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from kmnist_core.calibration import ood_score, softmax
 from kmnist_core.card import ModelCard
 from kmnist_core.int8 import near_decision, near_gate
 from kmnist_core.ort_model import OrtModel
-from kmnist_core.policy import DecisionPolicy, out_of_set
+from kmnist_core.policy import DecisionPolicy, accepted, out_of_set
 from kmnist_core.preprocess import PreparedImage, prepare_array, prepare_image
-from kmnist_core.views import with_views
+from kmnist_core.views import as_is_confidence, view_rows, with_views
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,19 @@ class Assessment:
     ood_score: np.ndarray  # (N,) float32, higher = less like any of the model's classes
     unknown: np.ndarray  # (N,) bool, ood_score above the ood_threshold (all False without one)
     fp32_rows: np.ndarray  # (N,) bool, rows the fp32 model computed (all of them unless the Predictor runs int8)
+
+
+def decided(logits: np.ndarray, policy: DecisionPolicy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw logits' calibrated probabilities, out-of-set score and unknown flag under `policy`."""
+    score = ood_score(logits, policy.ood_score).astype(np.float32)
+    return softmax(logits, policy.temperature).astype(np.float32), score, out_of_set(score, policy.ood_threshold)
+
+
+def readings_agree(a: np.ndarray, b: np.ndarray, policy: DecisionPolicy) -> np.ndarray:
+    """Per row, whether two readings' logits get the same decisions: top-1, out of set and auto-accepted."""
+    (pa, _, ua), (pb, _, ub) = decided(a, policy), decided(b, policy)
+    return ((pa.argmax(1) == pb.argmax(1)) & (ua == ub)
+            & (accepted(ua, pa.max(1), policy.review_below) == accepted(ub, pb.max(1), policy.review_below)))
 
 
 class Predictor:
@@ -91,22 +105,31 @@ class Predictor:
         """Logits and the rows the fp32 model computed. At int8, the rows near one of the policy's thresholds
         (kmnist_core/int8.py near_decision) are recomputed in fp32, so int8 decides only clear rows; with
         the card's test-time views, both passes view the unsure crops (`viewed`), and a crop whose as-is
-        confidence is near the views gate is recomputed in fp32 too (int8.near_gate)."""
+        confidence is near the views gate (int8.near_gate) is read by int8 both with and without views,
+        and recomputed in fp32 unless both readings are clear of the thresholds and decide the same."""
         if self.int8 is None:
             out = self.viewed(lambda x: self.fp32_logits(x, batch_size), pixels)
             return out, np.ones(len(out), bool)
         p = self.policy
         int8 = lambda x: self.int8.logits(x, batch_size)  # noqa: E731
-        if p.views is None:
-            out, near_views_gate = int8(pixels), None
-        else:  # a crop near the gate may be viewed in fp32 and not in int8, or the reverse
-            out, confidence = with_views(int8, pixels, p.views.gate_temperature, p.views.gate, p.views.extra)
-            near_views_gate = near_gate(confidence, p.views.gate)
+        out = int8(pixels)
         if not len(out):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, bool)
-        near = near_decision(out, p.temperature, p.review_below, p.ood_score, p.ood_threshold)
-        if near_views_gate is not None:
-            near |= near_views_gate
+        near_of = lambda logits: near_decision(logits, p.temperature, p.review_below, p.ood_score, p.ood_threshold)  # noqa: E731
+        if p.views is None:
+            near = near_of(out)
+        else:
+            # A crop near the gate may be viewed in fp32 and not in int8, or the reverse: int8 reads it both
+            # ways, and decides it only when both readings are clear of every threshold and agree, so that
+            # fp32's reading, either one, decides the same (int8.near_gate); else fp32 recomputes it.
+            confidence = as_is_confidence(out, p.views.gate_temperature)
+            unsure, near_views_gate = confidence < p.views.gate, near_gate(confidence, p.views.gate)
+            both = view_rows(int8, pixels, out.copy(), unsure | near_views_gate, p.views.extra)
+            out, other = np.where(unsure[:, None], both, out), np.where(unsure[:, None], out, both)
+            near = near_of(out)
+            undecided = near_views_gate & ~near
+            if undecided.any():
+                near[undecided] = near_of(other[undecided]) | ~readings_agree(out[undecided], other[undecided], p)
         if near.any():
             out[near] = self.viewed(lambda x: self.fp32_logits(x, batch_size), pixels[near])
         return out, near
@@ -126,19 +149,13 @@ class Predictor:
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Calibrated probabilities (softmax of logits / temperature)."""
-        from kmnist_core.calibration import softmax
-
         return softmax(self.logits(pixels, batch_size), self.temperature)
 
     def assess(self, pixels: np.ndarray, batch_size: int = 1024) -> Assessment:
         """Calibrated probabilities, an out-of-set score and the unknown flag for model inputs, under the
         policy (with_thresholds for other thresholds)."""
-        from kmnist_core.calibration import ood_score, softmax
-
         logits, fp32_rows = self.decided_logits(pixels, batch_size)
-        score = ood_score(logits, self.policy.ood_score).astype(np.float32)
-        unknown = out_of_set(score, self.policy.ood_threshold)
-        return Assessment(softmax(logits, self.temperature).astype(np.float32), score, unknown, fp32_rows)
+        return Assessment(*decided(logits, self.policy), fp32_rows)
 
     def prepare(self, image: Image.Image | np.ndarray) -> PreparedImage:
         if isinstance(image, Image.Image):

@@ -86,8 +86,14 @@ def with_views(logits_of, pixels: np.ndarray, temperature: float, gate: float,
     Returns the logits and each crop's as-is confidence (the rows viewed are those under `gate`)."""
     out = logits_of(pixels)
     confidence = as_is_confidence(out, temperature)
-    unsure = confidence < gate
-    if unsure.any():
-        chosen = pixels[unsure]
-        out[unsure] = averaged([out[unsure], *(logits_of(view_pixels(chosen, d, z)) for d, z in extra)])
-    return out, confidence
+    return view_rows(logits_of, pixels, out, confidence < gate, extra), confidence
+
+
+def view_rows(logits_of, pixels: np.ndarray, as_is: np.ndarray, rows: np.ndarray,
+              extra: Sequence[Sequence[float]] = EXTRA_VIEWS) -> np.ndarray:
+    """`as_is` (the logits of `pixels`, changed in place) with the chosen `rows` replaced by their views'
+    averaged log-probabilities."""
+    if rows.any():
+        chosen = pixels[rows]
+        as_is[rows] = averaged([as_is[rows], *(logits_of(view_pixels(chosen, d, z)) for d, z in extra)])
+    return as_is

@@ -16,7 +16,8 @@ import torch
 from kmnist_core import calibration
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_model
 from kmnist_core.transforms import affine, to_model_tensor
-from kmnist_core.int8 import near_gate
+from kmnist_core.int8 import near_decision, near_gate
+from kmnist_core.predictor import readings_agree
 from kmnist_core.views import EXTRA_VIEWS, as_is_confidence, averaged, view_pixels
 
 
@@ -81,7 +82,16 @@ def test_int8_views_the_unsure_crops_and_rechecks_near_decisions_with_views(view
     expected, _ = by_hand(viewed.int8.logits, pixels, gate_t, 0.99)
     fp32_expected, _ = by_hand(viewed.fp32_logits, pixels, gate_t, 0.99)
     got, fp32_rows = viewed.decided_logits(pixels)
-    near = near_gate(as_is_confidence(viewed.int8.logits(pixels), gate_t), 0.99)
-    assert near.any() and fp32_rows[near].all()  # whether views apply is decided in fp32 near the gate
     np.testing.assert_allclose(got[~fp32_rows], expected[~fp32_rows], atol=1e-5)
     np.testing.assert_allclose(got[fp32_rows], fp32_expected[fp32_rows], atol=1e-5)
+    # Near the gate, int8 reads a crop with and without views, and keeps it only where both readings are
+    # clear of every threshold and decide the same; every other crop there goes to fp32.
+    as_is = viewed.int8.logits(pixels)
+    near = near_gate(as_is_confidence(as_is, gate_t), 0.99)
+    every_viewed, _ = by_hand(viewed.int8.logits, pixels, gate_t, 2.0)
+    p = viewed.policy
+    clear = ~(near_decision(as_is, p.temperature, p.review_below, p.ood_score, p.ood_threshold)
+              | near_decision(every_viewed, p.temperature, p.review_below, p.ood_score, p.ood_threshold))
+    decidable = near & clear & readings_agree(as_is, every_viewed, p)
+    assert decidable.any() and (near & ~decidable).any()  # both cases are met here
+    assert np.array_equal(fp32_rows[near], ~decidable[near])
