@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from batch_infer.chunks import boundary_hash
@@ -77,6 +76,8 @@ def read_table(source: str) -> tuple[storage.Location, pa.Table]:
     """Where the manifest is, and its table. Parquet keeps its types. A CSV has none: its columns are read as
     the text written (inferring would turn an id 00123 into 123), and the box coordinates are parsed as
     numbers afterwards."""
+    import pyarrow.dataset as pads  # here: it imports pandas (~40 MB), which a run without a manifest never needs
+
     loc = storage.resolve(source)
     if not storage.exists(loc):
         raise KmnistError(f"--manifest {loc.uri} does not exist")

@@ -27,7 +27,7 @@ from bench.scale import chunk_worker_pids, link_tree, run_driver, sources  # noq
 # (stage, function, file): a sample belongs to the deepest of these frames in its stack (a stage's own
 # helpers, numpy, PIL, ONNX Runtime or Arrow below it count as that stage).
 STAGES = (("read", "read_files", "stages.py"), ("decode", "decode_files", "stages.py"),
-          ("decode", "decode_box_batch", "box_stage.py"), ("predict", "decided_logits", "model_dir.py"),
+          ("decode", "decode_box_batch", "box_stage.py"), ("predict", "decided_logits", "predictor.py"),
           ("rows", "__call__", "stages.py"), ("write", "encode_shard", "predictions.py"),
           ("write", "publish", "predictions.py"))
 FRAME = re.compile(r"(?P<function>.*) \((?P<file>[^()]*?):\d+\)$")

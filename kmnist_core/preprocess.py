@@ -17,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from scipy import ndimage
 
 MEAN, STD = 0.5, 0.5  # the model reads [0, 1] mapped to [-1, 1], as in the study (transforms, ONNX inputs)
 
@@ -139,7 +138,10 @@ def find_ink(gray: np.ndarray, noise: float = 0.0, square: bool = False) -> tupl
 def labelled_ink_box(gray: np.ndarray, noise: float) -> tuple[int, int, int, int] | None:
     """Connected components of the ink above a noise floor: the large ones are the character (Kuzushiji
     characters are often several components); small ones count only near them, so specks in the margin
-    are left out. scipy's labelling is C; a hand-written one in numpy costs ~10x more per crop."""
+    are left out. scipy's labelling is C; a hand-written one in numpy costs ~10x more per crop. Imported
+    here: scipy adds ~20 MB to every process that imports this module, and clean crops never need it."""
+    from scipy import ndimage
+
     h, w = gray.shape
     faint = erase_lines(gray > max(FRINGE, NOISE_SIGMAS * noise))
     labels, n = ndimage.label(faint & (gray > max(INK_LEVEL, NOISE_SIGMAS * noise)), structure=EIGHT_CONNECTED)
