@@ -422,6 +422,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
     """
     checked = prepare(inputs, out, opts)
     predictions.return_freed_memory()
+    predictions.arrow_without_pandas()
     make_out(checked.out)
     run_id = new_run_id()
     with out_lock.hold(checked.out, run_id) as killed_holder:

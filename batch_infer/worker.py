@@ -66,6 +66,7 @@ class ChunkWorker:
         """`predictor`: one built in this process under the job's policy (an in-process run: the driver's);
         else the worker builds its own from `bundle`."""
         output.return_freed_memory()
+        output.arrow_without_pandas()
         self.job = job
         self.input_size = bundle.card.input_size
         self.refusal: PolicyDisagrees | None = None

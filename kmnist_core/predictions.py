@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -52,6 +53,31 @@ def return_freed_memory() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
     except NotImplementedError:
         pa.set_memory_pool(pa.system_memory_pool())
+
+
+class _NoPandas:
+    """A meta-path finder under which `import pandas` fails."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is kept out of pyarrow's first conversion")
+        return None
+
+
+def arrow_without_pandas() -> None:
+    """pyarrow imports pandas (~37 MB resident) the first time it converts a list or an array, only to ask
+    whether it is a pandas object, and predict's processes hold none. Let that first question find no
+    pandas: pyarrow then stops asking, and still imports pandas where it is asked for (to_pandas,
+    from_pandas), as the page outputs do. Nothing changes where pandas is already imported. predict's
+    driver and chunk workers and `report` call it, with return_freed_memory."""
+    if "pandas" in sys.modules:
+        return
+    finder = _NoPandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def predictions_dir(out: Location) -> Location:
