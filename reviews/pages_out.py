@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -49,6 +50,11 @@ from kmnist_core.schema import PAGE_COLUMNS, SCHEMA
 from kmnist_core.storage import Location
 from reviews import final
 from reviews.store import NOT_A_CHARACTER, UNREADABLE
+
+# pandas (~37 MB resident) loads only once there are box rows (box_rows' to_pandas, the functions that
+# import it): a crop run's report never imports it.
+if TYPE_CHECKING:
+    import pandas as pd
 
 PAGES_FILE = "pages.parquet"
 KAGGLE_FILE = "pages_kaggle.csv"
@@ -106,7 +112,7 @@ def predictions_schema(out: Location, name: str) -> pa.Schema:
 
 
 def truth_char(value) -> str | None:
-    if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value) == "":
         return None
     value = str(value)
     return chr(int(value[2:], 16)) if value.upper().startswith("U+") and len(value) > 2 else value
@@ -120,6 +126,8 @@ def ids_of(rows: pd.DataFrame) -> dict[str, str]:
 
 def page_table(rows: pd.DataFrame, ids: dict[str, str]) -> pd.DataFrame:
     """One row per page (see the module doc)."""
+    import pandas as pd
+
     extra = [c for c in rows.columns if c not in OWN]
     constant = [c for c in extra if rows.groupby("page", sort=False)[c].nunique(dropna=False).max() <= 1]
     records = []
@@ -170,6 +178,8 @@ def read_page_image(page: str) -> Image.Image:
 
 def alto_xml(page: str, g: pd.DataFrame, size: tuple[int, int] | None) -> bytes:
     """One page as ALTO 4 (module doc). `size`: the page's (width, height), None when unreadable."""
+    import pandas as pd
+
     ET.register_namespace("", ALTO_NS)
     ET.register_namespace("xsi", "http://www.w3.org/2001/XMLSchema-instance")
     q = lambda tag: f"{{{ALTO_NS}}}{tag}"  # noqa: E731

@@ -13,13 +13,14 @@ rows keeps 8 bytes per row (a 64-bit hash of each key).
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import math
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -27,6 +28,7 @@ from kmnist_core import charts, predictions, storage
 from kmnist_core.files import json_text
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.run_record import read_run
+from kmnist_core.safe_text import csv_cell
 from kmnist_core.schema import KEY_COLUMNS
 from kmnist_core.storage import Location
 from reviews import report_set, store
@@ -95,7 +97,7 @@ class Summary:
         self.histogram = np.zeros(len(BINS) - 1, np.int64)
         self.folders: dict[tuple, np.ndarray] = defaultdict(lambda: np.zeros(len(FOLDER_SUMS)))
         self.folder_chars: dict[tuple, Counter] = defaultdict(Counter)
-        self.sheet: dict[str, pd.DataFrame] = {}
+        self.sheet: dict[str, pa.Table] = {}
         self.keys = DuplicateKeys()
 
     def add(self, t: pa.Table) -> None:
@@ -134,27 +136,38 @@ class Summary:
     def add_sheet(self, t: pa.Table) -> None:
         """Keep, per reason, the SHEET_LIMIT rows the review sheet would show."""
         flagged = t.filter(t.column("needs_review"))
-        if not flagged.num_rows:
-            return
-        df = flagged.to_pandas()
-        for reason, rows in df.groupby("review_reason"):
-            both = pd.concat([self.sheet[reason], rows]) if reason in self.sheet else rows
-            self.sheet[reason] = sheet_order(both, reason).head(SHEET_LIMIT)
+        for reason in pc.unique(flagged.column("review_reason")).drop_null().to_pylist():
+            rows = flagged.filter(pc.equal(flagged.column("review_reason"), reason))
+            both = pa.concat_tables([self.sheet[reason], rows]) if reason in self.sheet else rows
+            self.sheet[reason] = sheet_order(both, reason, SHEET_LIMIT)
 
     def duplicates(self) -> int:
         return self.keys.count()
 
-    def folder_table(self) -> pd.DataFrame:
+    def folder_table(self) -> list[dict]:
+        """by_folder.csv's rows: per input root and top folder, the counts, the mean confidence (None when
+        nothing was predicted, or a confidence was NaN) and the most common character."""
         rows = []
         for (root, folder), sums in sorted(self.folders.items()):
             s = dict(zip(FOLDER_SUMS, sums))
             chars = self.folder_chars.get((root, folder))
+            mean = float(s["confidence_sum"] / s["predicted"]) if s["predicted"] else math.nan
             rows.append({"input_root": root, "top_folder": folder, "files": int(s["files"]), "errors": int(s["errors"]),
                          "needs_review": int(s["needs_review"]),
                          **{f"review_{r}": int(s[f"review_{r}"]) for r in REVIEW_REASONS},
-                         "mean_confidence": s["confidence_sum"] / s["predicted"] if s["predicted"] else None,
+                         "mean_confidence": None if math.isnan(mean) else mean,
                          "most_common_char": chars.most_common(1)[0][0] if chars else None})
-        return pd.DataFrame(rows)
+        return rows
+
+
+def write_folder_csv(rows: list[dict], path: Path) -> None:
+    """by_folder.csv: a header of the rows' keys (none when there are no rows), then the rows; text
+    through csv_cell (folder names are data: no cell may run as a formula), floats as repr writes them,
+    None as an empty cell."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(list(rows[0]) if rows else [])
+        writer.writerows([csv_cell(v) for v in row.values()] for row in rows)
 
 
 def upload(summary_dir: Path, target: Location) -> None:
@@ -186,9 +199,7 @@ def write_summary(out: Location, target: Location, opened: predictions.Opened, r
         charts.histogram(s.histogram, BINS, summary_dir / "confidence_histogram.png", "Calibrated confidence",
                          "confidence", review_below, f"review below {review_below:.3f}" if review_below is not None else "")
         write_review_sheet(s.sheet, dict(s.reasons), s.rows, summary_dir)
-        from kmnist_core.safe_text import csv_frame  # folder names are data: no cell may run as a formula
-
-        csv_frame(s.folder_table()).to_csv(summary_dir / "by_folder.csv", index=False)
+        write_folder_csv(s.folder_table(), summary_dir / "by_folder.csv")
         summary = {
             "files_seen": s.rows,
             "predicted": s.predicted,

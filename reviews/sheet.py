@@ -15,7 +15,8 @@ import html
 import io
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from kmnist_core import storage
@@ -35,11 +36,18 @@ REASON_TEXT = {
 }
 
 
-def sheet_order(rows: pd.DataFrame, reason: str) -> pd.DataFrame:
-    """Rows of one reason, the most doubtful first (the order the sheet shows them in)."""
-    key, ascending = {"unknown_character": ("ood_score", False), "low_confidence": ("confidence", True)}.get(
-        reason, ("rel_path", True))
-    return rows.sort_values([key, "rel_path"], ascending=[ascending, True])
+def sheet_order(rows: pa.Table, reason: str, limit: int | None = None) -> pa.Table:
+    """Rows of one reason, the most doubtful first (the order the sheet shows them in), the first `limit`
+    of them (None: all). A stable sort, ties in the order given; a missing score (null or NaN) last
+    either way."""
+    key, order = {"unknown_character": ("ood_score", "descending"), "low_confidence": ("confidence", "ascending")}.get(
+        reason, ("rel_path", "ascending"))
+    score = rows.column(key)
+    if pa.types.is_floating(score.type):  # Arrow puts NaN before null: make it one, so ties go by rel_path
+        score = pc.if_else(pc.is_nan(score), pa.scalar(None, score.type), score)
+    keys = pa.table({"score": score, "rel_path": rows.column("rel_path")})
+    order_of = pc.sort_indices(keys, sort_keys=[("score", order), ("rel_path", "ascending")])  # nulls last
+    return rows.take(order_of[:limit])
 
 
 def open_as_shown(key: bytes) -> Image.Image | None:
@@ -53,7 +61,7 @@ def open_as_shown(key: bytes) -> Image.Image | None:
         return None
 
 
-def thumbnail(row: pd.Series, size: int = THUMB) -> Image.Image:
+def thumbnail(row: dict, size: int = THUMB) -> Image.Image:
     """The crop as the file shows it (EXIF applied), at most `size` px, with the ink box in red; a grey
     square for an error row (the file is broken, or gone since the run). Also the review app's tiles."""
     placeholder = Image.new("RGB", (size // 2, size // 2), (235, 235, 235))
@@ -72,14 +80,14 @@ def thumbnail(row: pd.Series, size: int = THUMB) -> Image.Image:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
     else:
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.NEAREST)
-    if pd.notna(row.get("ink_x")):
+    if row.get("ink_x") is not None:
         x, y = (float(row["ink_x"]) - left) * scale, (float(row["ink_y"]) - top) * scale  # a box's ink is in page pixels
         w, h = (float(row[k]) * scale for k in ("ink_w", "ink_h"))
         ImageDraw.Draw(img).rectangle([x, y, x + w - 1, y + h - 1], outline=(220, 30, 30))
     return img
 
 
-def label(row: pd.Series) -> str:
+def label(row: dict) -> str:
     """Top-3 with confidences, or what went wrong."""
     if row["review_reason"] == "error":
         return f"error: {row['error_kind']}"
@@ -93,7 +101,7 @@ def top_folder(rel_path: str) -> str:
     return parts[0] if len(parts) > 1 else "."
 
 
-def write_review_sheet(sheet: dict[str, pd.DataFrame], totals: dict[str, int], total_rows: int,
+def write_review_sheet(sheet: dict[str, pa.Table], totals: dict[str, int], total_rows: int,
                        summary_dir: Path) -> list[Path]:
     """Write the PNG pages and review.html from `sheet` (per reason, the rows to show, most doubtful
     first) and `totals` (rows per reason); returns the files written."""
@@ -104,10 +112,10 @@ def write_review_sheet(sheet: dict[str, pd.DataFrame], totals: dict[str, int], t
     for reason in REVIEW_REASONS:
         if reason not in sheet:
             continue
-        rows, total = sheet[reason], totals.get(reason, 0)
-        thumbs = [thumbnail(row) for _, row in rows.iterrows()]
-        labels = [label(row) for _, row in rows.iterrows()]
-        paths = list(rows["rel_path"])
+        rows, total = sheet[reason].to_pylist(), totals.get(reason, 0)
+        thumbs = [thumbnail(row) for row in rows]
+        labels = [label(row) for row in rows]
+        paths = [row["rel_path"] for row in rows]
         for page, start in enumerate(range(0, len(rows), PAGE), 1):
             title = (f"Needs review: {reason} ({REASON_TEXT[reason]}) - page {page}, "
                      f"{len(rows)} shown of {total}")
@@ -142,9 +150,9 @@ def font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(FONT), size)
 
 
-def html_section(reason: str, rows: pd.DataFrame, thumbs: list[Image.Image], labels: list[str], total: int) -> str:
+def html_section(reason: str, rows: list[dict], thumbs: list[Image.Image], labels: list[str], total: int) -> str:
     folders = {}
-    for (_, row), thumb, text in zip(rows.iterrows(), thumbs, labels):
+    for row, thumb, text in zip(rows, thumbs, labels):
         buf = io.BytesIO()
         thumb.save(buf, "PNG")
         src = base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,6 +1,7 @@
 """Every review reason through `kmnist-batch predict` (in this process; a job this small runs without Ray):
 the row's reason and precedence, needs_review, the counts in summary.json / by_folder.csv / the printed
-summary, the review sheet that names the files, and `--review-below`.
+summary, the review sheet that names the files (in the order pandas sorted it in, and built without
+pandas), and `--review-below`.
 
 The model is the shipped default with its thresholds pinned in a copy of its card (the weights are
 the same), so the test checks the pipeline's wiring, not where a particular model's thresholds fall.
@@ -8,17 +9,21 @@ the same), so the test checks the pipeline's wiring, not where a particular mode
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib_fontja
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from kmnist_core import load_model
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR
 from kmnist_core.predictions import read_predictions
+from reviews.sheet import sheet_order
 from tests.test_cli import invoke
 
 FONT = Path(matplotlib_fontja.__file__).parent / "fonts" / "ipaexg.ttf"
@@ -113,6 +118,57 @@ def test_review_sheet_names_the_files(reviewed):
         assert f"book/page 1/{name}" in page
     assert "accepted.png" not in page
     assert page.count("<img src=\"data:image/png;base64,") == 4
+
+
+@pytest.mark.parametrize("reason", ["unknown_character", "low_confidence", "error"])
+def test_the_sheet_order_is_the_one_pandas_sort_values_gave(reason):
+    """sheet_order sorts with pyarrow in the order the sheet had when pandas sorted it: the most doubtful
+    first, a missing score (null or NaN) last whichever the direction, ties by rel_path, then as given."""
+    rng = np.random.default_rng(0)
+    n = 300
+    score = rng.choice([0.2, 0.5, 0.7, np.nan], n)  # few values: many ties
+    rows = pa.table({"rel_path": [f"page/{i}.png" for i in rng.integers(0, 30, n)],  # a rel_path in several roots
+                     "input_root": [f"/in/{i}" for i in range(n)],  # tells the tied rows apart
+                     "confidence": pa.array(score, pa.float32(), mask=rng.random(n) < 0.1),
+                     "ood_score": pa.array(-score, pa.float32(), mask=rng.random(n) < 0.1)})
+    key, ascending = {"unknown_character": ("ood_score", False), "low_confidence": ("confidence", True),
+                      "error": ("rel_path", True)}[reason]
+    by_pandas = rows.to_pandas().sort_values([key, "rel_path"], ascending=[ascending, True])["input_root"].tolist()
+    assert sheet_order(rows, reason).column("input_root").to_pylist() == by_pandas
+    assert sheet_order(rows, reason, 10).column("input_root").to_pylist() == by_pandas[:10]
+
+
+# `python -c` with pandas made unimportable, then the CLI; predict's forked child keeps the finder.
+WITHOUT_PANDAS = """
+import sys
+
+class NoPandas:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "pandas":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+
+sys.meta_path.insert(0, NoPandas())
+from jobs.cli import app
+
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_crop_run_and_its_report_never_import_pandas(reviewed, tmp_path):
+    """Issue 37: pandas costs predict's driver ~37 MB resident, and a crop run's report needs none of it.
+    The reviewed tree predicted with pandas unimportable gives the same review sheet and by_folder.csv."""
+    out = reviewed[0]
+    tree, model_dir = out.parent / "scans", out.parent / "model"  # the fixture's input and model
+    bare = tmp_path / "out"
+    for args in (("predict", tree, "--out", bare, "--model", model_dir, "--executor", "local"), ("report", bare)):
+        r = subprocess.run([sys.executable, "-c", WITHOUT_PANDAS, *map(str, args)], capture_output=True, text=True,
+                           timeout=100)
+        assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in (out / "summary").glob("review*")) + ["by_folder.csv"]
+    assert len(names) == 6  # review.html, a PNG page per reason
+    for name in names:
+        assert (bare / "summary" / name).read_bytes() == (out / "summary" / name).read_bytes(), name
 
 
 def test_review_below_sets_the_low_confidence_line(tmp_path, kmnist_dev):
