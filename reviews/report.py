@@ -13,6 +13,7 @@ rows keeps 8 bytes per row (a 64-bit hash of each key).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import math
@@ -239,9 +240,11 @@ def write_report_set(out: str | Path | Location, export: tuple[str, ...] | None 
     history = store.read_history(out, HISTORY_COLUMNS)  # the one read: final/ and pages agree
     decided = store.latest(history)
     gen = report_set.new_generation(out)
-    reviews = write_final(out, gen, history, decided, opened.card, opened.latest.get("precision"))
-    summary = write_summary(out, gen, opened, reviews)
-    summary["pages"] = write_pages(out, gen, export, decided)
+    # An object store's reads wait on the network, where Arrow's I/O threads do help.
+    with predictions.arrow_on_one_thread() if out.local else contextlib.nullcontext():
+        reviews = write_final(out, gen, history, decided, opened.card, opened.latest.get("precision"))
+        summary = write_summary(out, gen, opened, reviews)
+        summary["pages"] = write_pages(out, gen, export, decided)
     report_set.publish(out, gen, {"export": list(export), "decisions_read": history.num_rows,
                                   "runs": summary["runs"]})
     # Where a reader finds it: OUT itself on a file system (its links), the generation on an object store.

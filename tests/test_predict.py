@@ -287,3 +287,15 @@ def test_arrow_converts_without_pandas_and_still_gives_pandas_when_asked(tmp_pat
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_arrow_on_one_thread_gives_the_pools_back_as_they_were():
+    import pyarrow as pa
+
+    from kmnist_core.predictions import arrow_on_one_thread
+
+    before = pa.cpu_count(), pa.io_thread_count()
+    with pytest.raises(RuntimeError), arrow_on_one_thread():
+        assert (pa.cpu_count(), pa.io_thread_count()) == (1, 1)
+        raise RuntimeError("a report that fails half way")
+    assert (pa.cpu_count(), pa.io_thread_count()) == before
