@@ -213,5 +213,5 @@ def test_duplicate_keys_are_counted_exactly_across_shards_and_buckets_and_leave_
     counter.add(keys[:12_000])
     counter.add(np.concatenate([keys[11_000:], keys[:5], keys[:5]]))  # 1,000 across shards, 5 twice more
     folder = Path(counter.folder.name)
-    assert len(set((keys.view(np.uint64) >> np.uint64(60)).tolist())) == DuplicateKeys.BUCKETS
+    assert len(set((keys.view(np.uint64) >> np.uint64(64 - DuplicateKeys.BUCKET_BITS)).tolist())) == DuplicateKeys.BUCKETS
     assert counter.count() == 1_000 + 10 and not folder.exists()
