@@ -56,12 +56,12 @@ def sources(folder: Path) -> list[Path]:
     return paths
 
 
-def link_tree(root: Path, n: int, srcs: list[Path]) -> float:
+def link_tree(root: Path, n: int, srcs: list[Path], per_folder: int = 1000) -> float:
     started = time.perf_counter()
     for i in range(n):
-        if i % 1000 == 0:
-            (root / f"{i // 1000:05d}").mkdir(parents=True)
-        os.link(srcs[i % len(srcs)], root / f"{i // 1000:05d}" / f"{i:08d}.png")
+        if i % per_folder == 0:
+            (root / f"{i // per_folder:07d}").mkdir(parents=True)
+        os.link(srcs[i % len(srcs)], root / f"{i // per_folder:07d}" / f"{i:08d}.png")
     return time.perf_counter() - started
 
 
@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--executor", default="auto", help="auto, local or ray (PredictOptions.executor)")
     parser.add_argument("--small-runs", type=int, default=3, help="0: no small job")
+    parser.add_argument("--files-per-folder", type=int, default=1000,
+                        help="crops per top folder (the summary keeps a row per top folder)")
     parser.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kmnist-scale-"))
@@ -136,16 +138,17 @@ def main() -> None:
         results = []
         for n in (int(s) for s in args.sizes.split(",") if s):
             tree = work / f"in-{n}"
-            link_s = link_tree(tree, n, srcs)
+            link_s = link_tree(tree, n, srcs, args.files_per_folder)
             r = run_driver(tree, work / f"out-{n}", args.executor)
             results.append((n, r))
             rate = r["rows"] / r["elapsed_s"]
             workers = ", ".join(f"{w:,.0f}" for w in r["worker_peaks_mb"]) or "none (in process)"
-            print(f"{n:>9,} files (linked in {link_s:.0f} s): {r['rows']:,} rows, {r['duplicates']} duplicates, "
+            print(f"{n:>9,} files in {-(-n // args.files_per_folder):,} folders (linked in {link_s:.0f} s): {r['rows']:,} rows, {r['duplicates']} duplicates, "
                   f"{rate:,.0f} crops/s end to end ({r['executor']}), driver peak RSS {r['vmhwm_mb']:,.0f} MB, "
                   f"chunk workers' peak RSS {workers} MB, phases {r['phases_s']}", flush=True)
             if args.record:
-                append_row("scale", [f"{n:,}", f"{r['rows']:,}", r["executor"], f"{rate:,.0f}", f"{r['vmhwm_mb']:,.0f} MB",
+                folders = "" if args.files_per_folder == 1000 else f" in {-(-n // args.files_per_folder):,} folders"
+                append_row("scale", [f"{n:,}{folders}", f"{r['rows']:,}", r["executor"], f"{rate:,.0f}", f"{r['vmhwm_mb']:,.0f} MB",
                                      f"{workers} MB", ", ".join(f"{k} {v:.1f} s" for k, v in r["phases_s"].items())])
             shutil.rmtree(tree)
             shutil.rmtree(work / f"out-{n}")
