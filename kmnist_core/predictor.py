@@ -55,9 +55,10 @@ def decided(logits: np.ndarray, policy: DecisionPolicy) -> tuple[np.ndarray, np.
 
 def readings_agree(a: np.ndarray, b: np.ndarray, policy: DecisionPolicy) -> np.ndarray:
     """Per row, whether two readings' logits get the same decisions: top-1, out of set and auto-accepted."""
-    (pa, _, ua), (pb, _, ub) = decided(a, policy), decided(b, policy)
-    return ((pa.argmax(1) == pb.argmax(1)) & (ua == ub)
-            & (accepted(ua, pa.max(1), policy.review_below) == accepted(ub, pb.max(1), policy.review_below)))
+    (probs_a, _, unknown_a), (probs_b, _, unknown_b) = decided(a, policy), decided(b, policy)
+    accepted_a = accepted(unknown_a, probs_a.max(1), policy.review_below)
+    accepted_b = accepted(unknown_b, probs_b.max(1), policy.review_below)
+    return (probs_a.argmax(1) == probs_b.argmax(1)) & (unknown_a == unknown_b) & (accepted_a == accepted_b)
 
 
 class Predictor:
