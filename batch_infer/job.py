@@ -29,6 +29,7 @@ from batch_infer.plan import Plan
 from batch_infer.progress import RunProgress
 from batch_infer.worker import ChunkTask, ChunkWorker, JobSpec
 from kmnist_core import out_lock, predictions, storage
+from kmnist_core.arrow_memory import lean_arrow
 from kmnist_core.errors import Interrupted, KmnistError
 from kmnist_core.model_dir import load_for_run
 from kmnist_core.policy import DecisionPolicy
@@ -421,8 +422,7 @@ def run_predict(inputs: list[str | Path], out: str | Path, opts: PredictOptions,
     in OUT/run.json), with the report's figures under "report".
     """
     checked = prepare(inputs, out, opts)
-    predictions.return_freed_memory()
-    predictions.arrow_without_pandas()
+    lean_arrow()
     make_out(checked.out)
     run_id = new_run_id()
     with out_lock.hold(checked.out, run_id) as killed_holder:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kmnist_core import predictions as output
+from kmnist_core.arrow_memory import lean_arrow
 from batch_infer.box_stage import decode_box_batch, page_batches
 from kmnist_core.schema import KEY_COLUMNS, SCHEMA
 from batch_infer.stages import RowBuilder, decode_batch
@@ -65,8 +66,7 @@ class ChunkWorker:
                  predictor: Predictor | None = None):
         """`predictor`: one built in this process under the job's policy (an in-process run: the driver's);
         else the worker builds its own from `bundle`."""
-        output.return_freed_memory()
-        output.arrow_without_pandas()
+        lean_arrow()
         self.job = job
         self.input_size = bundle.card.input_size
         self.refusal: PolicyDisagrees | None = None

@@ -412,12 +412,11 @@ def report(out: str = typer.Argument(..., help="a predict output folder or objec
     """Rebuild OUT/summary/ (plots, by_folder.csv, summary.json), OUT/final/ (the review decisions in
     OUT/reviews/ folded into the rows) and the page outputs (with the exports the run asked for) from the
     Parquet output, and publish them as one set: readers see the old report or the new one, never half."""
-    from kmnist_core.predictions import arrow_without_pandas, return_freed_memory
+    from kmnist_core.arrow_memory import lean_arrow
     from reviews.report import write_report_set
     from kmnist_core.storage import resolve
 
-    return_freed_memory()
-    arrow_without_pandas()
+    lean_arrow()
     location = resolve(out)
     print_summary(write_report_set(location), location.uri)
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kmnist_core import charts, predictions, storage
+from kmnist_core.arrow_memory import arrow_on_one_thread
 from kmnist_core.files import json_text
 from kmnist_core.review_reasons import REVIEW_REASONS
 from kmnist_core.run_record import read_run
@@ -242,7 +243,7 @@ def write_report_set(out: str | Path | Location, export: tuple[str, ...] | None 
     decided = store.latest(history)
     gen = report_set.new_generation(out)
     # An object store's reads wait on the network, where Arrow's I/O threads do help.
-    with predictions.arrow_on_one_thread() if out.local else contextlib.nullcontext():
+    with arrow_on_one_thread() if out.local else contextlib.nullcontext():
         reviews = write_final(out, gen, history, decided, opened.card, opened.latest.get("precision"))
         summary = write_summary(out, gen, opened, reviews)
         summary["pages"] = write_pages(out, gen, export, decided)

@@ -270,13 +270,13 @@ def test_a_worker_whose_probe_disagrees_with_the_drivers_policy_fails_its_chunk_
 
 
 def test_arrow_converts_without_pandas_and_still_gives_pandas_when_asked(tmp_path):
-    """predict's processes keep pandas (~37 MB) out of pyarrow's conversions (predictions.arrow_without_pandas),
+    """predict's processes keep pandas (~37 MB) out of pyarrow's conversions (kmnist_core/arrow_memory.py),
     and a later to_pandas still works: a fresh interpreter, so no earlier test has imported pandas."""
     script = textwrap.dedent("""
         import sys
         import numpy as np
         import pyarrow as pa
-        from kmnist_core.predictions import arrow_without_pandas
+        from kmnist_core.arrow_memory import arrow_without_pandas
         arrow_without_pandas()
         t = pa.Table.from_pydict({"n": np.arange(3), "s": ["a", None, "c"]})
         assert t.column("n").to_pylist() == [0, 1, 2] and "pandas" not in sys.modules
@@ -292,7 +292,7 @@ def test_arrow_converts_without_pandas_and_still_gives_pandas_when_asked(tmp_pat
 def test_arrow_on_one_thread_gives_the_pools_back_as_they_were():
     import pyarrow as pa
 
-    from kmnist_core.predictions import arrow_on_one_thread
+    from kmnist_core.arrow_memory import arrow_on_one_thread
 
     before = pa.cpu_count(), pa.io_thread_count()
     with pytest.raises(RuntimeError), arrow_on_one_thread():
