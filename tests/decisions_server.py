@@ -32,14 +32,16 @@ def make_run(root: Path, images: np.ndarray, n: int = 150) -> Path:
     """A finished predict run (in-process, no Ray) over `n` real crops, two blank crops, two broken
     files and three kanji the model does not know; several shards. Returns OUT."""
     plain_tree(root / "in", images, n, per_folder=50)
+    # "0-odd" is listed first, so its broken files open the first shard, whatever the temp path's hashes
+    # make of the shard boundaries: a --retry-errors rerun always moves their rows (test_decisions_app).
     for i in range(2):
-        save(Image.new("L", (28, 28), 0), root / "in" / "odd" / f"blank-{i}.png")
-    (root / "in" / "odd" / "empty.png").write_bytes(b"")
-    (root / "in" / "odd" / "fake.jpg").write_bytes(b"not a picture")
+        save(Image.new("L", (28, 28), 0), root / "in" / "0-odd" / f"blank-{i}.png")
+    (root / "in" / "0-odd" / "empty.png").write_bytes(b"")
+    (root / "in" / "0-odd" / "fake.jpg").write_bytes(b"not a picture")
     for i, char in enumerate("漢鬱議"):
         img = Image.new("L", (64, 64), 235)
         ImageDraw.Draw(img).text((32, 32), char, fill=20, anchor="mm", font=ImageFont.truetype(str(FONT), 52))
-        save(img, root / "in" / "odd" / f"kanji-{i}.png")
+        save(img, root / "in" / "0-odd" / f"kanji-{i}.png")
     # The default model was trained on all of kmnist-dev, so at its own threshold it is sure of nearly every
     # one of these crops; the run's --review-below sends the LOW_CONFIDENCE least confident to review
     # instead, whatever model is the default.
