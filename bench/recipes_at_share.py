@@ -1,0 +1,60 @@
+"""Two kmnist_core recipes' out-of-fold figures at one auto-accepted share: each recipe's review.json fit
+(temperature, out-of-set score and threshold) with review_below moved until that share of its in-set rows
+is accepted, with the card's views applied (kmnist_core/recipe_thresholds.py). Recipes fitted to the same
+precision can land at different shares; this compares what they let through at the same one. Out of fold
+over the 14,000 pooled images, not the official KMNIST protocol.
+
+    .venv/bin/python bench/recipes_at_share.py [--recipes hands-oe,hands-oe-overlays] [--share 0.9639]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kmnist_core import recipe_thresholds as rt  # noqa: E402
+
+
+def at_share(d: dict, fitted: dict, share: float) -> dict:
+    """`fitted` with the review_below at which `share` of the in-set rows is accepted (bisection)."""
+    low, high = 0.0, 1.0
+    moved = dict(fitted)
+    for _ in range(50):
+        moved["review_below"] = (low + high) / 2
+        if rt.accepted(moved, d["logits"]).mean() > share:
+            low = moved["review_below"]
+        else:
+            high = moved["review_below"]
+    return moved
+
+
+def figures(d: dict, fitted: dict) -> str:
+    taken = rt.apply(fitted, d["logits"], d["labels"])
+    kinds = rt.negative_figures(d, fitted, "kinds")
+    hands = rt.pooled_by(rt.negative_figures(d, fitted, "hands"), lambda label: label.split("/")[1])
+    return (f"review_below {fitted['review_below']:.3f}: accepted {taken['auto_accepted_share']:.2%} "
+            f"({taken['auto_accepted_errors']} wrong); other kinds "
+            + ", ".join(f"{k} {v['share']:.2%}" for k, v in kinds.items())
+            + "; held-out hands " + ", ".join(f"{k} {v['share']:.2%}" for k, v in hands.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default="hands-oe,hands-oe-overlays")
+    parser.add_argument("--share", type=float, default=0.9639, help="auto-accepted share of the in-set rows")
+    args = parser.parse_args()
+    for name in args.recipes.split(","):
+        results = ROOT / "recipes" / name
+        d = rt.load_oof(results)
+        rt.apply_views(d, results, rt.VIEW_GATE)
+        fitted = json.loads((results / "review.json").read_text())["scores"]["chosen"]["fitted"]
+        print(f"{name} at its fit: {figures(d, fitted)}")
+        print(f"{name} at {args.share:.2%}: {figures(d, at_share(d, fitted, args.share))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
