@@ -268,34 +268,3 @@ def test_a_worker_whose_probe_disagrees_with_the_drivers_policy_fails_its_chunk_
     assert reason.startswith("chunk c0: this worker") and "fails its probe" in reason and "--precision fp32" in reason
     assert "\n" not in reason and not list((tmp_path / "out" / "predictions").iterdir())
 
-
-def test_arrow_converts_without_pandas_and_still_gives_pandas_when_asked(tmp_path):
-    """predict's processes keep pandas (~37 MB) out of pyarrow's conversions (kmnist_core/arrow_memory.py),
-    and a later to_pandas still works: a fresh interpreter, so no earlier test has imported pandas."""
-    script = textwrap.dedent("""
-        import sys
-        import numpy as np
-        import pyarrow as pa
-        from kmnist_core.arrow_memory import arrow_without_pandas
-        arrow_without_pandas()
-        t = pa.Table.from_pydict({"n": np.arange(3), "s": ["a", None, "c"]})
-        assert t.column("n").to_pylist() == [0, 1, 2] and "pandas" not in sys.modules
-        frame = t.to_pandas()
-        assert "pandas" in sys.modules and frame["n"].tolist() == [0, 1, 2] and frame["s"].iloc[2] == "c"
-        print("ok")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
-    assert done.stdout.strip() == "ok", done.stderr[-2000:]
-
-
-def test_arrow_on_one_thread_gives_the_pools_back_as_they_were():
-    import pyarrow as pa
-
-    from kmnist_core.arrow_memory import arrow_on_one_thread
-
-    before = pa.cpu_count(), pa.io_thread_count()
-    with pytest.raises(RuntimeError), arrow_on_one_thread():
-        assert (pa.cpu_count(), pa.io_thread_count()) == (1, 1)
-        raise RuntimeError("a report that fails half way")
-    assert (pa.cpu_count(), pa.io_thread_count()) == before
