@@ -1,0 +1,113 @@
+"""A lean PNG reader for the common crop: 8-bit greyscale, not interlaced, with nothing but pixels and
+layout metadata. PIL spends ~40 µs of Python per small file on objects a crop does not need; this
+reads the chunks with struct, inflates with zlib and undoes the row filters as array arithmetic over
+every crop of one shape at once. A file it does not take (another kind of PNG, a CRC or zlib error,
+extra chunks PIL would read into `info`) is left to PIL, which decodes it or names its error; so what
+comes out is PIL's pixels, bit for bit (tests/test_png.py checks it), or nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks that change neither the pixels nor anything the lean path reads from PIL's `info`: text chunks
+# may carry XMP (an orientation), tRNS a transparency, eXIf a rotation; those files go to PIL.
+LAYOUT_CHUNKS = frozenset({b"IDAT", b"IEND", b"pHYs", b"tIME"})
+# Below this many crops of one shape, undoing Average and Paeth filters column by column costs more
+# than PIL does per file (28 x 28 crops, decode_many: 34 µs a crop in batches of 1,024, 46 of 256, 119 of
+# 64; PIL 52-67; bench/decode_png.py).
+MIN_GROUP = 256
+
+
+def grey_filtered(data: bytes, max_pixels: int) -> tuple[int, int, bytes] | None:
+    """(height, width, the inflated filtered rows) of an 8-bit greyscale, non-interlaced PNG whose chunks
+    all check out, within max_pixels; None for any other file."""
+    if not data.startswith(SIGNATURE) or len(data) < 33:
+        return None
+    view = memoryview(data)
+    length, kind, width, height, depth, colour, method, filtering, interlace = struct.unpack_from(">I4sIIBBBBB", data, 8)
+    if (kind != b"IHDR" or length != 13 or (depth, colour, method, filtering, interlace) != (8, 0, 0, 0, 0)
+            or not 0 < width * height <= max_pixels or zlib.crc32(view[12:29]) != int.from_bytes(data[29:33], "big")):
+        return None
+    pos, idat = 33, []
+    while True:
+        if pos + 12 > len(data):
+            return None  # no IEND
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if kind not in LAYOUT_CHUNKS or end + 4 > len(data) or \
+                zlib.crc32(view[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return None
+        if kind == b"IEND":
+            break
+        if kind == b"IDAT":
+            idat.append(view[pos + 8 : end])
+        pos = end + 4
+    try:
+        inflater = zlib.decompressobj()
+        rows = inflater.decompress(b"".join(idat))
+    except zlib.error:
+        return None
+    if len(rows) != height * (width + 1) or not inflater.eof or inflater.unused_data:
+        return None
+    return height, width, rows
+
+
+def unfilter(rows: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, 1 + W) filtered rows of N same-shape greyscale crops -> their uint8 (N, H, W) pixels,
+    (PNG specification, section 9: one byte a pixel, so "left" is the previous byte). Raises ValueError
+    on an unknown filter type."""
+    n, h, w = rows.shape[0], rows.shape[1], rows.shape[2] - 1
+    kinds, raw = rows[:, :, 0], rows[:, :, 1:]
+    if kinds.max(initial=0) > 4:
+        raise ValueError("unknown PNG filter type")
+    out = np.empty((n, h, w), np.uint8)
+    above = np.zeros((n, w), np.uint8)
+    for y in range(h):
+        kind, line = kinds[:, y], raw[:, y]
+        row = line.copy()
+        sub, up = kind == 1, kind == 2
+        if sub.any():
+            row[sub] = np.cumsum(line[sub], axis=1, dtype=np.uint8)  # wraps modulo 256, as the filter does
+        if up.any():
+            row[up] = line[up] + above[up]
+        for chain, step in ((kind == 3, average_step), (kind == 4, paeth_step)):
+            if chain.any():  # each byte needs the one left of it: column by column, over every crop at once
+                row[chain] = unchain(line[chain], above[chain], step)
+        out[:, y] = row
+        above = row
+    return out
+
+
+def average_step(left: np.ndarray, up: np.ndarray, upper_left: np.ndarray, up_minus_upper_left: np.ndarray) -> np.ndarray:
+    return (left + up) >> 1
+
+
+def paeth_step(left: np.ndarray, up: np.ndarray, upper_left: np.ndarray, up_minus_upper_left: np.ndarray) -> np.ndarray:
+    """The Paeth predictor: whichever of left, up, upper left is nearest to left + up - upper left (ties
+    in that order). Its distance to left, |up - upper left|, is `up_minus_upper_left` in absolute value."""
+    to_left = np.abs(up_minus_upper_left)
+    left_minus_upper_left = left - upper_left
+    to_up, to_upper_left = np.abs(left_minus_upper_left), np.abs(left_minus_upper_left + up_minus_upper_left)
+    return np.where((to_left <= to_up) & (to_left <= to_upper_left), left,
+                    np.where(to_up <= to_upper_left, up, upper_left))
+
+
+def unchain(line: np.ndarray, above: np.ndarray, step) -> np.ndarray:
+    """Rows (M, W) filtered with Average or Paeth (`step`: the predictor of each byte from its left, up
+    and upper-left neighbours) -> their bytes."""
+    x = line.T.astype(np.int16)  # (W, M): one contiguous column a step
+    up = above.T.astype(np.int16)
+    upper_left = np.zeros_like(up)
+    upper_left[1:] = up[:-1]
+    rise = up - upper_left
+    left = np.zeros(line.shape[0], np.int16)
+    out = np.empty_like(x)
+    for col in range(len(x)):
+        left = (x[col] + step(left, up[col], upper_left[col], rise[col])) & 255
+        out[col] = left
+    return out.T.astype(np.uint8)
