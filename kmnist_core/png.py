@@ -47,12 +47,13 @@ def grey_filtered(data: bytes, max_pixels: int) -> tuple[int, int, bytes] | None
         if kind == b"IDAT":
             idat.append(view[pos + 8 : end])
         pos = end + 4
+    size = height * (width + 1)
     try:
         inflater = zlib.decompressobj()
-        rows = inflater.decompress(b"".join(idat))
+        rows = inflater.decompress(b"".join(idat), size + 1)  # a stream that inflates past the image stops here
     except zlib.error:
         return None
-    if len(rows) != height * (width + 1) or not inflater.eof or inflater.unused_data:
+    if len(rows) != size or not inflater.eof or inflater.unused_data:
         return None
     return height, width, rows
 

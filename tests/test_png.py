@@ -112,6 +112,7 @@ def declined(glyph: np.ndarray) -> dict[str, bytes]:
         "long stream": grey_png(glyph, kinds, stream=zlib.compress(filtered(glyph, kinds) + b"\x00" * 29)),
         "stream without its checksum": grey_png(glyph, kinds, stream=body[:-4]),
         "data after the stream": grey_png(glyph, kinds, stream=body + b"\x00junk"),
+        "a bomb (10 MB of rows)": grey_png(glyph, kinds, stream=zlib.compress(bytes(10_000_000))),
         "broken stream": grey_png(glyph, kinds, stream=body[:10] + b"\xff" * 8 + body[18:]),
         "too large": grey_png(np.zeros((30, 40), np.uint8), np.zeros(30, int)),
     }
