@@ -374,20 +374,24 @@ def decode_many(files: Sequence[bytes], size: int, max_pixels: int = DEFAULT_MAX
 
 def lean_pngs(files: Sequence[bytes], max_pixels: int) -> dict[int, np.ndarray]:
     """The grey levels of the files kmnist_core/png.py reads, by index: greyscale PNGs, in shapes shared
-    by at least png.MIN_GROUP of them (the rest go through PIL)."""
-    groups: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+    by at least png.MIN_GROUP of them (the rest go through PIL, read only as far as their header)."""
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, data in enumerate(files):
-        found = png.grey_filtered(data, max_pixels)
-        if found is not None:
-            groups.setdefault(found[:2], []).append((i, found[2]))
+        shape = png.grey_shape(data, max_pixels)
+        if shape is not None:
+            groups.setdefault(shape, []).append(i)
     levels = {}
-    for (h, w), group in groups.items():
-        if len(group) >= png.MIN_GROUP:
-            rows = np.frombuffer(b"".join(rows for _, rows in group), np.uint8).reshape(len(group), h, w + 1)
-            try:
-                levels.update(zip((i for i, _ in group), png.unfilter(rows)))
-            except ValueError:  # a bad filter byte somewhere: PIL names each file's error
-                pass
+    for (h, w), members in groups.items():
+        if len(members) < png.MIN_GROUP:
+            continue
+        found = [(i, rows) for i in members if (rows := png.grey_rows(files[i], h, w)) is not None]
+        if not found:
+            continue
+        rows = np.frombuffer(b"".join(rows for _, rows in found), np.uint8).reshape(len(found), h, w + 1)
+        try:
+            levels.update(zip((i for i, _ in found), png.unfilter(rows)))
+        except ValueError:  # a bad filter byte somewhere: PIL names each file's error
+            pass
     return levels
 
 
