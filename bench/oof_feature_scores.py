@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core import recipe_thresholds as rt  # noqa: E402
 from kmnist_core.recipe import Recipe, fold_dataset, stratified_folds  # noqa: E402
-from kmnist_core.views import as_is_confidence, averaged, log_softmax  # noqa: E402
+from kmnist_core.views import as_is_confidence, log_softmax  # noqa: E402
 
 SETS = ("logits", "fit_logits", "hands_logits", "kinds_logits")
 KEEPS = (1.0, 0.999, 0.998, 0.995, 0.99, 0.98)
@@ -69,18 +69,18 @@ def mahalanobis_scores(recipe: Recipe, d: dict) -> dict[str, np.ndarray]:
     return scores
 
 
-def worst_view_scores(recipe: Recipe, d: dict, temperature: float, gate_temperature: float, gate: float) -> dict[str, np.ndarray]:
-    """Minus the lowest view probability of the averaged top class (higher: more out of set)."""
+def worst_view_scores(recipe: Recipe, as_is: dict, viewed: dict, temperature: float, gate_temperature: float,
+                      gate: float) -> dict[str, np.ndarray]:
+    """Minus the lowest view probability of the chosen class (`viewed`: the logits predict decides on,
+    rt.apply_views; higher: more out of set)."""
     stored = [dict(np.load(recipe.results / f"fold-{k}-views.npz")) for k in range(recipe.folds)]
     scores = {}
     for key in SETS:
-        as_is, extra = d[key], np.concatenate([v[key] for v in stored], axis=1)
-        unsure = as_is_confidence(as_is, gate_temperature) < gate
-        mean = as_is.copy()
-        mean[unsure] = averaged([as_is[unsure], *extra[:, unsure]])
-        top = mean.argmax(1)
-        views = np.exp(log_softmax(np.stack([as_is, *extra]) / temperature))[:, np.arange(len(top)), top]
-        worst = np.where(unsure, views.min(0), calibration.softmax(as_is, temperature).max(1))
+        extra = np.concatenate([v[key] for v in stored], axis=1)
+        unsure = as_is_confidence(as_is[key], gate_temperature) < gate
+        top = viewed[key].argmax(1)
+        views = np.exp(log_softmax(np.stack([as_is[key], *extra]) / temperature))[:, np.arange(len(top)), top]
+        worst = np.where(unsure, views.min(0), calibration.softmax(as_is[key], temperature).max(1))
         scores[key] = -worst
     return scores
 
@@ -89,7 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="hands-oe")
     args = parser.parse_args()
-    recipe = Recipe(args.recipe, 5, REPO / "recipes" / args.recipe, REPO / "runs" / "recipes" / args.recipe)
+    results = REPO / "recipes" / args.recipe
+    folds = int(json.loads((results / "recipe.json").read_text())["folds"])
+    recipe = Recipe(args.recipe, folds, results, results / "checkpoints")
     review = json.loads((recipe.results / "review.json").read_text())
     fitted, views = review["scores"]["chosen"]["fitted"], review["views"]
     d = rt.load_oof(recipe.results)
@@ -98,8 +100,8 @@ def main() -> None:
     accepted = {key: rt.accepted(fitted, d[key]) for key in SETS}
     right = d["logits"].argmax(1) == d["labels"]
     kinds = d["kinds_labels"]
-    scores = {"worst view": worst_view_scores(recipe, {**d, **as_is}, fitted["temperature"],
-                                              views["gate_temperature"], views["gate"]),
+    scores = {"worst view": worst_view_scores(recipe, as_is, d, fitted["temperature"], views["gate_temperature"],
+                                              views["gate"]),
               "mahalanobis": mahalanobis_scores(recipe, d)}
     print(f"{args.recipe}, out of fold: in-set accepted share and its errors; negatives accepted")
     for name, score in scores.items():
