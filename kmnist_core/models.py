@@ -63,6 +63,29 @@ class StagedCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class RejectCNN(StagedCNN):
+    """StagedCNN with one more output, "none of these characters", trained as a class of its own: the
+    outlier-exposure negatives are its examples (kmnist_core/train.py), rather than being pushed to the
+    uniform distribution, so the model need not flatten a character's evidence to refuse a crop that also
+    holds one (an overlay, a fragment shaped like a kana).
+
+    `forward` gives the characters' log-probabilities under the softmax over all outputs, so everything
+    downstream still sees `num_classes` outputs: a softmax over them is the confidence given a character,
+    and their energy (-logsumexp, calibration.ood_score) is -log(1 - p(none)), the out-of-set score."""
+
+    reject_class = True
+
+    def __init__(self, num_classes: int, input_size: int, widths: tuple[int, ...], depths: tuple[int, ...]):
+        super().__init__(num_classes + 1, input_size, widths, depths)
+
+    def full_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the characters and, last, of "none of these" (what training's losses take)."""
+        return self.head(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.full_logits(x), 1)[:, :-1]
+
+
 # CPU speeds are against the study's SimpleCNN at batch 1024 on 2 cores, on predict's path (batch norm folded,
 # channels-last): bench/model_figures.py, docs/benchmarks.md. Accuracies: README, "The default model".
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
@@ -71,6 +94,8 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "compact-cnn": lambda n, size: StagedCNN(n, size, widths=(16, 32, 64), depths=(1, 2, 2)),
     # 1.5x the width, 1.1-1.3x SimpleCNN's speed: the default, distilled from five vgg-cnn (99.0 %).
     "compact-cnn-wide": lambda n, size: StagedCNN(n, size, widths=(24, 48, 96), depths=(1, 2, 2)),
+    # compact-cnn-wide with a "none of these" class (RejectCNN): the same cost.
+    "compact-cnn-wide-reject": lambda n, size: RejectCNN(n, size, widths=(24, 48, 96), depths=(1, 2, 2)),
     # The distillation teacher: 1.1 M parameters, ~0.17x SimpleCNN's speed.
     "vgg-cnn": lambda n, size: StagedCNN(n, size, widths=(64, 128, 256), depths=(2, 2, 2)),
     # vgg-cnn at half the width, as a student: 0.45-0.6x SimpleCNN's speed.

@@ -93,7 +93,11 @@ HANDS_OE = dict(model="compact-cnn-wide", epochs=60, lr=3e-3, batch_size=128, op
 # second model.
 HANDS_OE_OVERLAYS = dict(HANDS_OE, seed=1, negative_mix={"glyph": 0.2, "kana": 0.2, "merged": 0.14, "fragment": 0.16,
                                                          "overlay": 0.18, "turned": 0.07, "strokes": 0.05})
-RECIPES: dict[str, dict] = {"hands-oe": HANDS_OE, "hands-oe-overlays": HANDS_OE_OVERLAYS}
+# hands-oe with its negatives as an eleventh class, "none of these" (models.RejectCNN), rather than pushed to
+# the uniform distribution: the kinds hands-oe accepts most out of fold (overlays, fragments) hold a
+# character's evidence, which the uniform target must flatten and a class of their own need not.
+HANDS_REJECT = dict(HANDS_OE, model="compact-cnn-wide-reject")
+RECIPES: dict[str, dict] = {"hands-oe": HANDS_OE, "hands-oe-overlays": HANDS_OE_OVERLAYS, "hands-reject": HANDS_REJECT}
 
 
 def hand_fonts(hands: list[str] | tuple[str, ...]) -> list[str]:

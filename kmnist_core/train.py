@@ -85,6 +85,12 @@ def batch_loss(logits: torch.Tensor, y: torch.Tensor, partner: torch.Tensor | No
     return loss
 
 
+def reject_loss(full_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the last output, "none of these" (a reject-class model's negatives)."""
+    return F.cross_entropy(full_logits, torch.full((len(full_logits),), full_logits.shape[1] - 1,
+                                                   device=full_logits.device))
+
+
 def outlier_loss(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy to the uniform distribution over the classes (outlier exposure)."""
     return -F.log_softmax(logits, 1).mean(1).mean()
@@ -115,18 +121,24 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
         if teacher is not None:
             with torch.no_grad():  # not inference_mode: its tensors cannot be saved for the student's backward
                 teacher_logits = teacher(x.contiguous(memory_format=torch.channels_last))
+        # A model with a reject class (models.RejectCNN) is trained on all its outputs, the negatives
+        # labelled "none of these" (its last output); `logits` are then the characters' log-probabilities.
+        reject = getattr(model, "reject_class", False)
+        forward = model.full_logits if reject else model
         if negatives is not None:
             pick = torch.randint(len(negatives), (len(idx),), generator=gen)
             xn = transforms.to_model_tensor(torch.from_numpy(negatives)[pick]).to(device)
             if aug is not None:
                 xn = transforms.augment_batch(xn, aug, gen)
             # One forward for both, so batch norm sees the mix it will see in an archive.
-            logits, neg_logits = model(torch.cat([x, xn])).split([len(x), len(xn)])
+            logits, neg_logits = forward(torch.cat([x, xn])).split([len(x), len(xn)])
         else:
-            logits = model(x)
+            logits = forward(x)
         loss = batch_loss(logits, y, partner, lam, teacher_logits, cfg.distill_temperature)
         if negatives is not None:
-            loss = loss + cfg.outlier_weight * outlier_loss(neg_logits)
+            loss = loss + cfg.outlier_weight * (reject_loss(neg_logits) if reject else outlier_loss(neg_logits))
+        if reject:
+            logits = logits[:, :-1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -289,6 +301,8 @@ def train_model(
     opt, sched = make_optimizer(model, cfg, math.ceil(len(train) / cfg.batch_size))
     run = TrainRun(model, opt, sched, torch.Generator().manual_seed(cfg.seed))
     teacher = load_teachers(cfg.teachers, data, device, teacher_models)
+    if teacher is not None and getattr(model, "reject_class", False):
+        raise KmnistError(f"{cfg.model} has a reject class, which a teacher's targets do not: train it on labels")
     if resume_state is not None:
         run.load_state_dict(resume_state)
     for epoch in range(len(run.history) + 1, cfg.epochs + 1):

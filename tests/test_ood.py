@@ -185,3 +185,40 @@ def test_evaluate_reports_auto_accepted_share_and_out_of_set_kinds(oe_model_dir,
     assert u["by_kind"]["other_characters"]["n"] == 12 and u["by_kind"]["blanks"]["n"] == 5
     assert u["by_kind"]["blanks"]["reasons"] == {"blank": 5, "unknown_character": 0, "low_confidence": 0, "accepted": 0}
     assert (out / "ood_scores.png").stat().st_size > 0 and (out / "unknown_accepted.png").stat().st_size > 0
+
+
+def test_a_reject_class_model_learns_none_of_these_and_keeps_ten_outputs():
+    """compact-cnn-wide-reject: ten outputs, the characters' log-probabilities beside "none of these";
+    trained on negatives as that class, their energy (-log(1 - p(none))) rises above the characters'."""
+    import torch
+
+    from kmnist_core.calibration import ood_score
+    from kmnist_core.datasets import Split
+    from kmnist_core.models import create_model
+    from kmnist_core.train import make_optimizer, train_one_epoch
+    from kmnist_core.train_options import TrainConfig
+
+    torch.manual_seed(0)
+    model = create_model("compact-cnn-wide-reject", 10, 28)
+    rng = np.random.default_rng(0)
+    characters = np.zeros((256, 28, 28), np.uint8)
+    labels = rng.integers(0, 10, 256)
+    for i, c in enumerate(labels):  # a bar at a class's own height: learnable in a few steps
+        characters[i, 2 + 2 * c : 5 + 2 * c, 4:24] = 255
+    noise = rng.integers(0, 255, (256, 28, 28), dtype=np.uint8)
+    cfg = TrainConfig(model="compact-cnn-wide-reject", epochs=8, batch_size=64, lr=3e-3, negatives="synth")
+    opt, sched = make_optimizer(model, cfg, 4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(cfg.epochs):
+        train_one_epoch(model, Split(characters, labels), opt, sched, cfg, gen, "cpu", None, noise)
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(np.concatenate([characters[:64], noise[:64]])).float()[:, None] / 127.5 - 1
+        out = model(x).numpy()
+        full = model.full_logits(x)
+    assert out.shape == (128, 10)
+    none = torch.softmax(full, 1)[:, -1].numpy()
+    np.testing.assert_allclose(ood_score(out, "energy"), -np.log1p(-none), rtol=1e-4, atol=1e-5)
+    energy = ood_score(out, "energy")
+    assert energy[64:].min() > energy[:64].max()  # every negative more out of set than every character
+    assert (out[:64].argmax(1) == labels[:64]).mean() > 0.9
