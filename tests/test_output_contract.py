@@ -120,6 +120,20 @@ def test_every_shard_carries_its_footer(crop_out, crop_shards):
         assert chunk["errors"] == {k: kinds.count(k) for k in set(kinds)}
 
 
+def test_a_runs_footers_are_held_once_when_read_back(crop_out):
+    """A 10,000,000-crop output has ~2,600 shards, each with the same ~14 KB card and run record: reading
+    its footers (a report, a resume) keeps one copy of each, and each shard's chunk record its own."""
+    from kmnist_core import storage
+    from kmnist_core.predictions import footers
+    from kmnist_core.schema import FOOTER_CHUNK, FOOTER_MODEL_CARD, FOOTER_RUN
+
+    metas = list(footers(storage.resolve(crop_out)).values())
+    assert len(metas) > 1
+    for key in (FOOTER_MODEL_CARD, FOOTER_RUN):
+        assert all(m[key] is metas[0][key] for m in metas)
+    assert len({m[FOOTER_CHUNK] for m in metas}) == len(metas)
+
+
 def test_run_record_and_run_json(crop_out):
     run = json.loads((crop_out / "run.json").read_text(encoding="utf-8"))
     assert run["status"] == "completed" and run["options"]["executor"] == "local"
