@@ -69,9 +69,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def averaged(view_logits: list[np.ndarray]) -> np.ndarray:
-    """The mean log-probability over views: a geometric mean, used as logits (softmax, and so the
-    calibrated confidence, is unchanged by the per-row shift from logits to log-probabilities)."""
-    return np.mean([log_softmax(v) for v in view_logits], axis=0).astype(np.float32)
+    """The views' mean logits. Logits are log-probabilities up to a per-row shift, so a softmax of the
+    mean (the calibrated confidence) is that of the mean log-probability, a geometric mean. The shift is
+    kept, not normalized away: a reject-class model's outputs (models.RejectCNN) are log-probabilities
+    whose total is 1 - p(none), and their energy, the out-of-set score, must survive the views."""
+    return np.mean(view_logits, axis=0, dtype=np.float32)
 
 
 def as_is_confidence(logits: np.ndarray, temperature: float) -> np.ndarray:

@@ -61,6 +61,27 @@ def by_hand(runtime, pixels: np.ndarray, temperature: float, gate: float) -> tup
     return expected, unsure
 
 
+def test_averaged_views_keep_the_softmax_of_the_mean_log_probability_and_a_reject_models_energy():
+    """Plain logits: the softmax of the averaged views is that of their mean log-probability. A reject-class
+    model's outputs are log-probabilities short of 1 by p(none): the average keeps that shortfall (its
+    energy), where averaging renormalized log-probabilities would report p(none) = 0."""
+    rng = np.random.default_rng(0)
+    views = [rng.normal(0, 3, (50, 10)).astype(np.float32) for _ in range(5)]
+    mean_log_prob = np.mean([v - np.logaddexp.reduce(v, axis=1, keepdims=True) for v in views], axis=0)
+    np.testing.assert_allclose(calibration.softmax(averaged(views), 0.7), calibration.softmax(mean_log_prob, 0.7),
+                               rtol=1e-5, atol=1e-6)
+    # five views that agree on a character and each give "none of these" 30 %
+    characters = rng.normal(0, 1, (50, 10)) + 5 * np.eye(10)[rng.integers(0, 10, 50)]
+    outputs = []
+    for _ in range(5):
+        log_p = characters + rng.normal(0, 0.1, characters.shape)
+        outputs.append((log_p - np.logaddexp.reduce(log_p, axis=1, keepdims=True) + np.log(0.7)).astype(np.float32))
+    energy = calibration.ood_score(averaged(outputs), "energy")
+    np.testing.assert_allclose(energy, -np.logaddexp.reduce(np.mean(outputs, axis=0), axis=1), rtol=1e-5)
+    renormalized = np.mean([o - np.logaddexp.reduce(o, axis=1, keepdims=True) for o in outputs], axis=0)
+    assert (energy > -np.log(0.7) - 0.01).all() and (calibration.ood_score(renormalized, "energy") < 0.01).all()
+
+
 def test_a_card_with_views_views_only_the_unsure_crops(viewed_model, kmnist_dev):
     pixels = kmnist_dev.test.images[:600]
     viewed, plain = (load_model(d, precision="fp32") for d in viewed_model)
