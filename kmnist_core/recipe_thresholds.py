@@ -140,22 +140,24 @@ def load_oof(results: Path) -> dict[str, np.ndarray]:
     return joined
 
 
-def apply_views(d: dict[str, np.ndarray], results: Path, gate: float) -> dict:
+def apply_views(d: dict[str, np.ndarray], results: Path, gate: float,
+                extra_views: tuple[tuple[float, float], ...] = EXTRA_VIEWS) -> dict:
     """`d` (load_oof) with the logits predict computes under the card's views: every row and negative whose
     as-is confidence, at the temperature fitted on the as-is out-of-fold rows, is under `gate` gets the
-    mean log-probability of itself and its EXTRA_VIEWS views (kmnist_core/views.py `with_views`). Returns
-    what the card's views section and the report say of it."""
+    mean log-probability of itself and its `extra_views` (of the EXTRA_VIEWS score_fold_views stored;
+    kmnist_core/views.py `with_views`). Returns what the card's views section and the report say of it."""
     temperature = calibration.fit_temperature(d["logits"], d["labels"])
     folds = [int(k) for k in np.unique(d["fold"])]
     stored = [dict(np.load(results / f"fold-{k}-views.npz")) for k in folds]
+    chosen = [EXTRA_VIEWS.index(tuple(v)) for v in extra_views]
     viewed = {}
     for key in ("logits", "fit_logits", "hands_logits", "kinds_logits"):
-        extra = np.concatenate([v[key] for v in stored], axis=1)
+        extra = np.concatenate([v[key] for v in stored], axis=1)[chosen]
         unsure = as_is_confidence(d[key], temperature) < gate
         d[key] = d[key].copy()
         d[key][unsure] = averaged([d[key][unsure], *extra[:, unsure]])
         viewed[key.removesuffix("logits").rstrip("_") or "rows"] = float(unsure.mean())
-    return {"extra": [list(v) for v in EXTRA_VIEWS], "gate": gate, "gate_temperature": temperature,
+    return {"extra": [list(v) for v in extra_views], "gate": gate, "gate_temperature": temperature,
             "viewed_share": viewed}
 
 
