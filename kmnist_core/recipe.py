@@ -95,7 +95,8 @@ HANDS_OE_OVERLAYS = dict(HANDS_OE, seed=1, negative_mix={"glyph": 0.2, "kana": 0
                                                          "overlay": 0.18, "turned": 0.07, "strokes": 0.05})
 # hands-oe with its negatives as an eleventh class, "none of these" (models.RejectCNN), rather than pushed to
 # the uniform distribution: the kinds hands-oe accepts most out of fold (overlays, fragments) hold a
-# character's evidence, which the uniform target must flatten and a class of their own need not.
+# character's evidence, which the uniform target must flatten and a class of their own need not. Folds 0-1
+# only: at hands-oe's accepted share it let more of every unseen kind through (docs/model.md).
 HANDS_REJECT = dict(HANDS_OE, model="compact-cnn-wide-reject")
 # hands-oe-overlays with twice the outlier-exposure weight: at hands-oe's accepted share, more overlays in
 # training took overlays from 5.03 to 3.59 % but let more strokes and merged pairs through; a heavier

@@ -107,6 +107,10 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
     images = torch.from_numpy(split.images)
     labels = torch.from_numpy(split.labels)
     order = torch.randperm(len(split), generator=gen)
+    # A model with a reject class (models.RejectCNN) is trained on all its outputs, the negatives labelled
+    # "none of these" (its last output); the accuracy counts the characters' outputs only.
+    reject = getattr(model, "reject_class", False)
+    forward = model.full_logits if reject else model
     loss_sum, correct = 0.0, 0
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
@@ -121,10 +125,6 @@ def train_one_epoch(model, split: Split, opt, sched, cfg: TrainConfig, gen: torc
         if teacher is not None:
             with torch.no_grad():  # not inference_mode: its tensors cannot be saved for the student's backward
                 teacher_logits = teacher(x.contiguous(memory_format=torch.channels_last))
-        # A model with a reject class (models.RejectCNN) is trained on all its outputs, the negatives
-        # labelled "none of these" (its last output); `logits` are then the characters' log-probabilities.
-        reject = getattr(model, "reject_class", False)
-        forward = model.full_logits if reject else model
         if negatives is not None:
             pick = torch.randint(len(negatives), (len(idx),), generator=gen)
             xn = transforms.to_model_tensor(torch.from_numpy(negatives)[pick]).to(device)

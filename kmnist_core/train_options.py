@@ -15,9 +15,9 @@ from kmnist_core.options import option
 class TrainConfig:
     dataset: str = option("kmnist-dev", "--dataset", "kmnist-dev (bundled), kmnist, k49 or kkanji")
     model: str = option("simple-cnn", "--model", "simple-cnn (the study's), compact-cnn, compact-cnn-wide, "
-                                                 "compact-cnn-wide-reject (negatives as a class: with "
-                                                 "--negatives synth), vgg-cnn, vgg-cnn-half, vgg-cnn-slim; default: --init's architecture, else "
-                                                 "simple-cnn")
+                                                 "compact-cnn-wide-reject (negatives as a class: with --negatives "
+                                                 "synth), vgg-cnn, vgg-cnn-half, vgg-cnn-slim; default: --init's "
+                                                 "architecture, else simple-cnn")
     epochs: int = option(10, "--epochs")
     lr: float = option(1e-3, "--lr")
     batch_size: int = option(64, "--batch-size")
