@@ -8,7 +8,9 @@ over the 14,000 pooled images, not the official KMNIST protocol.
 
 `--folds 0,1` compares recipes whose folds are not all trained yet, on those folds' rows only: each recipe
 fitted on them as its review would fit all of them (rt.fit, the out-of-set score that best separates its
-`fit` negatives, margin 0.002), as its own fit and at the share.
+`fit` negatives, margin 0.002), as its own fit and at the share. `--average` (with `--folds`) also
+scores the recipes as one model: their logits, each with its views, averaged, and fitted the same way
+(with max-softmax when their `fit` negatives differ, being drawn with different mixes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from kmnist_core import recipe_thresholds as rt  # noqa: E402
+from kmnist_core.recipe import RECIPES  # noqa: E402
 
 
 def at_share(d: dict, fitted: dict, share: float) -> dict:
@@ -66,7 +69,9 @@ def main() -> None:
     parser.add_argument("--recipes", default="hands-oe,hands-oe-overlays")
     parser.add_argument("--share", type=float, default=0.9639, help="auto-accepted share of the in-set rows")
     parser.add_argument("--folds", help="only these folds (comma-separated), each recipe fitted on them")
+    parser.add_argument("--average", action="store_true", help="with --folds: the recipes averaged as one model too")
     args = parser.parse_args()
+    scored = []
     for name in args.recipes.split(","):
         results = ROOT / "recipes" / name
         d = rt.load_oof(results)
@@ -80,6 +85,18 @@ def main() -> None:
             fitted = json.loads((results / "review.json").read_text())["scores"]["chosen"]["fitted"]
         print(f"{name} at its fit: {figures(d, fitted)}")
         print(f"{name} at {args.share:.2%}: {figures(d, at_share(d, fitted, args.share))}", flush=True)
+        scored.append(d)
+    if args.average and args.folds:
+        d = dict(scored[0])
+        for key in ("logits", "fit_logits", "hands_logits", "kinds_logits"):
+            d[key] = np.mean([s[key] for s in scored], axis=0)
+        # Each recipe's `fit` negatives are drawn with its own negative mix: the same images only when the
+        # mixes agree. Otherwise the score is max-softmax, which is fitted without them.
+        names = args.recipes.split(",")
+        same_fit = all(RECIPES[n]["negative_mix"] == RECIPES[names[0]]["negative_mix"] for n in names)
+        fitted = rt.fit(d["logits"], d["labels"], d["fit_logits"], 0.002, None if same_fit else "max-softmax")
+        print(f"{args.recipes} averaged, folds {args.folds}: top-1 {rt.top1(d)}, out-of-set score {fitted['ood_score']}")
+        print(f"averaged at {args.share:.2%}: {figures(d, at_share(d, fitted, args.share))}", flush=True)
 
 
 if __name__ == "__main__":

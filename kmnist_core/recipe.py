@@ -100,7 +100,8 @@ HANDS_OE_OVERLAYS = dict(HANDS_OE, seed=1, negative_mix={"glyph": 0.2, "kana": 0
 HANDS_REJECT = dict(HANDS_OE, model="compact-cnn-wide-reject")
 # hands-oe-overlays with twice the outlier-exposure weight: at hands-oe's accepted share, more overlays in
 # training took overlays from 5.03 to 3.59 % but let more strokes and merged pairs through; a heavier
-# uniform target on every negative is the other half of that trade.
+# uniform target on every negative is the other half of that trade. Folds 0-1 only: fewer overlays, merged and
+# turned accepted, more other kana and fragments, lower top-1 (docs/model.md).
 HANDS_OE_OVERLAYS_W1 = dict(HANDS_OE_OVERLAYS, outlier_weight=1.0)
 RECIPES: dict[str, dict] = {"hands-oe": HANDS_OE, "hands-oe-overlays": HANDS_OE_OVERLAYS,
                             "hands-oe-overlays-w1": HANDS_OE_OVERLAYS_W1, "hands-reject": HANDS_REJECT}
