@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from kmnist_core import calibration  # noqa: E402
 from kmnist_core import recipe_thresholds as rt  # noqa: E402
 from kmnist_core.recipe import Recipe, fold_dataset, stratified_folds  # noqa: E402
-from kmnist_core.views import as_is_confidence, log_softmax  # noqa: E402
+from kmnist_core.views import as_is_confidence  # noqa: E402
 
 SETS = ("logits", "fit_logits", "hands_logits", "kinds_logits")
 KEEPS = (1.0, 0.999, 0.998, 0.995, 0.99, 0.98)
@@ -79,7 +79,8 @@ def worst_view_scores(recipe: Recipe, as_is: dict, viewed: dict, temperature: fl
         extra = np.concatenate([v[key] for v in stored], axis=1)
         unsure = as_is_confidence(as_is[key], gate_temperature) < gate
         top = viewed[key].argmax(1)
-        views = np.exp(log_softmax(np.stack([as_is[key], *extra]) / temperature))[:, np.arange(len(top)), top]
+        views = np.stack([calibration.softmax(v.astype(np.float64), temperature)
+                          for v in (as_is[key], *extra)])[:, np.arange(len(top)), top]
         worst = np.where(unsure, views.min(0), calibration.softmax(as_is[key], temperature).max(1))
         scores[key] = -worst
     return scores

@@ -63,11 +63,6 @@ def view_pixels(pixels: np.ndarray, degrees: float, zoom: float) -> np.ndarray:
     return out.reshape(n, size, size)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-
-
 def averaged(view_logits: list[np.ndarray]) -> np.ndarray:
     """The views' mean logits. Logits are log-probabilities up to a per-row shift, so a softmax of the
     mean (the calibrated confidence) is that of the mean log-probability, a geometric mean. The shift is
