@@ -97,7 +97,7 @@ def main() -> None:
     fitted, views = review["scores"]["chosen"]["fitted"], review["views"]
     d = rt.load_oof(recipe.results)
     as_is = {key: d[key].copy() for key in SETS}
-    rt.apply_views(d, recipe.results, views["gate"])
+    rt.apply_card_views(d, recipe.results, views)
     accepted = {key: rt.accepted(fitted, d[key]) for key in SETS}
     right = d["logits"].argmax(1) == d["labels"]
     kinds = d["kinds_labels"]

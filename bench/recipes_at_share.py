@@ -77,12 +77,14 @@ def main() -> None:
         d = rt.load_oof(results)
         if args.folds:
             d = only_folds(d, {int(k) for k in args.folds.split(",")})
-        rt.apply_views(d, results, rt.VIEW_GATE)
-        if args.folds:
+        if args.folds:  # no review yet: the views a review would choose
+            rt.apply_views(d, results, rt.VIEW_GATE)
             fitted = rt.fit(d["logits"], d["labels"], d["fit_logits"], 0.002)
             print(f"{name}, folds {args.folds}: top-1 {rt.top1(d)}, out-of-set score {fitted['ood_score']}")
         else:
-            fitted = json.loads((results / "review.json").read_text())["scores"]["chosen"]["fitted"]
+            review = json.loads((results / "review.json").read_text())
+            rt.apply_card_views(d, results, review["views"])
+            fitted = review["scores"]["chosen"]["fitted"]
         print(f"{name} at its fit: {figures(d, fitted)}")
         print(f"{name} at {args.share:.2%}: {figures(d, at_share(d, fitted, args.share))}", flush=True)
         scored.append(d)

@@ -26,7 +26,7 @@ from kmnist_core.experiment import build_card, build_twins
 from kmnist_core.model_dir import DEFAULT_MODEL_DIR, MODEL_FILES, save_model_dir, write_files
 from kmnist_core.models import create_model
 from kmnist_core.recipe import RECIPES, Recipe, train_resumable
-from kmnist_core.recipe_thresholds import REVIEW_PRECISION, apply_views, load_oof
+from kmnist_core.recipe_thresholds import REVIEW_PRECISION, apply_card_views, load_oof
 from kmnist_core.train_options import TrainConfig
 
 
@@ -78,7 +78,7 @@ def final_card(recipe: Recipe, model: torch.nn.Module, data: Dataset) -> dict:
     chosen = report["scores"]["chosen"]
     fitted = chosen["fitted"]
     folds = load_oof(recipe.results)
-    apply_views(folds, recipe.results, report["views"]["gate"])
+    apply_card_views(folds, recipe.results, report["views"])
     oof_metrics = classification_metrics(folds["labels"], folds["logits"].argmax(1), data.classes)
     oof_metrics.pop("confusion_matrix")
     promise = {**chosen["held_out_checks"]["pooled folds"], "target_precision": REVIEW_PRECISION,

@@ -161,6 +161,12 @@ def apply_views(d: dict[str, np.ndarray], results: Path, gate: float,
             "viewed_share": viewed}
 
 
+def apply_card_views(d: dict[str, np.ndarray], results: Path, views: dict) -> dict:
+    """apply_views with the views a review chose (review.json's `views`: its gate and extra views), so
+    what is computed from the folds matches the card built from that review."""
+    return apply_views(d, results, views["gate"], tuple(tuple(v) for v in views["extra"]))
+
+
 def fit(logits: np.ndarray, labels: np.ndarray, neg_logits: np.ndarray, margin: float = 0.0,
         score: str | None = None) -> dict:
     """Temperature, out-of-set score and threshold, review_below, fitted at REVIEW_PRECISION + margin.
