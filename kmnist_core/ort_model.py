@@ -17,8 +17,9 @@ from kmnist_core.preprocess import MEAN, STD
 UNFOLD_KEY = "kmnist.input_unfold"  # ONNX metadata: the k of a k x k first conv unfolded into k*k input channels
 # Crops per ONNX Runtime call, whatever the caller's batch: ORT's memory arena keeps the largest call's
 # activations for the session's life (a 1,024-crop call of the default model: ~150 MB more resident per
-# worker than 256, at the same speed; bench/scale.py, docs/benchmarks.md).
-RUN_BATCH = 256
+# worker than 256, at the same speed; bench/scale.py), and a small call's activations stay in cache (64
+# against 256: ~5 % less time a crop and 23 MB less resident; bench/run_batch.py, docs/benchmarks.md).
+RUN_BATCH = 64
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
