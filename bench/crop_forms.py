@@ -179,7 +179,8 @@ def out_of_fold(recipe: str, precision: str) -> tuple[Split, Callable[[np.ndarra
             pred[rows] = predictor.decided_logits(pixels[rows])[0].argmax(1)
         return pred
 
-    views = f"views gate {r.views.gate}" if r.views else "no views"
+    views = (f"views gate {r.views.gate}, " + ", ".join(f"{d:+g}°" + (f" x{z:g}" if z != 1 else "") for d, z in r.views.extra)
+             if r.views else "no views")
     return (Split(r.images, r.labels), predict, f"{recipe} fold models, {precision} as predict runs it, {views}",
             f"{r.source} out-of-fold ({len(r.labels)})")
 

@@ -1,6 +1,6 @@
 """What each test-time view buys a k-fold recipe, out of fold (issue 34: "say what each pass buys").
 
-The recipe's folds stored every candidate view (kmnist_core/views.py EXTRA_VIEWS: rotated +-7 degrees,
+The recipe's folds stored every candidate view (kmnist_core/views.py CANDIDATE_VIEWS: rotated +-7 degrees,
 zoomed 0.9 and 1.1) of their held-out rows and negatives (fold-K-views.npz). For each set of views below,
 the crops under the gate are decided on the mean of themselves and those views, as predict would; the
 card's temperature and thresholds are fitted on those logits as the recipe's review fits them (its chosen
@@ -24,11 +24,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kmnist_core import recipe_thresholds as rt  # noqa: E402
-from kmnist_core.views import EXTRA_VIEWS  # noqa: E402
+from kmnist_core.views import CANDIDATE_VIEWS  # noqa: E402
 
-ROTATIONS, ZOOMS = EXTRA_VIEWS[:2], EXTRA_VIEWS[2:]
-CHOICES = {"none": (), "+7": EXTRA_VIEWS[:1], "+-7": ROTATIONS, "zoom 0.9, 1.1": ZOOMS,
-           "+7, zoom 0.9": (EXTRA_VIEWS[0], EXTRA_VIEWS[2]), "all four": EXTRA_VIEWS}
+ROTATIONS, ZOOMS = CANDIDATE_VIEWS[:2], CANDIDATE_VIEWS[2:]
+CHOICES = {"none": (), "+7": CANDIDATE_VIEWS[:1], "+-7": ROTATIONS, "zoom 0.9, 1.1": ZOOMS,
+           "+7, zoom 0.9": (CANDIDATE_VIEWS[0], CANDIDATE_VIEWS[2]), "all four": CANDIDATE_VIEWS}
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from kmnist_core.evaluate import review_decisions
 from kmnist_core.experiment import IN_SET_KEEP, REVIEW_LEVEL, REVIEW_PRECISION
 from kmnist_core.negatives import candidate_glyphs, glyph_pool, is_kana, make_negatives
 from kmnist_core.recipe import Recipe, fold_dataset, hand_fonts, held_hands, stratified_folds
-from kmnist_core.views import EXTRA_VIEWS, as_is_confidence, averaged, view_pixels
+from kmnist_core.views import CANDIDATE_VIEWS, EXTRA_VIEWS, as_is_confidence, averaged, view_pixels
 
 MARGINS = (0.0, 0.0005, 0.001, 0.0015, 0.002, 0.003)  # added to REVIEW_PRECISION when fitting
 NON_GLYPH = ("merged", "fragment", "overlay", "turned", "strokes")
@@ -41,7 +41,7 @@ HAND_NEGATIVES = 400  # per hand and script (kana, kanji)
 KIND_NEGATIVES = 300  # per non-glyph kind
 # The card's test-time views go to crops whose as-is confidence is under this. Chosen out of fold on
 # hands-oe among every row, 0.99 and 0.9: 0.99 views 8 % of the rows for the same top-1 as every row
-# (99.12 %) and auto-accepts 96.4 % (0.9: 4 % of rows, 99.09 %, 96.0 %).
+# (99.12 %) and auto-accepts 96.4 % (0.9: 4 % of rows, 99.09 %, 96.0 %), with the four candidate views.
 VIEW_GATE = 0.99
 
 
@@ -110,7 +110,7 @@ def score_fold_negatives(recipe: Recipe, k: int, pool: LabelledPool | None = Non
 
 
 def score_fold_views(recipe: Recipe, k: int, pool: LabelledPool | None = None) -> Path:
-    """The fold model's logits of every EXTRA_VIEWS view of its held-out images and negative sets,
+    """The fold model's logits of every CANDIDATE_VIEWS view of its held-out images and negative sets,
     (views, rows, classes) each, into fold-K-views.npz (kept once written; a minute or two a fold)."""
     from kmnist_core.models import predict_logits
 
@@ -121,7 +121,7 @@ def score_fold_views(recipe: Recipe, k: int, pool: LabelledPool | None = None) -
     held = fold_dataset(pool, stratified_folds(pool.labels, pool.source, recipe.folds), k).test
     sets = {"logits": held.images, **{f"{name}_logits": images for name, (images, _) in negatives.items()}}
     return save_npz(done, {key: np.stack([predict_logits(model, view_pixels(images, d, z), "cpu")
-                                          for d, z in EXTRA_VIEWS]) for key, images in sets.items()})
+                                          for d, z in CANDIDATE_VIEWS]) for key, images in sets.items()})
 
 
 def load_oof(results: Path) -> dict[str, np.ndarray]:
@@ -144,12 +144,12 @@ def apply_views(d: dict[str, np.ndarray], results: Path, gate: float,
                 extra_views: tuple[tuple[float, float], ...] = EXTRA_VIEWS) -> dict:
     """`d` (load_oof) with the logits predict computes under the card's views: every row and negative whose
     as-is confidence, at the temperature fitted on the as-is out-of-fold rows, is under `gate` gets the
-    mean log-probability of itself and its `extra_views` (of the EXTRA_VIEWS score_fold_views stored;
+    mean log-probability of itself and its `extra_views` (of the CANDIDATE_VIEWS score_fold_views stored;
     kmnist_core/views.py `with_views`). Returns what the card's views section and the report say of it."""
     temperature = calibration.fit_temperature(d["logits"], d["labels"])
     folds = [int(k) for k in np.unique(d["fold"])]
     stored = [dict(np.load(results / f"fold-{k}-views.npz")) for k in folds]
-    chosen = [EXTRA_VIEWS.index(tuple(v)) for v in extra_views]
+    chosen = [CANDIDATE_VIEWS.index(tuple(v)) for v in extra_views]
     viewed = {}
     for key in ("logits", "fit_logits", "hands_logits", "kinds_logits"):
         extra = np.concatenate([v[key] for v in stored], axis=1)[chosen]
