@@ -58,10 +58,24 @@ def read_file(path: bytes) -> bytes | OSError:
     try:
         if storage.is_uri(path):
             return storage.read_bytes(storage.resolve(path.decode()))
-        with open(path, "rb") as f:
-            return f.read()
+        return read_local(path)
     except OSError as e:
         return e
+
+
+def read_local(path: bytes) -> bytes:
+    """A local file's bytes, read to its end: a first read of its size, then reads until one returns
+    nothing (a network file system may return less than asked; a file may grow meanwhile). 7.1 against
+    9.4 µs a crop for open().read(), whose buffered file object costs more than the reads
+    (bench/read_local.py)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = [os.read(fd, os.fstat(fd).st_size or 1 << 16)]
+        while parts[-1]:
+            parts.append(os.read(fd, 1 << 16))
+        return parts[0] if len(parts) == 2 else b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def read_files(paths: list[bytes]) -> list[bytes | OSError]:
