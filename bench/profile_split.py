@@ -2,6 +2,8 @@
 the whole run, and each sample is put in the first stage its stack reaches (reading, decoding,
 predicting, writing the shard, building rows; the deepest such frame wins, so predicting inside the row
 builder counts as predicting), else Ray's own work (waiting for and handing over tasks), else other.
+Predicting is split three ways: the int8 pass as is ("predict"), the int8 passes over the unsure crops'
+test-time views ("views") and the fp32 recheck near a decision ("fp32", its views included).
 
     .venv/bin/python bench/profile_split.py --py-spy /path/to/py-spy [--files 1000000] [--record]
 
@@ -26,8 +28,11 @@ from bench.scale import chunk_worker_pids, link_tree, run_driver, sources  # noq
 
 # (stage, function, file): a sample belongs to the deepest of these frames in its stack (a stage's own
 # helpers, numpy, PIL, ONNX Runtime or Arrow below it count as that stage).
+# Within predicting: "views" is the int8 passes over the unsure crops' views, "fp32" the recheck near a
+# decision (its own views included), "predict" the rest (the int8 pass as is and the decisions).
 STAGES = (("read", "read_files", "stages.py"), ("decode", "decode_files", "stages.py"),
           ("decode", "decode_box_batch", "box_stage.py"), ("predict", "decided_logits", "predictor.py"),
+          ("views", "view_rows", "views.py"), ("fp32", "fp32_logits", "predictor.py"),
           ("rows", "__call__", "stages.py"), ("write", "encode_shard", "predictions.py"),
           ("write", "publish", "predictions.py"))
 FRAME = re.compile(r"(?P<function>.*) \((?P<file>[^()]*?):\d+\)$")
