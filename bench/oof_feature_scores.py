@@ -69,19 +69,17 @@ def mahalanobis_scores(recipe: Recipe, d: dict) -> dict[str, np.ndarray]:
     return scores
 
 
-def worst_view_scores(recipe: Recipe, as_is: dict, viewed: dict, temperature: float, gate_temperature: float,
-                      gate: float) -> dict[str, np.ndarray]:
-    """Minus the lowest view probability of the chosen class (`viewed`: the logits predict decides on,
-    rt.apply_views; higher: more out of set)."""
-    stored = [dict(np.load(recipe.results / f"fold-{k}-views.npz")) for k in range(recipe.folds)]
+def worst_view_scores(recipe: Recipe, as_is: dict, viewed: dict, temperature: float, views: dict) -> dict[str, np.ndarray]:
+    """Minus the lowest probability of the chosen class among the crop as is and the card's `views`
+    (review.json's; `viewed`: the logits predict decides on, rt.apply_card_views; higher: more out of set)."""
+    stored = rt.stored_views(recipe.results, list(range(recipe.folds)), tuple(tuple(v) for v in views["extra"]))
     scores = {}
     for key in SETS:
-        extra = np.concatenate([v[key] for v in stored], axis=1)
-        unsure = as_is_confidence(as_is[key], gate_temperature) < gate
+        unsure = as_is_confidence(as_is[key], views["gate_temperature"]) < views["gate"]
         top = viewed[key].argmax(1)
-        views = np.stack([calibration.softmax(v.astype(np.float64), temperature)
-                          for v in (as_is[key], *extra)])[:, np.arange(len(top)), top]
-        worst = np.where(unsure, views.min(0), calibration.softmax(as_is[key], temperature).max(1))
+        chosen = np.stack([calibration.softmax(v.astype(np.float64), temperature)
+                           for v in (as_is[key], *stored[key])])[:, np.arange(len(top)), top]
+        worst = np.where(unsure, chosen.min(0), calibration.softmax(as_is[key], temperature).max(1))
         scores[key] = -worst
     return scores
 
@@ -101,8 +99,7 @@ def main() -> None:
     accepted = {key: rt.accepted(fitted, d[key]) for key in SETS}
     right = d["logits"].argmax(1) == d["labels"]
     kinds = d["kinds_labels"]
-    scores = {"worst view": worst_view_scores(recipe, as_is, d, fitted["temperature"], views["gate_temperature"],
-                                              views["gate"]),
+    scores = {"worst view": worst_view_scores(recipe, as_is, d, fitted["temperature"], views),
               "mahalanobis": mahalanobis_scores(recipe, d)}
     print(f"{args.recipe}, out of fold: in-set accepted share and its errors; negatives accepted")
     for name, score in scores.items():

@@ -140,6 +140,15 @@ def load_oof(results: Path) -> dict[str, np.ndarray]:
     return joined
 
 
+def stored_views(results: Path, folds: list[int], extra_views: tuple[tuple[float, float], ...]) -> dict[str, np.ndarray]:
+    """The logits of `extra_views` (of the CANDIDATE_VIEWS score_fold_views stored) for every row and
+    negative set of `folds`, in load_oof's order: key -> (views, rows, classes)."""
+    stored = [dict(np.load(results / f"fold-{k}-views.npz")) for k in folds]
+    chosen = [CANDIDATE_VIEWS.index(tuple(v)) for v in extra_views]
+    return {key: np.concatenate([v[key] for v in stored], axis=1)[chosen]
+            for key in ("logits", "fit_logits", "hands_logits", "kinds_logits")}
+
+
 def apply_views(d: dict[str, np.ndarray], results: Path, gate: float,
                 extra_views: tuple[tuple[float, float], ...] = EXTRA_VIEWS) -> dict:
     """`d` (load_oof) with the logits predict computes under the card's views: every row and negative whose
@@ -147,12 +156,9 @@ def apply_views(d: dict[str, np.ndarray], results: Path, gate: float,
     mean log-probability of itself and its `extra_views` (of the CANDIDATE_VIEWS score_fold_views stored;
     kmnist_core/views.py `with_views`). Returns what the card's views section and the report say of it."""
     temperature = calibration.fit_temperature(d["logits"], d["labels"])
-    folds = [int(k) for k in np.unique(d["fold"])]
-    stored = [dict(np.load(results / f"fold-{k}-views.npz")) for k in folds]
-    chosen = [CANDIDATE_VIEWS.index(tuple(v)) for v in extra_views]
+    views = stored_views(results, [int(k) for k in np.unique(d["fold"])], extra_views)
     viewed = {}
-    for key in ("logits", "fit_logits", "hands_logits", "kinds_logits"):
-        extra = np.concatenate([v[key] for v in stored], axis=1)[chosen]
+    for key, extra in views.items():
         unsure = as_is_confidence(d[key], temperature) < gate
         d[key] = d[key].copy()
         d[key][unsure] = averaged([d[key][unsure], *extra[:, unsure]])
