@@ -14,7 +14,6 @@ images, not the official KMNIST protocol.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import arguments  # noqa: E402
 from kmnist_core import recipe_thresholds as rt  # noqa: E402
 from kmnist_core.views import CANDIDATE_VIEWS  # noqa: E402
 
@@ -32,7 +32,7 @@ CHOICES = {"none": (), "+7": CANDIDATE_VIEWS[:1], "+-7": ROTATIONS, "zoom 0.9, 1
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--recipe", default="hands-oe")
     parser.add_argument("--gate", type=float, default=rt.VIEW_GATE)
     args = parser.parse_args()

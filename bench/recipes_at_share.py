@@ -15,7 +15,6 @@ scores the recipes as one model: their logits, each with its views, averaged, an
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
+from bench.common import arguments  # noqa: E402
 from kmnist_core import recipe_thresholds as rt  # noqa: E402
 from kmnist_core.recipe import RECIPES  # noqa: E402
 
@@ -65,7 +65,7 @@ def only_folds(d: dict, folds: set[int]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--recipes", default="hands-oe,hands-oe-overlays")
     parser.add_argument("--share", type=float, default=0.9639, help="auto-accepted share of the in-set rows")
     parser.add_argument("--folds", help="only these folds (comma-separated), each recipe fitted on them")
@@ -75,9 +75,8 @@ def main() -> None:
     for name in args.recipes.split(","):
         results = ROOT / "recipes" / name
         d = rt.load_oof(results)
-        if args.folds:
-            d = only_folds(d, {int(k) for k in args.folds.split(",")})
         if args.folds:  # no review yet: the views a review would choose
+            d = only_folds(d, {int(k) for k in args.folds.split(",")})
             rt.apply_views(d, results, rt.VIEW_GATE)
             fitted = rt.fit(d["logits"], d["labels"], d["fit_logits"], 0.002)
             print(f"{name}, folds {args.folds}: top-1 {rt.top1(d)}, out-of-set score {fitted['ood_score']}")
