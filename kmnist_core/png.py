@@ -67,26 +67,34 @@ def grey_rows(data: bytes, height: int, width: int) -> bytes | None:
 def unfilter(rows: np.ndarray) -> np.ndarray:
     """uint8 (N, H, 1 + W) filtered rows of N same-shape greyscale crops -> their uint8 (N, H, W) pixels,
     (PNG specification, section 9: one byte a pixel, so "left" is the previous byte). Raises ValueError
-    on an unknown filter type."""
+    on an unknown filter type.
+
+    None and Sub rows stand alone; Up, Average and Paeth rows read the row above, so they are undone in
+    rounds: round d takes every row that ends a run of d such rows, over all crops at once, its row above
+    being final by then. Average and Paeth go column by column (each byte needs the one left of it), once
+    a round rather than once a row: on kmnist-dev's PNGs, 13-16 rounds hold them against 27 of 28 rows."""
     n, h, w = rows.shape[0], rows.shape[1], rows.shape[2] - 1
     kinds, raw = rows[:, :, 0], rows[:, :, 1:]
     if kinds.max(initial=0) > 4:
         raise ValueError("unknown PNG filter type")
-    out = np.empty((n, h, w), np.uint8)
-    above = np.zeros((n, w), np.uint8)
+    out = raw.copy()
+    sub = kinds == 1
+    if sub.any():
+        out[sub] = np.cumsum(raw[sub], axis=1, dtype=np.uint8)  # wraps modulo 256, as the filter does
+    reads_above = kinds >= 2
+    depth = np.zeros((n, h), np.int32)  # how many rows reading the one above end at this one
     for y in range(h):
-        kind, line = kinds[:, y], raw[:, y]
-        row = line.copy()
-        sub, up = kind == 1, kind == 2
-        if sub.any():
-            row[sub] = np.cumsum(line[sub], axis=1, dtype=np.uint8)  # wraps modulo 256, as the filter does
-        if up.any():
-            row[up] = line[up] + above[up]
+        depth[:, y] = np.where(reads_above[:, y], depth[:, y - 1] + 1 if y else 1, 0)
+    for d in range(1, int(depth.max(initial=0)) + 1):
+        crop, y = np.nonzero(depth == d)
+        line, kind = raw[crop, y], kinds[crop, y]
+        above = out[crop, y - 1]
+        above[y == 0] = 0  # the row before the first is zeros
+        row = line + above  # Up
         for chain, step in ((kind == 3, average_step), (kind == 4, paeth_step)):
-            if chain.any():  # each byte needs the one left of it: column by column, over every crop at once
+            if chain.any():
                 row[chain] = unchain(line[chain], above[chain], step)
-        out[:, y] = row
-        above = row
+        out[crop, y] = row
     return out
 
 
