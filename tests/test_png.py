@@ -115,6 +115,7 @@ def declined(glyph: np.ndarray) -> dict[str, bytes]:
         "bad CRC": bytes(bad_crc),
         "truncated": good[: len(good) - 30],
         "no IEND": good[:-12],
+        "IEND with a bad CRC": good[:-1] + bytes([good[-1] ^ 1]),
         "short stream": grey_png(glyph, kinds, stream=zlib.compress(filtered(glyph, kinds)[:-5])),
         "long stream": grey_png(glyph, kinds, stream=zlib.compress(filtered(glyph, kinds) + b"\x00" * 29)),
         "stream without its checksum": grey_png(glyph, kinds, stream=body[:-4]),
