@@ -15,8 +15,9 @@ quantization guide names reduce_range and U8U8 as the remedies; U8U8 also satura
 default model at half the speed on a VNNI CPU (5.1k against 10.9k images/s on one thread), which VNNI
 does not accelerate. `weight_range` reads the bound back from a twin; tests hold every shipped twin to it.
 
-The twin is the fp32 twin (kmnist_core/onnx_export.py: batch norm folded, first conv unfolded) quantized;
-kmnist_core/ort_model.py runs both.
+The twin is the fp32 twin (kmnist_core/onnx_export.py: batch norm folded, first conv unfolded) quantized,
+its first conv and max pool then computed on 2x2 blocks of pixels (kmnist_core/pooled_conv.py: the same
+logits, faster); kmnist_core/ort_model.py runs both twins.
 
 How a model gets its int8 twin (`build_int8`, run by `train` and by `kmnist-batch model int8`; loading a
 model never builds one): the fp32 twin is
@@ -62,6 +63,7 @@ from kmnist_core import calibration
 from kmnist_core.card import Calibration, Int8Probe, Int8Section, calibration_key
 from kmnist_core.onnx_export import fp32_twin_bytes, input_unfold, sha256
 from kmnist_core.ort_model import OrtModel, model_input
+from kmnist_core.pooled_conv import pool_first_conv
 from kmnist_core.precision import Int8Twin
 
 INT8_FILE = "model.int8.onnx"
@@ -96,8 +98,9 @@ def calibration_sample(train_images: np.ndarray, n: int = CALIBRATION_IMAGES) ->
     return train_images[np.sort(order)]
 
 
-def quantize(fp32_onnx: bytes, calibration_images: np.ndarray, batch_size: int = 256) -> bytes:
-    """Static int8 quantization of an fp32 ONNX model, calibrated on uint8 model inputs."""
+def quantize(fp32_onnx: bytes, calibration_images: np.ndarray, batch_size: int = 256, pooled: bool = True) -> bytes:
+    """Static int8 quantization of an fp32 ONNX model, calibrated on uint8 model inputs; an unfolded first
+    conv and its max pool then run on 2x2 blocks (kmnist_core/pooled_conv.py), unless `pooled` is False."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     k = input_unfold(fp32_onnx)
@@ -123,7 +126,8 @@ def quantize(fp32_onnx: bytes, calibration_images: np.ndarray, batch_size: int =
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
                             calibrate_method=CalibrationMethod.MinMax)
             with open(dst, "rb") as f:
-                return f.read()
+                twin = f.read()
+            return pool_first_conv(twin) if pooled else twin
     finally:
         root.removeFilter(no_preprocessing_tip)
 

@@ -1,9 +1,10 @@
 """ONNX models on ONNX Runtime's CPU provider: what every CPU row runs through, with no torch.
 
 A model directory carries two ONNX twins of its torch weights (kmnist_core/onnx_export.py builds the fp32
-one, kmnist_core/int8.py the int8 one). Both read the same input: uint8 light-on-dark pixels normalized
-to [-1, 1], and, when the twin's first conv was unfolded (its metadata says UNFOLD_KEY = k), the k x k
-neighbourhood of every pixel as k*k channels.
+one, kmnist_core/int8.py the int8 one). Both read uint8 light-on-dark pixels normalized to [-1, 1]; when
+the twin's first conv was unfolded (its metadata says UNFOLD_KEY = k), the k x k neighbourhood of every
+pixel as k*k channels, and when it also runs on 2x2 blocks (BLOCKS_KEY = 2, kmnist_core/pooled_conv.py),
+the (k+1) x (k+1) neighbourhood of every block.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from kmnist_core.preprocess import MEAN, STD
 
 UNFOLD_KEY = "kmnist.input_unfold"  # ONNX metadata: the k of a k x k first conv unfolded into k*k input channels
+BLOCKS_KEY = "kmnist.input_blocks"  # ONNX metadata: 2 when that conv reads the neighbourhoods of 2x2 blocks
 # Crops per ONNX Runtime call, whatever the caller's batch: ORT's memory arena keeps the largest call's
 # activations for the session's life (a 1,024-crop call of the default model: ~150 MB more resident per
 # worker than 256, at the same speed; bench/scale.py), and a small call's activations stay in cache (64
@@ -40,10 +42,28 @@ def unfold(x: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def model_input(pixels: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
-    """What an ONNX model whose first conv is unfolded by k (1: not) reads for uint8 pixels."""
+def block_unfold(x: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(N, 1, S, S), S even -> (N, (k+1)**2, S/2, S/2): channel ry*(k+1)+rx holds, for each 2x2 block, the
+    pixel (ry - k//2, rx - k//2) away from its top-left one, 0 beyond the edge (the conv's zero padding).
+    `out`: a buffer to fill."""
+    n, _, h, w = x.shape
+    r, side = k // 2, k + 1
+    padded = np.zeros((n, h + 2 * r, w + 2 * r), np.float32)
+    padded[:, r : r + h, r : r + w] = x[:, 0]
+    out = np.empty((n, side * side, h // 2, w // 2), np.float32) if out is None else out[:n]
+    for ry in range(side):
+        for rx in range(side):
+            out[:, ry * side + rx] = padded[:, ry : ry + h - 1 : 2, rx : rx + w - 1 : 2]
+    return out
+
+
+def model_input(pixels: np.ndarray, k: int, out: np.ndarray | None = None, blocks: int = 1) -> np.ndarray:
+    """What an ONNX model whose first conv is unfolded by k (1: not), on blocks of `blocks` pixels a side
+    (1: each pixel), reads for uint8 pixels."""
     x = normalize(pixels)
-    return x if k == 1 else unfold(x, k, out)
+    if k == 1:
+        return x
+    return unfold(x, k, out) if blocks == 1 else block_unfold(x, k, out)
 
 
 def default_threads() -> int:
@@ -63,15 +83,19 @@ class OrtModel:
         self.onnx_bytes = onnx_bytes
         self.threads = threads or default_threads()
         self.session = None
-        self.unfold = 1  # read from the model's metadata with the session (ORT parses it anyway; onnx is slow to import)
+        # read from the model's metadata with the session (ORT parses it anyway; onnx is slow to import)
+        self.unfold = self.blocks = 1
         self.buffer: np.ndarray | None = None  # reused unfold input: a fresh 28 MB array per batch page-faults
 
     def _input(self, pixels: np.ndarray) -> np.ndarray:
         """One batch's model input; an unfolded twin's is written into the reused buffer."""
-        if self.unfold > 1 and (self.buffer is None or len(self.buffer) < len(pixels)
-                                or self.buffer.shape[2:] != pixels.shape[1:]):
-            self.buffer = np.zeros((len(pixels), self.unfold ** 2, *pixels.shape[1:]), np.float32)
-        return model_input(pixels, self.unfold, self.buffer)
+        if self.unfold > 1:
+            b = self.blocks
+            shape = (self.unfold ** 2, *pixels.shape[1:]) if b == 1 else \
+                ((self.unfold + b - 1) ** 2, pixels.shape[1] // b, pixels.shape[2] // b)
+            if self.buffer is None or len(self.buffer) < len(pixels) or self.buffer.shape[1:] != shape:
+                self.buffer = np.zeros((len(pixels), *shape), np.float32)
+        return model_input(pixels, self.unfold, self.buffer, self.blocks)
 
     def _session(self):
         if self.session is None:
@@ -86,7 +110,8 @@ class OrtModel:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3
             self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
-            self.unfold = int(self.session.get_modelmeta().custom_metadata_map.get(UNFOLD_KEY, 1))
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.unfold, self.blocks = int(meta.get(UNFOLD_KEY, 1)), int(meta.get(BLOCKS_KEY, 1))
         return self.session
 
     def logits(self, pixels: np.ndarray, batch_size: int = RUN_BATCH) -> np.ndarray:

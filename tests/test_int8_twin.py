@@ -20,8 +20,9 @@ from kmnist_core.int8 import (INT8_FILE, MAX_WEIGHT, PROBE_FILE, PROBE_TOLERANCE
                               quantize_model, weight_range)
 from kmnist_core.models import load_torch_model, optimize_for_inference, predict_logits
 from kmnist_core.onnx_export import FP32_FILE, MAX_LOGIT_DIFF, decisions, export_onnx, fp32_twin_bytes, input_unfold, sha256
-from kmnist_core.ort_model import OrtModel, unfold
+from kmnist_core.ort_model import OrtModel, block_unfold, unfold
 from kmnist_core.policy import calibration_for
+from kmnist_core.pooled_conv import pool_first_conv
 from kmnist_core.model_dir import CARD_FILE, DEFAULT_MODEL_DIR, load_bundle, load_model, read_model_files
 from tests.test_int8 import bare_copy
 from tests.processes import CLI
@@ -166,18 +167,27 @@ def test_the_shipped_fp32_twin_is_the_default_model_exported_and_decides_as_torc
 
 
 def test_the_unfolded_first_conv_computes_the_same_logits(kmnist_dev):
-    """The shipped twin reads its first conv's 3x3 neighbourhoods as 9 channels (unfold_first_conv): quantized
-    from the same model on the same images, the plain export gives bit for bit the same logits."""
+    """The shipped twin reads its first conv's 3x3 neighbourhoods as 9 channels (unfold_first_conv), and runs
+    that conv and the max pool after it on 2x2 blocks (pool_first_conv): quantized from the same model on
+    the same images, the plain export and the unpooled twin give bit for bit the same logits."""
     shipped = (DEFAULT_MODEL_DIR / INT8_FILE).read_bytes()
     assert input_unfold(shipped) == 3
     model = default_torch_model()
     sample = calibration_sample(load_dataset(load_bundle("default").card.int8.calibration_data["dataset"]).train.images)
     unfolded, plain = quantize_model(model, 28, sample), quantize(export_onnx(model, 28), sample)
-    assert unfolded == shipped and input_unfold(plain) == 1
+    per_pixel = quantize(fp32_twin_bytes(model, 28), sample, pooled=False)
+    assert unfolded == shipped == pool_first_conv(per_pixel) and input_unfold(plain) == 1
+    assert pool_first_conv(plain) == plain and pool_first_conv(shipped) == shipped  # nothing to rewrite
     images = kmnist_dev.test.images[:300]
     # a buffer smaller than the call: the batches reuse it, edges left at the conv's zero padding
-    np.testing.assert_array_equal(OrtModel(unfolded).logits(images, batch_size=128), OrtModel(plain).logits(images))
+    pooled = OrtModel(unfolded)
+    np.testing.assert_array_equal(pooled.logits(images, batch_size=128), OrtModel(plain).logits(images))
+    np.testing.assert_array_equal(pooled.logits(images), OrtModel(per_pixel).logits(images))
+    assert pooled.blocks == 2
     x = np.arange(2 * 16, dtype=np.float32).reshape(2, 1, 4, 4)
     u = unfold(x, 3)
     assert u.shape == (2, 9, 4, 4) and np.array_equal(u[:, 4], x[:, 0])  # the centre tap is the image
     assert u[0, 0, 1, 1] == x[0, 0, 0, 0] and u[0, 0, 0, 0] == 0 and u[0, 8, 3, 3] == 0  # up-left; padded edges
+    b = block_unfold(x, 3)  # each 2x2 block's 4x4 neighbourhood, from one pixel up-left of its corner
+    assert b.shape == (2, 16, 2, 2) and np.array_equal(b[:, 5], x[:, 0, ::2, ::2])  # (1, 1): the corner itself
+    assert b[0, 0, 0, 0] == 0 and b[0, 0, 1, 1] == x[0, 0, 1, 1] and b[0, 15, 1, 1] == 0 and b[0, 15, 0, 0] == x[0, 0, 2, 2]
