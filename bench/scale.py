@@ -77,9 +77,9 @@ def chunk_worker_pids() -> list[int]:
     return pids
 
 
-def worker_peaks_mb(peaks: dict[int, float]) -> None:
-    """Update `peaks` (pid -> MB) with the VmHWM of every live Ray chunk worker."""
-    for pid in chunk_worker_pids():
+def worker_peaks_mb(peaks: dict[int, float], pids: list[int]) -> None:
+    """Update `peaks` (pid -> MB) with the VmHWM of each of these Ray chunk workers still alive."""
+    for pid in pids:
         try:
             fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
             peaks[pid] = int(fields["VmHWM"].split()[0]) / 1024
@@ -93,11 +93,16 @@ def run_driver(tree: Path, out: Path, executor: str, watch: Callable[[], None] |
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tree), str(out), executor], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[int, float] = {}
+    pids: list[int] = []
+    polls = 0
     while proc.poll() is None:
-        worker_peaks_mb(peaks)
+        if polls % 10 == 0:  # looking for workers reads every process's cmdline: every 2 s, not to compete with the run
+            pids = chunk_worker_pids()
+        worker_peaks_mb(peaks, pids)
         if watch is not None:
             watch()
         time.sleep(0.2)
+        polls += 1
     stdout, stderr = proc.communicate()
     if proc.returncode:
         raise SystemExit(stderr[-3000:])
