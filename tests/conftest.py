@@ -39,7 +39,7 @@ def pytest_configure(config) -> None:
     for key in [k for k in os.environ if k.startswith(FOREIGN_PREFIXES)]:
         del os.environ[key]
     home = SESSION_ROOT / "home"
-    for sub in ("home", "cache", "config", "mpl", "ray"):
+    for sub in ("home", "cache", "config", "mpl", "ray", "tmp"):
         (SESSION_ROOT / sub).mkdir()
     token = SESSION_ROOT / "ray_auth_token"
     token.write_text(secrets.token_hex(32))
@@ -51,13 +51,18 @@ def pytest_configure(config) -> None:
         # session files here, so nothing lands in the home folder or the shared /tmp/ray.
         "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": str(SESSION_ROOT / "ray"),
         "RAY_USAGE_STATS_ENABLED": "0", "KMNIST_DATA_DIR": str(SESSION_ROOT / "data"),
+        # Temp files of the suite and of every process it starts (a run killed mid-report leaves its
+        # duplicate-check spill behind) go where the session's end removes them, not in the shared /tmp.
+        "TMPDIR": str(SESSION_ROOT / "tmp"),
     })
+    tempfile.tempdir = None  # gettempdir() may have been read already; it is read again from TMPDIR
 
 
 def pytest_unconfigure(config) -> None:
     if _saved_environ is not None:
         os.environ.clear()
         os.environ.update(_saved_environ)
+        tempfile.tempdir = None
     if SESSION_ROOT is not None:
         shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
