@@ -42,18 +42,18 @@ def unfold(x: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def block_unfold(x: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
-    """(N, 1, S, S), S even -> (N, (k+1)**2, S/2, S/2): channel ry*(k+1)+rx holds, for each 2x2 block, the
-    pixel (ry - k//2, rx - k//2) away from its top-left one, 0 beyond the edge (the conv's zero padding).
-    `out`: a buffer to fill."""
+def block_unfold(x: np.ndarray, k: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(N, 1, S, S), S a multiple of b -> (N, (k+b-1)**2, S/b, S/b): channel ry*(k+b-1)+rx holds, for each
+    b x b block, the pixel (ry - k//2, rx - k//2) away from its top-left one, 0 beyond the edge (the conv's
+    zero padding). `out`: a buffer to fill."""
     n, _, h, w = x.shape
-    r, side = k // 2, k + 1
+    r, side = k // 2, k + b - 1
     padded = np.zeros((n, h + 2 * r, w + 2 * r), np.float32)
     padded[:, r : r + h, r : r + w] = x[:, 0]
-    out = np.empty((n, side * side, h // 2, w // 2), np.float32) if out is None else out[:n]
+    out = np.empty((n, side * side, h // b, w // b), np.float32) if out is None else out[:n]
     for ry in range(side):
         for rx in range(side):
-            out[:, ry * side + rx] = padded[:, ry : ry + h - 1 : 2, rx : rx + w - 1 : 2]
+            out[:, ry * side + rx] = padded[:, ry : ry + h - b + 1 : b, rx : rx + w - b + 1 : b]
     return out
 
 
@@ -63,7 +63,7 @@ def model_input(pixels: np.ndarray, k: int, out: np.ndarray | None = None, block
     x = normalize(pixels)
     if k == 1:
         return x
-    return unfold(x, k, out) if blocks == 1 else block_unfold(x, k, out)
+    return unfold(x, k, out) if blocks == 1 else block_unfold(x, k, blocks, out)
 
 
 def default_threads() -> int:

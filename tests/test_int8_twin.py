@@ -188,6 +188,6 @@ def test_the_unfolded_first_conv_computes_the_same_logits(kmnist_dev):
     u = unfold(x, 3)
     assert u.shape == (2, 9, 4, 4) and np.array_equal(u[:, 4], x[:, 0])  # the centre tap is the image
     assert u[0, 0, 1, 1] == x[0, 0, 0, 0] and u[0, 0, 0, 0] == 0 and u[0, 8, 3, 3] == 0  # up-left; padded edges
-    b = block_unfold(x, 3)  # each 2x2 block's 4x4 neighbourhood, from one pixel up-left of its corner
+    b = block_unfold(x, 3, 2)  # each 2x2 block's 4x4 neighbourhood, from one pixel up-left of its corner
     assert b.shape == (2, 16, 2, 2) and np.array_equal(b[:, 5], x[:, 0, ::2, ::2])  # (1, 1): the corner itself
     assert b[0, 0, 0, 0] == 0 and b[0, 0, 1, 1] == x[0, 0, 1, 1] and b[0, 15, 1, 1] == 0 and b[0, 15, 0, 0] == x[0, 0, 2, 2]
