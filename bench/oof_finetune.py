@@ -67,15 +67,14 @@ def cut_with_sources(kind: str, images: np.ndarray, labels: np.ndarray, rng: np.
     """One cut negative (overlay, merged pair or fragment) in the model's input form and its soft target."""
     while True:
         a = int(rng.integers(len(images)))
-        target = np.full(classes, 0.0, np.float32)
         if kind == "fragment":
             crop = fragment(images[a], rng)
-            target += 0.5 / classes
+            target = np.full(classes, 0.5 / classes, np.float32)
             target[labels[a]] += 0.5
         else:
             b = int(rng.choice(np.flatnonzero(labels != labels[a])))
             crop = (overlay if kind == "overlay" else merged_pair)(images[a], images[b], rng)
-            target += 0.2 / classes
+            target = np.full(classes, 0.2 / classes, np.float32)
             target[[labels[a], labels[b]]] += 0.4
         t, b_, l, r = ink_box(crop)
         prepared = prepare_array(np.ascontiguousarray(crop[t:b_, l:r]), 28)
