@@ -38,13 +38,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import arguments  # noqa: E402
+from bench.recipes_at_share import only_folds  # noqa: E402
 from kmnist_core import calibration, transforms  # noqa: E402
 from kmnist_core import recipe_thresholds as rt  # noqa: E402
 from kmnist_core.datasets import load_labelled_pool  # noqa: E402
 from kmnist_core.models import predict_logits  # noqa: E402
 from kmnist_core.negatives import fragment, glyph_pool, ink_box, make_negatives, merged_pair, overlay  # noqa: E402
 from kmnist_core.preprocess import prepare_array  # noqa: E402
-from kmnist_core.recipe import Recipe, fold_dataset, stratified_folds  # noqa: E402
+from kmnist_core.recipe import Recipe, fold_dataset, save_fold_rows, stratified_folds  # noqa: E402
 from kmnist_core.train import negative_fonts, split_scores  # noqa: E402
 
 BASE = ROOT / "recipes" / "hands-oe"
@@ -158,9 +159,7 @@ def score(name: str, k: int, work: Path) -> None:
     held = np.flatnonzero(stratified_folds(pool.labels, pool.source, recipe.folds) == k)
     if not (recipe.results / f"fold-{k}.npz").exists():
         logits = predict_logits(rt.fold_model(recipe, k, len(pool.classes)), pool.images[held], "cpu")
-        rt.save_npz(recipe.results / f"fold-{k}.npz", {"index": held, "labels": pool.labels[held],
-                                                       "source": pool.source[held], "logits": logits,
-                                                       "wall_s": np.float64(0), "epochs": np.int64(EPOCHS)})
+        save_fold_rows(recipe.results / f"fold-{k}.npz", held, pool, logits, 0.0, EPOCHS)
     rt.score_fold_negatives(recipe, k, pool)
     rt.score_fold_views(recipe, k, pool)
 
@@ -172,8 +171,6 @@ def run_fold(job: tuple[str, int, Path]) -> None:
 
 def probabilities(results: Path, folds: set[int]) -> dict[str, np.ndarray]:
     """The folds' calibrated probabilities with the card's views: rows, kinds, hands, and their labels."""
-    from bench.recipes_at_share import only_folds
-
     d = only_folds(rt.load_oof(results), folds)
     rt.apply_views(d, results, rt.VIEW_GATE)
     temperature = calibration.fit_temperature(d["logits"], d["labels"])

@@ -190,6 +190,16 @@ def train_resumable(name: str, cfg: TrainConfig, data: Dataset, ckpt: Path,
     return run, spent + time.perf_counter() - started
 
 
+def save_fold_rows(path: Path, held: np.ndarray, pool: LabelledPool, logits: np.ndarray, wall_s: float,
+                   epochs: int) -> None:
+    """fold-K.npz: the held-out rows' index into the pool, labels, source split and logits, with the fold's
+    wall time and epochs (written whole or not at all)."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, index=held, labels=pool.labels[held], source=pool.source[held], logits=logits,
+                        wall_s=np.float64(wall_s), epochs=np.int64(epochs))
+    os.replace(tmp, path)
+
+
 def run_fold(recipe: Recipe, k: int, pool: LabelledPool | None = None) -> Path:
     """Train fold k (resuming its checkpoint) and write fold-K.npz / fold-K.pt; a finished fold is kept."""
     if (done := recipe.results / f"fold-{k}.npz").exists():
@@ -205,10 +215,7 @@ def run_fold(recipe: Recipe, k: int, pool: LabelledPool | None = None) -> Path:
     wall = trained_s + time.perf_counter() - started
     torch.save({n: t.detach().cpu() for n, t in run.model.state_dict().items()}, recipe.results / f"fold-{k}.pt")
     held = np.flatnonzero(fold == k)
-    tmp = recipe.results / f"fold-{k}.tmp.npz"
-    np.savez_compressed(tmp, index=held, labels=data.test.labels, source=pool.source[held], logits=logits,
-                        wall_s=np.float64(wall), epochs=np.int64(len(run.history)))
-    os.replace(tmp, done)
+    save_fold_rows(done, held, pool, logits, wall, len(run.history))
     (recipe.work / f"fold-{k}.ckpt.pt").unlink(missing_ok=True)  # the fold's results replace its checkpoint
     acc = float((logits.argmax(1) == data.test.labels).mean())
     print(f"fold {k}: held-out accuracy {acc:.4f} on {len(held)} images, {wall / 60:.1f} min", flush=True)
