@@ -33,7 +33,8 @@ from kmnist_core.onnx_export import fp32_twin_bytes  # noqa: E402
 from kmnist_core.ort_model import OrtModel  # noqa: E402
 
 
-def best_seconds(step, pixels: np.ndarray, rounds_done: list[float]) -> None:
+def time_round(step, pixels: np.ndarray, rounds_done: list[float]) -> None:
+    """Append to `rounds_done` the seconds `step` takes over `pixels`, in predict's batches of 1,024."""
     started = time.perf_counter()
     for s in range(0, len(pixels), 1024):
         step(pixels[s : s + 1024])
@@ -62,8 +63,8 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(5):
         for name in twins:
-            best_seconds(models[name].logits, pixels, times.setdefault(("twin", name), []))
-            best_seconds(predictors[name].assess, pixels, times.setdefault(("assess", name), []))
+            time_round(models[name].logits, pixels, times.setdefault(("twin", name), []))
+            time_round(predictors[name].assess, pixels, times.setdefault(("assess", name), []))
     us = {key: min(t) / len(pixels) * 1e6 for key, t in times.items()}
     for what in ("twin", "assess"):
         ratio = us[(what, "per pixel")] / us[(what, "2x2 blocks")]
